@@ -1,0 +1,1 @@
+//! luamilter: a milter for Postfix and Sendmail whose policies are Lua scripts.
