@@ -1,1 +1,12 @@
 //! luamilter: a milter for Postfix and Sendmail whose policies are Lua scripts.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod duration;
+pub mod engine;
+pub mod listen;
+pub mod logging;
+pub mod lua_api;
+pub mod server;
+pub mod stage;

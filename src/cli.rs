@@ -1,0 +1,138 @@
+//! The command line: `run`, `check`.
+
+use crate::{config::Config, daemon::Daemon, engine::Generation, logging, stage::Stage};
+use clap::{Parser, Subcommand};
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+/// Exit status for configuration errors (sysexits EX_CONFIG).
+pub const EX_CONFIG: u8 = 78;
+
+/// luamilter: a milter for Postfix and Sendmail whose policies are Lua scripts.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the milter daemon.
+    Run {
+        /// Configuration file (default: built-in, loopback socket, policies in ./examples).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Check the configuration and every policy, print each policy's state, exit 78 on errors.
+    Check {
+        /// Configuration file (default: built-in).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run(config),
+        Command::Check { config } => check(config),
+    }
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config, String> {
+    match path {
+        Some(p) => Config::load(p).map_err(|e| e.to_string()),
+        None => Ok(Config::default()),
+    }
+}
+
+fn run(path: Option<PathBuf>) -> ExitCode {
+    let config = match load_config(path.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("luamilter: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    logging::init(&config.log);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.engine.worker_threads > 0 {
+        runtime.worker_threads(config.engine.worker_threads);
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("luamilter: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let daemon = match Daemon::start(config).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("luamilter: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        };
+        wait_for_termination().await;
+        tracing::info!("shutting down");
+        daemon.stop(Duration::from_secs(30)).await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn check(path: Option<PathBuf>) -> ExitCode {
+    let config = match load_config(path.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let config = Arc::new(config);
+    println!("config: {}", config.source.name());
+    println!("listen: {}", config.milter.listen);
+    match Generation::build(Arc::clone(&config), 1) {
+        Ok(generation) => {
+            for decl in &generation.policies {
+                let stages: Vec<&str> = Stage::ALL
+                    .iter()
+                    .filter(|s| decl.handles[s.index()])
+                    .map(|s| s.name())
+                    .collect();
+                println!("policy {}: ok", decl.name);
+                println!("  source:  {}", decl.path.display());
+                println!("  stages:  {}", stages.join(", "));
+                for (key, value) in &decl.options {
+                    println!("  option:  {key} = {value}");
+                }
+            }
+            println!("ok: {} policies in the chain", generation.policies.len());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors {
+                println!("error: {e}");
+            }
+            println!("{} error(s)", errors.len());
+            ExitCode::from(EX_CONFIG)
+        }
+    }
+}

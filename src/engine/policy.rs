@@ -1,0 +1,367 @@
+//! One policy file: finding it, running its top level, and checking the table it returns.
+//!
+//! A policy returns a table whose keys are the stage handlers plus these declarations:
+//! `name` (must match the file), `description`, `options` (defaults), `needs` (data the policy
+//! reads without handling its stage: `"headers"`), `noreply` (stages whose handlers never
+//! answer), `macros` (per stage, the macros to ask the MTA for).
+
+use super::options::{self, Override};
+use super::sandbox;
+use crate::{config::Config, stage::Stage};
+use mlua::{Function, Lua, Table, Value};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+const DECLARATION_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "options",
+    "needs",
+    "noreply",
+    "macros",
+];
+const NEEDS: &[&str] = &["headers"];
+
+/// A policy's source: its name, file and text.
+#[derive(Clone, Debug)]
+pub struct PolicySource {
+    /// The name in `policies.chain`.
+    pub name: String,
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// The file's text.
+    pub text: String,
+}
+
+impl PolicySource {
+    /// Finds `NAME.lua` in the first directory that has it.
+    pub fn find(name: &str, dirs: &[PathBuf]) -> Result<PolicySource, String> {
+        for dir in dirs {
+            let path = dir.join(format!("{name}.lua"));
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    return Ok(PolicySource {
+                        name: name.to_string(),
+                        path,
+                        text,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(format!("{}: cannot read: {e}", path.display())),
+            }
+        }
+        Err(format!(
+            "policy {name:?} not found: no {name}.lua in {}",
+            dirs.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
+}
+
+/// What a policy declares, the same in every Lua state of a generation.
+#[derive(Clone, Debug)]
+pub struct PolicyDecl {
+    /// Policy name.
+    pub name: String,
+    /// Source file.
+    pub path: PathBuf,
+    /// Which stages it handles.
+    pub handles: [bool; 12],
+    /// Stages whose handlers are declared not to answer.
+    pub noreply: Vec<Stage>,
+    /// Whether it reads headers without a header handler.
+    pub needs_headers: bool,
+    /// Macros to request, per stage.
+    pub macros: BTreeMap<Stage, Vec<String>>,
+    /// Effective options, rendered for `luamilter check`.
+    pub options: BTreeMap<String, String>,
+}
+
+/// A policy loaded into one Lua state: its handlers and effective options.
+pub struct LoadedPolicy {
+    /// Handler per stage index.
+    pub handlers: [Option<Function>; 12],
+    /// The options table passed as the last argument of every handler.
+    pub options: Table,
+}
+
+/// Runs a policy's top level in `lua` and checks its table. Returns every problem found.
+pub fn load(
+    lua: &Lua,
+    source: &PolicySource,
+    config: &Config,
+) -> Result<(PolicyDecl, LoadedPolicy), Vec<String>> {
+    let at = source.path.display().to_string();
+    let one = |e: mlua::Error| vec![first_line(&e.to_string())];
+    let chunk = sandbox::load_file(lua, &source.path, &source.text).map_err(one)?;
+    let table = match chunk.call::<Value>(()).map_err(one)? {
+        Value::Table(t) => t,
+        other => {
+            return Err(vec![format!(
+                "{at}: a policy must return a table of handlers, got {}",
+                other.type_name()
+            )]);
+        }
+    };
+    let mut errors = Vec::new();
+    let mut handlers: [Option<Function>; 12] = Default::default();
+    let mut declared_options = None;
+    let mut decl = PolicyDecl {
+        name: source.name.clone(),
+        path: source.path.clone(),
+        handles: [false; 12],
+        noreply: Vec::new(),
+        needs_headers: false,
+        macros: BTreeMap::new(),
+        options: BTreeMap::new(),
+    };
+    for pair in table.pairs::<Value, Value>() {
+        let (key, value) = match pair {
+            Ok(kv) => kv,
+            Err(e) => {
+                errors.push(format!("{at}: {e}"));
+                continue;
+            }
+        };
+        let Value::String(key) = key else {
+            errors.push(format!(
+                "{at}: policy table keys must be strings, got a {}",
+                key.type_name()
+            ));
+            continue;
+        };
+        let key = key.to_string_lossy();
+        if let Some(stage) = Stage::from_name(&key) {
+            match value {
+                Value::Function(f) => {
+                    decl.handles[stage.index()] = true;
+                    handlers[stage.index()] = Some(f);
+                }
+                other => errors.push(format!(
+                    "{at}: handler '{key}' must be a function, got a {}",
+                    other.type_name()
+                )),
+            }
+            continue;
+        }
+        let result = match key.as_str() {
+            "name" => check_name(&value, &source.name),
+            "description" => match value {
+                Value::String(_) => Ok(()),
+                other => Err(format!(
+                    "'description' must be a string, got a {}",
+                    other.type_name()
+                )),
+            },
+            "options" => match value {
+                Value::Table(t) => {
+                    declared_options = Some(t);
+                    Ok(())
+                }
+                other => Err(format!(
+                    "'options' must be a table of defaults, got a {}",
+                    other.type_name()
+                )),
+            },
+            "needs" => string_list(&value, "needs").and_then(|items| {
+                for item in items {
+                    if !NEEDS.contains(&item.as_str()) {
+                        return Err(format!(
+                            "'needs' entry {item:?} is unknown (known: {})",
+                            NEEDS.join(", ")
+                        ));
+                    }
+                    decl.needs_headers = true;
+                }
+                Ok(())
+            }),
+            "noreply" => string_list(&value, "noreply").and_then(|items| {
+                for item in items {
+                    match Stage::from_name(&item) {
+                        Some(s) if s.has_reply() && s != Stage::Eom => decl.noreply.push(s),
+                        _ => {
+                            return Err(format!(
+                                "'noreply' entry {item:?} is not a stage that can skip its reply"
+                            ));
+                        }
+                    }
+                }
+                Ok(())
+            }),
+            "macros" => parse_macros(&value).map(|m| decl.macros = m),
+            _ => Err(unknown_key_message(&key)),
+        };
+        if let Err(e) = result {
+            errors.push(format!("{at}: {e}"));
+        }
+    }
+    for stage in &decl.noreply {
+        if !decl.handles[stage.index()] {
+            errors.push(format!(
+                "{at}: 'noreply' names stage '{stage}' but the policy has no {stage} handler"
+            ));
+        }
+    }
+    let declared_options = match declared_options {
+        Some(t) => t,
+        None => lua.create_table().map_err(one)?,
+    };
+    let overrides: Vec<Override<'_>> = config
+        .policy
+        .get(&source.name)
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| Override {
+            key: k,
+            value: v.get_ref(),
+            at: config.source.locate(v.span().start),
+        })
+        .collect();
+    let effective =
+        match options::effective_options(lua, &source.name, &declared_options, &overrides) {
+            Ok(t) => Some(t),
+            Err(mut es) => {
+                errors.append(&mut es);
+                None
+            }
+        };
+    match effective {
+        Some(options) if errors.is_empty() => {
+            decl.options = options::describe_options(&options);
+            Ok((decl, LoadedPolicy { handlers, options }))
+        }
+        _ => Err(errors),
+    }
+}
+
+fn check_name(value: &Value, expected: &str) -> Result<(), String> {
+    match value {
+        Value::String(s) if s.to_string_lossy() == expected => Ok(()),
+        Value::String(s) => Err(format!(
+            "'name' is {:?} but the file is {expected}.lua; the chain refers to policies by file name",
+            s.to_string_lossy()
+        )),
+        other => Err(format!(
+            "'name' must be a string, got a {}",
+            other.type_name()
+        )),
+    }
+}
+
+fn string_list(value: &Value, what: &str) -> Result<Vec<String>, String> {
+    let Value::Table(t) = value else {
+        return Err(format!(
+            "'{what}' must be a list of strings, got a {}",
+            value.type_name()
+        ));
+    };
+    t.sequence_values::<String>()
+        .collect::<mlua::Result<Vec<_>>>()
+        .map_err(|_| format!("'{what}' must be a list of strings"))
+}
+
+fn parse_macros(value: &Value) -> Result<BTreeMap<Stage, Vec<String>>, String> {
+    let Value::Table(t) = value else {
+        return Err(format!(
+            "'macros' must be a table like {{ mail = {{\"{{auth_authen}}\"}} }}, got a {}",
+            value.type_name()
+        ));
+    };
+    let mut out = BTreeMap::new();
+    for pair in t.pairs::<String, Value>() {
+        let (stage_name, list) = pair.map_err(|e| format!("'macros': {e}"))?;
+        let stage = match Stage::from_name(&stage_name) {
+            Some(
+                s @ (Stage::Connect
+                | Stage::Helo
+                | Stage::Mail
+                | Stage::Rcpt
+                | Stage::Data
+                | Stage::Eoh
+                | Stage::Eom),
+            ) => s,
+            _ => {
+                return Err(format!(
+                    "'macros' key {stage_name:?}: macros can be requested for connect, helo, mail, rcpt, data, eoh and eom"
+                ));
+            }
+        };
+        let names = string_list(&list, "macros")?;
+        for n in &names {
+            if n.is_empty() || n.contains(char::is_whitespace) {
+                return Err(format!("'macros' entry {n:?} is not a macro name"));
+            }
+        }
+        out.insert(stage, names);
+    }
+    Ok(out)
+}
+
+fn unknown_key_message(key: &str) -> String {
+    let candidates = Stage::ALL
+        .iter()
+        .map(|s| s.name())
+        .chain(DECLARATION_KEYS.iter().copied());
+    let best = candidates
+        .map(|c| (edit_distance(c, key), c))
+        .min()
+        .filter(|(d, _)| *d <= 2);
+    match best {
+        Some((_, c)) => format!("unknown key '{key}' in the policy table (did you mean '{c}'?)"),
+        None => format!(
+            "unknown key '{key}' in the policy table (stage handlers: {}; declarations: {})",
+            Stage::ALL
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+            DECLARATION_KEYS.join(", ")
+        ),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push(
+                (prev[j] + usize::from(ca != *cb))
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1),
+            );
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The first line of a Lua error message (the traceback follows on later lines).
+pub fn first_line(message: &str) -> String {
+    message.lines().next().unwrap_or("").trim().to_string()
+}
+
+/// `file:line` of a Lua function's definition.
+pub fn defined_at(f: &Function, path: &Path) -> String {
+    match f.info().line_defined {
+        Some(line) => format!("{}:{line}", path.display()),
+        None => path.display().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggests_the_nearest_key() {
+        assert!(unknown_key_message("conect").contains("did you mean 'connect'"));
+        assert!(unknown_key_message("optons").contains("did you mean 'options'"));
+        assert!(unknown_key_message("zzzzzzzz").contains("stage handlers:"));
+    }
+}

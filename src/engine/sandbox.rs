@@ -1,0 +1,186 @@
+//! Creating a Lua state that policies may run in: a library allow-list, no file or process
+//! access, `require` limited to built-in modules and the policy directories, a memory cap, and
+//! `pcall`/`xpcall` that cannot swallow the time limit.
+
+use crate::lua_api;
+use mlua::{Lua, LuaOptions, StdLib, Table, Value, chunk::ChunkMode};
+use std::path::PathBuf;
+
+/// Marker carried by the error the time-limit hook raises; the `pcall` wrappers re-raise it.
+pub const TIME_LIMIT_MARKER: &str = "luamilter: time limit exceeded";
+
+const LOADED_KEY: &str = "luamilter.loaded";
+
+/// Lua prelude run in every state: `os` reduced to time functions, and `pcall`/`xpcall` that
+/// pass the time-limit error on instead of catching it.
+const PRELUDE: &str = r#"
+local raw_pcall, raw_xpcall, error, tostring, find = pcall, xpcall, error, tostring, string.find
+local MARK = ...
+local function is_limit(e) return find(tostring(e), MARK, 1, true) ~= nil end
+local function check(ok, ...)
+  if not ok and is_limit((...)) then error((...), 0) end
+  return ok, ...
+end
+pcall = function(f, ...) return check(raw_pcall(f, ...)) end
+xpcall = function(f, handler, ...)
+  return check(raw_xpcall(f, function(e)
+    if is_limit(e) then return e end
+    return handler(e)
+  end, ...))
+end
+local os_time, os_clock, os_date, os_difftime = os.time, os.clock, os.date, os.difftime
+os = { time = os_time, clock = os_clock, date = os_date, difftime = os_difftime }
+"#;
+
+/// Creates a sandboxed state with a memory limit and a `require` that searches `dirs`.
+pub fn new_state(memory_limit: usize, dirs: Vec<PathBuf>) -> mlua::Result<Lua> {
+    let libs = StdLib::TABLE | StdLib::STRING | StdLib::UTF8 | StdLib::MATH | StdLib::OS;
+    let lua = Lua::new_with(libs, LuaOptions::new())?;
+    let globals = lua.globals();
+    for name in ["dofile", "loadfile", "load", "collectgarbage"] {
+        globals.raw_set(name, Value::Nil)?;
+    }
+    globals
+        .get::<Table>("string")?
+        .raw_set("dump", Value::Nil)?;
+    lua.load(PRELUDE)
+        .set_name("=luamilter prelude")
+        .call::<()>(TIME_LIMIT_MARKER)?;
+    lua.set_named_registry_value(LOADED_KEY, lua.create_table()?)?;
+    globals.raw_set("require", require_function(&lua, dirs)?)?;
+    lua.set_memory_limit(memory_limit)?;
+    Ok(lua)
+}
+
+/// Loads a Lua source file as text (bytecode refused) with the chunk name `@path`, so every
+/// error message reads `path:line:`.
+pub fn load_file(lua: &Lua, path: &std::path::Path, source: &str) -> mlua::Result<mlua::Function> {
+    lua.load(source)
+        .set_name(format!("@{}", path.display()))
+        .set_mode(ChunkMode::Text)
+        .into_function()
+}
+
+fn require_function(lua: &Lua, dirs: Vec<PathBuf>) -> mlua::Result<mlua::Function> {
+    lua.create_function(move |lua, name: String| {
+        let loaded: Table = lua.named_registry_value(LOADED_KEY)?;
+        if let Some(v) = loaded.raw_get::<Option<Value>>(name.as_str())? {
+            return Ok(v);
+        }
+        let value = match lua_api::builtin_module(lua, &name) {
+            Some(module) => module?,
+            None => require_file(lua, &dirs, &name)?,
+        };
+        loaded.raw_set(name.as_str(), &value)?;
+        Ok(value)
+    })
+}
+
+fn require_file(lua: &Lua, dirs: &[PathBuf], name: &str) -> mlua::Result<Value> {
+    let valid = !name.is_empty()
+        && name.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        });
+    if !valid {
+        return Err(mlua::Error::runtime(format!(
+            "require: invalid module name {name:?}"
+        )));
+    }
+    let relative = format!("{}.lua", name.replace('.', "/"));
+    for dir in dirs {
+        let path = dir.join(&relative);
+        if let Ok(source) = std::fs::read_to_string(&path) {
+            let value: Value = load_file(lua, &path, &source)?.call(name)?;
+            return Ok(if value.is_nil() {
+                Value::Boolean(true)
+            } else {
+                value
+            });
+        }
+    }
+    Err(mlua::Error::runtime(format!(
+        "require: module {name:?} not found (built-in modules: {}; searched {relative} in {})",
+        lua_api::BUILTIN_MODULES.join(", "),
+        dirs.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dangerous_globals_are_gone() {
+        let lua = new_state(64 << 20, vec![]).unwrap();
+        let missing: bool = lua
+            .load("return io == nil and debug == nil and load == nil and dofile == nil and loadfile == nil and string.dump == nil and os.execute == nil and os.getenv == nil and package == nil and coroutine == nil")
+            .eval()
+            .unwrap();
+        assert!(missing);
+        let t: i64 = lua.load("return os.time()").eval().unwrap();
+        assert!(t > 1_600_000_000);
+    }
+
+    #[test]
+    fn bytecode_is_refused() {
+        let lua = new_state(64 << 20, vec![]).unwrap();
+        let err = load_file(&lua, std::path::Path::new("x.lua"), "\x1bLua").unwrap_err();
+        assert!(err.to_string().contains("binary chunk"), "{err}");
+    }
+
+    #[test]
+    fn pcall_passes_the_time_limit_error_on() {
+        let lua = new_state(64 << 20, vec![]).unwrap();
+        let f = lua
+            .create_function(|_, ()| -> mlua::Result<()> {
+                Err(mlua::Error::runtime(TIME_LIMIT_MARKER))
+            })
+            .unwrap();
+        lua.globals().set("limit", f).unwrap();
+        let err = lua
+            .load("local ok = pcall(limit) return 'caught'")
+            .eval::<String>()
+            .unwrap_err();
+        assert!(err.to_string().contains(TIME_LIMIT_MARKER), "{err}");
+        let caught: String = lua
+            .load("local ok, e = pcall(error, 'other') return e")
+            .eval()
+            .unwrap();
+        assert_eq!(caught, "other");
+        let handled: String = lua
+            .load(
+                "local ok, e = xpcall(error, function(e) return 'handled ' .. e end, 'x') return e",
+            )
+            .eval()
+            .unwrap();
+        assert_eq!(handled, "handled x");
+    }
+
+    #[test]
+    fn require_finds_builtin_and_policy_dir_modules() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("lib")).unwrap();
+        std::fs::write(dir.path().join("lib/util.lua"), "return { answer = 42 }").unwrap();
+        let lua = new_state(64 << 20, vec![dir.path().to_path_buf()]).unwrap();
+        let n: i64 = lua
+            .load("return require('lib.util').answer")
+            .eval()
+            .unwrap();
+        assert_eq!(n, 42);
+        let same: bool = lua
+            .load("return require('milter') == require('milter')")
+            .eval()
+            .unwrap();
+        assert!(same);
+        let err = lua.load("require('../etc/passwd')").exec().unwrap_err();
+        assert!(err.to_string().contains("invalid module name"), "{err}");
+        let err = lua.load("require('nope')").exec().unwrap_err();
+        assert!(err.to_string().contains("not found"), "{err}");
+    }
+}

@@ -1,0 +1,96 @@
+//! What policy scripts see: the `milter` module, `ctx`, verdicts and the built-in modules that
+//! `require` serves.
+
+pub mod ctx;
+pub mod verdict;
+
+use crate::duration::parse_duration;
+use mlua::{Lua, Table, Value, Variadic};
+use std::time::Duration;
+
+/// Names `require` resolves without touching the file system.
+pub const BUILTIN_MODULES: &[&str] = &["milter", "milter.log"];
+
+/// Builds a built-in module by name, or `None` when `name` is not built in.
+pub fn builtin_module(lua: &Lua, name: &str) -> Option<mlua::Result<Value>> {
+    match name {
+        "milter" => Some(milter_module(lua).map(Value::Table)),
+        "milter.log" => Some(log_module(lua).map(Value::Table)),
+        _ => None,
+    }
+}
+
+/// The `milter` module: verdict constructors, `duration`, `sleep` and `log`.
+fn milter_module(lua: &Lua) -> mlua::Result<Table> {
+    let m = lua.create_table()?;
+    verdict::add_constructors(lua, &m)?;
+    m.set(
+        "duration",
+        lua.create_function(|_, v: Value| duration_seconds(&v).map_err(mlua::Error::runtime))?,
+    )?;
+    m.set(
+        "sleep",
+        lua.create_async_function(|_, v: Value| async move {
+            let secs = duration_seconds(&v).map_err(mlua::Error::runtime)?;
+            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            Ok(())
+        })?,
+    )?;
+    m.set("log", log_module(lua)?)?;
+    m.set("version", env!("CARGO_PKG_VERSION"))?;
+    Ok(m)
+}
+
+/// Seconds from a number or a duration string ("5m").
+pub fn duration_seconds(v: &Value) -> Result<f64, String> {
+    match v {
+        Value::Integer(n) if *n >= 0 => Ok(*n as f64),
+        Value::Number(n) if *n >= 0.0 && n.is_finite() => Ok(*n),
+        Value::String(s) => {
+            let text = s.to_str().map_err(|e| e.to_string())?;
+            parse_duration(&text).map(|d| d.as_secs_f64())
+        }
+        other => Err(format!(
+            "expected a duration like \"5m\" or a number of seconds, got {}",
+            other
+                .to_string()
+                .unwrap_or_else(|_| other.type_name().to_string())
+        )),
+    }
+}
+
+/// `milter.log`: `debug info warn error`, each taking values joined by spaces. Lines carry the
+/// session fields of the span the handler runs in (policy, stage, client, queue id).
+fn log_module(lua: &Lua) -> mlua::Result<Table> {
+    let log = lua.create_table()?;
+    macro_rules! level {
+        ($name:literal, $mac:ident) => {
+            log.set(
+                $name,
+                lua.create_function(|_, parts: Variadic<Value>| {
+                    let text = join_values(&parts);
+                    tracing::$mac!(target: "luamilter::policy", "{text}");
+                    Ok(())
+                })?,
+            )?;
+        };
+    }
+    level!("debug", debug);
+    level!("info", info);
+    level!("warn", warn);
+    level!("error", error);
+    Ok(log)
+}
+
+fn join_values(parts: &[Value]) -> String {
+    parts
+        .iter()
+        .map(|v| match v {
+            Value::String(s) => s.to_string_lossy(),
+            other => other
+                .to_string()
+                .unwrap_or_else(|_| other.type_name().to_string()),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}

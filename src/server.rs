@@ -1,0 +1,503 @@
+//! The milter side: indymilter callbacks that keep each connection's session, negotiate from
+//! the policies in use, dispatch every stage into the engine and turn verdicts and queued edits
+//! into milter replies and actions.
+
+use crate::{
+    engine::{Engine, Outcome, SUPPORTED_ACTIONS, StageArgs, VmLease},
+    lua_api::{
+        ctx::{ClientInfo, Ctx, Edit},
+        verdict::Verdict,
+    },
+    stage::Stage,
+};
+use indymilter::{
+    Actions, Callbacks, ContextActions, EomActions, Macros, NegotiateContext, ProtoOpts,
+    SetErrorReply, SmtpReply, SocketInfo, Status,
+};
+use mlua::AnyUserData;
+use std::{ffi::CString, sync::Arc};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+/// Per-connection state kept in indymilter's connection data (opaque outside this module).
+pub struct Conn {
+    lease: VmLease,
+    ctx: Option<AnyUserData>,
+    opts: ProtoOpts,
+    actions: Actions,
+    /// A final verdict given at a stage that could not answer (NOREPLY), owed at the next reply.
+    pending: Option<Verdict>,
+    client: String,
+}
+
+impl Conn {
+    fn noreply(&self, stage: Stage) -> bool {
+        noreply_flag(stage).is_some_and(|f| self.opts.contains(f))
+    }
+
+    /// The status for a stage no policy decided.
+    fn pass(&self, stage: Stage) -> Status {
+        if self.noreply(stage) {
+            Status::Noreply
+        } else {
+            Status::Continue
+        }
+    }
+}
+
+fn noreply_flag(stage: Stage) -> Option<ProtoOpts> {
+    Some(match stage {
+        Stage::Connect => ProtoOpts::NOREPLY_CONNECT,
+        Stage::Helo => ProtoOpts::NOREPLY_HELO,
+        Stage::Mail => ProtoOpts::NOREPLY_MAIL,
+        Stage::Rcpt => ProtoOpts::NOREPLY_RCPT,
+        Stage::Data => ProtoOpts::NOREPLY_DATA,
+        Stage::Header => ProtoOpts::NOREPLY_HEADER,
+        Stage::Eoh => ProtoOpts::NOREPLY_EOH,
+        Stage::Body => ProtoOpts::NOREPLY_BODY,
+        Stage::Unknown => ProtoOpts::NOREPLY_UNKNOWN,
+        _ => return None,
+    })
+}
+
+fn lossy(s: &std::ffi::CStr) -> String {
+    s.to_string_lossy().into_owned()
+}
+
+fn strip_angle(addr: &str) -> String {
+    addr.strip_prefix('<')
+        .and_then(|a| a.strip_suffix('>'))
+        .unwrap_or(addr)
+        .to_string()
+}
+
+fn macro_snapshot(macros: &Macros) -> impl Iterator<Item = (String, String)> {
+    macros
+        .to_hash_map()
+        .into_iter()
+        .map(|(k, v)| (lossy(&k), lossy(&v)))
+}
+
+/// Builds the indymilter callbacks over `engine`. `unix` tells whether the socket is a unix
+/// socket, where stages that only collect data are negotiated without replies.
+pub fn callbacks(engine: Arc<Engine>, unix: bool) -> Callbacks<Conn> {
+    Callbacks::new()
+        .on_negotiate(move |cx, actions, opts| {
+            Box::pin(negotiate(Arc::clone(&engine), unix, cx, actions, opts))
+        })
+        .on_connect(|cx, hostname, socket| Box::pin(connect(cx, hostname, socket)))
+        .on_helo(|cx, name| {
+            Box::pin(async move {
+                let name = lossy(&name);
+                update_ctx(&cx.data, |c| c.helo = Some(name.clone()));
+                stage(
+                    &mut cx.data,
+                    &cx.macros,
+                    &mut cx.reply,
+                    Stage::Helo,
+                    StageArgs::Text(name),
+                )
+                .await
+            })
+        })
+        .on_mail(|cx, args| {
+            Box::pin(async move {
+                let mut args = args.iter().map(|a| lossy(a));
+                let sender = strip_angle(&args.next().unwrap_or_default());
+                let esmtp: Vec<String> = args.collect();
+                if let Some(conn) = &mut cx.data {
+                    conn.pending = None;
+                    if let Some(ctx) = &conn.ctx
+                        && let Err(e) = conn.lease.reset_message(ctx)
+                    {
+                        tracing::error!(error = %e, "cannot reset message state");
+                    }
+                }
+                update_ctx(&cx.data, |c| {
+                    c.sender = Some(sender.clone());
+                    c.sender_args = esmtp.clone();
+                });
+                stage(
+                    &mut cx.data,
+                    &cx.macros,
+                    &mut cx.reply,
+                    Stage::Mail,
+                    StageArgs::Envelope(sender, esmtp),
+                )
+                .await
+            })
+        })
+        .on_rcpt(|cx, args| {
+            Box::pin(async move {
+                let mut args = args.iter().map(|a| lossy(a));
+                let rcpt = strip_angle(&args.next().unwrap_or_default());
+                let esmtp: Vec<String> = args.collect();
+                let status = stage(
+                    &mut cx.data,
+                    &cx.macros,
+                    &mut cx.reply,
+                    Stage::Rcpt,
+                    StageArgs::Envelope(rcpt.clone(), esmtp),
+                )
+                .await;
+                if !matches!(status, Status::Reject | Status::Tempfail) {
+                    update_ctx(&cx.data, |c| c.recipients.push(rcpt));
+                }
+                status
+            })
+        })
+        .on_data(|cx| {
+            Box::pin(stage(
+                &mut cx.data,
+                &cx.macros,
+                &mut cx.reply,
+                Stage::Data,
+                StageArgs::None,
+            ))
+        })
+        .on_header(|cx, name, value| {
+            Box::pin(async move {
+                let (name, value) = (lossy(&name), lossy(&value));
+                update_ctx(&cx.data, |c| c.headers.push((name.clone(), value.clone())));
+                stage(
+                    &mut cx.data,
+                    &cx.macros,
+                    &mut cx.reply,
+                    Stage::Header,
+                    StageArgs::Header(name, value),
+                )
+                .await
+            })
+        })
+        .on_eoh(|cx| {
+            Box::pin(stage(
+                &mut cx.data,
+                &cx.macros,
+                &mut cx.reply,
+                Stage::Eoh,
+                StageArgs::None,
+            ))
+        })
+        .on_body(|cx, chunk| {
+            Box::pin(stage(
+                &mut cx.data,
+                &cx.macros,
+                &mut cx.reply,
+                Stage::Body,
+                StageArgs::Body(chunk),
+            ))
+        })
+        .on_eom(|cx| Box::pin(eom(&mut cx.data, &cx.macros, &mut cx.reply, &cx.actions)))
+        .on_abort(|cx| {
+            Box::pin(async move {
+                let status = stage(
+                    &mut cx.data,
+                    &cx.macros,
+                    &mut cx.reply,
+                    Stage::Abort,
+                    StageArgs::None,
+                )
+                .await;
+                if let Some(conn) = &mut cx.data {
+                    conn.pending = None;
+                    if let Some(ctx) = &conn.ctx {
+                        let _ = conn.lease.reset_message(ctx);
+                    }
+                }
+                status
+            })
+        })
+        .on_close(|cx| {
+            Box::pin(async move {
+                let status = stage(
+                    &mut cx.data,
+                    &cx.macros,
+                    &mut cx.reply,
+                    Stage::Close,
+                    StageArgs::None,
+                )
+                .await;
+                cx.data = None;
+                status
+            })
+        })
+        .on_unknown(|cx, line| {
+            Box::pin(async move {
+                let line = lossy(&line);
+                stage(
+                    &mut cx.data,
+                    &cx.macros,
+                    &mut cx.reply,
+                    Stage::Unknown,
+                    StageArgs::Text(line),
+                )
+                .await
+            })
+        })
+}
+
+async fn negotiate(
+    engine: Arc<Engine>,
+    unix: bool,
+    cx: &mut NegotiateContext<Conn>,
+    offered_actions: Actions,
+    offered_opts: ProtoOpts,
+) -> Status {
+    let generation = engine.current();
+    let plan = &generation.plan;
+    let mut wanted = plan.skip | plan.noreply;
+    if unix {
+        wanted |= plan.collect_only;
+    }
+    cx.requested_actions = offered_actions & SUPPORTED_ACTIONS;
+    cx.requested_opts |= wanted & offered_opts;
+    cx.requested_macros = plan.macros.clone();
+    let conn = Conn {
+        lease: generation.lease(),
+        ctx: None,
+        opts: cx.requested_opts,
+        actions: cx.requested_actions,
+        pending: None,
+        client: String::new(),
+    };
+    cx.data = Some(conn);
+    Status::Continue
+}
+
+async fn connect(
+    cx: &mut indymilter::Context<Conn>,
+    hostname: CString,
+    socket: SocketInfo,
+) -> Status {
+    let hostname = lossy(&hostname);
+    let mut client = ClientInfo {
+        hostname: hostname.clone(),
+        family: "unknown",
+        ..ClientInfo::default()
+    };
+    match socket {
+        SocketInfo::Inet(addr) => {
+            client.ip = Some(addr.ip());
+            client.port = Some(addr.port());
+            client.family = if addr.is_ipv4() { "inet" } else { "inet6" };
+        }
+        SocketInfo::Unix(path) => {
+            client.family = "unix";
+            client.path = Some(lossy(&path));
+        }
+        SocketInfo::Unknown => {}
+    }
+    let ip = client.ip.map(|ip| ip.to_string());
+    if let Some(conn) = &mut cx.data {
+        conn.client = ip.clone().unwrap_or_else(|| hostname.clone());
+        let headers_sent = !conn.opts.contains(ProtoOpts::NO_HEADER);
+        match conn.lease.new_ctx(client, conn.actions, headers_sent) {
+            Ok(ctx) => conn.ctx = Some(ctx),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create the session context");
+                return Status::Tempfail;
+            }
+        }
+    }
+    stage(
+        &mut cx.data,
+        &cx.macros,
+        &mut cx.reply,
+        Stage::Connect,
+        StageArgs::Connect(hostname, ip),
+    )
+    .await
+}
+
+fn update_ctx(data: &Option<Conn>, f: impl FnOnce(&mut Ctx)) {
+    if let Some(ctx) = data.as_ref().and_then(|c| c.ctx.as_ref()) {
+        let _ = ctx.borrow_mut_scoped::<Ctx, _>(f);
+    }
+}
+
+/// Runs the chain for a stage and returns its answer.
+async fn stage(
+    data: &mut Option<Conn>,
+    macros: &Macros,
+    reply: &mut SmtpReply,
+    stage: Stage,
+    args: StageArgs,
+) -> Status {
+    let Some(outcome) = decide(data, macros, stage, args, None).await else {
+        return data.as_ref().map_or(Status::Continue, |c| c.pass(stage));
+    };
+    let Some(conn) = data.as_mut() else {
+        return Status::Continue;
+    };
+    if !stage.has_reply() {
+        return Status::Continue;
+    }
+    if conn.noreply(stage) {
+        if outcome.verdict.is_final() {
+            conn.pending = Some(outcome.verdict);
+        }
+        return Status::Noreply;
+    }
+    answer(reply, &outcome.verdict)
+}
+
+/// Decides a stage: a verdict owed from an earlier no-reply stage, else the policy chain.
+/// `None` when no policy handles the stage and nothing is owed.
+async fn decide(
+    data: &mut Option<Conn>,
+    macros: &Macros,
+    stage: Stage,
+    args: StageArgs,
+    progress: Option<mpsc::UnboundedSender<()>>,
+) -> Option<Outcome> {
+    let conn = data.as_mut()?;
+    if stage.has_reply()
+        && !conn.noreply(stage)
+        && let Some(verdict) = conn.pending.take()
+    {
+        log_decision(conn, macros, stage, "(earlier no-reply stage)", &verdict);
+        return Some(Outcome {
+            verdict,
+            policy: None,
+        });
+    }
+    let generation = Arc::clone(conn.lease.generation());
+    if !generation.handles(stage) {
+        return None;
+    }
+    let ctx = conn.ctx.clone()?;
+    let _ = ctx.borrow_mut_scoped::<Ctx, _>(|c| {
+        c.set_macros(macro_snapshot(macros));
+        c.progress = progress;
+    });
+    let queue_id = macros.get(c"i").map(lossy).unwrap_or_default();
+    let span = tracing::info_span!("session", client = %conn.client, queue_id = %queue_id);
+    let outcome = conn
+        .lease
+        .run_stage(&ctx, stage, args)
+        .instrument(span)
+        .await;
+    if outcome.verdict.is_final() {
+        let policy = outcome
+            .policy
+            .map_or("-", |i| generation.policies[i].name.as_str());
+        log_decision(conn, macros, stage, policy, &outcome.verdict);
+    }
+    Some(outcome)
+}
+
+fn log_decision(conn: &Conn, macros: &Macros, stage: Stage, policy: &str, verdict: &Verdict) {
+    let queue_id = macros.get(c"i").map(lossy).unwrap_or_default();
+    tracing::info!(
+        client = %conn.client,
+        queue_id = %queue_id,
+        stage = stage.name(),
+        policy,
+        verdict = %verdict,
+        "decision"
+    );
+}
+
+fn answer(reply: &mut SmtpReply, verdict: &Verdict) -> Status {
+    match verdict {
+        Verdict::Continue => Status::Continue,
+        Verdict::Accept => Status::Accept,
+        Verdict::Discard => Status::Discard,
+        Verdict::Reject(r) | Verdict::Tempfail(r) => {
+            if let Some(r) = r {
+                let lines: Vec<&str> = if r.lines.is_empty() {
+                    vec![""]
+                } else {
+                    r.lines.iter().map(String::as_str).collect()
+                };
+                if let Err(e) = reply.set_error_reply(&r.code, r.xcode.as_deref(), lines) {
+                    tracing::error!(error = %e, "invalid SMTP reply; the MTA's default text is used");
+                }
+            }
+            if matches!(verdict, Verdict::Reject(_)) {
+                Status::Reject
+            } else {
+                Status::Tempfail
+            }
+        }
+    }
+}
+
+/// End of message: run the chain (serving `ctx:progress()` meanwhile), apply the queued edits
+/// unless the message was refused, answer.
+async fn eom(
+    data: &mut Option<Conn>,
+    macros: &Macros,
+    reply: &mut SmtpReply,
+    actions: &EomActions,
+) -> Status {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let outcome = {
+        let decision = decide(data, macros, Stage::Eom, StageArgs::None, Some(tx));
+        tokio::pin!(decision);
+        loop {
+            tokio::select! {
+                outcome = &mut decision => break outcome,
+                Some(()) = rx.recv() => {
+                    if let Err(e) = actions.progress().await {
+                        tracing::warn!(error = %e, "cannot send progress to the MTA");
+                    }
+                }
+            }
+        }
+    };
+    let verdict = outcome.map_or(Verdict::Continue, |o| o.verdict);
+    let Some(conn) = data.as_mut() else {
+        return Status::Continue;
+    };
+    let edits = conn
+        .ctx
+        .as_ref()
+        .and_then(|ctx| {
+            ctx.borrow_mut_scoped::<Ctx, _>(|c| {
+                c.progress = None;
+                std::mem::take(&mut c.edits)
+            })
+            .ok()
+        })
+        .unwrap_or_default();
+    if matches!(verdict, Verdict::Continue | Verdict::Accept) {
+        for edit in edits {
+            if let Err(e) = apply_edit(actions, &edit).await {
+                tracing::error!(client = %conn.client, edit = ?edit, error = %e, "the MTA refused an edit");
+            }
+        }
+    }
+    if !verdict.is_final() {
+        log_decision(conn, macros, Stage::Eom, "-", &Verdict::Accept);
+    }
+    answer(reply, &verdict)
+}
+
+async fn apply_edit(actions: &EomActions, edit: &Edit) -> Result<(), indymilter::ActionError> {
+    match edit {
+        Edit::AddHeader(name, value) => actions.add_header(name.as_str(), value.as_str()).await,
+        Edit::InsertHeader(index, name, value) => {
+            actions
+                .insert_header(*index, name.as_str(), value.as_str())
+                .await
+        }
+        Edit::ChangeHeader(name, index, value) => {
+            actions
+                .change_header(name.as_str(), *index, value.as_deref())
+                .await
+        }
+        Edit::AddRcpt(addr, None) => actions.add_recipient(addr.as_str()).await,
+        Edit::AddRcpt(addr, Some(args)) => {
+            actions
+                .add_recipient_ext(addr.as_str(), Some(args.as_str()))
+                .await
+        }
+        Edit::DeleteRcpt(addr) => actions.delete_recipient(addr.as_str()).await,
+        Edit::ChangeSender(addr, args) => {
+            actions.change_sender(addr.as_str(), args.as_deref()).await
+        }
+        Edit::ReplaceBody(body) => actions.replace_body(body).await,
+        Edit::Quarantine(reason) => actions.quarantine(reason.as_str()).await,
+    }
+}

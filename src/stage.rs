@@ -1,0 +1,105 @@
+//! The milter stage vocabulary shared by config, engine, Lua API, logs and docs.
+
+use std::fmt;
+
+/// One milter callback stage, named as indymilter and the Lua API name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stage {
+    Connect,
+    Helo,
+    Mail,
+    Rcpt,
+    Data,
+    Header,
+    Eoh,
+    Body,
+    Eom,
+    Abort,
+    Close,
+    Unknown,
+}
+
+impl Stage {
+    /// Every stage, in protocol order.
+    pub const ALL: [Stage; 12] = [
+        Stage::Connect,
+        Stage::Helo,
+        Stage::Mail,
+        Stage::Rcpt,
+        Stage::Data,
+        Stage::Header,
+        Stage::Eoh,
+        Stage::Body,
+        Stage::Eom,
+        Stage::Abort,
+        Stage::Close,
+        Stage::Unknown,
+    ];
+
+    /// The stage's name as policies and logs spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stage::Connect => "connect",
+            Stage::Helo => "helo",
+            Stage::Mail => "mail",
+            Stage::Rcpt => "rcpt",
+            Stage::Data => "data",
+            Stage::Header => "header",
+            Stage::Eoh => "eoh",
+            Stage::Body => "body",
+            Stage::Eom => "eom",
+            Stage::Abort => "abort",
+            Stage::Close => "close",
+            Stage::Unknown => "unknown",
+        }
+    }
+
+    /// Parses a stage name.
+    pub fn from_name(name: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Index into per-stage arrays.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Whether the MTA waits for a reply to this stage (abort and close have none).
+    pub const fn has_reply(self) -> bool {
+        !matches!(self, Stage::Abort | Stage::Close)
+    }
+
+    /// Whether the stage belongs to a message (MAIL FROM up to end of message).
+    pub const fn in_message(self) -> bool {
+        matches!(
+            self,
+            Stage::Mail
+                | Stage::Rcpt
+                | Stage::Data
+                | Stage::Header
+                | Stage::Eoh
+                | Stage::Body
+                | Stage::Eom
+        )
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_index_matches_position() {
+        for (i, s) in Stage::ALL.into_iter().enumerate() {
+            assert_eq!(Stage::from_name(s.name()), Some(s));
+            assert_eq!(s.index(), i);
+        }
+        assert_eq!(Stage::from_name("conect"), None);
+    }
+}

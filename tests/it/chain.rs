@@ -1,0 +1,89 @@
+//! Chain semantics: order, first final verdict wins, edits accumulate, options per policy.
+
+use crate::support::{TestDaemon, reply_text};
+use indymilter_test::Status;
+use std::net::Ipv4Addr;
+
+const FIRST: &str = r#"
+local milter = require "milter"
+return {
+  options = { refuse = "x@example.org", stamp = "first" },
+  rcpt = function(ctx, rcpt, args, opts)
+    if rcpt == opts.refuse then return milter.reject{ text = "first says no" } end
+  end,
+  mail = function(ctx, sender)
+    if sender == "vip@example.org" then return milter.accept() end
+  end,
+  eom = function(ctx, opts) ctx:add_header("X-Stamp", opts.stamp) end,
+}
+"#;
+
+const SECOND: &str = r#"
+local milter = require "milter"
+return {
+  rcpt = function(ctx, rcpt)
+    ctx.msg.second_saw = (ctx.msg.second_saw or 0) + 1
+    if rcpt:match("^y@") then return milter.reject{ text = "second says no" } end
+  end,
+  eom = function(ctx)
+    ctx:add_header("X-Second", tostring(ctx.msg.second_saw))
+    return milter.accept()
+  end,
+}
+"#;
+
+#[tokio::test]
+async fn first_final_verdict_wins_and_edits_accumulate() {
+    let d = TestDaemon::start(
+        &[("first", FIRST), ("second", SECOND)],
+        "[policy.first]\nstamp = \"configured\"\n",
+    )
+    .await;
+    let mut c = d.client().await;
+    c.connect("h", Ipv4Addr::LOCALHOST).await.unwrap();
+    c.mail(["<a@example.org>"]).await.unwrap();
+    assert_eq!(
+        reply_text(&c.rcpt(["<x@example.org>"]).await.unwrap()),
+        "550 5.7.1 first says no"
+    );
+    assert_eq!(
+        reply_text(&c.rcpt(["<y@example.org>"]).await.unwrap()),
+        "550 5.7.1 second says no"
+    );
+    assert_eq!(c.rcpt(["<z@example.org>"]).await.unwrap(), Status::Continue);
+    let (actions, status) = c.eom().await.unwrap();
+    assert_eq!(status, Status::Accept);
+    assert!(actions.has_add_header("X-Stamp", "configured"));
+    // second ran for y and z, not for x, which first had already refused
+    assert!(actions.has_add_header("X-Second", "2"));
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn accept_stops_the_message_for_every_later_policy() {
+    let d = TestDaemon::start(&[("first", FIRST), ("second", SECOND)], "").await;
+    let mut c = d.client().await;
+    c.connect("h", Ipv4Addr::LOCALHOST).await.unwrap();
+    assert_eq!(c.mail(["<vip@example.org>"]).await.unwrap(), Status::Accept);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn bad_option_overrides_stop_the_start_with_file_and_line() {
+    let err = TestDaemon::try_start(
+        &[("first", FIRST)],
+        "[policy.first]\nstamp = 3\nrefuze = \"a\"\n",
+        "inet:0@127.0.0.1",
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        err.contains("luamilter.toml:7: [policy.first] stamp: expected a string, got integer 3"),
+        "{err}"
+    );
+    assert!(
+        err.contains("luamilter.toml:8: [policy.first] refuze: unknown option"),
+        "{err}"
+    );
+}

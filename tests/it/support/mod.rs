@@ -1,0 +1,127 @@
+//! Shared test support: a daemon with policies written into a temp dir.
+
+#![allow(dead_code)]
+
+use indymilter_test::{TestConnection, TestConnectionBuilder};
+use luamilter::{config::Config, daemon::Daemon, listen::ListenAddr};
+use std::{path::PathBuf, sync::Once, time::Duration};
+use tempfile::TempDir;
+
+/// A daemon running in this test's runtime, with its policy directory.
+pub struct TestDaemon {
+    pub daemon: Option<Daemon>,
+    pub dir: TempDir,
+}
+
+static LOGGING: Once = Once::new();
+
+fn init_logging() {
+    LOGGING.call_once(|| {
+        let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// Writes `policies` (name, source) into a temp dir and a config whose chain lists them in
+/// order, plus `extra` TOML appended to it. Listens on 127.0.0.1 with an ephemeral port.
+pub fn write_config(
+    dir: &TempDir,
+    listen: &str,
+    policies: &[(&str, &str)],
+    extra: &str,
+) -> PathBuf {
+    for (name, source) in policies {
+        std::fs::write(dir.path().join(format!("{name}.lua")), source).unwrap();
+    }
+    let chain: Vec<String> = policies.iter().map(|(n, _)| format!("{n:?}")).collect();
+    let text = format!(
+        "[milter]\nlisten = {listen:?}\n[policies]\ndirs = [\".\"]\nchain = [{}]\n{extra}\n",
+        chain.join(", ")
+    );
+    let path = dir.path().join("luamilter.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+impl TestDaemon {
+    /// Starts a daemon on TCP loopback with these policies.
+    pub async fn start(policies: &[(&str, &str)], extra: &str) -> TestDaemon {
+        Self::try_start(policies, extra, "inet:0@127.0.0.1")
+            .await
+            .unwrap()
+    }
+
+    /// Starts a daemon on a unix socket in the temp dir.
+    pub async fn start_unix(policies: &[(&str, &str)], extra: &str) -> TestDaemon {
+        let dir = TempDir::new().unwrap();
+        let sock = dir.path().join("milter.sock");
+        Self::start_in(dir, policies, extra, &format!("unix:{}", sock.display()))
+            .await
+            .unwrap()
+    }
+
+    /// Starts a daemon and returns the start error as text when it fails.
+    pub async fn try_start(
+        policies: &[(&str, &str)],
+        extra: &str,
+        listen: &str,
+    ) -> Result<TestDaemon, String> {
+        Self::start_in(TempDir::new().unwrap(), policies, extra, listen).await
+    }
+
+    async fn start_in(
+        dir: TempDir,
+        policies: &[(&str, &str)],
+        extra: &str,
+        listen: &str,
+    ) -> Result<TestDaemon, String> {
+        init_logging();
+        let path = write_config(&dir, listen, policies, extra);
+        let config = Config::load(&path).map_err(|e| e.to_string())?;
+        let daemon = Daemon::start(config).await.map_err(|e| e.to_string())?;
+        Ok(TestDaemon {
+            daemon: Some(daemon),
+            dir,
+        })
+    }
+
+    /// The address the daemon listens on.
+    pub fn local(&self) -> &ListenAddr {
+        &self.daemon.as_ref().unwrap().local
+    }
+
+    /// A client connection with the defaults (everything offered).
+    pub async fn client(&self) -> TestConnection {
+        self.client_with(TestConnection::configure()).await
+    }
+
+    /// A client connection from a configured builder.
+    pub async fn client_with(&self, builder: TestConnectionBuilder) -> TestConnection {
+        let builder = builder.read_timeout(Duration::from_secs(10));
+        match self.local() {
+            ListenAddr::Inet(addr) => builder.open_tcp(addr).await.unwrap(),
+            ListenAddr::Unix(path) => builder.open_unix(path).await.unwrap(),
+        }
+    }
+
+    /// Stops the daemon.
+    pub async fn stop(mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.stop(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+/// The reply text of a reject or tempfail status.
+pub fn reply_text(status: &indymilter_test::Status) -> String {
+    match status {
+        indymilter_test::Status::Reject { message: Some(m) }
+        | indymilter_test::Status::Tempfail { message: Some(m) } => {
+            m.to_string_lossy().into_owned()
+        }
+        other => format!("{other:?}"),
+    }
+}
