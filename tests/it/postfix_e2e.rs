@@ -5,13 +5,17 @@
 //! mail from `quarantine@test.example`, and adds `X-Test: yes` to every message at eom.
 
 use std::{
-    net::SocketAddr,
+    fs,
+    os::unix::{fs::PermissionsExt, net::UnixListener},
+    path::Path,
     thread::{self, JoinHandle},
     time::Duration,
 };
 
-use indymilter::{Actions, Callbacks, Config, ContextActions, SetErrorReply, Status};
-use tokio::{net::TcpListener, sync::watch};
+use indymilter::{
+    Actions, Callbacks, Config, ContextActions, EitherListener, SetErrorReply, Status,
+};
+use tokio::sync::watch;
 
 use crate::support::postfix::{Postfix, Stage, e2e_ready};
 
@@ -25,35 +29,48 @@ const REJECT_TEXT: [&str; 2] = [
 ];
 const WAIT: Duration = Duration::from_secs(30);
 
+/// A bound, not yet served, milter socket.
+type StdListener = EitherListener<std::net::TcpListener, UnixListener>;
+
 /// The test milter, served on its own thread and runtime so the blocking harness cannot stall it.
 struct TestMilter {
-    addr: SocketAddr,
+    /// The socket in Postfix's `smtpd_milters` syntax.
+    socket: String,
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl TestMilter {
-    fn start() -> TestMilter {
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    /// Serves on a free loopback TCP port.
+    fn start_inet() -> TestMilter {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind milter");
+        let addr = listener.local_addr().expect("milter address");
+        let socket = format!("inet:{}:{}", addr.ip(), addr.port());
+        Self::spawn(socket, EitherListener::Tcp(listener))
+    }
+
+    /// Serves on a UNIX socket at `path`, made connectable for Postfix's unprivileged smtpd.
+    fn start_unix(path: &Path) -> TestMilter {
+        let listener = UnixListener::bind(path).expect("bind milter");
+        fs::set_permissions(path, fs::Permissions::from_mode(0o666)).expect("chmod socket");
+        let socket = format!("unix:{}", path.display());
+        Self::spawn(socket, EitherListener::Unix(listener))
+    }
+
+    fn spawn(socket: String, listener: StdListener) -> TestMilter {
         let (stop, stopped) = watch::channel(false);
         let thread = thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("milter runtime");
-            rt.block_on(serve(addr_tx, stopped));
+            rt.block_on(serve(listener, stopped));
         });
-        let addr = addr_rx.recv_timeout(WAIT).expect("test milter never bound");
         TestMilter {
-            addr,
+            socket,
             stop,
             thread: Some(thread),
         }
-    }
-
-    /// The address in Postfix's `smtpd_milters` syntax.
-    fn socket(&self) -> String {
-        format!("inet:{}:{}", self.addr.ip(), self.addr.port())
     }
 
     /// Closes the listener and waits (bounded) for open sessions to end.
@@ -72,11 +89,17 @@ impl Drop for TestMilter {
     }
 }
 
-async fn serve(addr_tx: std::sync::mpsc::Sender<SocketAddr>, stopped: watch::Receiver<bool>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind milter");
-    addr_tx
-        .send(listener.local_addr().expect("milter address"))
-        .expect("test gone");
+async fn serve(listener: StdListener, stopped: watch::Receiver<bool>) {
+    let listener = match listener {
+        EitherListener::Tcp(l) => {
+            l.set_nonblocking(true).expect("nonblocking");
+            EitherListener::Tcp(tokio::net::TcpListener::from_std(l).expect("tokio listener"))
+        }
+        EitherListener::Unix(l) => {
+            l.set_nonblocking(true).expect("nonblocking");
+            EitherListener::Unix(tokio::net::UnixListener::from_std(l).expect("tokio listener"))
+        }
+    };
     let config = Config {
         actions: Actions::ADD_HEADER | Actions::QUARANTINE,
         ..Config::default()
@@ -135,8 +158,8 @@ fn setup() -> Option<(TestMilter, Postfix)> {
     if !e2e_ready() {
         return None;
     }
-    let milter = TestMilter::start();
-    let postfix = Postfix::start(&milter.socket()).expect("start private postfix");
+    let milter = TestMilter::start_inet();
+    let postfix = Postfix::start(&milter.socket).expect("start private postfix");
     Some((milter, postfix))
 }
 
@@ -235,4 +258,27 @@ fn stopped_milter_means_4xx_at_mail_from() {
     assert!(mail.lines[0].starts_with("451 4.7.1 "), "{:?}", mail.lines);
     assert_eq!(after.reply(Stage::Helo).map(|r| r.code()), Some(250));
     assert_eq!(after.exit_code, 23, "{}", after.transcript);
+}
+
+#[test]
+fn unix_socket_milter_is_reached() {
+    if !e2e_ready() {
+        return;
+    }
+    // Postfix's smtpd runs as the `postfix` user: the directory must be searchable by it.
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let milter = TestMilter::start_unix(&dir.path().join("milter.sock"));
+    let postfix = Postfix::start(&milter.socket).expect("start private postfix");
+    let sent = postfix
+        .send(BAD_SENDER, RECIPIENT, &[], "never delivered\n")
+        .unwrap();
+    let mail = sent.reply(Stage::Mail).expect("a reply to MAIL FROM");
+    assert_eq!(
+        mail.code(),
+        550,
+        "{}\n{}",
+        sent.transcript,
+        postfix.maillog()
+    );
 }
