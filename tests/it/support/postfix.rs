@@ -5,16 +5,18 @@
 //! `postfix -c DIR start`, and stops it on drop. The system instance in `/etc/postfix` is never
 //! read, changed or started. Mail for [`TEST_DOMAIN`] is delivered by the `virtual` transport into
 //! one maildir (every recipient of that domain lands there); every other transport is `error:`,
-//! so nothing leaves the machine.
+//! so nothing leaves the machine: smtpd refuses other domains at RCPT (`550 5.1.1 ... outside
+//! delivery is disabled in tests`), and a recipient a milter adds elsewhere is bounced.
 //!
 //! The API is blocking (it runs `postfix`, `postqueue` and `swaks` as child processes, each with a
 //! time limit). Run the milter under test on another thread or runtime: from a
 //! `#[tokio::test(flavor = "multi_thread")]` the calls block one worker while the others serve
 //! the milter.
 //!
-//! Postfix needs root: `postfix start` refuses otherwise. The smtpd processes run as the
-//! `postfix` user, so a `unix:` milter socket must be reachable by that user (a socket inside a
-//! mode-0700 temporary directory is not).
+//! Postfix needs root: `postfix start` refuses otherwise. Its daemons run as the `postfix` user,
+//! so the temporary directory (under `$TMPDIR`, default `/tmp`) must be reachable by that user,
+//! and so must a `unix:` milter socket: a searchable directory and a socket with mode 0666 (a
+//! socket inside a mode-0700 temporary directory fails with "Permission denied" in the mail log).
 
 use std::{
     fs,
@@ -117,7 +119,7 @@ impl Postfix {
         let body_file = tempfile::NamedTempFile::new_in(self.dir.path())?;
         fs::write(body_file.path(), body)?;
         let mut cmd = Command::new(find_tool("swaks").context("swaks is not installed")?);
-        // A bare --config (no argument) ignores any ~/.swaksrc; it must come before other options.
+        // A bare --config (no argument) makes swaks ignore any ~/.swaksrc.
         cmd.arg("--config")
             .args(["--server", &format!("127.0.0.1:{}", self.port)])
             .args(["--helo", &format!("client.{TEST_DOMAIN}")])
