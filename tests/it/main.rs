@@ -1,4 +1,5 @@
-//! The integration test binary: the daemon driven over real sockets by a real milter client.
+//! The integration test binary: the daemon driven over real sockets by a real milter client,
+//! and end to end through a private Postfix.
 
 mod support;
 
@@ -6,4 +7,5 @@ mod chain;
 mod cli;
 mod faults;
 mod negotiation;
+mod postfix_e2e;
 mod session;

@@ -1,6 +1,8 @@
-//! Shared test support: a daemon with policies written into a temp dir.
+//! Shared test support: a daemon with policies written into a temp dir, and a private Postfix.
 
 #![allow(dead_code)]
+
+pub mod postfix;
 
 use indymilter_test::{TestConnection, TestConnectionBuilder};
 use luamilter::{config::Config, daemon::Daemon, listen::ListenAddr};

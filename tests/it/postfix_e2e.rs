@@ -1,0 +1,197 @@
+//! End to end: a private Postfix on loopback with luamilter in `smtpd_milters`, mail sent by
+//! swaks, running the example policy `examples/hygiene.lua`.
+
+use crate::support::postfix::{Postfix, Stage, TEST_DOMAIN, e2e_ready};
+use luamilter::{config::Config, daemon::Daemon};
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    sync::mpsc,
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+const RECIPIENT: &str = "user@test.example";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// luamilter on its own thread and runtime, so the blocking harness cannot stall it.
+struct Luamilter {
+    /// The socket in Postfix's `smtpd_milters` syntax.
+    socket: String,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    _dir: TempDir,
+}
+
+impl Luamilter {
+    /// Runs the hygiene example, receiving for the test domain, on `listen` ("inet" or "unix").
+    fn start(transport: &str) -> Luamilter {
+        let dir = TempDir::new().unwrap();
+        // Postfix's smtpd runs as `postfix`: a unix socket's directory must be searchable.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+        let listen = match transport {
+            "unix" => format!("unix:{}", dir.path().join("milter.sock").display()),
+            _ => "inet:0@127.0.0.1".to_string(),
+        };
+        let text = format!(
+            "[milter]\nlisten = {listen:?}\nsocket_mode = \"0666\"\n\
+             [policies]\ndirs = [{examples:?}]\nchain = [\"hygiene\"]\n\
+             [policy.hygiene]\nlocal_domains = [{TEST_DOMAIN:?}]\n"
+        );
+        let config = Config::parse(&text, Some(dir.path().join("luamilter.toml"))).unwrap();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let thread = thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let daemon = Daemon::start(config).await.unwrap();
+                let socket = match &daemon.local {
+                    luamilter::listen::ListenAddr::Inet(a) => {
+                        format!("inet:{}:{}", a.ip(), a.port())
+                    }
+                    luamilter::listen::ListenAddr::Unix(p) => format!("unix:{}", p.display()),
+                };
+                ready_tx.send(socket).unwrap();
+                let _ = stop_rx.await;
+                daemon.stop(Duration::from_secs(5)).await;
+            });
+        });
+        let socket = ready_rx.recv_timeout(WAIT).expect("luamilter started");
+        Luamilter {
+            socket,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("luamilter thread panicked");
+        }
+    }
+}
+
+impl Drop for Luamilter {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn setup(transport: &str) -> Option<(Luamilter, Postfix)> {
+    if !e2e_ready() {
+        return None;
+    }
+    let milter = Luamilter::start(transport);
+    let postfix = Postfix::start(&milter.socket).expect("start private postfix");
+    Some((milter, postfix))
+}
+
+#[test]
+fn blocked_sender_gets_the_policy_5xx_at_mail_from() {
+    let Some((_milter, postfix)) = setup("inet") else {
+        return;
+    };
+    let sent = postfix
+        .send("spam@bad.example", RECIPIENT, &[], "never delivered\n")
+        .unwrap();
+    let mail = sent.reply(Stage::Mail).expect("a reply to MAIL FROM");
+    assert_eq!(
+        mail.lines,
+        [
+            "550-5.7.1 Sender <spam@bad.example> is blocked here.",
+            "550 5.7.1 Contact postmaster if this is wrong.",
+        ],
+        "{}",
+        sent.transcript
+    );
+    assert!(sent.reply(Stage::Rcpt).is_none(), "{}", sent.transcript);
+}
+
+#[test]
+fn accepted_mail_is_delivered_with_the_policy_header() {
+    let Some((_milter, postfix)) = setup("inet") else {
+        return;
+    };
+    let marker = "accepted-mail-marker-4711";
+    let sent = postfix
+        .send(
+            "good@test.example",
+            RECIPIENT,
+            &[("Subject", marker)],
+            "first line\nsecond line\n",
+        )
+        .unwrap();
+    assert_eq!(sent.exit_code, 0, "{}", sent.transcript);
+    let delivered = postfix
+        .wait_delivered(|m| m.contains(marker), WAIT)
+        .unwrap_or_else(|| panic!("not delivered; mail log:\n{}", postfix.maillog()));
+    let (headers, body) = delivered
+        .split_once("\n\n")
+        .expect("a header/body separator");
+    assert!(
+        headers.lines().any(|l| l == "X-Hygiene: recipients=1"),
+        "{delivered}"
+    );
+    assert!(body.starts_with("first line\nsecond line\n"), "{delivered}");
+}
+
+#[test]
+fn quarantined_mail_lands_in_the_hold_queue_over_a_unix_socket() {
+    let Some((_milter, postfix)) = setup("unix") else {
+        return;
+    };
+    let sent = postfix
+        .send(
+            "good@test.example",
+            RECIPIENT,
+            &[("Subject", "urgent wire transfer")],
+            "hold me\n",
+        )
+        .unwrap();
+    assert_eq!(
+        sent.exit_code,
+        0,
+        "{}\n{}",
+        sent.transcript,
+        postfix.maillog()
+    );
+    let queue_id = sent.queue_id().expect("a queue id in the 250 reply");
+    let held = postfix.hold_queue().unwrap();
+    let message = held
+        .iter()
+        .find(|m| m.id == queue_id)
+        .unwrap_or_else(|| panic!("{queue_id} not held: {held:?}\n{}", postfix.maillog()));
+    assert!(message.held);
+}
+
+#[test]
+fn a_refused_recipient_and_a_stopped_milter() {
+    let Some((mut milter, postfix)) = setup("inet") else {
+        return;
+    };
+    let sent = postfix
+        .send("good@test.example", "user@elsewhere.example", &[], "x\n")
+        .unwrap();
+    let rcpt = sent.reply(Stage::Rcpt).expect("a reply to RCPT TO");
+    assert_eq!(rcpt.code(), 550, "{}", sent.transcript);
+    milter.stop();
+    let after = postfix
+        .send("good@test.example", RECIPIENT, &[], "milter down\n")
+        .unwrap();
+    let mail = after.reply(Stage::Mail).expect("a reply to MAIL FROM");
+    assert_eq!(mail.code(), 451, "{}", after.transcript);
+    assert!(mail.lines[0].starts_with("451 4.7.1 "), "{:?}", mail.lines);
+}
