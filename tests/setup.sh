@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the system packages the test suite drives for real: Postfix and swaks (end-to-end
+# tests) and redis-server (shared-store tests). Idempotent; needs root (as do the Postfix tests).
+set -euo pipefail
+missing=()
+command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || missing+=(postfix)
+command -v swaks >/dev/null 2>&1 || missing+=(swaks)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "tests/setup.sh: need root to install: ${missing[*]}" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+# Postfix without a system configuration: the tests run private instances only.
+echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+apt-get install -y -q "${missing[@]}"
