@@ -29,6 +29,25 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Talk to a running daemon through its control socket.
+    Ctl {
+        /// Configuration file, to find the control socket (default: built-in).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// The control socket (overrides the configuration).
+        #[arg(short, long)]
+        socket: Option<PathBuf>,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone, Copy)]
+enum CtlCommand {
+    /// Reload the configuration and policies now; prints the result or every error.
+    Reload,
+    /// Print the current generation and reload counters.
+    Stats,
 }
 
 /// Parses the command line and runs the command.
@@ -37,6 +56,11 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => check(config),
+        Command::Ctl {
+            config,
+            socket,
+            command,
+        } => ctl(config, socket, command),
     }
 }
 
@@ -76,25 +100,73 @@ fn run(path: Option<PathBuf>) -> ExitCode {
                 return ExitCode::from(EX_CONFIG);
             }
         };
-        wait_for_termination().await;
+        wait_for_termination(&daemon).await;
         tracing::info!("shutting down");
         daemon.stop(Duration::from_secs(30)).await;
         ExitCode::SUCCESS
     })
 }
 
-async fn wait_for_termination() {
+/// Serves SIGHUP as a reload until SIGTERM or SIGINT arrives.
+async fn wait_for_termination(daemon: &Daemon) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                daemon.reloader.reload("SIGHUP").await;
+            }
+        }
+    }
+}
+
+fn ctl(config: Option<PathBuf>, socket: Option<PathBuf>, command: CtlCommand) -> ExitCode {
+    let socket = match socket {
+        Some(s) => s,
+        None => match load_config(config.as_ref()) {
+            Ok(c) => c.milter.control_socket_path(),
+            Err(e) => {
+                eprintln!("luamilter: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        },
+    };
+    let word = match command {
+        CtlCommand::Reload => "reload",
+        CtlCommand::Stats => "stats",
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("luamilter: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::control::request(&socket, word)) {
+        Ok(answer) => {
+            print!("{answer}");
+            if answer.starts_with("error") {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("luamilter: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -85,6 +85,24 @@ pub struct MilterConfig {
     /// Idle time after which a silent MTA connection is closed.
     #[serde(deserialize_with = "serde_duration::deserialize")]
     pub connection_timeout: Duration,
+    /// The control socket for `luamilter ctl` (owner-only). Default: the milter socket path
+    /// plus `.ctl` for a unix socket, `/run/luamilter/luamilter.ctl` for TCP.
+    pub control_socket: Option<PathBuf>,
+}
+
+impl MilterConfig {
+    /// The control socket path in effect.
+    pub fn control_socket_path(&self) -> PathBuf {
+        match (&self.control_socket, &self.listen) {
+            (Some(path), _) => path.clone(),
+            (None, ListenAddr::Unix(sock)) => {
+                let mut path = sock.clone().into_os_string();
+                path.push(".ctl");
+                PathBuf::from(path)
+            }
+            (None, ListenAddr::Inet(_)) => PathBuf::from("/run/luamilter/luamilter.ctl"),
+        }
+    }
 }
 
 impl Default for MilterConfig {
@@ -94,6 +112,7 @@ impl Default for MilterConfig {
             socket_mode: 0o660,
             max_connections: 4096,
             connection_timeout: Duration::from_secs(7210),
+            control_socket: None,
         }
     }
 }
@@ -176,6 +195,8 @@ pub struct PoliciesConfig {
     pub dirs: Vec<PathBuf>,
     /// The enabled policies, run in this order at every stage.
     pub chain: Vec<String>,
+    /// Reload automatically when a policy file or the config file changes.
+    pub watch: bool,
 }
 
 impl Default for PoliciesConfig {
@@ -183,6 +204,7 @@ impl Default for PoliciesConfig {
         PoliciesConfig {
             dirs: vec![PathBuf::from("examples")],
             chain: vec!["trivial".into()],
+            watch: true,
         }
     }
 }

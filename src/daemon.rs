@@ -2,8 +2,10 @@
 
 use crate::{
     config::Config,
+    control::ControlSocket,
     engine::{Engine, Generation},
     listen::{BoundSocket, ListenAddr},
+    reload::{self, Reloader},
     server,
 };
 use std::{sync::Arc, time::Duration};
@@ -31,8 +33,12 @@ pub struct Daemon {
     pub local: ListenAddr,
     /// The current policy generation holder.
     pub engine: Arc<Engine>,
+    /// Builds and installs new generations (file changes, SIGHUP, `ctl reload`).
+    pub reloader: Arc<Reloader>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<std::io::Result<()>>,
+    watcher: Option<JoinHandle<()>>,
+    _control: Option<ControlSocket>,
 }
 
 /// Lua states per generation when the config says 0: one per tokio worker thread.
@@ -55,6 +61,11 @@ impl Daemon {
             "policies loaded"
         );
         let engine = Arc::new(Engine::new(generation));
+        let reloader = Arc::new(Reloader::new(
+            Arc::clone(&engine),
+            Arc::clone(&config),
+            default_vm_count(),
+        ));
         let addr = &config.milter.listen;
         let bound = BoundSocket::bind(addr, config.milter.socket_mode)
             .await
@@ -80,17 +91,39 @@ impl Daemon {
             indymilter::run(listener, callbacks, milter_config, stopped).await
         });
         tracing::info!(listen = %local, "luamilter listening");
+        let control_path = config.milter.control_socket_path();
+        let control = match ControlSocket::serve(&control_path, Arc::clone(&reloader)) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(
+                    path = %control_path.display(),
+                    error = %e,
+                    "control socket disabled (`luamilter ctl` will not work; SIGHUP still reloads)"
+                );
+                None
+            }
+        };
+        let watcher = config
+            .policies
+            .watch
+            .then(|| reload::watch(Arc::clone(&reloader)));
         Ok(Daemon {
             local,
             engine,
+            reloader,
             shutdown,
             task,
+            watcher,
+            _control: control,
         })
     }
 
     /// Stops accepting, lets every connection finish its current command, and waits (at most
     /// `grace`) for the sessions to end.
     pub async fn stop(self, grace: Duration) {
+        if let Some(watcher) = &self.watcher {
+            watcher.abort();
+        }
         let _ = self.shutdown.send(true);
         match tokio::time::timeout(grace, self.task).await {
             Ok(Ok(Ok(()))) => {}

@@ -2,11 +2,13 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod duration;
 pub mod engine;
 pub mod listen;
 pub mod logging;
 pub mod lua_api;
+pub mod reload;
 pub mod server;
 pub mod stage;

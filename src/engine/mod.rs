@@ -136,6 +136,21 @@ pub struct Generation {
 }
 
 static GENERATIONS: AtomicU64 = AtomicU64::new(0);
+static LIVE_GENERATIONS: AtomicUsize = AtomicUsize::new(0);
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        LIVE_GENERATIONS.fetch_sub(1, Ordering::Relaxed);
+        // Close the Lua states first, then hand the freed pages back to the system: without
+        // this, glibc keeps most of a freed generation's heap and RSS creeps up over reloads.
+        self.vms.clear();
+        // SAFETY: malloc_trim only releases free memory; it has no preconditions.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        tracing::debug!(generation = self.id, "generation freed");
+    }
+}
 
 /// A connection's claim on one Lua state of a generation; released on drop.
 pub struct VmLease {
@@ -309,6 +324,7 @@ impl Generation {
             }
         }
         let plan = Plan::from_policies(&decls);
+        LIVE_GENERATIONS.fetch_add(1, Ordering::Relaxed);
         Ok(Generation {
             id: GENERATIONS.fetch_add(1, Ordering::Relaxed) + 1,
             config,
@@ -334,6 +350,19 @@ impl Generation {
     /// Number of Lua states.
     pub fn vm_count(&self) -> usize {
         self.vms.len()
+    }
+
+    /// Open connections on this generation.
+    pub fn connection_count(&self) -> usize {
+        self.vms
+            .iter()
+            .map(|vm| vm.connections.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Generations in memory: the current one plus those still serving older connections.
+    pub fn live_count() -> usize {
+        LIVE_GENERATIONS.load(Ordering::Relaxed)
     }
 
     /// Whether any policy handles `stage`.

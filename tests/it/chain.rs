@@ -79,11 +79,11 @@ async fn bad_option_overrides_stop_the_start_with_file_and_line() {
     .err()
     .unwrap();
     assert!(
-        err.contains("luamilter.toml:7: [policy.first] stamp: expected a string, got integer 3"),
+        err.contains("luamilter.toml:8: [policy.first] stamp: expected a string, got integer 3"),
         "{err}"
     );
     assert!(
-        err.contains("luamilter.toml:8: [policy.first] refuze: unknown option"),
+        err.contains("luamilter.toml:9: [policy.first] refuze: unknown option"),
         "{err}"
     );
 }

@@ -95,3 +95,122 @@ fn run_refuses_a_bad_config_with_78() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bad.toml:2:"), "{stderr}");
 }
+
+/// The daemon as a process: SIGHUP reloads, `luamilter ctl` talks to it, SIGTERM stops it
+/// and removes its sockets.
+#[tokio::test]
+async fn run_reloads_on_sighup_and_answers_ctl() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let sock = dir.path().join("milter.sock");
+    let refusing = |who: &str| {
+        format!(
+            "local milter = require 'milter'\nreturn {{ mail = function(ctx, s) if s == '{who}' then return milter.reject() end end }}\n"
+        )
+    };
+    let config = write_config(
+        &dir,
+        &format!("unix:{}", sock.display()),
+        &[("gate", &refusing("a@example.org"))],
+        "",
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[policies]\n", "[policies]\nwatch = false\n");
+    std::fs::write(&config, text).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_luamilter"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "daemon did not start");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let refused = |sender: &'static str| {
+        let sock = sock.clone();
+        async move {
+            let mut c = indymilter_test::TestConnection::configure()
+                .open_unix(&sock)
+                .await
+                .unwrap();
+            c.connect("h", std::net::Ipv4Addr::LOCALHOST).await.unwrap();
+            c.mail([format!("<{sender}>")]).await.unwrap();
+            // Over a unix socket the mail stage is answered only when a policy handles it.
+            let mut probe = indymilter_test::TestConnection::configure()
+                .open_unix(&sock)
+                .await
+                .unwrap();
+            probe
+                .connect("h", std::net::Ipv4Addr::LOCALHOST)
+                .await
+                .unwrap();
+            matches!(
+                probe.mail([format!("<{sender}>")]).await.unwrap(),
+                indymilter_test::Status::Reject { .. }
+            )
+        }
+    };
+    assert!(refused("a@example.org").await);
+    std::fs::write(dir.path().join("gate.lua"), refusing("b@example.org")).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        refused("a@example.org").await,
+        "watch = false: no reload without a signal"
+    );
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !refused("b@example.org").await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let out = luamilter()
+        .args(["ctl", "--config"])
+        .arg(&config)
+        .arg("stats")
+        .output()
+        .unwrap();
+    let stats = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stats}");
+    assert!(stats.contains("reloads_ok 1"), "{stats}");
+    let out = luamilter()
+        .args(["ctl", "--config"])
+        .arg(&config)
+        .arg("reload")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("ok: generation")
+    );
+    std::fs::write(dir.path().join("gate.lua"), "return {").unwrap();
+    let out = luamilter()
+        .args(["ctl", "--config"])
+        .arg(&config)
+        .arg("reload")
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() && answer.contains("gate.lua:1:"),
+        "{answer}"
+    );
+
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    assert!(!sock.exists(), "milter socket removed at exit");
+    assert!(
+        !dir.path().join("ctl.sock").exists(),
+        "control socket removed at exit"
+    );
+}

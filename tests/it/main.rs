@@ -8,4 +8,5 @@ mod cli;
 mod faults;
 mod negotiation;
 mod postfix_e2e;
+mod reload;
 mod session;

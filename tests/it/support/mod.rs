@@ -39,8 +39,9 @@ pub fn write_config(
         std::fs::write(dir.path().join(format!("{name}.lua")), source).unwrap();
     }
     let chain: Vec<String> = policies.iter().map(|(n, _)| format!("{n:?}")).collect();
+    let control = dir.path().join("ctl.sock");
     let text = format!(
-        "[milter]\nlisten = {listen:?}\n[policies]\ndirs = [\".\"]\nchain = [{}]\n{extra}\n",
+        "[milter]\nlisten = {listen:?}\ncontrol_socket = {control:?}\n[policies]\ndirs = [\".\"]\nchain = [{}]\n{extra}\n",
         chain.join(", ")
     );
     let path = dir.path().join("luamilter.toml");
