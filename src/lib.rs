@@ -1,1 +1,4 @@
 //! luamilter: a milter for Postfix and Sendmail whose policies are Lua scripts.
+
+pub mod dns;
+pub mod duration;
