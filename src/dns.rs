@@ -18,6 +18,8 @@ use hickory_resolver::net::{DnsError as HickoryDnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use mlua::{Lua, Table, Value};
+
+use crate::net::ip_argument;
 use serde::Deserialize;
 
 /// How many PTR names [`Resolver::fcrdns`] checks at most (as RFC 7208 §5.5 does for `ptr`).
@@ -361,15 +363,6 @@ fn reversed_ip(ip: IpAddr) -> String {
     }
 }
 
-/// Parses a Lua IP argument, raising a Lua "bad argument" error when it is not an address.
-pub(crate) fn ip_argument(function: &str, text: &str) -> mlua::Result<IpAddr> {
-    text.parse().map_err(|_| {
-        mlua::Error::runtime(format!(
-            "bad argument #1 to '{function}' (IP address expected, got {text:?})"
-        ))
-    })
-}
-
 /// What a Lua DNS function returns: `value` on success, `nil, code` on failure.
 type LuaReply = (Value, Option<&'static str>);
 
@@ -441,7 +434,7 @@ pub fn lua_module(lua: &Lua, resolver: Arc<Resolver>) -> mlua::Result<Table> {
                 lua.create_async_function(move |lua, ip: String| {
                     let resolver = resolver.clone();
                     async move {
-                        let ip = ip_argument($field, &ip)?;
+                        let ip = ip_argument($field, 1, &ip)?;
                         reply(&lua, resolver.$method(ip).await, string_list)
                     }
                 })?,
@@ -457,7 +450,7 @@ pub fn lua_module(lua: &Lua, resolver: Arc<Resolver>) -> mlua::Result<Table> {
         lua.create_async_function(move |lua, (ip, zone): (String, String)| {
             let resolver = dnsbl_resolver.clone();
             async move {
-                let ip = ip_argument("dnsbl", &ip)?;
+                let ip = ip_argument("dnsbl", 1, &ip)?;
                 reply(&lua, resolver.dnsbl(ip, &zone).await, listing_value)
             }
         })?,
