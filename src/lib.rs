@@ -3,3 +3,4 @@
 pub mod dns;
 pub mod duration;
 pub mod net;
+pub mod spf;
