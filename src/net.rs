@@ -77,3 +77,74 @@ pub fn lua_module(lua: &Lua) -> mlua::Result<Table> {
     )?;
     Ok(module)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval(chunk: &str) -> mlua::Result<String> {
+        let lua = Lua::new();
+        lua.globals().set("net", lua_module(&lua)?)?;
+        lua.load(chunk).eval()
+    }
+
+    #[test]
+    fn ipset_contains() {
+        let out = eval(
+            r#"
+            local set = net.ipset{"10.0.0.0/8", "2001:db8::/32", "192.0.2.1"}
+            return table.concat({
+              tostring(set:contains("10.1.2.3")), tostring(set:contains("::ffff:10.9.9.9")),
+              tostring(set:contains("2001:db8::5")), tostring(set:contains("192.0.2.2")),
+              tostring(set:contains(nil)), tostring(set:contains("garbage")),
+            }, ",")"#,
+        )
+        .unwrap();
+        assert_eq!(out, "true,true,true,false,false,false");
+        let err = eval(r#"net.ipset{"10.0.0.0/8", "10.0.0.0/99"}"#).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("invalid IP set entry \"10.0.0.0/99\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parse_address_and_split() {
+        let out = eval(
+            r#"
+            local a = net.parse_address("<@relay.example:\"J D\"@Example.COM>")
+            local null = net.parse_address("<>")
+            local bare = net.parse_address("<postmaster>")
+            local bad, err = net.parse_address("<user@example.com")
+            local l, d = net.split("User@Example.ORG")
+            local l2, d2 = net.split("postmaster")
+            return table.concat({a["local"], a.domain, a.address, null.address, tostring(null.domain),
+              bare["local"], tostring(bare.domain), tostring(bad), err, l, d, l2, tostring(d2)}, "|")"#,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "J D|example.com|\"J D\"@example.com||nil|postmaster|nil|nil|unbalanced-brackets|User|example.org|postmaster|nil"
+        );
+    }
+
+    #[test]
+    fn looks_dynamic_from_lua() {
+        let out = eval(
+            r#"return table.concat({
+              tostring(net.looks_dynamic("adsl-69-208-201-177.dsl.example.net", "69.208.201.177")),
+              tostring(net.looks_dynamic("mail.example.com", "192.0.2.7")),
+              tostring(net.looks_dynamic(nil, "192.0.2.7")),
+            }, ",")"#,
+        )
+        .unwrap();
+        assert_eq!(out, "true,false,true");
+        let err = eval(r#"net.looks_dynamic("x", "nope")"#).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("bad argument #2 to 'looks_dynamic'"),
+            "{err}"
+        );
+    }
+}
