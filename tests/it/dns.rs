@@ -269,3 +269,32 @@ async fn lookups_from_many_coroutines_overlap() {
         "lookups did not overlap: {elapsed:?}"
     );
 }
+
+/// Measures the cost of a cached answer: `Resolver::a` called from Rust versus `dns.a` called
+/// from a Lua loop. Run by hand: `cargo test --test it cached_lookup_cost -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "measurement; run by hand"]
+async fn cached_lookup_cost() {
+    const N: u32 = 20_000;
+    let server = TestDns::start().await;
+    let resolver = server.resolver();
+    resolver.a("example.test").await.unwrap(); // warm the cache
+    let start = Instant::now();
+    for _ in 0..N {
+        assert_eq!(resolver.a("example.test").await.unwrap().len(), 2);
+    }
+    let rust = start.elapsed() / N;
+    let lua = Lua::new();
+    lua.globals()
+        .set("dns", dns::lua_module(&lua, resolver).unwrap())
+        .unwrap();
+    let chunk = lua
+        .load(r#"local n = ...; for _ = 1, n do assert(#dns.a("example.test") == 2) end"#)
+        .into_function()
+        .unwrap();
+    let start = Instant::now();
+    chunk.call_async::<()>(N).await.unwrap();
+    let from_lua = start.elapsed() / N;
+    println!("cached A lookup: Rust {rust:?}/lookup, Lua module {from_lua:?}/lookup");
+    assert!(from_lua > Duration::ZERO && rust > Duration::ZERO);
+}
