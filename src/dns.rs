@@ -254,8 +254,10 @@ impl Resolver {
             .collect())
     }
 
-    /// PTR names of `ip` (the in-addr.arpa / ip6.arpa name is built here).
+    /// PTR names of `ip` (the in-addr.arpa / ip6.arpa name is built here; an IPv4-mapped IPv6
+    /// address is looked up as IPv4).
     pub async fn ptr(&self, ip: IpAddr) -> Result<Vec<String>, DnsError> {
+        let ip = ip.to_canonical();
         let data = self
             .query(&Name::from(ip).to_ascii(), RecordType::PTR)
             .await?;
@@ -285,6 +287,7 @@ impl Resolver {
     /// error is returned when the PTR lookup fails, or when no name is confirmed and a forward
     /// lookup failed temporarily (so a policy can tell "unconfirmed" from "could not check").
     pub async fn fcrdns(&self, ip: IpAddr) -> Result<Vec<String>, DnsError> {
+        let ip = ip.to_canonical();
         let names = self.ptr(ip).await?;
         let mut checks = tokio::task::JoinSet::new();
         for (index, name) in names.into_iter().take(MAX_PTR_NAMES).enumerate() {
@@ -315,15 +318,17 @@ impl Resolver {
         }
     }
 
-    /// Queries DNS blocklist `zone` for `ip` (IPv4: reversed octets, IPv6: reversed nibbles).
-    /// `Ok(None)` means not listed (NXDOMAIN or no A record).
+    /// Queries DNS blocklist `zone` for `ip` (IPv4 and IPv4-mapped: reversed octets, IPv6:
+    /// reversed nibbles). `Ok(None)` means not listed (NXDOMAIN or no A record).
     pub async fn dnsbl(&self, ip: IpAddr, zone: &str) -> Result<Option<Listing>, DnsError> {
-        self.listing(&format!("{}.{}", reversed_ip(ip), zone)).await
+        let zone = zone.trim_end_matches('.');
+        self.listing(&format!("{}.{zone}", reversed_ip(ip.to_canonical())))
+            .await
     }
 
     /// Queries right-hand-side blocklist `zone` for `domain`. `Ok(None)` means not listed.
     pub async fn rhsbl(&self, domain: &str, zone: &str) -> Result<Option<Listing>, DnsError> {
-        let domain = domain.trim_end_matches('.');
+        let (domain, zone) = (domain.trim_end_matches('.'), zone.trim_end_matches('.'));
         self.listing(&format!("{domain}.{zone}")).await
     }
 

@@ -140,6 +140,13 @@ async fn dnsbl_and_rhsbl() {
         })
     );
     assert_eq!(r.dnsbl(ip("192.0.2.1"), "bl.test").await, Ok(None));
+    assert!(
+        r.dnsbl(ip("::ffff:127.0.0.2"), "bl.test.")
+            .await
+            .unwrap()
+            .is_some(),
+        "mapped IPv4"
+    );
     assert_eq!(
         r.dnsbl(ip("192.0.2.1"), "bl.servfail.test").await,
         Err(DnsError::ServFail)

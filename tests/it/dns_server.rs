@@ -48,11 +48,8 @@ impl TestDns {
             catalog: load_catalog(&zones_dir()),
             delay,
         };
-        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind UDP");
+        let (udp, tcp) = bind_udp_and_tcp().await;
         let addr = udp.local_addr().expect("UDP address");
-        let tcp = TcpListener::bind(addr)
-            .await
-            .expect("bind TCP on the UDP port");
         let mut server = Server::new(handler);
         server.register_socket(udp);
         server.register_listener(tcp, Duration::from_secs(5), 64);
@@ -99,6 +96,19 @@ impl Drop for TestDns {
             Running::Silent(task) => task.abort(),
         }
     }
+}
+
+/// Binds UDP and TCP on one ephemeral port of 127.0.0.1, retrying when the TCP side of the
+/// port the kernel picked for UDP is taken (other tests' sockets use ephemeral ports too).
+async fn bind_udp_and_tcp() -> (UdpSocket, TcpListener) {
+    for _ in 0..50 {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind UDP");
+        let addr = udp.local_addr().expect("UDP address");
+        if let Ok(tcp) = TcpListener::bind(addr).await {
+            return (udp, tcp);
+        }
+    }
+    panic!("no port of 127.0.0.1 was free for both UDP and TCP");
 }
 
 /// The directory of the fixture zone files.
