@@ -104,6 +104,17 @@ struct Checked<'a> {
     helo: &'a str,
 }
 
+/// An evaluated result before it is turned into an [`SpfOutcome`].
+struct Verdict {
+    result: &'static str,
+    /// Why, in words (the header comment).
+    comment: String,
+    /// The domain's `exp=` explanation, for `fail`.
+    exp: Option<String>,
+    mechanism: Option<String>,
+    problem: Option<String>,
+}
+
 /// The SPF service. Cheap to share behind an `Arc`.
 pub struct Spf {
     lookup: DnsLookup,
@@ -239,7 +250,14 @@ impl Spf {
         let id = &checked.identity;
         let Some(query) = result else {
             let comment = format!("{id} is not a valid {} identity", checked.kind);
-            return self.finish("none", comment, None, None, None, ip, checked, guessed);
+            let verdict = Verdict {
+                result: "none",
+                comment,
+                exp: None,
+                mechanism: None,
+                problem: None,
+            };
+            return self.finish(verdict, ip, checked, guessed);
         };
         let mechanism = match &query.cause {
             Some(SpfResultCause::Match(mechanism)) => Some(mechanism.to_string()),
@@ -290,24 +308,33 @@ impl Spf {
                 None,
             ),
         };
-        self.finish(word, comment, exp, mechanism, problem, ip, checked, guessed)
+        let verdict = Verdict {
+            result: word,
+            comment,
+            exp,
+            mechanism,
+            problem,
+        };
+        self.finish(verdict, ip, checked, guessed)
     }
 
     /// Assembles the outcome and its `Received-SPF` value:
     /// `result (receiver: comment) client-ip=..; envelope-from=..; helo=..; receiver=..;
     /// identity=..; mechanism=..|problem=..`.
-    #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
-        result: &'static str,
-        comment: String,
-        exp: Option<String>,
-        mechanism: Option<String>,
-        problem: Option<String>,
+        verdict: Verdict,
         ip: IpAddr,
         checked: &Checked<'_>,
         guessed: bool,
     ) -> SpfOutcome {
+        let Verdict {
+            result,
+            comment,
+            exp,
+            mechanism,
+            problem,
+        } = verdict;
         let mut header = format!("{result} (");
         if let Some(receiver) = &self.receiver {
             header.push_str(&comment_text(receiver));
