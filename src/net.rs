@@ -10,6 +10,7 @@ use std::net::IpAddr;
 
 use mlua::{Lua, Table, UserData, UserDataMethods, Value};
 
+pub(crate) use address::dot_atom_or_quoted;
 pub use address::{Address, AddressError, parse_address, split};
 pub use dynamic::looks_dynamic;
 pub use ipset::{IpSet, IpSetError};

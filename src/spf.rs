@@ -23,7 +23,7 @@ use viaspf::record::SpfRecord;
 use viaspf::{DomainName, ExplanationString, QueryResult, Sender, SpfResult, SpfResultCause};
 
 use crate::dns::{DnsError, Resolver};
-use crate::net::{ip_argument, parse_address};
+use crate::net::{dot_atom_or_quoted, ip_argument, parse_address};
 
 /// SPF settings (`[spf]` in the config file).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -368,7 +368,7 @@ impl Spf {
             header.push_str(if i == 0 { " " } else { "; " });
             header.push_str(key);
             header.push('=');
-            header.push_str(&header_value(value));
+            header.push_str(&dot_atom_or_quoted(value));
         }
         SpfOutcome {
             result,
@@ -395,31 +395,6 @@ fn comment_text(text: &str) -> String {
         }
     }
     out
-}
-
-/// A `key=value` value: a dot-atom as is, anything else as a quoted string.
-fn header_value(value: &str) -> String {
-    let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
-    if !value.is_empty()
-        && value
-            .split('.')
-            .all(|atom| !atom.is_empty() && atom.chars().all(atext))
-    {
-        return value.to_owned();
-    }
-    let mut quoted = String::from('"');
-    for c in value.chars() {
-        match c {
-            '"' | '\\' => {
-                quoted.push('\\');
-                quoted.push(c);
-            }
-            c if c.is_control() => quoted.push(' '),
-            c => quoted.push(c),
-        }
-    }
-    quoted.push('"');
-    quoted
 }
 
 /// The viaspf `Lookup` adapter over the shared resolver: NXDOMAIN and NODATA are "no records"

@@ -62,7 +62,7 @@ impl Address {
         if self.is_null() {
             return String::new();
         }
-        let mut text = quote_local(&self.local);
+        let mut text = dot_atom_or_quoted(&self.local);
         if let Some(domain) = &self.domain {
             text.push('@');
             text.push_str(domain);
@@ -192,23 +192,30 @@ fn is_forbidden(c: char) -> bool {
     c.is_whitespace() || c.is_control() || "<>()[],;:\\\"".contains(c)
 }
 
-/// Quotes a local part unless it is a dot-atom (RFC 5321 §4.1.2).
-fn quote_local(local: &str) -> String {
-    let atext = |c: char| c.is_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
-    let dot_atom = !local.is_empty()
-        && local
+/// `text` as is when it is a dot-atom (RFC 5322 §3.2.3, with the UTF-8 of RFC 6531/6532),
+/// otherwise as a quoted string (`"` and `\` escaped, control characters turned into spaces).
+/// Used for local parts and for `key=value` header fields.
+pub(crate) fn dot_atom_or_quoted(text: &str) -> String {
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    let dot_atom = !text.is_empty()
+        && text
             .split('.')
-            .all(|atom| !atom.is_empty() && atom.chars().all(atext));
+            .all(|atom| !atom.is_empty() && atom.chars().all(|c| atext(c) && !c.is_control()));
     if dot_atom {
-        return local.to_owned();
+        return text.to_owned();
     }
-    let mut quoted = String::with_capacity(local.len() + 2);
+    let mut quoted = String::with_capacity(text.len() + 2);
     quoted.push('"');
-    for c in local.chars() {
-        if c == '"' || c == '\\' {
-            quoted.push('\\');
+    for c in text.chars() {
+        match c {
+            '"' | '\\' => {
+                quoted.push('\\');
+                quoted.push(c);
+            }
+            c if c.is_control() => quoted.push(' '),
+            c => quoted.push(c),
         }
-        quoted.push(c);
     }
     quoted.push('"');
     quoted
