@@ -1,12 +1,15 @@
 //! The integration test binary: the daemon driven over real sockets by a real milter client,
-//! and end to end through a private Postfix.
+//! services against a real DNS server on loopback, and end to end through a private Postfix.
 
 mod support;
 
 mod chain;
 mod cli;
+mod dns;
+mod dns_server;
 mod faults;
 mod negotiation;
 mod postfix_e2e;
 mod reload;
 mod session;
+mod spf;
