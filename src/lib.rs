@@ -1,1 +1,3 @@
 //! luamilter: a milter for Postfix and Sendmail whose policies are Lua scripts.
+
+pub mod loadgen;
