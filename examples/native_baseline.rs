@@ -114,7 +114,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             _ = term.recv() => {}
         }
     };
-    eprintln!("native_baseline: listening on {endpoint} (pid {})", std::process::id());
+    eprintln!(
+        "native_baseline: listening on {endpoint} (pid {})",
+        std::process::id()
+    );
     serve(listener, shutdown).await?;
     if let Endpoint::Unix(path) = &endpoint {
         let _ = std::fs::remove_file(path);
