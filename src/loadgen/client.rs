@@ -18,8 +18,9 @@ use tokio::{
     time::timeout,
 };
 
-/// Write buffer size: one full 65535-byte body chunk plus the small commands around it.
-const WRITE_BUFFER: usize = 128 * 1024;
+/// Buffer sizes: the small commands of a message fit; a 64 KiB body chunk
+/// bypasses the write buffer (after what is queued before it).
+const WRITE_BUFFER: usize = 16 * 1024;
 const READ_BUFFER: usize = 8 * 1024;
 
 /// Why a milter connection failed.
