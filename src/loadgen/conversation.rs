@@ -64,6 +64,21 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// The protocol options that skip this stage and that drop its reply.
+    fn options(self) -> (ProtoOpts, ProtoOpts) {
+        match self {
+            Self::Connect => (ProtoOpts::NO_CONNECT, ProtoOpts::NOREPLY_CONNECT),
+            Self::Helo => (ProtoOpts::NO_HELO, ProtoOpts::NOREPLY_HELO),
+            Self::Mail => (ProtoOpts::NO_MAIL, ProtoOpts::NOREPLY_MAIL),
+            Self::Rcpt => (ProtoOpts::NO_RCPT, ProtoOpts::NOREPLY_RCPT),
+            Self::Data => (ProtoOpts::NO_DATA, ProtoOpts::NOREPLY_DATA),
+            Self::Header => (ProtoOpts::NO_HEADER, ProtoOpts::NOREPLY_HEADER),
+            Self::Eoh => (ProtoOpts::NO_EOH, ProtoOpts::NOREPLY_EOH),
+            Self::Body => (ProtoOpts::NO_BODY, ProtoOpts::NOREPLY_BODY),
+            Self::Eom => (ProtoOpts::empty(), ProtoOpts::empty()),
+        }
+    }
+
     /// The stage's name in the project's vocabulary.
     pub fn name(self) -> &'static str {
         match self {
@@ -199,13 +214,7 @@ impl Session {
             socket_info: SocketInfo::Inet(SocketAddr::from((ip, 40000 + (client % 20000) as u16))),
         });
         let answer = session
-            .event(
-                Stage::Connect,
-                Some(connect_macros),
-                connect,
-                ProtoOpts::NO_CONNECT,
-                ProtoOpts::NOREPLY_CONNECT,
-            )
+            .event(Stage::Connect, Some(connect_macros), connect)
             .await?;
         if let Some(outcome) = connection_verdict(Stage::Connect, answer) {
             return Ok(Greeting::Closed(outcome));
@@ -213,15 +222,7 @@ impl Session {
         let helo = Command::Helo(HeloPayload {
             hostname: cstring(name),
         });
-        let answer = session
-            .event(
-                Stage::Helo,
-                None,
-                helo,
-                ProtoOpts::NO_HELO,
-                ProtoOpts::NOREPLY_HELO,
-            )
-            .await?;
+        let answer = session.event(Stage::Helo, None, helo).await?;
         if let Some(outcome) = connection_verdict(Stage::Helo, answer) {
             return Ok(Greeting::Closed(outcome));
         }
@@ -271,16 +272,7 @@ impl Session {
         let mail = Command::Mail(EnvAddrPayload {
             args: vec![cstring(format!("<{sender}>")), cstring(size)],
         });
-        if let Answer::Final(v) = self
-            .event(
-                Stage::Mail,
-                Some(mail_macros),
-                mail,
-                ProtoOpts::NO_MAIL,
-                ProtoOpts::NOREPLY_MAIL,
-            )
-            .await?
-        {
+        if let Answer::Final(v) = self.event(Stage::Mail, Some(mail_macros), mail).await? {
             return Ok(Outcome::at(Stage::Mail, v));
         }
 
@@ -292,16 +284,7 @@ impl Session {
             let cmd = Command::Rcpt(EnvAddrPayload {
                 args: vec![cstring(format!("<{rcpt}>"))],
             });
-            match self
-                .event(
-                    Stage::Rcpt,
-                    Some(rcpt_macros),
-                    cmd,
-                    ProtoOpts::NO_RCPT,
-                    ProtoOpts::NOREPLY_RCPT,
-                )
-                .await?
-            {
+            match self.event(Stage::Rcpt, Some(rcpt_macros), cmd).await? {
                 Answer::Final(v @ (Verdict::Reject | Verdict::Tempfail)) => refused.push(v),
                 Answer::Final(v) => return Ok(Outcome::at(Stage::Rcpt, v)),
                 Answer::Continue | Answer::Skip => {}
@@ -327,13 +310,7 @@ impl Session {
 
         let data_macros = macros(MacroStage::Data, &[("i", &queue_id)]);
         if let Answer::Final(v) = self
-            .event(
-                Stage::Data,
-                Some(data_macros),
-                Command::Data,
-                ProtoOpts::NO_DATA,
-                ProtoOpts::NOREPLY_DATA,
-            )
+            .event(Stage::Data, Some(data_macros), Command::Data)
             .await?
         {
             return Ok(ended(Stage::Data, v));
@@ -345,16 +322,7 @@ impl Session {
                     name: cstring(name),
                     value: cstring(value),
                 });
-                match self
-                    .event(
-                        Stage::Header,
-                        None,
-                        cmd,
-                        ProtoOpts::NO_HEADER,
-                        ProtoOpts::NOREPLY_HEADER,
-                    )
-                    .await?
-                {
+                match self.event(Stage::Header, None, cmd).await? {
                     Answer::Final(v) => return Ok(ended(Stage::Header, v)),
                     Answer::Skip => break,
                     Answer::Continue => {}
@@ -364,13 +332,7 @@ impl Session {
 
         let eoh_macros = macros(MacroStage::Eoh, &[("i", &queue_id)]);
         if let Answer::Final(v) = self
-            .event(
-                Stage::Eoh,
-                Some(eoh_macros),
-                Command::Eoh,
-                ProtoOpts::NO_EOH,
-                ProtoOpts::NOREPLY_EOH,
-            )
+            .event(Stage::Eoh, Some(eoh_macros), Command::Eoh)
             .await?
         {
             return Ok(ended(Stage::Eoh, v));
@@ -379,16 +341,7 @@ impl Session {
         if !self.conn.opts.contains(ProtoOpts::NO_BODY) {
             for chunk in &shape.chunks {
                 let cmd = Command::BodyChunk(chunk.clone());
-                match self
-                    .event(
-                        Stage::Body,
-                        None,
-                        cmd,
-                        ProtoOpts::NO_BODY,
-                        ProtoOpts::NOREPLY_BODY,
-                    )
-                    .await?
-                {
+                match self.event(Stage::Body, None, cmd).await? {
                     Answer::Final(v) => return Ok(ended(Stage::Body, v)),
                     Answer::Skip => break,
                     Answer::Continue => {}
@@ -460,9 +413,8 @@ impl Session {
         stage: Stage,
         macros: Option<Command>,
         cmd: Command,
-        skipped: ProtoOpts,
-        noreply: ProtoOpts,
     ) -> Result<Answer, ClientError> {
+        let (skipped, noreply) = stage.options();
         if let Some(macros) = macros {
             self.conn.send(macros).await?;
         }

@@ -141,13 +141,8 @@ impl ServerUsage {
 /// The result of one run of the load generator.
 #[derive(Debug, Serialize)]
 pub struct Report {
-    pub socket: String,
-    /// "messages" for a load run, "hold" for an idle-connection run.
-    pub mode: &'static str,
-    pub concurrency: usize,
-    pub per_connection: usize,
-    pub body_bytes: usize,
-    pub spam_fraction: f64,
+    #[serde(flatten)]
+    pub setting: Setting,
     /// Protocol options the milter negotiated (skipped and NOREPLY stages).
     pub negotiated: Option<String>,
     pub wall_secs: f64,
@@ -172,8 +167,10 @@ pub struct Report {
 }
 
 /// The run settings a report repeats.
+#[derive(Debug, Serialize)]
 pub struct Setting {
     pub socket: String,
+    /// "messages" for a load run, "hold" for an idle-connection run.
     pub mode: &'static str,
     pub concurrency: usize,
     pub per_connection: usize,
@@ -193,12 +190,7 @@ impl Report {
             by_stage.insert(format!("{}@{}", verdict.name(), stage.name()), n);
         }
         Self {
-            socket: setting.socket,
-            mode: setting.mode,
-            concurrency: setting.concurrency,
-            per_connection: setting.per_connection,
-            body_bytes: setting.body_bytes,
-            spam_fraction: setting.spam_fraction,
+            setting,
             negotiated: tally.negotiated.map(|o| format!("{o:?}")),
             wall_secs,
             messages,
@@ -237,12 +229,12 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "milter      {}  mode={} c={} per-conn={} body={} B spam={:.3}",
-            self.socket,
-            self.mode,
-            self.concurrency,
-            self.per_connection,
-            self.body_bytes,
-            self.spam_fraction
+            self.setting.socket,
+            self.setting.mode,
+            self.setting.concurrency,
+            self.setting.per_connection,
+            self.setting.body_bytes,
+            self.setting.spam_fraction
         )?;
         if let Some(opts) = &self.negotiated {
             writeln!(f, "negotiated  {opts}")?;
