@@ -29,6 +29,8 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Load-test a milter the way Postfix talks to it (see BENCHMARKS.md).
+    Bench(crate::loadgen::BenchArgs),
     /// Talk to a running daemon through its control socket.
     Ctl {
         /// Configuration file, to find the control socket (default: built-in).
@@ -56,6 +58,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => check(config),
+        Command::Bench(args) => bench(args),
         Command::Ctl {
             config,
             socket,
@@ -165,6 +168,26 @@ fn ctl(config: Option<PathBuf>, socket: Option<PathBuf>, command: CtlCommand) ->
         }
         Err(e) => {
             eprintln!("luamilter: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(args: crate::loadgen::BenchArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("luamilter: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::loadgen::run_and_print(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("luamilter bench: {e:#}");
             ExitCode::FAILURE
         }
     }

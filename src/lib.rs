@@ -8,6 +8,7 @@ pub mod dns;
 pub mod duration;
 pub mod engine;
 pub mod listen;
+pub mod loadgen;
 pub mod logging;
 pub mod lua_api;
 pub mod net;

@@ -1,7 +1,7 @@
 //! Milter socket addresses as Postfix and Sendmail write them, and the listeners bound to them.
 //!
-//! Accepted forms: `inet:PORT@HOST`, `inet6:PORT@HOST`, `unix:/path`, `local:/path`, plain
-//! `HOST:PORT` or `[V6]:PORT`, and a bare absolute path (a unix socket).
+//! Accepted forms: `inet:PORT@HOST` (Sendmail), `inet:HOST:PORT` (Postfix), `inet6:` likewise,
+//! `unix:/path`, `local:/path`, plain `HOST:PORT` or `[V6]:PORT`, and a bare absolute path.
 
 use indymilter::{EitherListener, Listener};
 use std::{
@@ -46,9 +46,14 @@ impl FromStr for ListenAddr {
             .strip_prefix("inet:")
             .or_else(|| text.strip_prefix("inet6:"))
         {
-            let (port, host) = rest
-                .split_once('@')
-                .ok_or_else(|| bad("expected inet:PORT@HOST"))?;
+            // Sendmail writes inet:PORT@HOST, Postfix inet:HOST:PORT.
+            let (port, host) = match rest.split_once('@') {
+                Some(split) => split,
+                None => rest
+                    .rsplit_once(':')
+                    .map(|(host, port)| (port, host))
+                    .ok_or_else(|| bad("expected inet:PORT@HOST or inet:HOST:PORT"))?,
+            };
             let port: u16 = port.parse().map_err(|_| bad("port is not a number"))?;
             let host = host.trim_start_matches('[').trim_end_matches(']');
             return resolve(host, port)
@@ -200,6 +205,8 @@ mod tests {
     fn parses_postfix_and_sendmail_forms() {
         assert_eq!("inet:8894@127.0.0.1".parse(), Ok(inet("127.0.0.1:8894")));
         assert_eq!("inet6:8894@[::1]".parse(), Ok(inet("[::1]:8894")));
+        assert_eq!("inet:127.0.0.1:8894".parse(), Ok(inet("127.0.0.1:8894")));
+        assert_eq!("inet6:[::1]:8894".parse(), Ok(inet("[::1]:8894")));
         assert_eq!(
             "inet:25@localhost"
                 .parse::<ListenAddr>()

@@ -284,8 +284,12 @@ mod tests {
             Ok(Verdict::Tempfail(reply("451", Some("4.7.1"), &["a", "b"])))
         );
         assert_eq!(
-            eval("return milter.reject 'Go away'"),
-            Ok(Verdict::Reject(reply("550", Some("5.7.1"), &["Go away"])))
+            eval("return milter.reject 'Sender refused'"),
+            Ok(Verdict::Reject(reply(
+                "550",
+                Some("5.7.1"),
+                &["Sender refused"]
+            )))
         );
     }
 

@@ -8,6 +8,7 @@ mod cli;
 mod dns;
 mod dns_server;
 mod faults;
+mod loadgen;
 mod negotiation;
 mod postfix_e2e;
 mod reload;

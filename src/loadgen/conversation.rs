@@ -1,0 +1,476 @@
+//! What the load generator says to a milter and how it reacts, modelled on
+//! Postfix's milter client (`milter8.c`, `smtpd.c`): macros are sent before
+//! every event (even one the milter negotiated away), skipped stages are not
+//! sent, NOREPLY stages are not waited for, a final verdict ends the message
+//! (at connect or HELO the whole connection), a reject or tempfail at RCPT
+//! refuses only that recipient, and every transaction that got past MAIL
+//! is closed with an ABORT, as Postfix's `mail_reset` does.
+
+use super::client::{ClientError, Connection, unexpected};
+use bytes::Bytes;
+use indymilter::{
+    MacroStage, ProtoOpts, SocketInfo,
+    message::{
+        command::{
+            Command, ConnInfoPayload, EnvAddrPayload, HeaderPayload, HeloPayload, MacroPayload,
+        },
+        reply::Reply,
+    },
+};
+use std::{
+    ffi::CString,
+    net::{Ipv4Addr, SocketAddr},
+};
+
+/// Body chunk size, as Postfix's `MILTER_CHUNK_SIZE`.
+pub const CHUNK_SIZE: usize = 65535;
+
+/// The sender that the benchmark policy rejects.
+pub const SPAM_SENDER: &str = "spam@bad.example";
+
+/// How a message ended, as the SMTP client sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verdict {
+    Accept,
+    Reject,
+    Tempfail,
+    Discard,
+}
+
+impl Verdict {
+    /// The verdict's name, as in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Accept => "accept",
+            Self::Reject => "reject",
+            Self::Tempfail => "tempfail",
+            Self::Discard => "discard",
+        }
+    }
+}
+
+/// The milter stage that gave the verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    Connect,
+    Helo,
+    Mail,
+    Rcpt,
+    Data,
+    Header,
+    Eoh,
+    Body,
+    Eom,
+}
+
+impl Stage {
+    /// The protocol options that skip this stage and that drop its reply.
+    fn options(self) -> (ProtoOpts, ProtoOpts) {
+        match self {
+            Self::Connect => (ProtoOpts::NO_CONNECT, ProtoOpts::NOREPLY_CONNECT),
+            Self::Helo => (ProtoOpts::NO_HELO, ProtoOpts::NOREPLY_HELO),
+            Self::Mail => (ProtoOpts::NO_MAIL, ProtoOpts::NOREPLY_MAIL),
+            Self::Rcpt => (ProtoOpts::NO_RCPT, ProtoOpts::NOREPLY_RCPT),
+            Self::Data => (ProtoOpts::NO_DATA, ProtoOpts::NOREPLY_DATA),
+            Self::Header => (ProtoOpts::NO_HEADER, ProtoOpts::NOREPLY_HEADER),
+            Self::Eoh => (ProtoOpts::NO_EOH, ProtoOpts::NOREPLY_EOH),
+            Self::Body => (ProtoOpts::NO_BODY, ProtoOpts::NOREPLY_BODY),
+            Self::Eom => (ProtoOpts::empty(), ProtoOpts::empty()),
+        }
+    }
+
+    /// The stage's name in the project's vocabulary.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Helo => "helo",
+            Self::Mail => "mail",
+            Self::Rcpt => "rcpt",
+            Self::Data => "data",
+            Self::Header => "header",
+            Self::Eoh => "eoh",
+            Self::Body => "body",
+            Self::Eom => "eom",
+        }
+    }
+}
+
+/// The end of one message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub verdict: Verdict,
+    pub stage: Stage,
+    /// Recipients refused with a reject or tempfail at RCPT.
+    pub rcpt_rejects: u32,
+    /// Modification requests received at end of message.
+    pub edits: u32,
+}
+
+impl Outcome {
+    fn at(stage: Stage, verdict: Verdict) -> Self {
+        Self {
+            verdict,
+            stage,
+            rcpt_rejects: 0,
+            edits: 0,
+        }
+    }
+}
+
+/// The parts every message of a run shares.
+pub struct Shape {
+    chunks: Vec<Bytes>,
+    body_len: usize,
+}
+
+impl Shape {
+    /// A plain-text body of `body_len` bytes in CRLF lines, cut into chunks.
+    pub fn new(body_len: usize) -> Self {
+        const LINE: &[u8] =
+            b"The quick brown fox jumps over the lazy dog. 0123456789 ABCDEFGHIJKLMNOPQRS\r\n";
+        let body: Vec<u8> = LINE.iter().copied().cycle().take(body_len).collect();
+        let body = Bytes::from(body);
+        let chunks = (0..body_len)
+            .step_by(CHUNK_SIZE)
+            .map(|at| body.slice(at..body_len.min(at + CHUNK_SIZE)))
+            .collect();
+        Self { chunks, body_len }
+    }
+}
+
+/// One message to play: its number in the run and whether it comes from the spam sender.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub index: u64,
+    pub spam: bool,
+}
+
+impl Plan {
+    /// 1 to 3 recipients, in turn.
+    fn rcpt_count(&self) -> u64 {
+        1 + self.index % 3
+    }
+}
+
+/// What became of a new connection after CONNECT and HELO.
+pub enum Greeting {
+    /// The milter wants the session's messages.
+    Open(Session),
+    /// The milter ended the whole connection (accept, reject or tempfail at CONNECT or HELO).
+    Closed(Outcome),
+}
+
+/// A negotiated connection on which messages are played.
+pub struct Session {
+    conn: Connection,
+    client: u64,
+    /// Messages played on this connection so far.
+    pub messages: usize,
+}
+
+/// A milter's answer to one event.
+enum Answer {
+    Continue,
+    Skip,
+    Final(Verdict),
+}
+
+fn cstring(s: impl Into<Vec<u8>>) -> CString {
+    // Every string here is built from literals and numbers: no NUL bytes.
+    CString::new(s).expect("no NUL in generated text")
+}
+
+fn macros(stage: MacroStage, pairs: &[(&str, &str)]) -> Command {
+    let macros = pairs
+        .iter()
+        .flat_map(|(k, v)| [cstring(*k), cstring(*v)])
+        .collect();
+    Command::DefMacros(MacroPayload { stage, macros })
+}
+
+impl Session {
+    /// Plays CONNECT and HELO for client number `client` on a negotiated connection.
+    pub async fn greet(conn: Connection, client: u64) -> Result<Greeting, ClientError> {
+        let mut session = Self {
+            conn,
+            client,
+            messages: 0,
+        };
+        let octet = (client % 250 + 1) as u8;
+        let ip = Ipv4Addr::new(192, 0, 2, octet);
+        let name = format!("client{client}.example");
+        let addr = ip.to_string();
+        let connect_macros = macros(
+            MacroStage::Connect,
+            &[
+                ("j", "mx.bench.test"),
+                ("{daemon_name}", "luamilter-bench"),
+                ("{client_addr}", &addr),
+                ("{client_name}", &name),
+            ],
+        );
+        let connect = Command::ConnInfo(ConnInfoPayload {
+            hostname: cstring(name.as_str()),
+            socket_info: SocketInfo::Inet(SocketAddr::from((ip, 40000 + (client % 20000) as u16))),
+        });
+        let answer = session
+            .event(Stage::Connect, Some(connect_macros), connect)
+            .await?;
+        if let Some(outcome) = connection_verdict(Stage::Connect, answer) {
+            return Ok(Greeting::Closed(outcome));
+        }
+        let helo = Command::Helo(HeloPayload {
+            hostname: cstring(name),
+        });
+        let answer = session.event(Stage::Helo, None, helo).await?;
+        if let Some(outcome) = connection_verdict(Stage::Helo, answer) {
+            return Ok(Greeting::Closed(outcome));
+        }
+        Ok(Greeting::Open(session))
+    }
+
+    /// The options the milter negotiated.
+    pub fn opts(&self) -> ProtoOpts {
+        self.conn.opts
+    }
+
+    /// Sends QUIT and closes.
+    pub async fn quit(self) -> Result<(), ClientError> {
+        self.conn.quit().await
+    }
+
+    /// Plays one message, MAIL to end of message, and returns how it ended.
+    pub async fn deliver(&mut self, plan: Plan, shape: &Shape) -> Result<Outcome, ClientError> {
+        self.messages += 1;
+        let outcome = self.transaction(plan, shape).await?;
+        // Postfix aborts the milter transaction whenever MAIL was accepted.
+        let mail_refused = outcome.stage == Stage::Mail
+            && matches!(outcome.verdict, Verdict::Reject | Verdict::Tempfail);
+        if !mail_refused {
+            self.conn.send(Command::Abort).await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn transaction(&mut self, plan: Plan, shape: &Shape) -> Result<Outcome, ClientError> {
+        let queue_id = format!("{:010X}", plan.index);
+        let sender = if plan.spam {
+            SPAM_SENDER.to_owned()
+        } else {
+            format!("user{}@sender.example", plan.index)
+        };
+        let size = format!("SIZE={}", shape.body_len + 600);
+
+        let mail_macros = macros(
+            MacroStage::Mail,
+            &[
+                ("i", &queue_id),
+                ("{auth_authen}", ""),
+                ("{mail_addr}", &sender),
+            ],
+        );
+        let mail = Command::Mail(EnvAddrPayload {
+            args: vec![cstring(format!("<{sender}>")), cstring(size)],
+        });
+        if let Answer::Final(v) = self.event(Stage::Mail, Some(mail_macros), mail).await? {
+            return Ok(Outcome::at(Stage::Mail, v));
+        }
+
+        let mut refused = Vec::new();
+        let rcpt_count = plan.rcpt_count();
+        for n in 1..=rcpt_count {
+            let rcpt = format!("rcpt{n}@example.net");
+            let rcpt_macros = macros(MacroStage::Rcpt, &[("{rcpt_addr}", &rcpt)]);
+            let cmd = Command::Rcpt(EnvAddrPayload {
+                args: vec![cstring(format!("<{rcpt}>"))],
+            });
+            match self.event(Stage::Rcpt, Some(rcpt_macros), cmd).await? {
+                Answer::Final(v @ (Verdict::Reject | Verdict::Tempfail)) => refused.push(v),
+                Answer::Final(v) => return Ok(Outcome::at(Stage::Rcpt, v)),
+                Answer::Continue | Answer::Skip => {}
+            }
+        }
+        let rcpt_rejects = refused.len() as u32;
+        if rcpt_rejects as u64 == rcpt_count {
+            // No valid recipient: the SMTP client never gets to DATA.
+            let verdict = if refused.contains(&Verdict::Tempfail) {
+                Verdict::Tempfail
+            } else {
+                Verdict::Reject
+            };
+            return Ok(Outcome {
+                rcpt_rejects,
+                ..Outcome::at(Stage::Rcpt, verdict)
+            });
+        }
+        let ended = |stage, verdict| Outcome {
+            rcpt_rejects,
+            ..Outcome::at(stage, verdict)
+        };
+
+        let data_macros = macros(MacroStage::Data, &[("i", &queue_id)]);
+        if let Answer::Final(v) = self
+            .event(Stage::Data, Some(data_macros), Command::Data)
+            .await?
+        {
+            return Ok(ended(Stage::Data, v));
+        }
+
+        if !self.conn.opts.contains(ProtoOpts::NO_HEADER) {
+            for (name, value) in self.headers(plan, &queue_id, &sender) {
+                let cmd = Command::Header(HeaderPayload {
+                    name: cstring(name),
+                    value: cstring(value),
+                });
+                match self.event(Stage::Header, None, cmd).await? {
+                    Answer::Final(v) => return Ok(ended(Stage::Header, v)),
+                    Answer::Skip => break,
+                    Answer::Continue => {}
+                }
+            }
+        }
+
+        let eoh_macros = macros(MacroStage::Eoh, &[("i", &queue_id)]);
+        if let Answer::Final(v) = self
+            .event(Stage::Eoh, Some(eoh_macros), Command::Eoh)
+            .await?
+        {
+            return Ok(ended(Stage::Eoh, v));
+        }
+
+        if !self.conn.opts.contains(ProtoOpts::NO_BODY) {
+            for chunk in &shape.chunks {
+                let cmd = Command::BodyChunk(chunk.clone());
+                match self.event(Stage::Body, None, cmd).await? {
+                    Answer::Final(v) => return Ok(ended(Stage::Body, v)),
+                    Answer::Skip => break,
+                    Answer::Continue => {}
+                }
+            }
+        }
+
+        self.conn
+            .send(macros(MacroStage::Eom, &[("i", &queue_id)]))
+            .await?;
+        self.conn.send(Command::BodyEnd(Bytes::new())).await?;
+        let mut edits = 0;
+        loop {
+            let reply = self.conn.reply().await?;
+            let verdict = match reply {
+                Reply::Accept | Reply::Continue | Reply::Skip => Verdict::Accept,
+                Reply::Reject => Verdict::Reject,
+                Reply::Tempfail => Verdict::Tempfail,
+                Reply::Discard => Verdict::Discard,
+                Reply::ReplyCode { reply } => code_verdict(&reply, "eom")?,
+                Reply::OptNeg { .. } => return Err(unexpected(&reply, "eom")),
+                _ => {
+                    edits += 1;
+                    continue;
+                }
+            };
+            return Ok(Outcome {
+                edits,
+                ..ended(Stage::Eom, verdict)
+            });
+        }
+    }
+
+    /// About ten headers, as a mail client writes them.
+    fn headers(&self, plan: Plan, queue_id: &str, sender: &str) -> Vec<(&'static str, String)> {
+        const DATE: &str = "Tue, 25 Nov 2025 12:00:00 +0000";
+        let lead = if self.conn.opts.contains(ProtoOpts::LEADING_SPACE) {
+            " "
+        } else {
+            ""
+        };
+        let client = self.client;
+        let i = plan.index;
+        [
+            (
+                "Received",
+                format!(
+                    "from client{client}.example (client{client}.example [192.0.2.1]) by mx.bench.test (Postfix) with ESMTP id {queue_id}; {DATE}"
+                ),
+            ),
+            ("From", format!("Sender {i} <{sender}>")),
+            ("To", "<rcpt1@example.net>".to_owned()),
+            ("Subject", format!("Load test message {i}")),
+            ("Date", DATE.to_owned()),
+            ("Message-ID", format!("<{queue_id}.{i}@sender.example>")),
+            ("MIME-Version", "1.0".to_owned()),
+            ("Content-Type", "text/plain; charset=utf-8".to_owned()),
+            ("Content-Transfer-Encoding", "8bit".to_owned()),
+            ("X-Mailer", "luamilter bench".to_owned()),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name, format!("{lead}{value}")))
+        .collect()
+    }
+
+    /// Sends one event the way Postfix's `milter8_event` does.
+    async fn event(
+        &mut self,
+        stage: Stage,
+        macros: Option<Command>,
+        cmd: Command,
+    ) -> Result<Answer, ClientError> {
+        let (skipped, noreply) = stage.options();
+        if let Some(macros) = macros {
+            self.conn.send(macros).await?;
+        }
+        if self.conn.opts.contains(skipped) {
+            return Ok(Answer::Continue);
+        }
+        self.conn.send(cmd).await?;
+        if self.conn.opts.contains(noreply) {
+            return Ok(Answer::Continue);
+        }
+        let reply = self.conn.reply().await?;
+        Ok(match reply {
+            Reply::Continue => Answer::Continue,
+            Reply::Skip => Answer::Skip,
+            Reply::Accept => Answer::Final(Verdict::Accept),
+            Reply::Reject => Answer::Final(Verdict::Reject),
+            Reply::Tempfail => Answer::Final(Verdict::Tempfail),
+            Reply::Discard => Answer::Final(Verdict::Discard),
+            Reply::ReplyCode { reply } => Answer::Final(code_verdict(&reply, stage.name())?),
+            other => return Err(unexpected(&other, stage.name())),
+        })
+    }
+}
+
+/// A connect or HELO answer that ends the connection; Postfix ignores discard there.
+fn connection_verdict(stage: Stage, answer: Answer) -> Option<Outcome> {
+    match answer {
+        Answer::Final(Verdict::Discard) | Answer::Continue | Answer::Skip => None,
+        Answer::Final(v) => Some(Outcome::at(stage, v)),
+    }
+}
+
+/// The verdict of an SMTP reply text: 4xx tempfail, 5xx reject.
+fn code_verdict(reply: &CString, stage: &'static str) -> Result<Verdict, ClientError> {
+    match reply.as_bytes().first() {
+        Some(b'4') => Ok(Verdict::Tempfail),
+        Some(b'5') => Ok(Verdict::Reject),
+        _ => Err(unexpected(
+            &Reply::ReplyCode {
+                reply: reply.clone(),
+            },
+            stage,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_cut_into_milter_chunks() {
+        let shape = Shape::new(100 * 1024);
+        let lens: Vec<_> = shape.chunks.iter().map(Bytes::len).collect();
+        assert_eq!(lens, [CHUNK_SIZE, 100 * 1024 - CHUNK_SIZE]);
+        assert!(shape.chunks[0].starts_with(b"The quick brown fox"));
+        assert!(Shape::new(0).chunks.is_empty());
+    }
+}
