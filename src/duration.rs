@@ -6,18 +6,24 @@ use std::time::Duration;
 /// Parses "500ms", "5s", "5m", "2h", "7d" or a bare number of seconds ("30").
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected a number and a unit, e.g. \"5m\""))?;
+    let n: u64 = number.parse().map_err(|_| {
+        format!("invalid duration {text:?}: expected a number and a unit, e.g. \"5m\"")
+    })?;
     let unit_ms = match unit {
         "ms" => 1,
         "" | "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        _ => return Err(format!("invalid duration {text:?}: unit must be ms, s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "invalid duration {text:?}: unit must be ms, s, m, h or d"
+            ));
+        }
     };
     n.checked_mul(unit_ms)
         .map(Duration::from_millis)

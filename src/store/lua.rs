@@ -107,7 +107,9 @@ pub fn lua_module(lua: &Lua, store: Arc<dyn Store>) -> mlua::Result<Table> {
             |s, _, (kind, key, reason, ttl): (String, String, Option<String>, LuaValue)| async move {
                 let (list, ttl) = (ban_list(&kind)?, ttl_arg(&ttl)?);
                 let reason = reason.unwrap_or_default();
-                Ok(s.list_add(list, &key, &reason, ttl).await.map(|()| Ok(true)))
+                Ok(s.list_add(list, &key, &reason, ttl)
+                    .await
+                    .map(|()| Ok(true)))
             },
         )?,
     )?;
@@ -157,7 +159,9 @@ pub fn lua_module(lua: &Lua, store: Arc<dyn Store>) -> mlua::Result<Table> {
             |s, _, (name, entry, reason, ttl): (String, String, Option<String>, LuaValue)| async move {
                 let (list, ttl) = (address_list(&name)?, ttl_arg(&ttl)?);
                 let reason = reason.unwrap_or_default();
-                Ok(s.list_add(list, &entry, &reason, ttl).await.map(|()| Ok(true)))
+                Ok(s.list_add(list, &entry, &reason, ttl)
+                    .await
+                    .map(|()| Ok(true)))
             },
         )?,
     )?;
@@ -231,7 +235,9 @@ where
 
 fn ban_list(kind: &str) -> mlua::Result<List> {
     List::ban(kind).ok_or_else(|| {
-        mlua::Error::runtime(format!("ban kind must be \"ip\" or \"domain\", not {kind:?}"))
+        mlua::Error::runtime(format!(
+            "ban kind must be \"ip\" or \"domain\", not {kind:?}"
+        ))
     })
 }
 

@@ -186,15 +186,12 @@ impl List {
     }
 }
 
-/// `a.b.example.com` → itself, `*.b.example.com`, `*.example.com`, `*.com` is not produced: a
-/// wildcard needs at least two labels after it.
+/// `a.b.example.com` → itself, `*.b.example.com`, `*.example.com`, `*.com` (pymilter's
+/// `isbanned`: replace the leftmost label by `*` while at least two labels remain).
 fn domain_candidates(domain: &str) -> Vec<String> {
     let mut out = vec![domain.to_string()];
     let mut rest = domain.trim_start_matches("*.");
     while let Some((_, parent)) = rest.split_once('.') {
-        if !parent.contains('.') {
-            break;
-        }
         out.push(format!("*.{parent}"));
         rest = parent;
     }
@@ -392,8 +389,11 @@ pub trait Store: Send + Sync {
     /// this one included (a sliding window).
     async fn count(&self, key: &str, window: Duration) -> Result<i64>;
     /// Records an attempt of a normalised triplet and decides by [`greylist_step`].
-    async fn greylist_triplet(&self, triplet: &Triplet, opts: &GreylistOptions)
-    -> Result<GreylistVerdict>;
+    async fn greylist_triplet(
+        &self,
+        triplet: &Triplet,
+        opts: &GreylistOptions,
+    ) -> Result<GreylistVerdict>;
     /// All live greylist triplets.
     async fn greylist_entries(&self) -> Result<Vec<GreylistEntry>>;
     /// Adds or replaces a normalised entry.
@@ -553,12 +553,18 @@ mod tests {
     fn domain_wildcards_follow_pymilter() {
         assert_eq!(
             domain_candidates("bif.foo.bar"),
-            ["bif.foo.bar", "*.foo.bar"]
+            ["bif.foo.bar", "*.foo.bar", "*.bar"]
         );
-        assert_eq!(domain_candidates("foo.info"), ["foo.info"]);
+        assert_eq!(domain_candidates("foo.info"), ["foo.info", "*.info"]);
+        assert_eq!(domain_candidates("localhost"), ["localhost"]);
         assert_eq!(
             domain_candidates("a.b.example.com"),
-            ["a.b.example.com", "*.b.example.com", "*.example.com"]
+            [
+                "a.b.example.com",
+                "*.b.example.com",
+                "*.example.com",
+                "*.com"
+            ]
         );
     }
 
@@ -574,8 +580,14 @@ mod tests {
             ipv4_prefix: 32,
             ..opts
         };
-        assert_eq!(Triplet::new("192.0.2.77", "", "", &exact).client, "192.0.2.77/32");
-        assert_eq!(Triplet::new("Example.COM", "", "", &exact).client, "example.com");
+        assert_eq!(
+            Triplet::new("192.0.2.77", "", "", &exact).client,
+            "192.0.2.77/32"
+        );
+        assert_eq!(
+            Triplet::new("Example.COM", "", "", &exact).client,
+            "example.com"
+        );
     }
 
     #[test]

@@ -23,8 +23,8 @@ use redis::{Client, RedisError, Script};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Clock, GreylistEntry, GreylistOptions, GreylistVerdict, List, ListEntry, Result, StoreConfig,
-    Store, StoreError, Triplet, Value, with_timeout,
+    Clock, GreylistEntry, GreylistOptions, GreylistVerdict, List, ListEntry, Result, Store,
+    StoreConfig, StoreError, Triplet, Value, with_timeout,
 };
 
 /// Shared by every script: is `k` present and not expired at `now`? Deletes it if expired.
@@ -370,7 +370,8 @@ impl Store for RedisStore {
                     .map_err(|e| StoreError::Invalid(format!("greylist record {key}: {e}")))
             })
             .collect::<Result<Vec<GreylistEntry>>>()?;
-        entries.sort_by(|a, b| (&a.client, &a.sender, &a.rcpt).cmp(&(&b.client, &b.sender, &b.rcpt)));
+        entries
+            .sort_by(|a, b| (&a.client, &a.sender, &a.rcpt).cmp(&(&b.client, &b.sender, &b.rcpt)));
         Ok(entries)
     }
 
@@ -379,7 +380,8 @@ impl Store for RedisStore {
             reason: entry.reason,
             created: entry.created,
         };
-        let text = serde_json::to_string(&stored).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let text =
+            serde_json::to_string(&stored).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.list_key(list, &entry.entry)).arg(text);
         if let Some(expires) = entry.expires {

@@ -130,7 +130,7 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Box<dyn WriteJob>>, clock:
             batch.into_iter().for_each(|job| job.fail(e.to_string()));
             continue;
         }
-        if now - last_sweep >= SWEEP_EVERY_MS {
+        if now.saturating_sub(last_sweep) >= SWEEP_EVERY_MS {
             let swept = EXPIRING.iter().try_for_each(|table| {
                 conn.execute(&format!("DELETE FROM {table} WHERE expires <= ?1"), [now])
                     .map(drop)
@@ -410,7 +410,15 @@ impl super::Store for SqliteStore {
                 "INSERT OR REPLACE INTO greylist
                  (client, sender, rcpt, first, last, passes, expires)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![t.client, t.sender, t.rcpt, step.first, now, step.passes, step.expires],
+                params![
+                    t.client,
+                    t.sender,
+                    t.rcpt,
+                    step.first,
+                    now,
+                    step.passes,
+                    step.expires
+                ],
             )?;
             if opts.auto_pass > 0 && matches!(step.verdict, GreylistVerdict::Pass { .. }) {
                 c.execute(
@@ -452,7 +460,13 @@ impl super::Store for SqliteStore {
             c.execute(
                 "INSERT OR REPLACE INTO lists (list, entry, reason, created, expires)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![list.name(), entry.entry, entry.reason, entry.created, entry.expires],
+                params![
+                    list.name(),
+                    entry.entry,
+                    entry.reason,
+                    entry.created,
+                    entry.expires
+                ],
             )?;
             Ok(())
         })

@@ -1,0 +1,2 @@
+mod redis_server;
+mod store;
