@@ -7,11 +7,14 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mlua::{FromLuaMulti, IntoLuaMulti, Lua, Table, Value as LuaValue};
 
-use super::{GreylistOptions, GreylistVerdict, List, ListEntry, Result, Scalar, Store, Value};
+use super::{
+    GreylistOptions, GreylistVerdict, List, ListEntry, Result, Scalar, Store, StoreError, Value,
+};
 use crate::duration::parse_duration;
 
 /// Builds the module table over `store`.
@@ -225,13 +228,36 @@ where
             match op(store, lua.clone(), args).await? {
                 Ok(values) => values?.into_lua_multi(&lua),
                 Err(e) => {
-                    tracing::warn!("store.{name}: {e}");
+                    log_failure(name, &e);
                     (LuaValue::Nil, e.code()).into_lua_multi(&lua)
                 }
             }
         }
     })
 }
+
+/// Logs a failed call: a warning at most every [`WARN_EVERY_SECS`] (a Redis outage would
+/// otherwise log once per message), the rest at debug level.
+fn log_failure(name: &str, e: &StoreError) {
+    static LAST_WARN: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_WARN.load(Ordering::Relaxed);
+    if now >= last + WARN_EVERY_SECS
+        && LAST_WARN
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            "store.{name} failed: {e} (further failures for {WARN_EVERY_SECS}s at debug level)"
+        );
+    } else {
+        tracing::debug!("store.{name} failed: {e}");
+    }
+}
+
+const WARN_EVERY_SECS: u64 = 10;
 
 fn ban_list(kind: &str) -> mlua::Result<List> {
     List::ban(kind).ok_or_else(|| {
