@@ -100,110 +100,96 @@ pub fn lua_module(lua: &Lua, store: Arc<dyn Store>) -> mlua::Result<Table> {
         )?,
     )?;
 
-    // Bans: kind "ip" or "domain".
-    add(
-        "ban",
-        function(
-            lua,
-            &store,
-            "ban",
-            |s, _, (kind, key, reason, ttl): (String, String, Option<String>, LuaValue)| async move {
-                let (list, ttl) = (ban_list(&kind)?, ttl_arg(&ttl)?);
-                let reason = reason.unwrap_or_default();
-                Ok(s.list_add(list, &key, &reason, ttl)
-                    .await
-                    .map(|()| Ok(true)))
-            },
-        )?,
-    )?;
-    add(
-        "banned",
-        function(
-            lua,
-            &store,
-            "banned",
-            |s, lua, (kind, key): (String, String)| async move {
-                let found = s.listed(ban_list(&kind)?, &key).await;
-                Ok(found.map(|e| entry_or_false(&lua, e)))
-            },
-        )?,
-    )?;
-    add(
-        "unban",
-        function(
-            lua,
-            &store,
-            "unban",
-            |s, _, (kind, key): (String, String)| async move {
-                Ok(s.list_remove(ban_list(&kind)?, &key).await.map(Ok))
-            },
-        )?,
-    )?;
-    add(
-        "bans",
-        function(
-            lua,
-            &store,
-            "bans",
-            |s, lua, (kind, search): (String, Option<String>)| async move {
-                let found = s.list_search(ban_list(&kind)?, search.as_deref()).await;
-                Ok(found.map(|e| entries_to_lua(&lua, &e)))
-            },
-        )?,
-    )?;
-
-    // White- and blacklists: name "whitelist" or "blacklist".
-    add(
-        "list_add",
-        function(
-            lua,
-            &store,
-            "list_add",
-            |s, _, (name, entry, reason, ttl): (String, String, Option<String>, LuaValue)| async move {
-                let (list, ttl) = (address_list(&name)?, ttl_arg(&ttl)?);
-                let reason = reason.unwrap_or_default();
-                Ok(s.list_add(list, &entry, &reason, ttl)
-                    .await
-                    .map(|()| Ok(true)))
-            },
-        )?,
-    )?;
-    add(
-        "list_remove",
-        function(
-            lua,
-            &store,
-            "list_remove",
-            |s, _, (name, entry): (String, String)| async move {
-                Ok(s.list_remove(address_list(&name)?, &entry).await.map(Ok))
-            },
-        )?,
-    )?;
-    add(
-        "listed",
-        function(
-            lua,
-            &store,
-            "listed",
-            |s, lua, (name, key): (String, String)| async move {
-                let found = s.listed(address_list(&name)?, &key).await;
-                Ok(found.map(|e| entry_or_false(&lua, e)))
-            },
-        )?,
-    )?;
-    add(
-        "list",
-        function(
-            lua,
-            &store,
-            "list",
-            |s, lua, (name, search): (String, Option<String>)| async move {
-                let found = s.list_search(address_list(&name)?, search.as_deref()).await;
-                Ok(found.map(|e| entries_to_lua(&lua, &e)))
-            },
-        )?,
-    )?;
+    for family in [BANS, ADDRESS_LISTS] {
+        add_list_functions(lua, &module, &store, family)?;
+    }
     Ok(module)
+}
+
+/// The four functions over a family of lists, the list chosen by their first argument.
+#[derive(Clone, Copy)]
+struct ListFamily {
+    add: &'static str,
+    check: &'static str,
+    remove: &'static str,
+    all: &'static str,
+    resolve: fn(&str) -> mlua::Result<List>,
+}
+
+/// `ban(kind, key, reason, ttl)`, `banned`, `unban`, `bans` with kind "ip" or "domain".
+const BANS: ListFamily = ListFamily {
+    add: "ban",
+    check: "banned",
+    remove: "unban",
+    all: "bans",
+    resolve: ban_list,
+};
+
+/// `list_add(name, entry, reason, ttl)`, `listed`, `list_remove`, `list` with name
+/// "whitelist" or "blacklist".
+const ADDRESS_LISTS: ListFamily = ListFamily {
+    add: "list_add",
+    check: "listed",
+    remove: "list_remove",
+    all: "list",
+    resolve: address_list,
+};
+
+fn add_list_functions(
+    lua: &Lua,
+    module: &Table,
+    store: &Arc<dyn Store>,
+    family: ListFamily,
+) -> mlua::Result<()> {
+    let resolve = family.resolve;
+    module.set(
+        family.add,
+        function(
+            lua,
+            store,
+            family.add,
+            move |s, _, (name, entry, reason, ttl): (String, String, Option<String>, LuaValue)| async move {
+                let (list, ttl) = (resolve(&name)?, ttl_arg(&ttl)?);
+                let reason = reason.unwrap_or_default();
+                Ok(s.list_add(list, &entry, &reason, ttl).await.map(|()| Ok(true)))
+            },
+        )?,
+    )?;
+    module.set(
+        family.check,
+        function(
+            lua,
+            store,
+            family.check,
+            move |s, lua, (name, key): (String, String)| async move {
+                let found = s.listed(resolve(&name)?, &key).await;
+                Ok(found.map(|e| entry_or_false(&lua, e)))
+            },
+        )?,
+    )?;
+    module.set(
+        family.remove,
+        function(
+            lua,
+            store,
+            family.remove,
+            move |s, _, (name, entry): (String, String)| async move {
+                Ok(s.list_remove(resolve(&name)?, &entry).await.map(Ok))
+            },
+        )?,
+    )?;
+    module.set(
+        family.all,
+        function(
+            lua,
+            store,
+            family.all,
+            move |s, lua, (name, search): (String, Option<String>)| async move {
+                let found = s.list_search(resolve(&name)?, search.as_deref()).await;
+                Ok(found.map(|e| entries_to_lua(&lua, &e)))
+            },
+        )?,
+    )
 }
 
 /// Wraps one operation as an async Lua function. `op` returns `Err` for argument errors (raised
