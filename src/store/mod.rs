@@ -304,7 +304,7 @@ pub enum GreylistVerdict {
 }
 
 /// One stored greylist triplet, for listing.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct GreylistEntry {
     pub client: String,
     pub sender: String,
@@ -531,8 +531,9 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration,
     }
 }
 
-/// Opens the configured backend. The Redis backend connects lazily, so this succeeds while the
-/// server is down; the SQLite backend creates the file and its tables.
+/// Opens the configured backend (call it inside a tokio runtime). The Redis backend connects
+/// lazily, so this succeeds while the server is down; the SQLite backend creates the file and
+/// its tables.
 pub fn open(config: &StoreConfig, clock: Clock) -> Result<Arc<dyn Store>> {
     Ok(match config.backend {
         Backend::Sqlite => Arc::new(sqlite::SqliteStore::open(
