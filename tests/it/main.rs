@@ -11,6 +11,8 @@ mod faults;
 mod loadgen;
 mod negotiation;
 mod postfix_e2e;
+mod redis_server;
 mod reload;
 mod session;
 mod spf;
+mod store;

@@ -1,0 +1,427 @@
+//! The shared backend: a Redis server (≥ 7.0) used by several MX hosts.
+//!
+//! One lazily connecting [`ConnectionManager`] (the daemon starts while Redis is down; it
+//! reconnects by itself) with short connection and response timeouts, plus the per-call timeout.
+//! Every operation that reads and writes is one server-side Lua script, so it is atomic across
+//! hosts.
+//!
+//! Key layout under the configured prefix `P`: `P kv:<key>` (JSON value, plain integers for
+//! counters, so `redis-cli GET` shows them), `P count:<key>` (sorted set of event times),
+//! `P grey:<client>|<sender>|<rcpt>` (JSON record), `P greyclient:<client>` (passes),
+//! `P list:<list>:<entry>` (JSON reason and creation time), `P seq` (event id sequence).
+//!
+//! Expiry: keys carry a native `PEXPIREAT` computed from the store's clock, and the scripts also
+//! compare `PEXPIRETIME` with the clock passed as an argument. With the system clock both agree;
+//! with a test clock that runs ahead, the logical check expires keys that Redis still holds.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, RedisError, Script};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Clock, GreylistEntry, GreylistOptions, GreylistVerdict, List, ListEntry, Result, Store,
+    StoreConfig, StoreError, Triplet, Value, with_timeout,
+};
+
+/// Shared by every script: is `k` present and not expired at `now`? Deletes it if expired.
+/// Returns its expiry (ms, -1 for none) or false.
+const LIVE: &str = r"
+local function live(k, now)
+  local e = redis.call('PEXPIRETIME', k)
+  if e == -2 then return false end
+  if e >= 0 and e <= now then redis.call('DEL', k) return false end
+  return e
+end
+local now = tonumber(ARGV[1])
+";
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{LIVE}{body}"))
+}
+
+/// KEYS: string keys. Returns value, expiry pairs (nil, nil when absent).
+static READ: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local out = {}
+for i, k in ipairs(KEYS) do
+  local e = live(k, now)
+  if e then
+    out[2 * i - 1] = redis.call('GET', k)
+    out[2 * i] = e
+  else
+    out[2 * i - 1] = false
+    out[2 * i] = false
+  end
+end
+return out",
+    )
+});
+
+static DELETE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local existed = live(KEYS[1], now)
+redis.call('DEL', KEYS[1])
+if existed then return 1 end
+return 0",
+    )
+});
+
+/// ARGV: now, by, ttl ms (0 = none).
+static INCR: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local existed = live(KEYS[1], now)
+local n = redis.call('INCRBY', KEYS[1], ARGV[2])
+local ttl = tonumber(ARGV[3])
+if not existed and ttl > 0 then redis.call('PEXPIREAT', KEYS[1], now + ttl) end
+return n",
+    )
+});
+
+/// ARGV: now, ttl ms.
+static EXPIRE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+if live(KEYS[1], now) then
+  redis.call('PEXPIREAT', KEYS[1], now + tonumber(ARGV[2]))
+  return 1
+end
+return 0",
+    )
+});
+
+/// KEYS: the sorted set, the sequence. ARGV: now, window ms.
+static COUNT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('ZADD', KEYS[1], now, redis.call('INCR', KEYS[2]))
+redis.call('PEXPIREAT', KEYS[1], now + window)
+return redis.call('ZCARD', KEYS[1])",
+    )
+});
+
+/// The rules of `super::greylist_step`, ported to run atomically inside Redis.
+/// KEYS: triplet, client. ARGV: now, delay, window, lifetime, auto_pass, client, sender, rcpt.
+/// Returns {1, passes} or {0, ms to wait}.
+static GREYLIST: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local delay, window, lifetime, auto =
+  tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local rec = nil
+if live(KEYS[1], now) then rec = cjson.decode(redis.call('GET', KEYS[1])) end
+local is_auto = auto > 0 and live(KEYS[2], now) and tonumber(redis.call('GET', KEYS[2])) >= auto
+local first, passes, expires, wait
+if rec and (rec.passes > 0 or (now >= rec.first + delay and now < rec.first + window)) then
+  first, passes, expires = rec.first, rec.passes + 1, now + lifetime
+elseif is_auto then
+  first, passes, expires = (rec and rec.first) or now, 1, now + lifetime
+elseif rec and now < rec.first + delay then
+  first, passes, expires, wait = rec.first, 0, rec.first + window, rec.first + delay - now
+else
+  first, passes, expires, wait = now, 0, now + window, delay
+end
+local record = cjson.encode({client = ARGV[6], sender = ARGV[7], rcpt = ARGV[8],
+  first = first, last = now, passes = passes})
+redis.call('SET', KEYS[1], record, 'PXAT', expires)
+if wait then return {0, wait} end
+if auto > 0 then
+  if live(KEYS[2], now) then redis.call('INCR', KEYS[2]) else redis.call('SET', KEYS[2], 1) end
+  redis.call('PEXPIREAT', KEYS[2], now + lifetime)
+end
+return {1, passes}",
+    )
+});
+
+/// How a list entry is stored (the entry itself is in the key, the expiry is the key's).
+#[derive(Serialize, Deserialize)]
+struct StoredEntry {
+    reason: String,
+    created: i64,
+}
+
+fn map_err(e: RedisError) -> StoreError {
+    let text = e.to_string();
+    if e.is_timeout() {
+        StoreError::Unavailable(format!("redis timeout: {text}"))
+    } else if text.contains("not an integer") || text.contains("overflow") {
+        StoreError::Invalid(text)
+    } else {
+        StoreError::Unavailable(text)
+    }
+}
+
+/// Escapes glob characters for `SCAN MATCH`.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)
+}
+
+/// The Redis store.
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    clock: Clock,
+}
+
+impl RedisStore {
+    /// Prepares the connection manager without connecting (must run inside a tokio runtime).
+    pub fn new(config: &StoreConfig, clock: Clock) -> Result<RedisStore> {
+        let client = Client::open(config.url.as_str())
+            .map_err(|e| StoreError::Invalid(format!("redis url {:?}: {e}", config.url)))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn =
+            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(map_err)?;
+        Ok(RedisStore {
+            conn,
+            prefix: config.prefix.clone(),
+            timeout: config.timeout,
+            clock,
+        })
+    }
+
+    fn key(&self, space: &str, key: &str) -> String {
+        format!("{}{space}:{key}", self.prefix)
+    }
+
+    fn list_key(&self, list: List, entry: &str) -> String {
+        format!("{}list:{}:{entry}", self.prefix, list.name())
+    }
+
+    /// Runs `script` with `keys` and `args` (the clock's `now` is prepended to `args`).
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[i64],
+    ) -> Result<T> {
+        let mut invocation = script.prepare_invoke();
+        for k in keys {
+            invocation.key(k);
+        }
+        invocation.arg(self.now());
+        for a in args {
+            invocation.arg(a);
+        }
+        let mut conn = self.conn.clone();
+        with_timeout(self.timeout, async move {
+            invocation.invoke_async(&mut conn).await.map_err(map_err)
+        })
+        .await
+    }
+
+    /// Live values and expiries of string keys.
+    async fn read(&self, keys: &[String]) -> Result<Vec<(Option<String>, Option<i64>)>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run(&READ, keys, &[]).await
+    }
+
+    /// Live values and expiries of every key that starts with `prefix`.
+    async fn scan(&self, prefix: &str) -> Result<Vec<(String, String, Option<i64>)>> {
+        let pattern = format!("{}*", glob_escape(prefix));
+        let mut cursor = 0u64;
+        let mut out = Vec::new();
+        loop {
+            let mut conn = self.conn.clone();
+            let query = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .to_owned();
+            let (next, keys): (u64, Vec<String>) = with_timeout(self.timeout, async move {
+                query.query_async(&mut conn).await.map_err(map_err)
+            })
+            .await?;
+            for (key, (value, expires)) in keys.iter().zip(self.read(&keys).await?) {
+                if let Some(value) = value {
+                    out.push((key.clone(), value, expires.filter(|e| *e >= 0)));
+                }
+            }
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+}
+
+fn decode_entry(entry: String, value: &str, expires: Option<i64>) -> Result<ListEntry> {
+    let stored: StoredEntry = serde_json::from_str(value)
+        .map_err(|e| StoreError::Invalid(format!("list entry {entry}: {e}")))?;
+    Ok(ListEntry {
+        entry,
+        reason: stored.reason,
+        created: stored.created,
+        expires,
+    })
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn get(&self, key: &str) -> Result<Option<Value>> {
+        let found = self.read(&[self.key("kv", key)]).await?;
+        match found.into_iter().next() {
+            Some((Some(text), _)) => Value::decode(&text).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    async fn set(&self, key: &str, value: &Value, ttl: Option<Duration>) -> Result<()> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key("kv", key)).arg(value.encode()?);
+        if let Some(ttl) = ttl {
+            cmd.arg("PXAT").arg(self.now() + ms(ttl));
+        }
+        let mut conn = self.conn.clone();
+        with_timeout(self.timeout, async move {
+            cmd.query_async::<()>(&mut conn).await.map_err(map_err)
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        self.run(&DELETE, &[self.key("kv", key)], &[]).await
+    }
+
+    async fn incr(&self, key: &str, by: i64, ttl: Option<Duration>) -> Result<i64> {
+        let ttl = ttl.map_or(0, ms);
+        self.run(&INCR, &[self.key("kv", key)], &[by, ttl]).await
+    }
+
+    async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
+        self.run(&EXPIRE, &[self.key("kv", key)], &[ms(ttl)]).await
+    }
+
+    async fn count(&self, key: &str, window: Duration) -> Result<i64> {
+        let keys = [self.key("count", key), format!("{}seq", self.prefix)];
+        self.run(&COUNT, &keys, &[ms(window)]).await
+    }
+
+    async fn greylist_triplet(
+        &self,
+        t: &Triplet,
+        opts: &GreylistOptions,
+    ) -> Result<GreylistVerdict> {
+        let keys = [
+            self.key("grey", &format!("{}|{}|{}", t.client, t.sender, t.rcpt)),
+            self.key("greyclient", &t.client),
+        ];
+        let mut invocation = GREYLIST.prepare_invoke();
+        for k in &keys {
+            invocation.key(k);
+        }
+        invocation
+            .arg(self.now())
+            .arg(ms(opts.delay))
+            .arg(ms(opts.retry_window))
+            .arg(ms(opts.lifetime))
+            .arg(opts.auto_pass)
+            .arg(&t.client)
+            .arg(&t.sender)
+            .arg(&t.rcpt);
+        let mut conn = self.conn.clone();
+        let (passed, n): (i64, i64) = with_timeout(self.timeout, async move {
+            invocation.invoke_async(&mut conn).await.map_err(map_err)
+        })
+        .await?;
+        Ok(if passed == 1 {
+            GreylistVerdict::Pass { passes: n }
+        } else {
+            GreylistVerdict::Wait {
+                secs: (n.max(0) as u64).div_ceil(1000),
+            }
+        })
+    }
+
+    async fn greylist_entries(&self) -> Result<Vec<GreylistEntry>> {
+        let mut entries = self
+            .scan(&format!("{}grey:", self.prefix))
+            .await?
+            .into_iter()
+            .map(|(key, value, _)| {
+                serde_json::from_str(&value)
+                    .map_err(|e| StoreError::Invalid(format!("greylist record {key}: {e}")))
+            })
+            .collect::<Result<Vec<GreylistEntry>>>()?;
+        entries
+            .sort_by(|a, b| (&a.client, &a.sender, &a.rcpt).cmp(&(&b.client, &b.sender, &b.rcpt)));
+        Ok(entries)
+    }
+
+    async fn list_put(&self, list: List, entry: ListEntry) -> Result<()> {
+        let stored = StoredEntry {
+            reason: entry.reason,
+            created: entry.created,
+        };
+        let text =
+            serde_json::to_string(&stored).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.list_key(list, &entry.entry)).arg(text);
+        if let Some(expires) = entry.expires {
+            cmd.arg("PXAT").arg(expires);
+        }
+        let mut conn = self.conn.clone();
+        with_timeout(self.timeout, async move {
+            cmd.query_async::<()>(&mut conn).await.map_err(map_err)
+        })
+        .await
+    }
+
+    async fn list_delete(&self, list: List, entry: &str) -> Result<bool> {
+        self.run(&DELETE, &[self.list_key(list, entry)], &[]).await
+    }
+
+    async fn list_first(&self, list: List, entries: &[String]) -> Result<Option<ListEntry>> {
+        let keys: Vec<String> = entries.iter().map(|e| self.list_key(list, e)).collect();
+        let found = self.read(&keys).await?;
+        for (entry, (value, expires)) in entries.iter().zip(found) {
+            if let Some(value) = value {
+                let expires = expires.filter(|e| *e >= 0);
+                return decode_entry(entry.clone(), &value, expires).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    async fn list_all(&self, list: List) -> Result<Vec<ListEntry>> {
+        let prefix = self.list_key(list, "");
+        self.scan(&prefix)
+            .await?
+            .into_iter()
+            .map(|(key, value, expires)| {
+                decode_entry(key[prefix.len()..].to_string(), &value, expires)
+            })
+            .collect()
+    }
+
+    fn now(&self) -> i64 {
+        (self.clock)()
+    }
+}
