@@ -1,6 +1,6 @@
-//! The command line: `run`, `check`.
+//! The command line: `run`, `check`, `ctl`, `db`, `bench`.
 
-use crate::{config::Config, daemon::Daemon, engine::Generation, logging, stage::Stage};
+use crate::{config::Config, daemon::Daemon, engine::Generation, logging, services::Services, stage::Stage};
 use clap::{Parser, Subcommand};
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
@@ -28,6 +28,14 @@ enum Command {
         /// Configuration file (default: built-in).
         #[arg(short, long)]
         config: Option<PathBuf>,
+    },
+    /// Inspect and edit the store: bans, greylist, white- and blacklists, BIND zone export.
+    Db {
+        /// Configuration file, for the `[store]` section (default: built-in).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: crate::db_cli::DbCommand,
     },
     /// Load-test a milter the way Postfix talks to it (see BENCHMARKS.md).
     Bench(crate::loadgen::BenchArgs),
@@ -59,6 +67,7 @@ pub fn main() -> ExitCode {
         Command::Run { config } => run(config),
         Command::Check { config } => check(config),
         Command::Bench(args) => bench(args),
+        Command::Db { config, command } => db(config, command),
         Command::Ctl {
             config,
             socket,
@@ -173,6 +182,35 @@ fn ctl(config: Option<PathBuf>, socket: Option<PathBuf>, command: CtlCommand) ->
     }
 }
 
+fn db(path: Option<PathBuf>, command: crate::db_cli::DbCommand) -> ExitCode {
+    let config = match load_config(path.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("luamilter: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("luamilter: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let services = Services::start(&config).map_err(anyhow::Error::msg)?;
+        let mut out = std::io::stdout();
+        crate::db_cli::run_db(services.store, command, &mut out).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("luamilter db: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn bench(args: crate::loadgen::BenchArgs) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -204,7 +242,22 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     let config = Arc::new(config);
     println!("config: {}", config.source.name());
     println!("listen: {}", config.milter.listen);
-    match Generation::build(Arc::clone(&config), 1) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            println!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _in_runtime = runtime.enter();
+    let services = match Services::start(&config) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            println!("error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    match Generation::build(Arc::clone(&config), services, 1) {
         Ok(generation) => {
             for decl in &generation.policies {
                 let stages: Vec<&str> = Stage::ALL

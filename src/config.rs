@@ -28,6 +28,15 @@ pub struct Config {
     /// Where policies come from and which run.
     #[serde(default)]
     pub policies: PoliciesConfig,
+    /// The DNS resolver policies use.
+    #[serde(default)]
+    pub dns: crate::dns::DnsConfig,
+    /// SPF evaluation.
+    #[serde(default)]
+    pub spf: crate::spf::SpfConfig,
+    /// Persistent state: embedded SQLite or shared Redis.
+    #[serde(default)]
+    pub store: crate::store::StoreConfig,
     /// Option overrides per policy: `[policy.NAME]` tables.
     #[serde(default)]
     pub policy: BTreeMap<String, BTreeMap<String, toml::Spanned<toml::Value>>>,

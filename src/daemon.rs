@@ -7,6 +7,7 @@ use crate::{
     listen::{BoundSocket, ListenAddr},
     reload::{self, Reloader},
     server,
+    services::Services,
 };
 use std::{sync::Arc, time::Duration};
 use tokio::{sync::watch, task::JoinHandle};
@@ -14,6 +15,9 @@ use tokio::{sync::watch, task::JoinHandle};
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A service (DNS, SPF, store) could not be set up.
+    #[error("{0}")]
+    Services(String),
     /// The policies did not load; every problem is listed.
     #[error("policies failed to load:\n  {}", .0.join("\n  "))]
     Policies(Vec<String>),
@@ -52,7 +56,8 @@ impl Daemon {
     /// Loads the policies, binds the socket and starts serving.
     pub async fn start(config: Config) -> Result<Daemon, StartError> {
         let config = Arc::new(config);
-        let generation = Generation::build(Arc::clone(&config), default_vm_count())
+        let services = Arc::new(Services::start(&config).map_err(StartError::Services)?);
+        let generation = Generation::build(Arc::clone(&config), Arc::clone(&services), default_vm_count())
             .map_err(StartError::Policies)?;
         tracing::info!(
             generation = generation.id,
@@ -63,6 +68,7 @@ impl Daemon {
         let engine = Arc::new(Engine::new(generation));
         let reloader = Arc::new(Reloader::new(
             Arc::clone(&engine),
+            services,
             Arc::clone(&config),
             default_vm_count(),
         ));

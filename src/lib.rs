@@ -15,6 +15,7 @@ pub mod lua_api;
 pub mod net;
 pub mod reload;
 pub mod server;
+pub mod services;
 pub mod spf;
 pub mod stage;
 pub mod store;

@@ -8,6 +8,7 @@
 use crate::{
     config::Config,
     engine::{Engine, Generation},
+    services::Services,
 };
 use notify::{
     EventKind, RecursiveMode,
@@ -93,6 +94,7 @@ impl ReloadStats {
 /// Builds and installs generations, one reload at a time.
 pub struct Reloader {
     engine: Arc<Engine>,
+    services: Arc<Services>,
     /// The configuration the process started with (settings that need a restart keep it).
     boot: Arc<Config>,
     default_vms: usize,
@@ -102,10 +104,11 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// A reloader for `engine`, which started from `boot`.
-    pub fn new(engine: Arc<Engine>, boot: Arc<Config>, default_vms: usize) -> Reloader {
+    /// A reloader for `engine`, which started from `boot` with `services`.
+    pub fn new(engine: Arc<Engine>, services: Arc<Services>, boot: Arc<Config>, default_vms: usize) -> Reloader {
         Reloader {
             engine,
+            services,
             boot,
             default_vms,
             serial: tokio::sync::Mutex::new(()),
@@ -123,8 +126,9 @@ impl Reloader {
     pub async fn reload(&self, trigger: &str) -> ReloadReport {
         let _one_at_a_time = self.serial.lock().await;
         let boot = Arc::clone(&self.boot);
+        let services = Arc::clone(&self.services);
         let vms = self.default_vms;
-        let built = tokio::task::spawn_blocking(move || build(&boot, vms))
+        let built = tokio::task::spawn_blocking(move || build(&boot, &services, vms))
             .await
             .unwrap_or_else(|e| Err(vec![format!("reload task failed: {e}")]));
         let report = match built {
@@ -178,13 +182,13 @@ impl Reloader {
 
 /// Reads the configuration and builds a generation; settings that cannot change live keep
 /// their boot values and are listed.
-fn build(boot: &Arc<Config>, vms: usize) -> Result<(Generation, Vec<String>), Vec<String>> {
+fn build(boot: &Arc<Config>, services: &Arc<Services>, vms: usize) -> Result<(Generation, Vec<String>), Vec<String>> {
     let mut config = match &boot.source.path {
         Some(path) => Config::load(path).map_err(|e| vec![e.to_string()])?,
         None => (**boot).clone(),
     };
     let restart_needed = pin_boot_settings(&mut config, boot);
-    let generation = Generation::build(Arc::new(config), vms)?;
+    let generation = Generation::build(Arc::new(config), Arc::clone(services), vms)?;
     Ok((generation, restart_needed))
 }
 
@@ -207,6 +211,9 @@ fn pin_boot_settings(config: &mut Config, boot: &Config) -> Vec<String> {
     pin!(milter.control_socket, "milter.control_socket");
     pin!(engine.worker_threads, "engine.worker_threads");
     pin!(policies.watch, "policies.watch");
+    pin!(dns, "dns");
+    pin!(spf, "spf");
+    pin!(store, "store");
     pin!(log.level, "log.level");
     pin!(log.format, "log.format");
     changed

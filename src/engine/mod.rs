@@ -29,6 +29,7 @@ use crate::{
         ctx::{ClientInfo, Ctx},
         verdict::{Reply, Verdict},
     },
+    services::Services,
     stage::Stage,
 };
 use bytes::Bytes;
@@ -268,7 +269,7 @@ fn stage_args(lua: &Lua, args: StageArgs) -> mlua::Result<Vec<Value>> {
 
 impl Generation {
     /// Loads every policy of `config`'s chain into fresh Lua states. Returns all problems found.
-    pub fn build(config: Arc<Config>, default_vms: usize) -> Result<Generation, Vec<String>> {
+    pub fn build(config: Arc<Config>, services: Arc<Services>, default_vms: usize) -> Result<Generation, Vec<String>> {
         let dirs = config.policy_dirs();
         let mut errors = Vec::new();
         let sources: Vec<PolicySource> = config
@@ -292,7 +293,7 @@ impl Generation {
         let mut decls = Vec::new();
         let mut vms = Vec::with_capacity(count);
         for i in 0..count {
-            let lua = sandbox::new_state(memory, dirs.clone())
+            let lua = sandbox::new_state(memory, dirs.clone(), Arc::clone(&services))
                 .map_err(|e| vec![format!("cannot create a Lua state: {e}")])?;
             let mut policies = Vec::new();
             for source in &sources {

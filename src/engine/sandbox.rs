@@ -2,9 +2,9 @@
 //! access, `require` limited to built-in modules and the policy directories, a memory cap, and
 //! `pcall`/`xpcall` that cannot swallow the time limit.
 
-use crate::lua_api;
+use crate::{lua_api, services::Services};
 use mlua::{Lua, LuaOptions, StdLib, Table, Value, chunk::ChunkMode};
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Arc};
 
 /// Marker carried by the error the time-limit hook raises; the `pcall` wrappers re-raise it.
 pub const TIME_LIMIT_MARKER: &str = "luamilter: time limit exceeded";
@@ -32,8 +32,9 @@ local os_time, os_clock, os_date, os_difftime = os.time, os.clock, os.date, os.d
 os = { time = os_time, clock = os_clock, date = os_date, difftime = os_difftime }
 "#;
 
-/// Creates a sandboxed state with a memory limit and a `require` that searches `dirs`.
-pub fn new_state(memory_limit: usize, dirs: Vec<PathBuf>) -> mlua::Result<Lua> {
+/// Creates a sandboxed state with a memory limit and a `require` that serves the built-in
+/// modules over `services` and searches `dirs` for the rest.
+pub fn new_state(memory_limit: usize, dirs: Vec<PathBuf>, services: Arc<Services>) -> mlua::Result<Lua> {
     let libs = StdLib::TABLE | StdLib::STRING | StdLib::UTF8 | StdLib::MATH | StdLib::OS;
     let lua = Lua::new_with(libs, LuaOptions::new())?;
     let globals = lua.globals();
@@ -47,7 +48,7 @@ pub fn new_state(memory_limit: usize, dirs: Vec<PathBuf>) -> mlua::Result<Lua> {
         .set_name("=luamilter prelude")
         .call::<()>(TIME_LIMIT_MARKER)?;
     lua.set_named_registry_value(LOADED_KEY, lua.create_table()?)?;
-    globals.raw_set("require", require_function(&lua, dirs)?)?;
+    globals.raw_set("require", require_function(&lua, dirs, services)?)?;
     lua.set_memory_limit(memory_limit)?;
     Ok(lua)
 }
@@ -61,13 +62,13 @@ pub fn load_file(lua: &Lua, path: &std::path::Path, source: &str) -> mlua::Resul
         .into_function()
 }
 
-fn require_function(lua: &Lua, dirs: Vec<PathBuf>) -> mlua::Result<mlua::Function> {
+fn require_function(lua: &Lua, dirs: Vec<PathBuf>, services: Arc<Services>) -> mlua::Result<mlua::Function> {
     lua.create_function(move |lua, name: String| {
         let loaded: Table = lua.named_registry_value(LOADED_KEY)?;
         if let Some(v) = loaded.raw_get::<Option<Value>>(name.as_str())? {
             return Ok(v);
         }
-        let value = match lua_api::builtin_module(lua, &name) {
+        let value = match lua_api::builtin_module(lua, &name, &services) {
             Some(module) => module?,
             None => require_file(lua, &dirs, &name)?,
         };
@@ -115,9 +116,21 @@ fn require_file(lua: &Lua, dirs: &[PathBuf], name: &str) -> mlua::Result<Value> 
 mod tests {
     use super::*;
 
+    /// A sandboxed state whose store lives in a temp dir (kept alive by the returned guard).
+    fn state(dirs: Vec<PathBuf>) -> (Lua, tempfile::TempDir, tokio::runtime::Runtime) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse("", Some(tmp.path().join("c.toml"))).unwrap();
+        let services = {
+            let _in = runtime.enter();
+            Arc::new(Services::start(&config).unwrap())
+        };
+        (new_state(64 << 20, dirs, services).unwrap(), tmp, runtime)
+    }
+
     #[test]
     fn dangerous_globals_are_gone() {
-        let lua = new_state(64 << 20, vec![]).unwrap();
+        let (lua, _tmp, _rt) = state(vec![]);
         let missing: bool = lua
             .load("return io == nil and debug == nil and load == nil and dofile == nil and loadfile == nil and string.dump == nil and os.execute == nil and os.getenv == nil and package == nil and coroutine == nil")
             .eval()
@@ -129,14 +142,14 @@ mod tests {
 
     #[test]
     fn bytecode_is_refused() {
-        let lua = new_state(64 << 20, vec![]).unwrap();
+        let (lua, _tmp, _rt) = state(vec![]);
         let err = load_file(&lua, std::path::Path::new("x.lua"), "\x1bLua").unwrap_err();
         assert!(err.to_string().contains("binary chunk"), "{err}");
     }
 
     #[test]
     fn pcall_passes_the_time_limit_error_on() {
-        let lua = new_state(64 << 20, vec![]).unwrap();
+        let (lua, _tmp, _rt) = state(vec![]);
         let f = lua
             .create_function(|_, ()| -> mlua::Result<()> {
                 Err(mlua::Error::runtime(TIME_LIMIT_MARKER))
@@ -167,7 +180,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("lib")).unwrap();
         std::fs::write(dir.path().join("lib/util.lua"), "return { answer = 42 }").unwrap();
-        let lua = new_state(64 << 20, vec![dir.path().to_path_buf()]).unwrap();
+        let (lua, _tmp, _rt) = state(vec![dir.path().to_path_buf()]);
         let n: i64 = lua
             .load("return require('lib.util').answer")
             .eval()

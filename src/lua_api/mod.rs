@@ -4,20 +4,25 @@
 pub mod ctx;
 pub mod verdict;
 
-use crate::duration::parse_duration;
+use crate::{dns, duration::parse_duration, net, services::Services, spf, store};
 use mlua::{Lua, Table, Value, Variadic};
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 /// Names `require` resolves without touching the file system.
-pub const BUILTIN_MODULES: &[&str] = &["milter", "milter.log"];
+pub const BUILTIN_MODULES: &[&str] = &["milter", "milter.log", "milter.dns", "milter.spf", "milter.net", "milter.store"];
 
 /// Builds a built-in module by name, or `None` when `name` is not built in.
-pub fn builtin_module(lua: &Lua, name: &str) -> Option<mlua::Result<Value>> {
-    match name {
-        "milter" => Some(milter_module(lua).map(Value::Table)),
-        "milter.log" => Some(log_module(lua).map(Value::Table)),
-        _ => None,
-    }
+pub fn builtin_module(lua: &Lua, name: &str, services: &Services) -> Option<mlua::Result<Value>> {
+    let module = match name {
+        "milter" => milter_module(lua),
+        "milter.log" => log_module(lua),
+        "milter.dns" => dns::lua_module(lua, Arc::clone(&services.resolver)),
+        "milter.spf" => spf::lua_module(lua, Arc::clone(&services.spf)),
+        "milter.net" => net::lua_module(lua),
+        "milter.store" => store::lua_module(lua, Arc::clone(&services.store)),
+        _ => return None,
+    };
+    Some(module.map(Value::Table))
 }
 
 /// The `milter` module: verdict constructors, `duration`, `sleep` and `log`.
