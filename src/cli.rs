@@ -1,6 +1,8 @@
 //! The command line: `run`, `check`, `ctl`, `db`, `bench`.
 
-use crate::{config::Config, daemon::Daemon, engine::Generation, logging, services::Services, stage::Stage};
+use crate::{
+    config::Config, daemon::Daemon, engine::Generation, logging, services::Services, stage::Stage,
+};
 use clap::{Parser, Subcommand};
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
@@ -190,7 +192,10 @@ fn db(path: Option<PathBuf>, command: crate::db_cli::DbCommand) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("luamilter: cannot start the runtime: {e}");
@@ -242,7 +247,10 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     let config = Arc::new(config);
     println!("config: {}", config.source.name());
     println!("listen: {}", config.milter.listen);
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             println!("error: cannot start the runtime: {e}");

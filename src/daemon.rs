@@ -57,8 +57,12 @@ impl Daemon {
     pub async fn start(config: Config) -> Result<Daemon, StartError> {
         let config = Arc::new(config);
         let services = Arc::new(Services::start(&config).map_err(StartError::Services)?);
-        let generation = Generation::build(Arc::clone(&config), Arc::clone(&services), default_vm_count())
-            .map_err(StartError::Policies)?;
+        let generation = Generation::build(
+            Arc::clone(&config),
+            Arc::clone(&services),
+            default_vm_count(),
+        )
+        .map_err(StartError::Policies)?;
         tracing::info!(
             generation = generation.id,
             vms = generation.vm_count(),

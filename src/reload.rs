@@ -105,7 +105,12 @@ pub struct Reloader {
 
 impl Reloader {
     /// A reloader for `engine`, which started from `boot` with `services`.
-    pub fn new(engine: Arc<Engine>, services: Arc<Services>, boot: Arc<Config>, default_vms: usize) -> Reloader {
+    pub fn new(
+        engine: Arc<Engine>,
+        services: Arc<Services>,
+        boot: Arc<Config>,
+        default_vms: usize,
+    ) -> Reloader {
         Reloader {
             engine,
             services,
@@ -182,7 +187,11 @@ impl Reloader {
 
 /// Reads the configuration and builds a generation; settings that cannot change live keep
 /// their boot values and are listed.
-fn build(boot: &Arc<Config>, services: &Arc<Services>, vms: usize) -> Result<(Generation, Vec<String>), Vec<String>> {
+fn build(
+    boot: &Arc<Config>,
+    services: &Arc<Services>,
+    vms: usize,
+) -> Result<(Generation, Vec<String>), Vec<String>> {
     let mut config = match &boot.source.path {
         Some(path) => Config::load(path).map_err(|e| vec![e.to_string()])?,
         None => (**boot).clone(),

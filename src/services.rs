@@ -25,12 +25,19 @@ impl Services {
     /// file is created if missing; a Redis store connects on first use.
     pub fn start(config: &Config) -> Result<Services, String> {
         let resolver = Arc::new(Resolver::new(&config.dns).map_err(|e| format!("[dns]: {e}"))?);
-        let spf = Arc::new(Spf::new(Arc::clone(&resolver), &config.spf).map_err(|e| format!("[spf]: {e}"))?);
+        let spf = Arc::new(
+            Spf::new(Arc::clone(&resolver), &config.spf).map_err(|e| format!("[spf]: {e}"))?,
+        );
         let mut store_config = config.store.clone();
         if store_config.path.is_relative() {
             store_config.path = config.source.base_dir().join(&store_config.path);
         }
-        let store = store::open(&store_config, store::system_clock()).map_err(|e| format!("[store]: {e}"))?;
-        Ok(Services { resolver, spf, store })
+        let store = store::open(&store_config, store::system_clock())
+            .map_err(|e| format!("[store]: {e}"))?;
+        Ok(Services {
+            resolver,
+            spf,
+            store,
+        })
     }
 }

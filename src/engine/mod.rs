@@ -269,7 +269,11 @@ fn stage_args(lua: &Lua, args: StageArgs) -> mlua::Result<Vec<Value>> {
 
 impl Generation {
     /// Loads every policy of `config`'s chain into fresh Lua states. Returns all problems found.
-    pub fn build(config: Arc<Config>, services: Arc<Services>, default_vms: usize) -> Result<Generation, Vec<String>> {
+    pub fn build(
+        config: Arc<Config>,
+        services: Arc<Services>,
+        default_vms: usize,
+    ) -> Result<Generation, Vec<String>> {
         let dirs = config.policy_dirs();
         let mut errors = Vec::new();
         let sources: Vec<PolicySource> = config

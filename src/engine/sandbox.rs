@@ -34,7 +34,11 @@ os = { time = os_time, clock = os_clock, date = os_date, difftime = os_difftime 
 
 /// Creates a sandboxed state with a memory limit and a `require` that serves the built-in
 /// modules over `services` and searches `dirs` for the rest.
-pub fn new_state(memory_limit: usize, dirs: Vec<PathBuf>, services: Arc<Services>) -> mlua::Result<Lua> {
+pub fn new_state(
+    memory_limit: usize,
+    dirs: Vec<PathBuf>,
+    services: Arc<Services>,
+) -> mlua::Result<Lua> {
     let libs = StdLib::TABLE | StdLib::STRING | StdLib::UTF8 | StdLib::MATH | StdLib::OS;
     let lua = Lua::new_with(libs, LuaOptions::new())?;
     let globals = lua.globals();
@@ -62,7 +66,11 @@ pub fn load_file(lua: &Lua, path: &std::path::Path, source: &str) -> mlua::Resul
         .into_function()
 }
 
-fn require_function(lua: &Lua, dirs: Vec<PathBuf>, services: Arc<Services>) -> mlua::Result<mlua::Function> {
+fn require_function(
+    lua: &Lua,
+    dirs: Vec<PathBuf>,
+    services: Arc<Services>,
+) -> mlua::Result<mlua::Function> {
     lua.create_function(move |lua, name: String| {
         let loaded: Table = lua.named_registry_value(LOADED_KEY)?;
         if let Some(v) = loaded.raw_get::<Option<Value>>(name.as_str())? {
@@ -118,7 +126,10 @@ mod tests {
 
     /// A sandboxed state whose store lives in a temp dir (kept alive by the returned guard).
     fn state(dirs: Vec<PathBuf>) -> (Lua, tempfile::TempDir, tokio::runtime::Runtime) {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let config = crate::config::Config::parse("", Some(tmp.path().join("c.toml"))).unwrap();
         let services = {

@@ -9,7 +9,14 @@ use mlua::{Lua, Table, Value, Variadic};
 use std::{sync::Arc, time::Duration};
 
 /// Names `require` resolves without touching the file system.
-pub const BUILTIN_MODULES: &[&str] = &["milter", "milter.log", "milter.dns", "milter.spf", "milter.net", "milter.store"];
+pub const BUILTIN_MODULES: &[&str] = &[
+    "milter",
+    "milter.log",
+    "milter.dns",
+    "milter.spf",
+    "milter.net",
+    "milter.store",
+];
 
 /// Builds a built-in module by name, or `None` when `name` is not built in.
 pub fn builtin_module(lua: &Lua, name: &str, services: &Services) -> Option<mlua::Result<Value>> {

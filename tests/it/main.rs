@@ -13,6 +13,7 @@ mod negotiation;
 mod postfix_e2e;
 mod redis_server;
 mod reload;
+mod services;
 mod session;
 mod spf;
 mod store;

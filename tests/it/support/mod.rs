@@ -128,3 +128,16 @@ pub fn reply_text(status: &indymilter_test::Status) -> String {
         other => format!("{other:?}"),
     }
 }
+
+/// The value of the first header named `name` that the milter added or inserted.
+pub fn added_header(actions: &indymilter_test::EomActions, name: &str) -> Option<String> {
+    actions.actions.iter().find_map(|a| match a {
+        indymilter_test::EomAction::AddHeader { name: n, value }
+        | indymilter_test::EomAction::InsertHeader { name: n, value, .. }
+            if n.to_str() == Ok(name) =>
+        {
+            Some(value.to_string_lossy().into_owned())
+        }
+        _ => None,
+    })
+}
