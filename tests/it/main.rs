@@ -5,6 +5,7 @@ mod support;
 
 mod chain;
 mod cli;
+mod docs;
 mod faults;
 mod negotiation;
 mod postfix_e2e;
