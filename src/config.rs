@@ -146,7 +146,7 @@ pub struct EngineConfig {
     pub vms: usize,
     /// Tokio worker threads; 0 means one per CPU.
     pub worker_threads: usize,
-    /// Wall-clock limit for one handler call, I/O waits included.
+    /// Wall-clock limit for one stage (every policy's handler together), I/O waits included.
     #[serde(deserialize_with = "serde_duration::deserialize")]
     pub time_limit: Duration,
     /// Memory limit per Lua state in MiB.

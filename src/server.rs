@@ -25,8 +25,12 @@ pub struct Conn {
     ctx: Option<AnyUserData>,
     opts: ProtoOpts,
     actions: Actions,
-    /// A final verdict given at a stage that could not answer (NOREPLY), owed at the next reply.
+    /// A final verdict given at a message stage that could not answer (NOREPLY), owed at the
+    /// next reply; forgotten when the message ends.
     pending: Option<Verdict>,
+    /// A final verdict given at connect or helo without a reply: it answers every later stage
+    /// of the connection that can reply, as the refusal of a connection would.
+    pending_connection: Option<Verdict>,
     client: String,
 }
 
@@ -106,7 +110,6 @@ pub fn callbacks(engine: Arc<Engine>, unix: bool) -> Callbacks<Conn> {
                 let sender = strip_angle(&args.next().unwrap_or_default());
                 let esmtp: Vec<String> = args.collect();
                 if let Some(conn) = &mut cx.data {
-                    conn.pending = None;
                     if let Some(ctx) = &conn.ctx
                         && let Err(e) = conn.lease.reset_message(ctx)
                     {
@@ -258,6 +261,7 @@ async fn negotiate(
         opts: cx.requested_opts,
         actions: cx.requested_actions,
         pending: None,
+        pending_connection: None,
         client: String::new(),
     };
     cx.data = Some(conn);
@@ -334,7 +338,11 @@ async fn stage(
     }
     if conn.noreply(stage) {
         if outcome.verdict.is_final() {
-            conn.pending = Some(outcome.verdict);
+            if stage.in_message() {
+                conn.pending = Some(outcome.verdict);
+            } else {
+                conn.pending_connection = Some(outcome.verdict);
+            }
         }
         return Status::Noreply;
     }
@@ -351,15 +359,18 @@ async fn decide(
     progress: Option<mpsc::UnboundedSender<()>>,
 ) -> Option<Outcome> {
     let conn = data.as_mut()?;
-    if stage.has_reply()
-        && !conn.noreply(stage)
-        && let Some(verdict) = conn.pending.take()
-    {
-        log_decision(conn, macros, stage, "(earlier no-reply stage)", &verdict);
-        return Some(Outcome {
-            verdict,
-            policy: None,
-        });
+    if stage.has_reply() && !conn.noreply(stage) {
+        let owed = conn
+            .pending
+            .take()
+            .or_else(|| conn.pending_connection.clone());
+        if let Some(verdict) = owed {
+            log_decision(conn, macros, stage, "(earlier no-reply stage)", &verdict);
+            return Some(Outcome {
+                verdict,
+                policy: None,
+            });
+        }
     }
     let generation = Arc::clone(conn.lease.generation());
     if !generation.handles(stage) {

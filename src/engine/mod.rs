@@ -34,7 +34,7 @@ use crate::{
 };
 use bytes::Bytes;
 use indymilter::{Actions, MacroStage, ProtoOpts};
-use mlua::{AnyUserData, HookTriggers, Lua, MultiValue, Value, VmState};
+use mlua::{AnyUserData, Lua, MultiValue, Value};
 use policy::{LoadedPolicy, PolicyDecl, PolicySource};
 use std::{
     collections::{BTreeMap, HashMap},
@@ -46,9 +46,6 @@ use std::{
     time::{Duration, Instant},
 };
 use tracing::Instrument;
-
-/// Instructions between two checks of the time limit inside running Lua code.
-const HOOK_INTERVAL: u32 = 1000;
 
 /// Macros the daemon itself relies on; requested alongside any a policy asks for (an MTA uses a
 /// milter's macro list instead of its own defaults).
@@ -216,11 +213,14 @@ impl VmLease {
                 return generation.fault_outcome(outcome);
             }
         };
+        // One time budget for the whole stage, so the MTA hears back before its own timeout
+        // however many policies the chain has.
+        let deadline = Instant::now() + generation.config.engine.time_limit;
         for &index in chain {
             let decl = &generation.policies[index];
             let span = tracing::info_span!("policy", policy = %decl.name, stage = stage.name());
             let result = generation
-                .call_handler(vm, index, stage, ctx, &args)
+                .call_handler(vm, index, stage, ctx, &args, deadline)
                 .instrument(span)
                 .await;
             match result {
@@ -231,7 +231,22 @@ impl VmLease {
                     return outcome;
                 }
                 Err(fault) => {
-                    tracing::error!(policy = %decl.name, stage = stage.name(), error = %fault, "policy failed");
+                    let (client, queue_id) = ctx
+                        .borrow_scoped::<Ctx, _>(|c| {
+                            (
+                                c.client.clone(),
+                                c.macro_value("i").unwrap_or("").to_string(),
+                            )
+                        })
+                        .unwrap_or_default();
+                    tracing::error!(
+                        policy = %decl.name,
+                        stage = stage.name(),
+                        %client,
+                        %queue_id,
+                        error = %fault,
+                        "policy failed"
+                    );
                     if generation.config.engine.exception_policy != ExceptionPolicy::Continue {
                         outcome.policy = Some(index);
                         return generation.fault_outcome(outcome);
@@ -401,6 +416,7 @@ impl Generation {
         stage: Stage,
         ctx: &AnyUserData,
         args: &[Value],
+        deadline: Instant,
     ) -> Result<Verdict, String> {
         let decl = &self.policies[index];
         let loaded = &vm.policies[index];
@@ -415,19 +431,8 @@ impl Generation {
         })
         .map_err(lua_error)?;
         let thread = vm.lua.create_thread(handler.clone()).map_err(lua_error)?;
-        let deadline = Instant::now() + limit;
-        thread
-            .set_hook(
-                HookTriggers::new().every_nth_instruction(HOOK_INTERVAL),
-                move |_, _| {
-                    if Instant::now() >= deadline {
-                        Err(mlua::Error::runtime(sandbox::TIME_LIMIT_MARKER))
-                    } else {
-                        Ok(VmState::Continue)
-                    }
-                },
-            )
-            .map_err(lua_error)?;
+        let (triggers, hook) = sandbox::deadline_hook(deadline);
+        thread.set_hook(triggers, hook).map_err(lua_error)?;
         let mut call_args = Vec::with_capacity(args.len() + 2);
         call_args.push(Value::UserData(ctx.clone()));
         call_args.extend(args.iter().cloned());
@@ -435,7 +440,7 @@ impl Generation {
         let call = thread
             .into_async::<Value>(MultiValue::from_vec(call_args))
             .map_err(lua_error)?;
-        let result = match tokio::time::timeout(limit, call).await {
+        let result = match tokio::time::timeout_at(deadline.into(), call).await {
             Err(_) => return Err(time_limit_message(limit, decl, handler)),
             Ok(r) => r,
         };
@@ -457,7 +462,7 @@ impl Generation {
 
 fn time_limit_message(limit: Duration, decl: &PolicyDecl, handler: &mlua::Function) -> String {
     format!(
-        "{}: handler exceeded the time limit of {limit:?} (engine.time_limit)",
+        "{}: the stage exceeded the time limit of {limit:?} (engine.time_limit)",
         policy::defined_at(handler, &decl.path)
     )
 }
@@ -570,6 +575,11 @@ impl Plan {
             } else if handlers.iter().all(|d| d.noreply.contains(&stage)) {
                 noreply |= flag;
             }
+        }
+        // A verdict from a declared no-reply handler is owed to the next stage that replies;
+        // keep every other stage replying so it arrives at once, not at end of message.
+        if decls.iter().any(|d| !d.noreply.is_empty()) {
+            collect_only = ProtoOpts::empty();
         }
         let mut wanted: BTreeMap<MacroStage, Vec<String>> = BTreeMap::new();
         for d in decls {

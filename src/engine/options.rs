@@ -39,7 +39,10 @@ pub fn effective_options(
             Err(e) => errors.push(e.to_string()),
         }
     }
-    for o in overrides {
+    // Whole values first, then `add_KEY` appends, whatever order the config file lists them in.
+    let (appends, replaces): (Vec<_>, Vec<_>) =
+        overrides.iter().partition(|o| o.key.starts_with("add_"));
+    for o in replaces.into_iter().chain(appends) {
         if let Err(e) = apply(lua, &out, declared, o) {
             errors.push(format!("{}: [policy.{policy}] {}: {e}", o.at, o.key));
         }
@@ -254,6 +257,13 @@ mod tests {
     fn add_prefix_extends_lists() {
         let o = run("return { words = {'a', 'b'} }", "add_words = [\"c\"]").unwrap();
         assert_eq!(o["words"], "[\"a\", \"b\", \"c\"]");
+        // Replacing and appending together: the append applies to the replacement.
+        let o = run(
+            "return { words = {'a'} }",
+            "add_words = [\"c\"]\nwords = [\"b\"]",
+        )
+        .unwrap();
+        assert_eq!(o["words"], "[\"b\", \"c\"]");
     }
 
     #[test]

@@ -96,9 +96,24 @@ pub fn load(
     config: &Config,
 ) -> Result<(PolicyDecl, LoadedPolicy), Vec<String>> {
     let at = source.path.display().to_string();
-    let one = |e: mlua::Error| vec![first_line(&e.to_string())];
+    let one = |e: mlua::Error| {
+        let line = first_line(&e.to_string());
+        if line.contains(sandbox::TIME_LIMIT_MARKER) {
+            return vec![format!(
+                "{at}: the top level ran longer than engine.time_limit ({:?}); a policy's top level only declares",
+                config.engine.time_limit
+            )];
+        }
+        vec![
+            line.strip_prefix("runtime error: ")
+                .unwrap_or(&line)
+                .to_string(),
+        ]
+    };
     let chunk = sandbox::load_file(lua, &source.path, &source.text).map_err(one)?;
-    let table = match chunk.call::<Value>(()).map_err(one)? {
+    let returned =
+        sandbox::with_time_limit(lua, config.engine.time_limit, || chunk.call::<Value>(()));
+    let table = match returned.map_err(one)? {
         Value::Table(t) => t,
         other => {
             return Err(vec![format!(

@@ -3,20 +3,67 @@
 //! `pcall`/`xpcall` that cannot swallow the time limit.
 
 use crate::{lua_api, services::Services};
-use mlua::{Lua, LuaOptions, StdLib, Table, Value, chunk::ChunkMode};
-use std::{path::PathBuf, sync::Arc};
+use mlua::{
+    HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState, chunk::ChunkMode, debug::Debug,
+};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+/// Instructions between two checks of the time limit inside running Lua code.
+const HOOK_INTERVAL: u32 = 1000;
+
+/// The instruction-count hook that enforces a deadline: once past it, every check raises the
+/// time-limit error again, so a `pcall` that catches one cannot keep the code running.
+pub fn deadline_hook(
+    deadline: Instant,
+) -> (
+    HookTriggers,
+    impl Fn(&Lua, &Debug) -> mlua::Result<VmState> + Send + 'static,
+) {
+    let hook = move |_: &Lua, _: &Debug| {
+        if Instant::now() >= deadline {
+            Err(mlua::Error::runtime(TIME_LIMIT_MARKER))
+        } else {
+            Ok(VmState::Continue)
+        }
+    };
+    (
+        HookTriggers::new().every_nth_instruction(HOOK_INTERVAL),
+        hook,
+    )
+}
+
+/// Runs `f` (code on the state's main thread, such as a policy's top level) under a time limit.
+pub fn with_time_limit<R>(
+    lua: &Lua,
+    limit: Duration,
+    f: impl FnOnce() -> mlua::Result<R>,
+) -> mlua::Result<R> {
+    let (triggers, hook) = deadline_hook(Instant::now() + limit);
+    lua.set_hook(triggers, hook)?;
+    let result = f();
+    lua.remove_hook();
+    result
+}
 
 /// Marker carried by the error the time-limit hook raises; the `pcall` wrappers re-raise it.
 pub const TIME_LIMIT_MARKER: &str = "luamilter: time limit exceeded";
 
 const LOADED_KEY: &str = "luamilter.loaded";
 
-/// Lua prelude run in every state: `os` reduced to time functions, and `pcall`/`xpcall` that
-/// pass the time-limit error on instead of catching it.
+/// Lua prelude run in every state: `os` reduced to time functions, `print` sent to the log, and
+/// `pcall`/`xpcall` that pass the time-limit and out-of-memory errors on instead of catching
+/// them (a policy cannot recover from either; the exception policy answers).
 const PRELUDE: &str = r#"
 local raw_pcall, raw_xpcall, error, tostring, find = pcall, xpcall, error, tostring, string.find
 local MARK = ...
-local function is_limit(e) return find(tostring(e), MARK, 1, true) ~= nil end
+local function is_limit(e)
+  local text = tostring(e)
+  return find(text, MARK, 1, true) ~= nil or find(text, "not enough memory", 1, true) ~= nil
+end
 local function check(ok, ...)
   if not ok and is_limit((...)) then error((...), 0) end
   return ok, ...
@@ -31,6 +78,18 @@ end
 local os_time, os_clock, os_date, os_difftime = os.time, os.clock, os.date, os.difftime
 os = { time = os_time, clock = os_clock, date = os_date, difftime = os_difftime }
 "#;
+
+/// `print` in a policy writes an info line to the log (policies have no standard output).
+fn print_to_log(lua: &Lua) -> mlua::Result<mlua::Function> {
+    lua.create_function(|_, parts: mlua::Variadic<Value>| {
+        let text: Vec<String> = parts
+            .iter()
+            .map(|v| v.to_string().unwrap_or_else(|_| v.type_name().to_string()))
+            .collect();
+        tracing::info!(target: "luamilter::policy", "{}", text.join("\t"));
+        Ok(())
+    })
+}
 
 /// Creates a sandboxed state with a memory limit and a `require` that serves the built-in
 /// modules over `services` and searches `dirs` for the rest.
@@ -53,6 +112,7 @@ pub fn new_state(
         .call::<()>(TIME_LIMIT_MARKER)?;
     lua.set_named_registry_value(LOADED_KEY, lua.create_table()?)?;
     globals.raw_set("require", require_function(&lua, dirs, services)?)?;
+    globals.raw_set("print", print_to_log(&lua)?)?;
     lua.set_memory_limit(memory_limit)?;
     Ok(lua)
 }

@@ -91,6 +91,8 @@ impl Edit {
 /// The per-connection session state behind `ctx`.
 #[derive(Debug, Default)]
 pub struct Ctx {
+    /// The client for log lines: its IP, or its host name without one.
+    pub client: String,
     /// The stage being handled.
     pub stage: Option<Stage>,
     /// HELO/EHLO argument.

@@ -29,6 +29,13 @@ return {
       local t = {}
       for i = 1, 1e9 do t[i] = string.rep("x", 1024) .. i end
     end
+    if kind == "pcall_memory" then
+      pcall(function()
+        local t = {}
+        for i = 1, 1e9 do t[i] = string.rep("x", 1024) .. i end
+      end)
+      return nil
+    end
     if kind == "badverdict" then return milter.reject{ code = 451 } end
     if kind == "badedit" then ctx:add_header("Bad Name", "x") end
     if kind == "sleep" then milter.sleep(5) end
@@ -179,4 +186,45 @@ return { connect = function(ctx) milter.sleep(0.2) end }
         "50 sleeping sessions took {elapsed:?}"
     );
     d.stop().await;
+}
+
+#[tokio::test]
+async fn the_time_limit_covers_the_whole_stage_not_each_policy() {
+    let slow = r#"
+local milter = require "milter"
+return { mail = function(ctx) milter.sleep(0.2) end }
+"#;
+    let d = TestDaemon::start(
+        &[("slow1", slow), ("slow2", slow)],
+        "[engine]\ntime_limit = \"300ms\"\n",
+    )
+    .await;
+    let started = Instant::now();
+    let status = mail_status(&d, "a@example.org").await;
+    assert_eq!(
+        reply_text(&status),
+        "451 4.3.0 Temporary policy failure, try again later"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(390),
+        "{:?}",
+        started.elapsed()
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_top_level_that_never_returns_is_stopped() {
+    let err = TestDaemon::try_start(
+        &[("spin", "while true do end\nreturn {}")],
+        "[engine]\ntime_limit = \"300ms\"\n",
+        "inet:0@127.0.0.1",
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        err.contains("spin.lua: the top level ran longer than engine.time_limit"),
+        "{err}"
+    );
 }

@@ -7,6 +7,7 @@ mod chain;
 mod cli;
 mod dns;
 mod dns_server;
+mod docs;
 mod faults;
 mod loadgen;
 mod negotiation;

@@ -152,3 +152,37 @@ async fn an_edit_the_mta_did_not_grant_is_a_policy_error() {
     );
     d.stop().await;
 }
+
+#[tokio::test]
+async fn a_connection_verdict_without_reply_answers_every_later_stage() {
+    let policy = r#"
+local milter = require "milter"
+return {
+  noreply = { "connect" },
+  connect = function(ctx, host, ip) return milter.reject{ text = "not from " .. ip } end,
+}"#;
+    let d = TestDaemon::start_unix(&[("p", policy)], "").await;
+    let mut c = d.client().await;
+    assert_eq!(
+        c.connect("h", Ipv4Addr::new(192, 0, 2, 9)).await.unwrap(),
+        Status::Noreply
+    );
+    // With a declared no-reply stage, the other stages reply even on a unix socket, so the
+    // refusal arrives at the very next stage, and again at every later one.
+    let at_helo = c.helo("h").await.unwrap();
+    assert_eq!(
+        crate::support::reply_text(&at_helo),
+        "550 5.7.1 not from 192.0.2.9"
+    );
+    let first = c.mail(["<a@b.example>"]).await.unwrap();
+    assert_eq!(
+        crate::support::reply_text(&first),
+        "550 5.7.1 not from 192.0.2.9"
+    );
+    let second = c.mail(["<a@b.example>"]).await.unwrap();
+    assert_eq!(
+        crate::support::reply_text(&second),
+        "550 5.7.1 not from 192.0.2.9"
+    );
+    d.stop().await;
+}
