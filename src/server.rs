@@ -109,12 +109,11 @@ pub fn callbacks(engine: Arc<Engine>, unix: bool) -> Callbacks<Conn> {
                 let mut args = args.iter().map(|a| lossy(a));
                 let sender = strip_angle(&args.next().unwrap_or_default());
                 let esmtp: Vec<String> = args.collect();
-                if let Some(conn) = &mut cx.data {
-                    if let Some(ctx) = &conn.ctx
-                        && let Err(e) = conn.lease.reset_message(ctx)
-                    {
-                        tracing::error!(error = %e, "cannot reset message state");
-                    }
+                if let Some(conn) = &cx.data
+                    && let Some(ctx) = &conn.ctx
+                    && let Err(e) = conn.lease.reset_message(ctx)
+                {
+                    tracing::error!(error = %e, "cannot reset message state");
                 }
                 update_ctx(&cx.data, |c| {
                     c.sender = Some(sender.clone());
