@@ -69,7 +69,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The same listener luamilter uses: TCP_NODELAY, stale unix socket replaced, removed at exit.
     let bound = BoundSocket::bind(&addr, 0o660).await?;
     let local = bound.local.clone();
-    let (listener, _socket_file) = bound.into_parts();
+    let (listener, _socket_file) = bound.into_parts()?;
     let mut term = signal(SignalKind::terminate())?;
     let shutdown = async {
         tokio::select! {

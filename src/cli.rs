@@ -94,11 +94,14 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         }
     };
     logging::init(&config.log);
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if config.engine.worker_threads > 0 {
-        runtime.worker_threads(config.engine.worker_threads);
-    }
-    let runtime = match runtime.enable_all().build() {
+    // The milter itself runs on the daemon's worker threads; this runtime carries signals,
+    // reloads, the control socket and the services' background tasks.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("luamilter-main")
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("luamilter: cannot start the runtime: {e}");

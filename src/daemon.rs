@@ -1,16 +1,24 @@
-//! The running daemon: builds the first generation, binds the socket, serves until shutdown.
+//! The running daemon: builds the first generation, binds the socket, and serves it from one
+//! thread per core, each with its own single-threaded runtime and its own Lua state.
+//!
+//! Why threads with their own runtimes rather than one work-stealing runtime: a Lua state is
+//! used by one thread at a time (mlua's `send` states sit behind a mutex), so with a shared
+//! runtime two workers often wanted the same state and one of them blocked. With a runtime and a
+//! state per thread, a connection lives on one thread from accept to close, the state's lock is
+//! never contended, and no wakeup crosses threads. The kernel spreads new connections over the
+//! threads, which all accept on the same socket.
 
 use crate::{
     config::Config,
     control::ControlSocket,
     engine::{Engine, Generation},
-    listen::{BoundSocket, ListenAddr},
+    listen::{BoundSocket, ListenAddr, SocketFileGuard},
     reload::{self, Reloader},
     server,
     services::Services,
 };
-use std::{sync::Arc, time::Duration};
-use tokio::{sync::watch, task::JoinHandle};
+use std::{sync::Arc, thread::JoinHandle, time::Duration};
+use tokio::sync::watch;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -29,9 +37,12 @@ pub enum StartError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A worker thread could not be started.
+    #[error("cannot start a worker thread: {0}")]
+    Worker(std::io::Error),
 }
 
-/// A daemon serving in the background of the current tokio runtime.
+/// A daemon serving in the background.
 pub struct Daemon {
     /// The address actually listened on (a configured port 0 is resolved).
     pub local: ListenAddr,
@@ -40,29 +51,29 @@ pub struct Daemon {
     /// Builds and installs new generations (file changes, SIGHUP, `ctl reload`).
     pub reloader: Arc<Reloader>,
     shutdown: watch::Sender<bool>,
-    task: JoinHandle<std::io::Result<()>>,
-    watcher: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
     _control: Option<ControlSocket>,
+    _socket_file: SocketFileGuard,
 }
 
-/// Lua states per generation when the config says 0: one per tokio worker thread.
-pub fn default_vm_count() -> usize {
-    tokio::runtime::Handle::try_current()
-        .map(|h| h.metrics().num_workers())
-        .unwrap_or(1)
+/// Worker threads for `config`: `engine.worker_threads`, or one per CPU when that is 0.
+pub fn worker_count(config: &Config) -> usize {
+    match config.engine.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
 }
 
 impl Daemon {
-    /// Loads the policies, binds the socket and starts serving.
+    /// Loads the policies, binds the socket and starts the worker threads. Call it inside a
+    /// tokio runtime: control, reload and the services' background tasks run there.
     pub async fn start(config: Config) -> Result<Daemon, StartError> {
         let config = Arc::new(config);
+        let workers = worker_count(&config);
         let services = Arc::new(Services::start(&config).map_err(StartError::Services)?);
-        let generation = Generation::build(
-            Arc::clone(&config),
-            Arc::clone(&services),
-            default_vm_count(),
-        )
-        .map_err(StartError::Policies)?;
+        let generation = Generation::build(Arc::clone(&config), Arc::clone(&services), workers)
+            .map_err(StartError::Policies)?;
         tracing::info!(
             generation = generation.id,
             vms = generation.vm_count(),
@@ -74,7 +85,7 @@ impl Daemon {
             Arc::clone(&engine),
             services,
             Arc::clone(&config),
-            default_vm_count(),
+            workers,
         ));
         let addr = &config.milter.listen;
         let bound = BoundSocket::bind(addr, config.milter.socket_mode)
@@ -83,24 +94,53 @@ impl Daemon {
                 addr: addr.clone(),
                 source,
             })?;
+        let bound = Arc::new(bound);
         let local = bound.local.clone();
-        let unix = matches!(local, ListenAddr::Unix(_));
-        let (listener, socket_guard) = bound.into_parts();
         let milter_config = indymilter::Config {
-            max_connections: config.milter.max_connections,
+            // indymilter counts per run; each thread runs its own.
+            max_connections: config.milter.max_connections.div_ceil(workers),
             connection_timeout: config.milter.connection_timeout,
             ..Default::default()
         };
-        let callbacks = server::callbacks(Arc::clone(&engine), unix);
-        let (shutdown, mut stop) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            let _socket_guard = socket_guard;
-            let stopped = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            indymilter::run(listener, callbacks, milter_config, stopped).await
-        });
-        tracing::info!(listen = %local, "luamilter listening");
+        let (shutdown, stop) = watch::channel(false);
+        let mut threads = Vec::with_capacity(workers);
+        for index in 0..workers {
+            let engine = Arc::clone(&engine);
+            let bound = Arc::clone(&bound);
+            let milter_config = milter_config.clone();
+            let mut stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("milter-{index}"))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(error = %e, "worker {index}: cannot start its runtime");
+                            return;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        let listener = match bound.adopt() {
+                            Ok(l) => l,
+                            Err(e) => {
+                                tracing::error!(error = %e, "worker {index}: cannot listen");
+                                return;
+                            }
+                        };
+                        let unix = matches!(bound.local, ListenAddr::Unix(_));
+                        let callbacks = server::callbacks(engine, unix, index);
+                        let stopped = async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        };
+                        if let Err(e) = indymilter::run(listener, callbacks, milter_config, stopped).await {
+                            tracing::error!(error = %e, "worker {index}: milter server ended with an error");
+                        }
+                    });
+                })
+                .map_err(StartError::Worker)?;
+            threads.push(thread);
+        }
+        tracing::info!(listen = %local, workers, "luamilter listening");
         let control_path = config.milter.control_socket_path();
         let control = match ControlSocket::serve(&control_path, Arc::clone(&reloader)) {
             Ok(c) => Some(c),
@@ -122,9 +162,10 @@ impl Daemon {
             engine,
             reloader,
             shutdown,
-            task,
+            workers: threads,
             watcher,
             _control: control,
+            _socket_file: bound.guard(),
         })
     }
 
@@ -135,11 +176,14 @@ impl Daemon {
             watcher.abort();
         }
         let _ = self.shutdown.send(true);
-        match tokio::time::timeout(grace, self.task).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::error!(error = %e, "milter server ended with an error"),
-            Ok(Err(e)) => tracing::error!(error = %e, "milter server task failed"),
-            Err(_) => tracing::warn!("sessions still open after {grace:?}; exiting anyway"),
+        let workers = self.workers;
+        let joined = tokio::task::spawn_blocking(move || {
+            for worker in workers {
+                let _ = worker.join();
+            }
+        });
+        if tokio::time::timeout(grace, joined).await.is_err() {
+            tracing::warn!("sessions still open after {grace:?}; exiting anyway");
         }
     }
 }

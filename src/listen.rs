@@ -119,13 +119,19 @@ impl Listener for NoDelayListener {
 /// The listener type the server runs on.
 pub type MilterListener = EitherListener<NoDelayListener, UnixListener>;
 
-/// A bound milter socket; a unix socket file is removed again when this is dropped.
+/// A bound milter socket, not yet tied to a runtime: every worker thread adopts a clone of it
+/// in its own runtime. A unix socket file is removed again when the guard from
+/// [`BoundSocket::into_parts`] or [`BoundSocket::guard`] is dropped.
 pub struct BoundSocket {
-    /// The listener to hand to indymilter.
-    pub listener: MilterListener,
+    socket: StdSocket,
     /// The address actually bound (port 0 resolved to the real port).
     pub local: ListenAddr,
     unix_path: Option<PathBuf>,
+}
+
+enum StdSocket {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
 }
 
 impl BoundSocket {
@@ -134,20 +140,22 @@ impl BoundSocket {
     pub async fn bind(addr: &ListenAddr, mode: u32) -> io::Result<BoundSocket> {
         match addr {
             ListenAddr::Inet(sa) => {
-                let tcp = TcpListener::bind(sa).await?;
+                let tcp = std::net::TcpListener::bind(sa)?;
+                tcp.set_nonblocking(true)?;
                 let local = ListenAddr::Inet(tcp.local_addr()?);
                 Ok(BoundSocket {
-                    listener: EitherListener::Tcp(NoDelayListener(tcp)),
+                    socket: StdSocket::Tcp(tcp),
                     local,
                     unix_path: None,
                 })
             }
             ListenAddr::Unix(path) => {
                 remove_stale_socket(path).await?;
-                let unix = UnixListener::bind(path)?;
+                let unix = std::os::unix::net::UnixListener::bind(path)?;
+                unix.set_nonblocking(true)?;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
                 Ok(BoundSocket {
-                    listener: EitherListener::Unix(unix),
+                    socket: StdSocket::Unix(unix),
                     local: addr.clone(),
                     unix_path: Some(path.clone()),
                 })
@@ -155,9 +163,28 @@ impl BoundSocket {
         }
     }
 
-    /// Splits off the listener; the returned guard removes the socket file when dropped.
-    pub fn into_parts(self) -> (MilterListener, SocketFileGuard) {
-        (self.listener, SocketFileGuard(self.unix_path))
+    /// A listener on this socket for the current tokio runtime (call it inside the runtime
+    /// that will accept on it). Several runtimes may each adopt one: the kernel hands every
+    /// new connection to one of them.
+    pub fn adopt(&self) -> io::Result<MilterListener> {
+        Ok(match &self.socket {
+            StdSocket::Tcp(tcp) => {
+                EitherListener::Tcp(NoDelayListener(TcpListener::from_std(tcp.try_clone()?)?))
+            }
+            StdSocket::Unix(unix) => {
+                EitherListener::Unix(UnixListener::from_std(unix.try_clone()?)?)
+            }
+        })
+    }
+
+    /// The guard that removes the socket file when dropped.
+    pub fn guard(&self) -> SocketFileGuard {
+        SocketFileGuard(self.unix_path.clone())
+    }
+
+    /// A listener for the current runtime and the socket-file guard.
+    pub fn into_parts(self) -> io::Result<(MilterListener, SocketFileGuard)> {
+        Ok((self.adopt()?, self.guard()))
     }
 }
 

@@ -3,7 +3,7 @@
 //! into milter replies and actions.
 
 use crate::{
-    engine::{Engine, Outcome, SUPPORTED_ACTIONS, StageArgs, VmLease},
+    engine::{Engine, Outcome, SUPPORTED_ACTIONS, StageArgs, VmLease, stages_sent},
     lua_api::{
         ctx::{ClientInfo, Ctx, Edit},
         verdict::Verdict,
@@ -31,10 +31,28 @@ pub struct Conn {
     /// A final verdict given at connect or helo without a reply: it answers every later stage
     /// of the connection that can reply, as the refusal of a connection would.
     pending_connection: Option<Verdict>,
+    /// The client for log lines (its IP, else its host name).
     client: String,
+    /// What the MTA said at connect (unknown when the connect stage is not negotiated).
+    client_info: ClientInfo,
 }
 
 impl Conn {
+    /// The session's `ctx`, created when first needed.
+    fn ctx(&mut self) -> Option<AnyUserData> {
+        if self.ctx.is_none() {
+            let sent = stages_sent(self.opts);
+            match self
+                .lease
+                .new_ctx(self.client_info.clone(), self.actions, sent)
+            {
+                Ok(ctx) => self.ctx = Some(ctx),
+                Err(e) => tracing::error!(error = %e, "cannot create the session context"),
+            }
+        }
+        self.ctx.clone()
+    }
+
     fn noreply(&self, stage: Stage) -> bool {
         noreply_flag(stage).is_some_and(|f| self.opts.contains(f))
     }
@@ -82,18 +100,26 @@ fn macro_snapshot(macros: &Macros) -> impl Iterator<Item = (String, String)> {
         .map(|(k, v)| (lossy(&k), lossy(&v)))
 }
 
-/// Builds the indymilter callbacks over `engine`. `unix` tells whether the socket is a unix
-/// socket, where stages that only collect data are negotiated without replies.
-pub fn callbacks(engine: Arc<Engine>, unix: bool) -> Callbacks<Conn> {
+/// Builds the indymilter callbacks over `engine` for worker thread `worker` (its connections
+/// run on that worker's Lua state). `unix` tells whether the socket is a unix socket, where
+/// stages that only collect data are negotiated without replies.
+pub fn callbacks(engine: Arc<Engine>, unix: bool, worker: usize) -> Callbacks<Conn> {
     Callbacks::new()
         .on_negotiate(move |cx, actions, opts| {
-            Box::pin(negotiate(Arc::clone(&engine), unix, cx, actions, opts))
+            Box::pin(negotiate(
+                Arc::clone(&engine),
+                unix,
+                worker,
+                cx,
+                actions,
+                opts,
+            ))
         })
         .on_connect(|cx, hostname, socket| Box::pin(connect(cx, hostname, socket)))
         .on_helo(|cx, name| {
             Box::pin(async move {
                 let name = lossy(&name);
-                update_ctx(&cx.data, |c| c.helo = Some(name.clone()));
+                update_ctx(&mut cx.data, |c| c.helo = Some(name.clone()));
                 stage(
                     &mut cx.data,
                     &cx.macros,
@@ -115,7 +141,7 @@ pub fn callbacks(engine: Arc<Engine>, unix: bool) -> Callbacks<Conn> {
                 {
                     tracing::error!(error = %e, "cannot reset message state");
                 }
-                update_ctx(&cx.data, |c| {
+                update_ctx(&mut cx.data, |c| {
                     c.sender = Some(sender.clone());
                     c.sender_args = esmtp.clone();
                 });
@@ -143,7 +169,7 @@ pub fn callbacks(engine: Arc<Engine>, unix: bool) -> Callbacks<Conn> {
                 )
                 .await;
                 if !matches!(status, Status::Reject | Status::Tempfail) {
-                    update_ctx(&cx.data, |c| c.recipients.push(rcpt));
+                    update_ctx(&mut cx.data, |c| c.recipients.push(rcpt));
                 }
                 status
             })
@@ -160,7 +186,9 @@ pub fn callbacks(engine: Arc<Engine>, unix: bool) -> Callbacks<Conn> {
         .on_header(|cx, name, value| {
             Box::pin(async move {
                 let (name, value) = (lossy(&name), lossy(&value));
-                update_ctx(&cx.data, |c| c.headers.push((name.clone(), value.clone())));
+                update_ctx(&mut cx.data, |c| {
+                    c.headers.push((name.clone(), value.clone()))
+                });
                 stage(
                     &mut cx.data,
                     &cx.macros,
@@ -241,6 +269,7 @@ pub fn callbacks(engine: Arc<Engine>, unix: bool) -> Callbacks<Conn> {
 async fn negotiate(
     engine: Arc<Engine>,
     unix: bool,
+    worker: usize,
     cx: &mut NegotiateContext<Conn>,
     offered_actions: Actions,
     offered_opts: ProtoOpts,
@@ -255,13 +284,17 @@ async fn negotiate(
     cx.requested_opts |= wanted & offered_opts;
     cx.requested_macros = plan.macros.clone();
     let conn = Conn {
-        lease: generation.lease(),
+        lease: generation.lease(worker),
         ctx: None,
         opts: cx.requested_opts,
         actions: cx.requested_actions,
         pending: None,
         pending_connection: None,
-        client: String::new(),
+        client: "-".to_string(),
+        client_info: ClientInfo {
+            family: "unknown",
+            ..ClientInfo::default()
+        },
     };
     cx.data = Some(conn);
     Status::Continue
@@ -293,14 +326,7 @@ async fn connect(
     let ip = client.ip.map(|ip| ip.to_string());
     if let Some(conn) = &mut cx.data {
         conn.client = ip.clone().unwrap_or_else(|| hostname.clone());
-        let headers_sent = !conn.opts.contains(ProtoOpts::NO_HEADER);
-        match conn.lease.new_ctx(client, conn.actions, headers_sent) {
-            Ok(ctx) => conn.ctx = Some(ctx),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot create the session context");
-                return Status::Tempfail;
-            }
-        }
+        conn.client_info = client;
     }
     stage(
         &mut cx.data,
@@ -312,8 +338,9 @@ async fn connect(
     .await
 }
 
-fn update_ctx(data: &Option<Conn>, f: impl FnOnce(&mut Ctx)) {
-    if let Some(ctx) = data.as_ref().and_then(|c| c.ctx.as_ref()) {
+/// Records a fact of the session in `ctx`.
+fn update_ctx(data: &mut Option<Conn>, f: impl FnOnce(&mut Ctx)) {
+    if let Some(ctx) = data.as_mut().and_then(Conn::ctx) {
         let _ = ctx.borrow_mut_scoped::<Ctx, _>(f);
     }
 }
@@ -375,7 +402,7 @@ async fn decide(
     if !generation.handles(stage) {
         return None;
     }
-    let ctx = conn.ctx.clone()?;
+    let ctx = conn.ctx()?;
     let _ = ctx.borrow_mut_scoped::<Ctx, _>(|c| {
         c.set_macros(macro_snapshot(macros));
         c.progress = progress;
@@ -480,6 +507,14 @@ async fn eom(
     }
     if !verdict.is_final() {
         log_decision(conn, macros, Stage::Eom, "-", &Verdict::Accept);
+    }
+    // The message is over: its state must not leak into the next one, whether or not the MTA
+    // sends MAIL (negotiation may skip it).
+    conn.pending = None;
+    if let Some(ctx) = &conn.ctx
+        && let Err(e) = conn.lease.reset_message(ctx)
+    {
+        tracing::error!(error = %e, "cannot reset message state");
     }
     answer(reply, &verdict)
 }

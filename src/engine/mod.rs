@@ -97,9 +97,42 @@ pub struct Plan {
     pub collect_only: ProtoOpts,
     /// Macros to request per stage (empty: the MTA's defaults).
     pub macros: HashMap<MacroStage, CString>,
-    /// Whether the header stage is sent.
-    pub headers: bool,
 }
+
+/// Per stage index, whether the MTA sends that stage under the negotiated options.
+pub fn stages_sent(opts: ProtoOpts) -> [bool; 12] {
+    let mut sent = [true; 12];
+    for (stage, no, _) in STAGE_FLAGS {
+        sent[stage.index()] = !opts.contains(no);
+    }
+    sent
+}
+
+/// The stages negotiation can skip: the stage, its NO_ flag and its NOREPLY_ flag. A stage is
+/// sent when a policy handles it or `needs` its data.
+const STAGE_FLAGS: [(Stage, ProtoOpts, ProtoOpts); 9] = [
+    (
+        Stage::Connect,
+        ProtoOpts::NO_CONNECT,
+        ProtoOpts::NOREPLY_CONNECT,
+    ),
+    (Stage::Helo, ProtoOpts::NO_HELO, ProtoOpts::NOREPLY_HELO),
+    (Stage::Mail, ProtoOpts::NO_MAIL, ProtoOpts::NOREPLY_MAIL),
+    (Stage::Rcpt, ProtoOpts::NO_RCPT, ProtoOpts::NOREPLY_RCPT),
+    (Stage::Data, ProtoOpts::NO_DATA, ProtoOpts::NOREPLY_DATA),
+    (
+        Stage::Header,
+        ProtoOpts::NO_HEADER,
+        ProtoOpts::NOREPLY_HEADER,
+    ),
+    (Stage::Eoh, ProtoOpts::NO_EOH, ProtoOpts::NOREPLY_EOH),
+    (Stage::Body, ProtoOpts::NO_BODY, ProtoOpts::NOREPLY_BODY),
+    (
+        Stage::Unknown,
+        ProtoOpts::NO_UNKNOWN,
+        ProtoOpts::NOREPLY_UNKNOWN,
+    ),
+];
 
 /// The actions luamilter can perform at end of message; requested masked by the MTA's offer.
 pub const SUPPORTED_ACTIONS: Actions = Actions::ADD_HEADER
@@ -174,16 +207,16 @@ impl VmLease {
         &self.generation.vms[self.vm]
     }
 
-    /// Creates the connection's `ctx`.
+    /// Creates the connection's `ctx`; `sent` tells which stages the MTA sends (negotiated).
     pub fn new_ctx(
         &self,
         client: ClientInfo,
         actions: Actions,
-        headers_sent: bool,
+        sent: [bool; 12],
     ) -> mlua::Result<AnyUserData> {
         let ctx = Ctx {
             actions,
-            headers_sent,
+            sent,
             ..Ctx::default()
         };
         Ctx::create(&self.vm().lua, ctx, client)
@@ -355,11 +388,9 @@ impl Generation {
         })
     }
 
-    /// Pins a new connection to the least busy Lua state.
-    pub fn lease(self: &Arc<Self>) -> VmLease {
-        let vm = (0..self.vms.len())
-            .min_by_key(|&i| self.vms[i].connections.load(Ordering::Relaxed))
-            .unwrap_or(0);
+    /// Pins a new connection of worker thread `worker` to that worker's Lua state.
+    pub fn lease(self: &Arc<Self>, worker: usize) -> VmLease {
+        let vm = worker % self.vms.len();
         self.vms[vm].connections.fetch_add(1, Ordering::Relaxed);
         VmLease {
             generation: Arc::clone(self),
@@ -539,41 +570,21 @@ fn bad_return(value: &Value) -> String {
 
 impl Plan {
     fn from_policies(decls: &[PolicyDecl]) -> Plan {
-        let handled = |s: Stage| decls.iter().any(|d| d.handles[s.index()]);
-        let headers = handled(Stage::Header) || decls.iter().any(|d| d.needs_headers);
+        let needed = |s: Stage| decls.iter().any(|d| d.needs.contains(&s));
         let mut skip = ProtoOpts::empty();
-        for (stage, flag) in [
-            (Stage::Data, ProtoOpts::NO_DATA),
-            (Stage::Eoh, ProtoOpts::NO_EOH),
-            (Stage::Body, ProtoOpts::NO_BODY),
-            (Stage::Unknown, ProtoOpts::NO_UNKNOWN),
-        ] {
-            if !handled(stage) {
-                skip |= flag;
-            }
-        }
-        if !headers {
-            skip |= ProtoOpts::NO_HEADER;
-        }
         let mut noreply = ProtoOpts::empty();
         let mut collect_only = ProtoOpts::empty();
-        for (stage, flag) in [
-            (Stage::Connect, ProtoOpts::NOREPLY_CONNECT),
-            (Stage::Helo, ProtoOpts::NOREPLY_HELO),
-            (Stage::Mail, ProtoOpts::NOREPLY_MAIL),
-            (Stage::Rcpt, ProtoOpts::NOREPLY_RCPT),
-            (Stage::Data, ProtoOpts::NOREPLY_DATA),
-            (Stage::Header, ProtoOpts::NOREPLY_HEADER),
-            (Stage::Eoh, ProtoOpts::NOREPLY_EOH),
-            (Stage::Body, ProtoOpts::NOREPLY_BODY),
-            (Stage::Unknown, ProtoOpts::NOREPLY_UNKNOWN),
-        ] {
+        for (stage, no, no_reply) in STAGE_FLAGS {
             let handlers: Vec<&PolicyDecl> =
                 decls.iter().filter(|d| d.handles[stage.index()]).collect();
             if handlers.is_empty() {
-                collect_only |= flag;
+                if needed(stage) {
+                    collect_only |= no_reply;
+                } else {
+                    skip |= no;
+                }
             } else if handlers.iter().all(|d| d.noreply.contains(&stage)) {
-                noreply |= flag;
+                noreply |= no_reply;
             }
         }
         // A verdict from a declared no-reply handler is owed to the next stage that replies;
@@ -611,7 +622,6 @@ impl Plan {
             noreply,
             collect_only,
             macros,
-            headers,
         }
     }
 }

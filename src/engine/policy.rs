@@ -2,8 +2,9 @@
 //!
 //! A policy returns a table whose keys are the stage handlers plus these declarations:
 //! `name` (must match the file), `description`, `options` (defaults), `needs` (data the policy
-//! reads without handling its stage: `"headers"`), `noreply` (stages whose handlers never
-//! answer), `macros` (per stage, the macros to ask the MTA for).
+//! reads without handling its stage: `"client"`, `"helo"`, `"sender"`, `"recipients"`,
+//! `"headers"`), `noreply` (stages whose handlers never answer), `macros` (per stage, the
+//! macros to ask the MTA for).
 
 use super::options::{self, Override};
 use super::sandbox;
@@ -22,7 +23,14 @@ const DECLARATION_KEYS: &[&str] = &[
     "noreply",
     "macros",
 ];
-const NEEDS: &[&str] = &["headers"];
+/// What `needs` can name, and the stage that brings it.
+const NEEDS: &[(&str, Stage)] = &[
+    ("client", Stage::Connect),
+    ("helo", Stage::Helo),
+    ("sender", Stage::Mail),
+    ("recipients", Stage::Rcpt),
+    ("headers", Stage::Header),
+];
 
 /// A policy's source: its name, file and text.
 #[derive(Clone, Debug)]
@@ -73,8 +81,8 @@ pub struct PolicyDecl {
     pub handles: [bool; 12],
     /// Stages whose handlers are declared not to answer.
     pub noreply: Vec<Stage>,
-    /// Whether it reads headers without a header handler.
-    pub needs_headers: bool,
+    /// Stages whose data it reads without handling the stage (`needs`).
+    pub needs: Vec<Stage>,
     /// Macros to request, per stage.
     pub macros: BTreeMap<Stage, Vec<String>>,
     /// Effective options, rendered for `luamilter check`.
@@ -130,7 +138,7 @@ pub fn load(
         path: source.path.clone(),
         handles: [false; 12],
         noreply: Vec::new(),
-        needs_headers: false,
+        needs: Vec::new(),
         macros: BTreeMap::new(),
         options: BTreeMap::new(),
     };
@@ -184,13 +192,16 @@ pub fn load(
             },
             "needs" => string_list(&value, "needs").and_then(|items| {
                 for item in items {
-                    if !NEEDS.contains(&item.as_str()) {
-                        return Err(format!(
-                            "'needs' entry {item:?} is unknown (known: {})",
-                            NEEDS.join(", ")
-                        ));
+                    match NEEDS.iter().find(|(name, _)| *name == item) {
+                        Some((_, stage)) => decl.needs.push(*stage),
+                        None => {
+                            let known: Vec<&str> = NEEDS.iter().map(|(n, _)| *n).collect();
+                            return Err(format!(
+                                "'needs' entry {item:?} is unknown (known: {})",
+                                known.join(", ")
+                            ));
+                        }
                     }
-                    decl.needs_headers = true;
                 }
                 Ok(())
             }),

@@ -105,8 +105,8 @@ pub struct Ctx {
     pub recipients: Vec<String>,
     /// Headers seen so far in this message.
     pub headers: Vec<(String, String)>,
-    /// Whether the MTA sends headers on this connection.
-    pub headers_sent: bool,
+    /// Per stage index: whether the MTA sends that stage on this connection.
+    pub sent: [bool; 12],
     /// Macros known at this stage, keyed without braces.
     pub macros: HashMap<String, String>,
     /// Index of the policy whose handler is running (selects `ctx.vars`).
@@ -155,6 +155,25 @@ impl Ctx {
         self.macros.get(strip_braces(name)).map(String::as_str)
     }
 
+    /// Fails unless the MTA sends the stage that carries `what` (negotiation skips stages no
+    /// policy handles or declares in `needs`).
+    fn require_sent(&self, what: &str) -> mlua::Result<()> {
+        let (stage, need) = match what {
+            "ctx.client" => (Stage::Connect, "client"),
+            "ctx.helo" => (Stage::Helo, "helo"),
+            "ctx.sender" | "ctx.sender_args" => (Stage::Mail, "sender"),
+            "ctx.recipients" => (Stage::Rcpt, "recipients"),
+            _ => (Stage::Header, "headers"),
+        };
+        if self.sent[stage.index()] {
+            return Ok(());
+        }
+        Err(mlua::Error::runtime(format!(
+            "{what}: the MTA does not send the {stage} stage on this connection; add a {stage} \
+             handler or `needs = {{ \"{need}\" }}` to the policy"
+        )))
+    }
+
     fn stage_name(&self) -> &'static str {
         self.stage.map(Stage::name).unwrap_or("none")
     }
@@ -191,12 +210,7 @@ impl Ctx {
                 )));
             }
         }
-        if !self.headers_sent {
-            return Err(mlua::Error::runtime(
-                "ctx.headers: the MTA does not send headers on this connection; \
-                 add a header handler or `needs = { \"headers\" }` to the policy",
-            ));
-        }
+        self.require_sent("ctx.headers")?;
         let t = lua.create_table_with_capacity(self.headers.len(), 0)?;
         for (i, (name, value)) in self.headers.iter().enumerate() {
             let h = lua.create_table_with_capacity(0, 2)?;
@@ -255,12 +269,20 @@ fn check_index(what: &str, index: i64, min: i64) -> mlua::Result<i32> {
 impl UserData for Ctx {
     fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
         fields.add_field_method_get("stage", |_, c| Ok(c.stage_name()));
-        fields.add_field_method_get("helo", |_, c| Ok(c.helo.clone()));
-        fields.add_field_method_get("sender", |_, c| Ok(c.sender.clone()));
+        fields.add_field_method_get("helo", |_, c| {
+            c.require_sent("ctx.helo")?;
+            Ok(c.helo.clone())
+        });
+        fields.add_field_method_get("sender", |_, c| {
+            c.require_sent("ctx.sender")?;
+            Ok(c.sender.clone())
+        });
         fields.add_field_method_get("sender_args", |lua, c| {
+            c.require_sent("ctx.sender_args")?;
             lua.create_sequence_from(c.sender_args.iter().map(String::as_str))
         });
         fields.add_field_method_get("recipients", |lua, c| {
+            c.require_sent("ctx.recipients")?;
             lua.create_sequence_from(c.recipients.iter().map(String::as_str))
         });
         fields.add_field_method_get("headers", |lua, c| c.headers_table(lua));
@@ -272,7 +294,10 @@ impl UserData for Ctx {
                 .filter(|a| !a.is_empty())
                 .map(str::to_string))
         });
-        fields.add_field_function_get("client", |_, ud| ud.nth_user_value::<Value>(CLIENT_SLOT));
+        fields.add_field_function_get("client", |_, ud| {
+            ud.borrow::<Ctx>()?.require_sent("ctx.client")?;
+            ud.nth_user_value::<Value>(CLIENT_SLOT)
+        });
         fields.add_field_function_get("msg", |_, ud| ud.nth_user_value::<Table>(MSG_SLOT));
         fields.add_field_function_get("vars", |lua, ud| {
             let policy = ud.borrow::<Ctx>()?.policy;
@@ -293,12 +318,7 @@ impl UserData for Ctx {
             Ok(c.macro_value(&name).map(str::to_string))
         });
         methods.add_method("header", |_, c, (name, n): (String, Option<usize>)| {
-            if !c.headers_sent {
-                return Err(mlua::Error::runtime(
-                    "ctx:header: the MTA does not send headers on this connection; \
-                     add a header handler or `needs = { \"headers\" }` to the policy",
-                ));
-            }
+            c.require_sent("ctx:header")?;
             let n = n.unwrap_or(1).max(1);
             Ok(c.headers
                 .iter()

@@ -131,17 +131,12 @@ async fn run_reloads_on_sighup_and_answers_ctl() {
     let refused = |sender: &'static str| {
         let sock = sock.clone();
         async move {
-            let mut c = indymilter_test::TestConnection::configure()
-                .open_unix(&sock)
-                .await
-                .unwrap();
-            c.connect("h", std::net::Ipv4Addr::LOCALHOST).await.unwrap();
-            c.mail([format!("<{sender}>")]).await.unwrap();
-            // Over a unix socket the mail stage is answered only when a policy handles it.
-            let mut probe = indymilter_test::TestConnection::configure()
-                .open_unix(&sock)
-                .await
-                .unwrap();
+            let mut probe = crate::support::Mta(
+                indymilter_test::TestConnection::configure()
+                    .open_unix(&sock)
+                    .await
+                    .unwrap(),
+            );
             probe
                 .connect("h", std::net::Ipv4Addr::LOCALHOST)
                 .await

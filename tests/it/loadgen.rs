@@ -107,7 +107,8 @@ async fn baseline_over_unix_socket() {
     let (listener, _socket_file) = BoundSocket::bind(&socket, 0o600)
         .await
         .unwrap()
-        .into_parts();
+        .into_parts()
+        .unwrap();
     let milter = start_baseline(listener);
 
     let report = loadgen::run(args(socket.clone(), 300, 2048, 0.1))
@@ -133,7 +134,7 @@ async fn baseline_over_tcp() {
         .await
         .unwrap();
     let socket = bound.local.clone();
-    let (listener, _) = bound.into_parts();
+    let (listener, _) = bound.into_parts().unwrap();
     let milter = start_baseline(listener);
 
     let report = loadgen::run(args(socket, 200, 100 * 1024, 0.25))
@@ -204,7 +205,7 @@ async fn postfix_reactions_to_every_stage() {
         .await
         .unwrap();
     let socket = bound.local.clone();
-    let (listener, _) = bound.into_parts();
+    let (listener, _) = bound.into_parts().unwrap();
     let seen = Arc::new(Seen::default());
     let callbacks = staged_callbacks(seen.clone());
     let milter =

@@ -18,7 +18,11 @@ async fn stages_nobody_handles_are_skipped() {
     let d = TestDaemon::start(&[("p", MAIL_AND_EOM)], "").await;
     let c = d.client().await;
     let opts = c.negotiated_opts();
+    // Only mail and eom are handled: like a native milter, everything else is skipped.
     for skipped in [
+        ProtoOpts::NO_CONNECT,
+        ProtoOpts::NO_HELO,
+        ProtoOpts::NO_RCPT,
         ProtoOpts::NO_DATA,
         ProtoOpts::NO_HEADER,
         ProtoOpts::NO_EOH,
@@ -27,17 +31,8 @@ async fn stages_nobody_handles_are_skipped() {
     ] {
         assert!(opts.contains(skipped), "{skipped:?} in {opts:?}");
     }
-    // Envelope stages are always sent (ctx.client, ctx.helo, ctx.recipients rely on them);
-    // over TCP they are answered, so nothing waits on Nagle.
-    for sent in [
-        ProtoOpts::NO_CONNECT,
-        ProtoOpts::NO_HELO,
-        ProtoOpts::NO_MAIL,
-        ProtoOpts::NO_RCPT,
-    ] {
-        assert!(!opts.contains(sent), "{sent:?} in {opts:?}");
-    }
-    assert!(!opts.intersects(ProtoOpts::NOREPLY_HELO | ProtoOpts::NOREPLY_MAIL));
+    assert!(!opts.contains(ProtoOpts::NO_MAIL));
+    assert!(!opts.intersects(ProtoOpts::NOREPLY_MAIL));
     assert_eq!(c.negotiated_actions(), luamilter::engine::SUPPORTED_ACTIONS);
     d.stop().await;
 }
@@ -46,32 +41,35 @@ async fn stages_nobody_handles_are_skipped() {
 async fn a_body_handler_gets_the_body_and_unix_skips_replies_for_collected_stages() {
     let policy = r#"
 return {
+  needs = { "client", "recipients" },
   body = function(ctx, chunk) ctx.msg.size = (ctx.msg.size or 0) + #chunk end,
-  eom = function(ctx) ctx:add_header("X-Size", tostring(ctx.msg.size)) end,
+  eom = function(ctx)
+    ctx:add_header("X-Size", tostring(ctx.msg.size))
+    ctx:add_header("X-Seen", ctx.client.ip .. " " .. table.concat(ctx.recipients, ","))
+  end,
 }"#;
     let d = TestDaemon::start_unix(&[("p", policy)], "").await;
     let mut c = d.client().await;
     let opts = c.negotiated_opts();
     assert!(!opts.contains(ProtoOpts::NO_BODY));
     assert!(opts.contains(ProtoOpts::NO_HEADER));
-    for noreply in [
-        ProtoOpts::NOREPLY_CONNECT,
-        ProtoOpts::NOREPLY_HELO,
-        ProtoOpts::NOREPLY_MAIL,
-        ProtoOpts::NOREPLY_RCPT,
-    ] {
+    // Needed but not handled: sent without waiting for a reply over a unix socket.
+    for noreply in [ProtoOpts::NOREPLY_CONNECT, ProtoOpts::NOREPLY_RCPT] {
         assert!(opts.contains(noreply), "{noreply:?} in {opts:?}");
     }
+    // Neither handled nor needed: not sent at all.
+    assert!(opts.contains(ProtoOpts::NO_HELO | ProtoOpts::NO_MAIL));
     assert!(!opts.contains(ProtoOpts::NOREPLY_BODY));
     assert_eq!(
         c.connect("h", Ipv4Addr::LOCALHOST).await.unwrap(),
         Status::Noreply
     );
-    assert_eq!(c.mail(["<a@b.example>"]).await.unwrap(), Status::Noreply);
+    assert_eq!(c.mail(["<a@b.example>"]).await.unwrap(), Status::Skip);
     assert_eq!(c.rcpt(["<r@b.example>"]).await.unwrap(), Status::Noreply);
     assert_eq!(c.body(vec![b'x'; 70_000]).await.unwrap(), Status::Continue);
     let (actions, _) = c.eom().await.unwrap();
     assert!(actions.has_add_header("X-Size", "70000"));
+    assert!(actions.has_add_header("X-Seen", "127.0.0.1 r@b.example"));
     d.stop().await;
 }
 
@@ -159,6 +157,7 @@ async fn a_connection_verdict_without_reply_answers_every_later_stage() {
 local milter = require "milter"
 return {
   noreply = { "connect" },
+  needs = { "helo", "sender" },
   connect = function(ctx, host, ip) return milter.reject{ text = "not from " .. ip } end,
 }"#;
     let d = TestDaemon::start_unix(&[("p", policy)], "").await;
@@ -184,5 +183,23 @@ return {
         crate::support::reply_text(&second),
         "550 5.7.1 not from 192.0.2.9"
     );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn reading_data_of_a_stage_that_is_not_sent_says_what_to_declare() {
+    let policy = r#"return { eom = function(ctx) ctx:add_header("X-Helo", ctx.helo) end }"#;
+    let d = TestDaemon::start(
+        &[("p", policy)],
+        "[engine]\nexception_policy = \"continue\"\n",
+    )
+    .await;
+    let mut c = d.client().await;
+    assert_eq!(c.helo("h").await.unwrap(), Status::Skip);
+    c.rcpt(["<r@b.example>"]).await.unwrap();
+    let (actions, status) = c.eom().await.unwrap();
+    // The handler failed (logged with the hint `needs = { "helo" }`); continue lets it pass.
+    assert_eq!(status, Status::Continue);
+    assert!(actions.actions.is_empty());
     d.stop().await;
 }

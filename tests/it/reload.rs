@@ -1,7 +1,7 @@
 //! Hot reload through real files, a real watcher and real milter connections.
 
-use crate::support::TestDaemon;
-use indymilter_test::{Status, TestConnection};
+use crate::support::{Mta, TestDaemon};
+use indymilter_test::Status;
 use luamilter::{control, engine::Generation};
 use std::{
     net::Ipv4Addr,
@@ -29,7 +29,7 @@ fn save_by_rename(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-async fn mail(c: &mut TestConnection, sender: &str) -> Status {
+async fn mail(c: &mut Mta, sender: &str) -> Status {
     let status = c.mail([format!("<{sender}>")]).await.unwrap();
     if status == Status::Continue {
         c.abort().await.unwrap();
@@ -37,7 +37,7 @@ async fn mail(c: &mut TestConnection, sender: &str) -> Status {
     status
 }
 
-async fn fresh(d: &TestDaemon) -> TestConnection {
+async fn fresh(d: &TestDaemon) -> Mta {
     let mut c = d.client().await;
     c.connect("h", Ipv4Addr::LOCALHOST).await.unwrap();
     c

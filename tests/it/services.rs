@@ -4,9 +4,9 @@
 use crate::{
     dns_server::TestDns,
     redis_server::RedisServer,
-    support::{TestDaemon, added_header, reply_text},
+    support::{Mta, TestDaemon, added_header, reply_text},
 };
-use indymilter_test::{Status, TestConnection};
+use indymilter_test::Status;
 use std::{
     net::{IpAddr, Ipv4Addr},
     process::Command,
@@ -20,7 +20,7 @@ fn dns_config(dns: &TestDns, timeout: &str) -> String {
     )
 }
 
-async fn session(d: &TestDaemon, ip: impl Into<IpAddr>, helo: &str) -> TestConnection {
+async fn session(d: &TestDaemon, ip: impl Into<IpAddr>, helo: &str) -> Mta {
     let mut c = d.client().await;
     c.connect("client.test", ip.into()).await.unwrap();
     c.helo(helo).await.unwrap();
@@ -140,6 +140,7 @@ local milter = require "milter"
 local store = require "milter.store"
 return {
   options = { delay = "1s", max_bad = 3 },
+  needs = { "sender" },
   connect = function(ctx, host, ip)
     local banned, err = store.banned("ip", ip)
     if err then return milter.tempfail{ text = "store " .. err } end

@@ -164,7 +164,7 @@ async fn every_eom_action_reaches_the_client() {
 const STATE: &str = r#"
 local milter = require "milter"
 return {
-  needs = { "headers" },
+  needs = { "headers", "helo" },
   connect = function(ctx) ctx.vars.messages = 0 end,
   mail = function(ctx, sender, args)
     ctx.vars.messages = ctx.vars.messages + 1

@@ -97,17 +97,17 @@ impl TestDaemon {
     }
 
     /// A client connection with the defaults (everything offered).
-    pub async fn client(&self) -> TestConnection {
+    pub async fn client(&self) -> Mta {
         self.client_with(TestConnection::configure()).await
     }
 
     /// A client connection from a configured builder.
-    pub async fn client_with(&self, builder: TestConnectionBuilder) -> TestConnection {
+    pub async fn client_with(&self, builder: TestConnectionBuilder) -> Mta {
         let builder = builder.read_timeout(Duration::from_secs(10));
-        match self.local() {
+        Mta(match self.local() {
             ListenAddr::Inet(addr) => builder.open_tcp(addr).await.unwrap(),
             ListenAddr::Unix(path) => builder.open_unix(path).await.unwrap(),
-        }
+        })
     }
 
     /// Stops the daemon.
@@ -140,4 +140,110 @@ pub fn added_header(actions: &indymilter_test::EomActions, name: &str) -> Option
         }
         _ => None,
     })
+}
+
+/// A milter client that behaves like an MTA about negotiation: a stage the milter asked the
+/// MTA to skip is not sent, and reads as `Status::Skip`. Everything else is the
+/// `indymilter_test` connection.
+pub struct Mta(pub TestConnection);
+
+impl std::ops::Deref for Mta {
+    type Target = TestConnection;
+    fn deref(&self) -> &TestConnection {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Mta {
+    fn deref_mut(&mut self) -> &mut TestConnection {
+        &mut self.0
+    }
+}
+
+type TestResult<T> = Result<T, indymilter_test::TestError>;
+
+impl Mta {
+    fn skipped(&self, flag: indymilter::ProtoOpts) -> bool {
+        self.0.negotiated_opts().contains(flag)
+    }
+
+    pub async fn connect(
+        &mut self,
+        host: &str,
+        ip: impl Into<std::net::IpAddr>,
+    ) -> TestResult<indymilter_test::Status> {
+        if self.skipped(indymilter::ProtoOpts::NO_CONNECT) {
+            return Ok(indymilter_test::Status::Skip);
+        }
+        self.0.connect(host, ip.into()).await
+    }
+
+    pub async fn helo(&mut self, name: &str) -> TestResult<indymilter_test::Status> {
+        if self.skipped(indymilter::ProtoOpts::NO_HELO) {
+            return Ok(indymilter_test::Status::Skip);
+        }
+        self.0.helo(name).await
+    }
+
+    pub async fn mail<I: IntoIterator<Item = T>, T: indymilter::IntoCString>(
+        &mut self,
+        args: I,
+    ) -> TestResult<indymilter_test::Status> {
+        if self.skipped(indymilter::ProtoOpts::NO_MAIL) {
+            return Ok(indymilter_test::Status::Skip);
+        }
+        self.0.mail(args).await
+    }
+
+    pub async fn rcpt<I: IntoIterator<Item = T>, T: indymilter::IntoCString>(
+        &mut self,
+        args: I,
+    ) -> TestResult<indymilter_test::Status> {
+        if self.skipped(indymilter::ProtoOpts::NO_RCPT) {
+            return Ok(indymilter_test::Status::Skip);
+        }
+        self.0.rcpt(args).await
+    }
+
+    pub async fn data(&mut self) -> TestResult<indymilter_test::Status> {
+        if self.skipped(indymilter::ProtoOpts::NO_DATA) {
+            return Ok(indymilter_test::Status::Skip);
+        }
+        self.0.data().await
+    }
+
+    pub async fn header(&mut self, name: &str, value: &str) -> TestResult<indymilter_test::Status> {
+        if self.skipped(indymilter::ProtoOpts::NO_HEADER) {
+            return Ok(indymilter_test::Status::Skip);
+        }
+        self.0.header(name, value).await
+    }
+
+    pub async fn eoh(&mut self) -> TestResult<indymilter_test::Status> {
+        if self.skipped(indymilter::ProtoOpts::NO_EOH) {
+            return Ok(indymilter_test::Status::Skip);
+        }
+        self.0.eoh().await
+    }
+
+    pub async fn body(
+        &mut self,
+        chunk: impl Into<bytes::Bytes>,
+    ) -> TestResult<indymilter_test::Status> {
+        if self.skipped(indymilter::ProtoOpts::NO_BODY) {
+            return Ok(indymilter_test::Status::Skip);
+        }
+        self.0.body(chunk).await
+    }
+
+    pub async fn unknown(&mut self, line: &str) -> TestResult<indymilter_test::Status> {
+        if self.skipped(indymilter::ProtoOpts::NO_UNKNOWN) {
+            return Ok(indymilter_test::Status::Skip);
+        }
+        self.0.unknown(line).await
+    }
+
+    pub async fn close(self) -> TestResult<()> {
+        self.0.close().await
+    }
 }
