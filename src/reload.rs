@@ -2,8 +2,9 @@
 //! policy files, validated completely, and only then made current. A failed build changes
 //! nothing: the old generation keeps serving and the errors are reported.
 //!
-//! Triggers: file changes seen by [`watch`] (policy directories, recursively, their parents
-//! for symlink swaps, and the config file), SIGHUP, and `luamilter ctl reload`.
+//! Triggers: file changes seen by [`watch`] (policy directories, recursively, the parent of a
+//! symlinked one for symlink swaps, and the config file itself), SIGHUP, and
+//! `luamilter ctl reload`.
 
 use crate::{
     config::Config,
@@ -228,38 +229,37 @@ fn pin_boot_settings(config: &mut Config, boot: &Config) -> Vec<String> {
     changed
 }
 
-/// What the watcher watches, with symlinks resolved so a swapped link is noticed.
-#[derive(Debug, PartialEq, Eq)]
+/// What the watcher watches and which events concern it.
+#[derive(Default)]
 struct WatchSet {
     config: Option<PathBuf>,
     dirs: Vec<PathBuf>,
-    /// (path, resolved path, mode)
-    watches: Vec<(PathBuf, Option<PathBuf>, RecursiveMode)>,
+    watches: Vec<(PathBuf, RecursiveMode)>,
 }
 
 impl WatchSet {
     fn of(config: &Config) -> WatchSet {
         let dirs = config.policy_dirs();
-        let mut watches = Vec::new();
+        let mut watches: Vec<(PathBuf, RecursiveMode)> = Vec::new();
         let mut add = |path: PathBuf, mode: RecursiveMode| {
-            if !watches.iter().any(|(p, _, m)| *p == path && *m == mode) {
-                let resolved = std::fs::canonicalize(&path).ok();
-                watches.push((path, resolved, mode));
+            if !watches.iter().any(|(p, m)| *p == path && *m == mode) {
+                watches.push((path, mode));
             }
         };
         for dir in &dirs {
             add(dir.clone(), RecursiveMode::Recursive);
-            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            // A directory that is a symlink is swapped by replacing the link in its parent.
+            if dir.is_symlink()
+                && let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty())
+            {
                 add(parent.to_path_buf(), RecursiveMode::NonRecursive);
             }
         }
-        if let Some(parent) = config.source.path.as_ref().and_then(|p| p.parent()) {
-            let parent = if parent.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                parent
-            };
-            add(parent.to_path_buf(), RecursiveMode::NonRecursive);
+        // The config file itself, not its directory: other files there (logs, the store) may
+        // change all the time. A rename-over replaces the watched inode, which is seen (the old
+        // one goes away), and every reload watches the current file again.
+        if let Some(path) = &config.source.path {
+            add(path.clone(), RecursiveMode::NonRecursive);
         }
         WatchSet {
             config: config.source.path.clone(),
@@ -285,6 +285,20 @@ impl WatchSet {
                     .is_some_and(|n| n.to_string_lossy().starts_with("..data"))
         })
     }
+
+    /// Adds (again) every watch of this set and drops those of `old` it no longer has.
+    fn apply(&self, watcher: &mut Watcher, old: &WatchSet) {
+        for (path, _) in &old.watches {
+            if !self.watches.iter().any(|(p, _)| p == path) {
+                let _ = watcher.unwatch(path);
+            }
+        }
+        for (path, mode) in &self.watches {
+            if let Err(e) = watcher.watch(path, *mode) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot watch");
+            }
+        }
+    }
 }
 
 /// Compares paths that may differ only in a leading `./`.
@@ -297,13 +311,29 @@ fn same_file_name(event_path: &Path, configured: &Path) -> bool {
                 .is_some_and(|(a, b)| a == b))
 }
 
+type Watcher = notify_debouncer_full::Debouncer<
+    notify::RecommendedWatcher,
+    notify_debouncer_full::RecommendedCache,
+>;
+
 /// Watches the policy directories and the config file; reloads after each burst of changes.
-/// The returned task stops when aborted or dropped with the daemon.
+/// The returned task stops when aborted.
 pub fn watch(reloader: Arc<Reloader>) -> JoinHandle<()> {
     // The first watches are in place before this returns: a save right after start counts.
     let (tx, mut rx) = mpsc::unbounded_channel::<DebounceEventResult>();
     let mut set = WatchSet::of(&reloader.engine().current().config);
-    let mut watcher = start_watcher(&set, tx.clone());
+    let mut watcher = match new_debouncer(DEBOUNCE, None, move |result| {
+        let _ = tx.send(result);
+    }) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch policy files; reload with SIGHUP or `luamilter ctl reload`");
+            None
+        }
+    };
+    if let Some(w) = &mut watcher {
+        set.apply(w, &WatchSet::default());
+    }
     tokio::spawn(async move {
         while let Some(batch) = rx.recv().await {
             let events = match batch {
@@ -320,41 +350,13 @@ pub fn watch(reloader: Arc<Reloader>) -> JoinHandle<()> {
             }
             while rx.try_recv().is_ok() {}
             reloader.reload("file change").await;
+            // Watch again: the config file may be a new inode after a rename-over, a
+            // symlinked directory may point elsewhere, the config may name other directories.
             let next = WatchSet::of(&reloader.engine().current().config);
-            if next != set {
-                // Watch the new places before dropping the old watches, so nothing is missed.
-                let replacement = start_watcher(&next, tx.clone());
-                drop(watcher);
-                watcher = replacement;
-                set = next;
+            if let Some(w) = &mut watcher {
+                next.apply(w, &set);
             }
+            set = next;
         }
-        drop(watcher);
     })
-}
-
-type Watcher = notify_debouncer_full::Debouncer<
-    notify::RecommendedWatcher,
-    notify_debouncer_full::RecommendedCache,
->;
-
-fn start_watcher(
-    set: &WatchSet,
-    tx: mpsc::UnboundedSender<DebounceEventResult>,
-) -> Option<Watcher> {
-    let mut debouncer = match new_debouncer(DEBOUNCE, None, move |result| {
-        let _ = tx.send(result);
-    }) {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch policy files; reload with SIGHUP or `luamilter ctl reload`");
-            return None;
-        }
-    };
-    for (path, _, mode) in &set.watches {
-        if let Err(e) = debouncer.watch(path, *mode) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot watch");
-        }
-    }
-    Some(debouncer)
 }

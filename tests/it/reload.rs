@@ -351,3 +351,25 @@ fn rss_kib() -> u64 {
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_saves_are_seen_again_and_again() {
+    let policy = r#"local milter = require "milter"
+return {
+  options = { refuse = "a@example.org" },
+  mail = function(ctx, s, args, opts) if s == opts.refuse then return milter.reject() end end,
+}"#;
+    let d = TestDaemon::start(&[("gate", policy)], "").await;
+    let config = d.dir.path().join("luamilter.toml");
+    let base = std::fs::read_to_string(&config).unwrap();
+    // A log file written next to the config must not matter.
+    std::fs::write(d.dir.path().join("luamilter.log"), "noise\n").unwrap();
+    for who in ["b@example.org", "c@example.org", "d@example.org"] {
+        let text = format!("{base}[policy.gate]\nrefuse = {who:?}\n");
+        let tmp = config.with_extension("toml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &config).unwrap();
+        wait_until_refused(&d, who, Duration::from_secs(5)).await;
+    }
+    d.stop().await;
+}
