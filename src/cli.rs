@@ -277,7 +277,14 @@ fn check(path: Option<PathBuf>) -> ExitCode {
                     .map(|s| s.name())
                     .collect();
                 println!("policy {}: ok", decl.name);
-                println!("  source:  {}", decl.path.display());
+                let origin = match decl.origin {
+                    crate::engine::policy::Origin::Site => "",
+                    crate::engine::policy::Origin::ShadowsStock => {
+                        " (site file, shadows the stock policy)"
+                    }
+                    crate::engine::policy::Origin::Stock => " (stock pack, built in)",
+                };
+                println!("  source:  {}{origin}", decl.path.display());
                 println!("  stages:  {}", stages.join(", "));
                 for (key, value) in &decl.options {
                     println!("  option:  {key} = {value}");

@@ -37,6 +37,9 @@ pub struct Config {
     /// Persistent state: embedded SQLite or shared Redis.
     #[serde(default)]
     pub store: crate::store::StoreConfig,
+    /// Facts about the site: internal networks, trusted relays, own domains, access map.
+    #[serde(default)]
+    pub site: crate::site::SiteConfig,
     /// Option overrides per policy: `[policy.NAME]` tables.
     #[serde(default)]
     pub policy: BTreeMap<String, BTreeMap<String, toml::Spanned<toml::Value>>>,

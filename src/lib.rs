@@ -1,5 +1,6 @@
 //! luamilter: a milter for Postfix and Sendmail whose policies are Lua scripts.
 
+pub mod access;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -16,6 +17,8 @@ pub mod net;
 pub mod reload;
 pub mod server;
 pub mod services;
+pub mod site;
 pub mod spf;
 pub mod stage;
+pub mod stock;
 pub mod store;

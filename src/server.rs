@@ -8,6 +8,8 @@ use crate::{
         ctx::{ClientInfo, Ctx, Edit},
         verdict::Verdict,
     },
+    net::looks_dynamic,
+    site::{Site, is_localhost, verified_ptr},
     stage::Stage,
 };
 use indymilter::{
@@ -35,6 +37,10 @@ pub struct Conn {
     client: String,
     /// What the MTA said at connect (unknown when the connect stage is not negotiated).
     client_info: ClientInfo,
+    /// A reject held back by `[site] delay_reject`, and the stage that decided it.
+    delayed: Option<(Verdict, Stage)>,
+    /// MAIL commands seen on this connection.
+    mails: u32,
 }
 
 impl Conn {
@@ -135,11 +141,12 @@ pub fn callbacks(engine: Arc<Engine>, unix: bool, worker: usize) -> Callbacks<Co
                 let mut args = args.iter().map(|a| lossy(a));
                 let sender = strip_angle(&args.next().unwrap_or_default());
                 let esmtp: Vec<String> = args.collect();
-                if let Some(conn) = &cx.data
-                    && let Some(ctx) = &conn.ctx
-                    && let Err(e) = conn.lease.reset_message(ctx)
-                {
-                    tracing::error!(error = %e, "cannot reset message state");
+                let authenticated = cx
+                    .macros
+                    .get(c"{auth_authen}")
+                    .is_some_and(|a| !a.is_empty());
+                if let Some(conn) = &mut cx.data {
+                    new_message(conn, authenticated);
                 }
                 update_ctx(&mut cx.data, |c| {
                     c.sender = Some(sender.clone());
@@ -230,6 +237,9 @@ pub fn callbacks(engine: Arc<Engine>, unix: bool, worker: usize) -> Callbacks<Co
                 .await;
                 if let Some(conn) = &mut cx.data {
                     conn.pending = None;
+                    if matches!(conn.delayed, Some((_, Stage::Mail))) {
+                        conn.delayed = None;
+                    }
                     if let Some(ctx) = &conn.ctx {
                         let _ = conn.lease.reset_message(ctx);
                     }
@@ -295,6 +305,8 @@ async fn negotiate(
             family: "unknown",
             ..ClientInfo::default()
         },
+        delayed: None,
+        mails: 0,
     };
     cx.data = Some(conn);
     Status::Continue
@@ -325,6 +337,7 @@ async fn connect(
     }
     let ip = client.ip.map(|ip| ip.to_string());
     if let Some(conn) = &mut cx.data {
+        classify(&mut client, &conn.lease.generation().site);
         conn.client = ip.clone().unwrap_or_else(|| hostname.clone());
         conn.client_info = client;
     }
@@ -338,9 +351,58 @@ async fn connect(
     .await
 }
 
+/// A MAIL command starts a message: forget the last one's state, note SMTP AUTH, and drop a
+/// held-back connection reject where the classic milter did (AUTH, or a second MAIL).
+fn new_message(conn: &mut Conn, authenticated: bool) {
+    conn.mails += 1;
+    let cancel = match &conn.delayed {
+        Some((_, Stage::Mail)) => true,
+        Some(_) => authenticated || conn.mails > 1,
+        None => false,
+    };
+    if cancel {
+        if let Some((verdict, _)) = conn.delayed.take() {
+            tracing::info!(client = %conn.client, verdict = %verdict, authenticated, "delayed reject canceled");
+        }
+        update_ctx_of(conn, |c| c.delayed = None);
+    }
+    if authenticated {
+        conn.client_info.authenticated = true;
+        conn.client_info.internal = true;
+        if let Some(ctx) = &conn.ctx {
+            let _ = Ctx::set_authenticated(ctx);
+        }
+    }
+    if let Some(ctx) = &conn.ctx
+        && let Err(e) = conn.lease.reset_message(ctx)
+    {
+        tracing::error!(error = %e, "cannot reset message state");
+    }
+}
+
+/// Fills in what the site facts say about the client.
+fn classify(client: &mut ClientInfo, site: &Site) {
+    client.ptr = verified_ptr(&client.hostname);
+    if let Some(ip) = client.ip {
+        client.internal = site.internal(ip);
+        client.trusted = site.trusted(ip);
+        client.localhost = is_localhost(ip);
+        client.dynamic = client
+            .ptr
+            .as_deref()
+            .is_none_or(|ptr| looks_dynamic(ptr, ip));
+    }
+}
+
 /// Records a fact of the session in `ctx`.
 fn update_ctx(data: &mut Option<Conn>, f: impl FnOnce(&mut Ctx)) {
-    if let Some(ctx) = data.as_mut().and_then(Conn::ctx) {
+    if let Some(conn) = data.as_mut() {
+        update_ctx_of(conn, f);
+    }
+}
+
+fn update_ctx_of(conn: &mut Conn, f: impl FnOnce(&mut Ctx)) {
+    if let Some(ctx) = conn.ctx() {
         let _ = ctx.borrow_mut_scoped::<Ctx, _>(f);
     }
 }
@@ -362,6 +424,11 @@ async fn stage(
     if !stage.has_reply() {
         return Status::Continue;
     }
+    if let Some(verdict) = delay(conn, stage, &outcome.verdict) {
+        update_ctx_of(conn, |c| c.delayed = Some(verdict.clone()));
+        conn.delayed = Some((verdict, stage));
+        return conn.pass(stage);
+    }
     if conn.noreply(stage) {
         if outcome.verdict.is_final() {
             if stage.in_message() {
@@ -375,6 +442,18 @@ async fn stage(
     answer(reply, &outcome.verdict)
 }
 
+/// With `[site] delay_reject`, a reject decided at connect, HELO or MAIL that is not marked
+/// `immediate` is held back until DATA; returns it when it is to be held.
+fn delay(conn: &Conn, stage: Stage, verdict: &Verdict) -> Option<Verdict> {
+    let held = conn.lease.generation().site.delay_reject
+        && matches!(stage, Stage::Connect | Stage::Helo | Stage::Mail)
+        && matches!(verdict, Verdict::Reject(reply) if reply.as_ref().is_none_or(|r| !r.immediate));
+    if held {
+        tracing::info!(client = %conn.client, stage = stage.name(), verdict = %verdict, "reject delayed until DATA");
+    }
+    held.then(|| verdict.clone())
+}
+
 /// Decides a stage: a verdict owed from an earlier no-reply stage, else the policy chain.
 /// `None` when no policy handles the stage and nothing is owed.
 async fn decide(
@@ -386,12 +465,17 @@ async fn decide(
 ) -> Option<Outcome> {
     let conn = data.as_mut()?;
     if stage.has_reply() && !conn.noreply(stage) {
-        let owed = conn
-            .pending
-            .take()
+        let held_back = matches!(
+            stage,
+            Stage::Data | Stage::Header | Stage::Eoh | Stage::Body | Stage::Eom
+        )
+        .then(|| conn.delayed.take().map(|(v, _)| v))
+        .flatten();
+        let owed = held_back
+            .or_else(|| conn.pending.take())
             .or_else(|| conn.pending_connection.clone());
         if let Some(verdict) = owed {
-            log_decision(conn, macros, stage, "(earlier no-reply stage)", &verdict);
+            log_decision(conn, macros, stage, "(earlier stage)", &verdict);
             return Some(Outcome {
                 verdict,
                 policy: None,

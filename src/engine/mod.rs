@@ -30,6 +30,7 @@ use crate::{
         verdict::{Reply, Verdict},
     },
     services::Services,
+    site::Site,
     stage::Stage,
 };
 use bytes::Bytes;
@@ -161,6 +162,8 @@ pub struct Generation {
     pub policies: Vec<PolicyDecl>,
     /// Negotiation for its connections.
     pub plan: Plan,
+    /// The site facts of this generation's config.
+    pub site: Arc<Site>,
     vms: Vec<Vm>,
     /// Policy indexes with a handler, per stage.
     chain: [Vec<usize>; 12],
@@ -342,11 +345,21 @@ impl Generation {
             n => n,
         };
         let memory = config.engine.memory_limit_mib << 20;
+        let site = Arc::new(Site::build(
+            &config.site,
+            &config.source.base_dir(),
+            &config.source.name(),
+        )?);
         let mut decls = Vec::new();
         let mut vms = Vec::with_capacity(count);
         for i in 0..count {
-            let lua = sandbox::new_state(memory, dirs.clone(), Arc::clone(&services))
-                .map_err(|e| vec![format!("cannot create a Lua state: {e}")])?;
+            let lua = sandbox::new_state(
+                memory,
+                dirs.clone(),
+                Arc::clone(&services),
+                Arc::clone(&site),
+            )
+            .map_err(|e| vec![format!("cannot create a Lua state: {e}")])?;
             let mut policies = Vec::new();
             for source in &sources {
                 match policy::load(&lua, source, &config) {
@@ -376,13 +389,14 @@ impl Generation {
                 }
             }
         }
-        let plan = Plan::from_policies(&decls);
+        let plan = Plan::from_policies(&decls, site.delay_reject);
         LIVE_GENERATIONS.fetch_add(1, Ordering::Relaxed);
         Ok(Generation {
             id: GENERATIONS.fetch_add(1, Ordering::Relaxed) + 1,
             config,
             policies: decls,
             plan,
+            site,
             vms,
             chain,
         })
@@ -427,6 +441,8 @@ impl Generation {
                 code: code.into(),
                 xcode: Some(xcode.into()),
                 lines: vec![text.into()],
+                // A policy failure is not a policy's reject: never held back.
+                immediate: true,
             })
         };
         outcome.verdict = match self.config.engine.exception_policy {
@@ -569,7 +585,7 @@ fn bad_return(value: &Value) -> String {
 }
 
 impl Plan {
-    fn from_policies(decls: &[PolicyDecl]) -> Plan {
+    fn from_policies(decls: &[PolicyDecl], delay_reject: bool) -> Plan {
         let needed = |s: Stage| decls.iter().any(|d| d.needs.contains(&s));
         let mut skip = ProtoOpts::empty();
         let mut noreply = ProtoOpts::empty();
@@ -578,7 +594,9 @@ impl Plan {
             let handlers: Vec<&PolicyDecl> =
                 decls.iter().filter(|d| d.handles[stage.index()]).collect();
             if handlers.is_empty() {
-                if needed(stage) {
+                if stage == Stage::Data && delay_reject {
+                    // Delayed rejects are answered at DATA: it must be sent, with a reply.
+                } else if needed(stage) {
                     collect_only |= no_reply;
                 } else {
                     skip |= no;

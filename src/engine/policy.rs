@@ -32,20 +32,34 @@ const NEEDS: &[(&str, Stage)] = &[
     ("headers", Stage::Header),
 ];
 
+/// Where a policy's source came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A site file, in a configured policy directory.
+    Site,
+    /// A site file that shadows the stock policy of the same name.
+    ShadowsStock,
+    /// The stock pack built into the binary.
+    Stock,
+}
+
 /// A policy's source: its name, file and text.
 #[derive(Clone, Debug)]
 pub struct PolicySource {
     /// The name in `policies.chain`.
     pub name: String,
-    /// The file it was read from.
+    /// The file it was read from (`stock/NAME.lua` for the built-in pack).
     pub path: PathBuf,
     /// The file's text.
     pub text: String,
+    /// Site file or stock pack.
+    pub origin: Origin,
 }
 
 impl PolicySource {
-    /// Finds `NAME.lua` in the first directory that has it.
+    /// Finds `NAME.lua` in the first directory that has it, else in the stock pack.
     pub fn find(name: &str, dirs: &[PathBuf]) -> Result<PolicySource, String> {
+        let stock = crate::stock::get(name).filter(|_| !name.contains('/'));
         for dir in dirs {
             let path = dir.join(format!("{name}.lua"));
             match std::fs::read_to_string(&path) {
@@ -54,14 +68,27 @@ impl PolicySource {
                         name: name.to_string(),
                         path,
                         text,
+                        origin: if stock.is_some() {
+                            Origin::ShadowsStock
+                        } else {
+                            Origin::Site
+                        },
                     });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(format!("{}: cannot read: {e}", path.display())),
             }
         }
+        if let Some(text) = stock {
+            return Ok(PolicySource {
+                name: name.to_string(),
+                path: PathBuf::from(format!("stock/{name}.lua")),
+                text: text.to_string(),
+                origin: Origin::Stock,
+            });
+        }
         Err(format!(
-            "policy {name:?} not found: no {name}.lua in {}",
+            "policy {name:?} not found: no {name}.lua in {} nor in the stock pack",
             dirs.iter()
                 .map(|d| d.display().to_string())
                 .collect::<Vec<_>>()
@@ -77,6 +104,8 @@ pub struct PolicyDecl {
     pub name: String,
     /// Source file.
     pub path: PathBuf,
+    /// Site file or stock pack.
+    pub origin: Origin,
     /// Which stages it handles.
     pub handles: [bool; 12],
     /// Stages whose handlers are declared not to answer.
@@ -136,6 +165,7 @@ pub fn load(
     let mut decl = PolicyDecl {
         name: source.name.clone(),
         path: source.path.clone(),
+        origin: source.origin,
         handles: [false; 12],
         noreply: Vec::new(),
         needs: Vec::new(),

@@ -2,7 +2,7 @@
 //! access, `require` limited to built-in modules and the policy directories, a memory cap, and
 //! `pcall`/`xpcall` that cannot swallow the time limit.
 
-use crate::{lua_api, services::Services};
+use crate::{lua_api, services::Services, site::Site};
 use mlua::{
     HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState, chunk::ChunkMode, debug::Debug,
 };
@@ -97,6 +97,7 @@ pub fn new_state(
     memory_limit: usize,
     dirs: Vec<PathBuf>,
     services: Arc<Services>,
+    site: Arc<Site>,
 ) -> mlua::Result<Lua> {
     let libs = StdLib::TABLE | StdLib::STRING | StdLib::UTF8 | StdLib::MATH | StdLib::OS;
     let lua = Lua::new_with(libs, LuaOptions::new())?;
@@ -111,7 +112,7 @@ pub fn new_state(
         .set_name("=luamilter prelude")
         .call::<()>(TIME_LIMIT_MARKER)?;
     lua.set_named_registry_value(LOADED_KEY, lua.create_table()?)?;
-    globals.raw_set("require", require_function(&lua, dirs, services)?)?;
+    globals.raw_set("require", require_function(&lua, dirs, services, site)?)?;
     globals.raw_set("print", print_to_log(&lua)?)?;
     lua.set_memory_limit(memory_limit)?;
     Ok(lua)
@@ -130,13 +131,14 @@ fn require_function(
     lua: &Lua,
     dirs: Vec<PathBuf>,
     services: Arc<Services>,
+    site: Arc<Site>,
 ) -> mlua::Result<mlua::Function> {
     lua.create_function(move |lua, name: String| {
         let loaded: Table = lua.named_registry_value(LOADED_KEY)?;
         if let Some(v) = loaded.raw_get::<Option<Value>>(name.as_str())? {
             return Ok(v);
         }
-        let value = match lua_api::builtin_module(lua, &name, &services) {
+        let value = match lua_api::builtin_module(lua, &name, &services, &site) {
             Some(module) => module?,
             None => require_file(lua, &dirs, &name)?,
         };
@@ -158,17 +160,31 @@ fn require_file(lua: &Lua, dirs: &[PathBuf], name: &str) -> mlua::Result<Value> 
             "require: invalid module name {name:?}"
         )));
     }
-    let relative = format!("{}.lua", name.replace('.', "/"));
-    for dir in dirs {
-        let path = dir.join(&relative);
-        if let Ok(source) = std::fs::read_to_string(&path) {
-            let value: Value = load_file(lua, &path, &source)?.call(name)?;
-            return Ok(if value.is_nil() {
-                Value::Boolean(true)
-            } else {
-                value
-            });
-        }
+    let stem = name.replace('.', "/");
+    let relative = format!("{stem}.lua");
+    let found = dirs
+        .iter()
+        .map(|dir| dir.join(&relative))
+        .find_map(|path| {
+            std::fs::read_to_string(&path)
+                .ok()
+                .map(|source| (path, source))
+        })
+        .or_else(|| {
+            crate::stock::get(&stem).map(|source| {
+                (
+                    PathBuf::from(format!("stock/{relative}")),
+                    source.to_string(),
+                )
+            })
+        });
+    if let Some((path, source)) = found {
+        let value: Value = load_file(lua, &path, &source)?.call(name)?;
+        return Ok(if value.is_nil() {
+            Value::Boolean(true)
+        } else {
+            value
+        });
     }
     Err(mlua::Error::runtime(format!(
         "require: module {name:?} not found (built-in modules: {}; searched {relative} in {})",
@@ -196,7 +212,11 @@ mod tests {
             let _in = runtime.enter();
             Arc::new(Services::start(&config).unwrap())
         };
-        (new_state(64 << 20, dirs, services).unwrap(), tmp, runtime)
+        (
+            new_state(64 << 20, dirs, services, Arc::default()).unwrap(),
+            tmp,
+            runtime,
+        )
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! `ctx.msg` (shared by all policies, per message), and queues edits that the server applies at
 //! end of message.
 
-use crate::stage::Stage;
+use crate::{lua_api::verdict::Verdict, site::system_hostname, stage::Stage};
 use indymilter::Actions;
 use mlua::{
     AnyUserData, Lua, MetaMethod, Table, UserData, UserDataFields, UserDataMethods, Value, Variadic,
@@ -31,6 +31,18 @@ pub struct ClientInfo {
     pub family: &'static str,
     /// The socket path for unix clients.
     pub path: Option<String>,
+    /// In `[site] internal_networks`, or authenticated with SMTP AUTH.
+    pub internal: bool,
+    /// A `[site] trusted_relays` host.
+    pub trusted: bool,
+    /// This host (127.0.0.0/8, ::1): never a zombie.
+    pub localhost: bool,
+    /// The session authenticated with SMTP AUTH (known from MAIL on).
+    pub authenticated: bool,
+    /// The MTA's verified client name, `None` when it has none.
+    pub ptr: Option<String>,
+    /// No verified name, or one that looks like a dynamic address pool's.
+    pub dynamic: bool,
 }
 
 impl UserData for ClientInfo {
@@ -40,12 +52,19 @@ impl UserData for ClientInfo {
         fields.add_field_method_get("port", |_, c| Ok(c.port));
         fields.add_field_method_get("family", |_, c| Ok(c.family));
         fields.add_field_method_get("path", |_, c| Ok(c.path.clone()));
+        fields.add_field_method_get("internal", |_, c| Ok(c.internal));
+        fields.add_field_method_get("trusted", |_, c| Ok(c.trusted));
+        fields.add_field_method_get("localhost", |_, c| Ok(c.localhost));
+        fields.add_field_method_get("authenticated", |_, c| Ok(c.authenticated));
+        fields.add_field_method_get("ptr", |_, c| Ok(c.ptr.clone()));
+        fields.add_field_method_get("dynamic", |_, c| Ok(c.dynamic));
     }
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_meta_method(MetaMethod::Index, |_, _, key: String| -> mlua::Result<()> {
             Err(mlua::Error::runtime(format!(
-                "ctx.client has no field '{key}' (fields: hostname, ip, port, family, path)"
+                "ctx.client has no field '{key}' (fields: hostname, ip, port, family, path, \
+                 internal, trusted, localhost, authenticated, ptr, dynamic)"
             )))
         });
     }
@@ -117,6 +136,12 @@ pub struct Ctx {
     pub actions: Actions,
     /// Set during eom: asks the server to send a progress notification.
     pub progress: Option<UnboundedSender<()>>,
+    /// Offences counted on this connection (`ctx:demerit`).
+    pub demerits: u32,
+    /// The configured receiver name (`[site] hostname`), if any.
+    pub receiver: Option<String>,
+    /// A reject held back by `[site] delay_reject`, to be answered at DATA.
+    pub delayed: Option<Verdict>,
 }
 
 impl Ctx {
@@ -139,6 +164,15 @@ impl Ctx {
             c.edits.clear();
         })?;
         ud.set_nth_user_value(MSG_SLOT, lua.create_table()?)
+    }
+
+    /// Marks the session as authenticated (SMTP AUTH): it counts as internal from now on.
+    pub fn set_authenticated(ud: &AnyUserData) -> mlua::Result<()> {
+        let client: AnyUserData = ud.nth_user_value(CLIENT_SLOT)?;
+        client.borrow_mut_scoped::<ClientInfo, _>(|c| {
+            c.authenticated = true;
+            c.internal = true;
+        })
     }
 
     /// Replaces the macro snapshot, normalising `{name}` to `name`.
@@ -286,6 +320,14 @@ impl UserData for Ctx {
             lua.create_sequence_from(c.recipients.iter().map(String::as_str))
         });
         fields.add_field_method_get("headers", |lua, c| c.headers_table(lua));
+        fields.add_field_method_get("demerits", |_, c| Ok(c.demerits));
+        fields.add_field_method_get("receiver", |_, c| {
+            Ok(c.receiver
+                .clone()
+                .or_else(|| c.macro_value("j").map(str::to_string))
+                .unwrap_or_else(system_hostname))
+        });
+        fields.add_field_method_get("delayed", |_, c| Ok(c.delayed.clone()));
         fields.add_field_method_get("queue_id", |_, c| {
             Ok(c.macro_value("i").map(str::to_string))
         });
@@ -314,6 +356,21 @@ impl UserData for Ctx {
     }
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method_mut(
+            "demerit",
+            |_, c, (n, reason): (Option<u32>, Option<String>)| {
+                let n = n.unwrap_or(1);
+                c.demerits = c.demerits.saturating_add(n);
+                tracing::info!(
+                    client = %c.client,
+                    demerits = c.demerits,
+                    added = n,
+                    reason = reason.as_deref().unwrap_or(""),
+                    "demerit"
+                );
+                Ok(c.demerits)
+            },
+        );
         methods.add_method("macro", |_, c, name: String| {
             Ok(c.macro_value(&name).map(str::to_string))
         });

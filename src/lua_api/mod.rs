@@ -2,9 +2,10 @@
 //! `require` serves.
 
 pub mod ctx;
+pub mod site;
 pub mod verdict;
 
-use crate::{dns, duration::parse_duration, net, services::Services, spf, store};
+use crate::{dns, duration::parse_duration, net, services::Services, site::Site, spf, store};
 use mlua::{Lua, Table, Value, Variadic};
 use std::{sync::Arc, time::Duration};
 
@@ -16,10 +17,17 @@ pub const BUILTIN_MODULES: &[&str] = &[
     "milter.spf",
     "milter.net",
     "milter.store",
+    "milter.site",
+    "milter.access",
 ];
 
 /// Builds a built-in module by name, or `None` when `name` is not built in.
-pub fn builtin_module(lua: &Lua, name: &str, services: &Services) -> Option<mlua::Result<Value>> {
+pub fn builtin_module(
+    lua: &Lua,
+    name: &str,
+    services: &Services,
+    site: &Arc<Site>,
+) -> Option<mlua::Result<Value>> {
     let module = match name {
         "milter" => milter_module(lua),
         "milter.log" => log_module(lua),
@@ -27,6 +35,8 @@ pub fn builtin_module(lua: &Lua, name: &str, services: &Services) -> Option<mlua
         "milter.spf" => spf::lua_module(lua, Arc::clone(&services.spf)),
         "milter.net" => net::lua_module(lua),
         "milter.store" => store::lua_module(lua, Arc::clone(&services.store)),
+        "milter.site" => site::site_module(lua, Arc::clone(site)),
+        "milter.access" => site::access_module(lua, Arc::clone(site)),
         _ => return None,
     };
     Some(module.map(Value::Table))

@@ -12,6 +12,8 @@ pub struct Reply {
     pub xcode: Option<String>,
     /// Text lines (a multi-line reply has several).
     pub lines: Vec<String>,
+    /// Answer at once even when `[site] delay_reject` holds rejects until DATA.
+    pub immediate: bool,
 }
 
 /// A handler's answer for one stage.
@@ -106,9 +108,9 @@ fn reply_from_table(class: char, t: &Table) -> Result<Reply, String> {
     for pair in t.pairs::<Value, Value>() {
         let (k, _) = pair.map_err(|e| e.to_string())?;
         let key = k.to_string().unwrap_or_default();
-        if !matches!(key.as_str(), "code" | "xcode" | "text") {
+        if !matches!(key.as_str(), "code" | "xcode" | "text" | "immediate") {
             return Err(format!(
-                "unknown reply field {key:?} (use code, xcode, text)"
+                "unknown reply field {key:?} (use code, xcode, text, immediate)"
             ));
         }
     }
@@ -150,7 +152,17 @@ fn reply_from_table(class: char, t: &Table) -> Result<Reply, String> {
             ));
         }
     };
-    build_reply(class, code, xcode, text)
+    let immediate = match t.get::<Value>("immediate").map_err(|e| e.to_string())? {
+        Value::Nil => false,
+        Value::Boolean(b) => b,
+        other => {
+            return Err(format!(
+                "immediate must be true or false, got {}",
+                other.type_name()
+            ));
+        }
+    };
+    build_reply(class, code, xcode, text).map(|reply| Reply { immediate, ..reply })
 }
 
 fn build_reply(
@@ -198,7 +210,12 @@ fn build_reply(
     if lines.iter().any(|l| l.contains('\r')) {
         return Err("reply text must not contain carriage returns".into());
     }
-    Ok(Reply { code, xcode, lines })
+    Ok(Reply {
+        code,
+        xcode,
+        lines,
+        immediate: false,
+    })
 }
 
 impl UserData for Verdict {
@@ -266,6 +283,7 @@ mod tests {
             code: code.into(),
             xcode: xcode.map(Into::into),
             lines: lines.iter().map(|l| l.to_string()).collect(),
+            immediate: false,
         })
     }
 

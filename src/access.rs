@@ -1,0 +1,232 @@
+//! The access map: sendmail-style per-identity policy (`SPF-Neutral:aol.com REJECT`), read from
+//! a text file the admins of the classic milter already keep and/or from `[site.access]`.
+//!
+//! Lookup order for `lookup(tag, identity)` (the first hit wins): `tag:identity` as given,
+//! `tag:domain` (the part after the last `@`, lowercased), `tag:.parent` for each shorter
+//! parent of the domain (a leading dot matches subdomains only), `tag:` (the tag's default),
+//! then the bare `tag`. Tags and domains match case-insensitively; a local part keeps its case.
+
+use std::{collections::HashMap, path::Path};
+
+/// The values the stock policies understand.
+const VALUES: &[&str] = &["OK", "WHITELIST", "REJECT", "BAN", "TEMPFAIL"];
+
+/// A loaded access map.
+#[derive(Debug, Default, Clone)]
+pub struct AccessMap {
+    entries: HashMap<String, String>,
+}
+
+impl AccessMap {
+    /// Parses access-file text (`Key<whitespace>Value` lines, `#` comments, blank lines; a
+    /// trailing NUL on keys or values, as `postmap -N` writes, is ignored) named `origin` for
+    /// messages, and adds it. Returns every problem as `origin:line: message`.
+    pub fn add_text(&mut self, origin: &str, text: &str) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut parts = line.splitn(2, char::is_whitespace);
+            let key = parts.next().unwrap_or("").trim_end_matches('\0');
+            let value = parts
+                .next()
+                .map(str::trim)
+                .unwrap_or("")
+                .trim_end_matches('\0');
+            if let Err(e) = self.insert(key, value) {
+                errors.push(format!("{origin}:{}: {e}", n + 1));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Reads and adds an access file.
+    pub fn add_file(&mut self, path: &Path) -> Result<(), Vec<String>> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            vec![format!(
+                "{}: cannot read the access file: {e}",
+                path.display()
+            )]
+        })?;
+        self.add_text(&path.display().to_string(), &text)
+    }
+
+    /// Adds one entry, checking its value.
+    pub fn insert(&mut self, key: &str, value: &str) -> Result<(), String> {
+        if key.is_empty() {
+            return Err("an entry needs a key".into());
+        }
+        if value.is_empty() {
+            return Err(format!(
+                "{key:?} has no value (use one of {})",
+                VALUES.join(", ")
+            ));
+        }
+        if matches!(value, "CBV" | "DSN") {
+            return Err(format!(
+                "{key:?}: {value} needs call-back verification, which luamilter does not have yet; use REJECT, TEMPFAIL or OK"
+            ));
+        }
+        if !VALUES.contains(&value) {
+            return Err(format!(
+                "{key:?}: unknown value {value:?} (values: {}; case matters)",
+                VALUES.join(", ")
+            ));
+        }
+        self.entries.insert(normalise_key(key), value.to_string());
+        Ok(())
+    }
+
+    /// The entry for `tag` and `identity` by the lookup order of the module docs, if any.
+    pub fn lookup(&self, tag: &str, identity: &str) -> Option<&str> {
+        let tag = tag.trim_end_matches(':').to_ascii_lowercase();
+        let domain = identity
+            .rsplit_once('@')
+            .map_or(identity, |(_, d)| d)
+            .to_ascii_lowercase();
+        let get = |suffix: &str| {
+            self.entries
+                .get(&format!("{tag}:{suffix}"))
+                .map(String::as_str)
+        };
+        if let Some(v) = get(&normalise_identity(identity)) {
+            return Some(v);
+        }
+        if let Some(v) = get(&domain) {
+            return Some(v);
+        }
+        let mut rest = domain.as_str();
+        while let Some((_, parent)) = rest.split_once('.') {
+            if let Some(v) = get(&format!(".{parent}")) {
+                return Some(v);
+            }
+            rest = parent;
+        }
+        get("").or_else(|| self.entries.get(&tag).map(String::as_str))
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the map has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Keys compare with a lowercase tag and domain; a local part keeps its case.
+fn normalise_key(key: &str) -> String {
+    match key.split_once(':') {
+        Some((tag, suffix)) => format!(
+            "{}:{}",
+            tag.to_ascii_lowercase(),
+            normalise_identity(suffix)
+        ),
+        None => key.to_ascii_lowercase(),
+    }
+}
+
+fn normalise_identity(identity: &str) -> String {
+    match identity.rsplit_once('@') {
+        Some((local, domain)) => format!("{local}@{}", domain.to_ascii_lowercase()),
+        None => identity.to_ascii_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The classic milter's test access file (milter-app.md 4.2), with CBV-free values.
+    const ACCESS: &str = "\
+# test access file
+SPF-Pass:example.com\tOK
+SPF-Neutral:example.com\tREJECT
+HELO-Neutral:example.com        OK
+SPF-Permerror:foo@bad.example.com\tOK
+SPF-Permerror:\tREJECT
+SMTP-Auth:good@example.com      OK
+SMTP-Auth:example.com      REJECT
+SMTP-Auth:bad@localhost.localdomain     REJECT
+SMTP-Test:      REJECT\0
+SMTP-Test:.baz.com      WHITELIST
+";
+
+    fn map() -> AccessMap {
+        let mut m = AccessMap::default();
+        m.add_text("access", ACCESS).unwrap();
+        m
+    }
+
+    #[test]
+    fn the_documented_lookup_table_holds() {
+        let m = map();
+        assert_eq!(m.lookup("smtp-auth", "good@example.com"), Some("OK"));
+        assert_eq!(m.lookup("smtp-auth", "bad@example.com"), Some("REJECT"));
+        assert_eq!(
+            m.lookup("smtp-auth", "bad@bad.example.com"),
+            None,
+            "no subdomain fallback without a dot"
+        );
+        assert_eq!(m.lookup("smtp-test", "any@random.com"), Some("REJECT"));
+        assert_eq!(m.lookup("smtp-test", "good@example.com"), Some("REJECT"));
+        assert_eq!(m.lookup("smtp-test", "foo@bar.baz.com"), Some("WHITELIST"));
+        assert_eq!(
+            m.lookup("SMTP-Test", "foo@baz.com"),
+            Some("REJECT"),
+            ".baz.com is for subdomains only"
+        );
+        assert_eq!(m.lookup("SPF-Permerror", "foo@bad.example.com"), Some("OK"));
+        assert_eq!(
+            m.lookup("SPF-Permerror", "bar@bad.example.com"),
+            Some("REJECT")
+        );
+        assert_eq!(m.lookup("SPF-Neutral", "x@EXAMPLE.com"), Some("REJECT"));
+        assert_eq!(m.lookup("SPF-Fail", "x@example.com"), None);
+        assert_eq!(
+            m.lookup("smtp-auth", "bad@localhost.localdomain"),
+            Some("REJECT")
+        );
+        assert_eq!(m.lookup("HELO-Neutral", "example.com"), Some("OK"));
+    }
+
+    #[test]
+    fn local_parts_keep_their_case() {
+        let mut m = AccessMap::default();
+        m.insert("SPF-Fail:Abeb@Adelphia.net", "OK").unwrap();
+        assert_eq!(m.lookup("spf-fail", "Abeb@adelphia.NET"), Some("OK"));
+        assert_eq!(m.lookup("spf-fail", "abeb@adelphia.net"), None);
+    }
+
+    #[test]
+    fn bad_lines_are_reported_with_their_line() {
+        let mut m = AccessMap::default();
+        let errs = m
+            .add_text(
+                "access",
+                "SPF-Pass:a.com OK\nSPF-Neutral:b.com\nSPF-Fail:c.com CBV\nX:y reject\n",
+            )
+            .unwrap_err();
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(
+            errs[0].starts_with("access:2: ") && errs[0].contains("no value"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("access:3: ") && errs[1].contains("call-back verification"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[2].starts_with("access:4: ") && errs[2].contains("unknown value"),
+            "{errs:?}"
+        );
+    }
+}
