@@ -3,6 +3,7 @@
 
 mod support;
 
+mod cases;
 mod chain;
 mod cli;
 mod dns;
