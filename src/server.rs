@@ -175,7 +175,12 @@ pub fn callbacks(engine: Arc<Engine>, unix: bool, worker: usize) -> Callbacks<Co
                     StageArgs::Envelope(rcpt.clone(), esmtp),
                 )
                 .await;
-                if !matches!(status, Status::Reject | Status::Tempfail) {
+                // A recipient the MTA refused itself (passed on for REJECTED_RCPT) is no recipient.
+                let refused_by_mta = cx
+                    .macros
+                    .get(c"{rcpt_mailer}")
+                    .is_some_and(|m| m.to_bytes() == b"error");
+                if !matches!(status, Status::Reject | Status::Tempfail) && !refused_by_mta {
                     update_ctx(&mut cx.data, |c| c.recipients.push(rcpt));
                 }
                 status

@@ -90,7 +90,7 @@ pub struct Outcome {
 
 /// What negotiation asks of the MTA for connections of this generation.
 pub struct Plan {
-    /// Stages the MTA need not send.
+    /// Stages the MTA need not send, and other options to ask for (REJECTED_RCPT).
     pub skip: ProtoOpts,
     /// Stages the MTA need not wait for a reply to.
     pub noreply: ProtoOpts,
@@ -604,6 +604,9 @@ impl Plan {
             } else if handlers.iter().all(|d| d.noreply.contains(&stage)) {
                 noreply |= no_reply;
             }
+        }
+        if decls.iter().any(|d| d.rejected_recipients) {
+            skip |= ProtoOpts::REJECTED_RCPT;
         }
         // A verdict from a declared no-reply handler is owed to the next stage that replies;
         // keep every other stage replying so it arrives at once, not at end of message.

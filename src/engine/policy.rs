@@ -29,6 +29,9 @@ const NEEDS: &[(&str, Stage)] = &[
     ("helo", Stage::Helo),
     ("sender", Stage::Mail),
     ("recipients", Stage::Rcpt),
+    // Recipients the MTA itself refused (unknown users) are passed to rcpt handlers too, with
+    // the macro {rcpt_mailer} = "error" (Postfix); they never join ctx.recipients.
+    ("rejected_recipients", Stage::Rcpt),
     ("headers", Stage::Header),
 ];
 
@@ -112,6 +115,8 @@ pub struct PolicyDecl {
     pub noreply: Vec<Stage>,
     /// Stages whose data it reads without handling the stage (`needs`).
     pub needs: Vec<Stage>,
+    /// Whether it wants the recipients the MTA refused itself (`needs` "rejected_recipients").
+    pub rejected_recipients: bool,
     /// Macros to request, per stage.
     pub macros: BTreeMap<Stage, Vec<String>>,
     /// Effective options, rendered for `luamilter check`.
@@ -169,6 +174,7 @@ pub fn load(
         handles: [false; 12],
         noreply: Vec::new(),
         needs: Vec::new(),
+        rejected_recipients: false,
         macros: BTreeMap::new(),
         options: BTreeMap::new(),
     };
@@ -223,7 +229,10 @@ pub fn load(
             "needs" => string_list(&value, "needs").and_then(|items| {
                 for item in items {
                     match NEEDS.iter().find(|(name, _)| *name == item) {
-                        Some((_, stage)) => decl.needs.push(*stage),
+                        Some((_, stage)) => {
+                            decl.needs.push(*stage);
+                            decl.rejected_recipients |= item == "rejected_recipients";
+                        }
                         None => {
                             let known: Vec<&str> = NEEDS.iter().map(|(n, _)| *n).collect();
                             return Err(format!(

@@ -127,12 +127,16 @@ fn glob(pattern: &str, text: &str) -> bool {
     let mut rest = text;
     for (i, part) in parts.iter().enumerate() {
         if i == 0 {
-            let Some(r) = rest.strip_prefix(part) else { return false };
+            let Some(r) = rest.strip_prefix(part) else {
+                return false;
+            };
             rest = r;
         } else if i == parts.len() - 1 {
             return rest.ends_with(part);
         } else {
-            let Some(at) = rest.find(part) else { return false };
+            let Some(at) = rest.find(part) else {
+                return false;
+            };
             rest = &rest[at + part.len()..];
         }
     }
@@ -143,7 +147,10 @@ fn glob(pattern: &str, text: &str) -> bool {
 fn check(stage: &str, expected: Option<&str>, status: &Status) -> Result<(), String> {
     let expected = expected.unwrap_or("pass");
     let ok = match expected {
-        "pass" => matches!(status, Status::Continue | Status::Noreply | Status::Skip | Status::Accept),
+        "pass" => matches!(
+            status,
+            Status::Continue | Status::Noreply | Status::Skip | Status::Accept
+        ),
         "continue" => matches!(status, Status::Continue | Status::Noreply),
         "accept" => *status == Status::Accept,
         "discard" => *status == Status::Discard,
@@ -151,10 +158,18 @@ fn check(stage: &str, expected: Option<&str>, status: &Status) -> Result<(), Str
         "tempfail" => matches!(status, Status::Tempfail { .. }),
         text => {
             let got = reply_text(status);
-            matches!(status, Status::Reject { .. } | Status::Tempfail { .. }) && glob(&format!("{text}*"), &got)
+            matches!(status, Status::Reject { .. } | Status::Tempfail { .. })
+                && glob(&format!("{text}*"), &got)
         }
     };
-    if ok { Ok(()) } else { Err(format!("at {stage}: expected {expected:?}, got {:?}", reply_text(status))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "at {stage}: expected {expected:?}, got {:?}",
+            reply_text(status)
+        ))
+    }
 }
 
 /// Whether the message (or connection) ended with this answer.
@@ -175,18 +190,33 @@ fn macro_stage(name: &str) -> MacroStage {
     }
 }
 
-async fn send_macros(c: &mut Mta, macros: &BTreeMap<String, BTreeMap<String, String>>, stage: &str) {
+async fn send_macros(
+    c: &mut Mta,
+    macros: &BTreeMap<String, BTreeMap<String, String>>,
+    stage: &str,
+) {
     if let Some(m) = macros.get(stage) {
-        c.macros(macro_stage(stage), m.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .await
-            .unwrap();
+        c.macros(
+            macro_stage(stage),
+            m.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .await
+        .unwrap();
     }
 }
 
-async fn run_message(c: &mut Mta, m: &MessageFields, macros: &BTreeMap<String, BTreeMap<String, String>>, e: &Expect) -> Result<(), String> {
+async fn run_message(
+    c: &mut Mta,
+    m: &MessageFields,
+    macros: &BTreeMap<String, BTreeMap<String, String>>,
+    e: &Expect,
+) -> Result<(), String> {
     let Some(mail) = &m.mail else { return Ok(()) };
     send_macros(c, macros, "mail").await;
-    let status = c.mail([mail.as_str()]).await.map_err(|e| format!("mail: {e:?}"))?;
+    let status = c
+        .mail([mail.as_str()])
+        .await
+        .map_err(|e| format!("mail: {e:?}"))?;
     check("mail", e.mail.as_deref(), &status)?;
     if ends(&status) {
         return Ok(());
@@ -194,8 +224,15 @@ async fn run_message(c: &mut Mta, m: &MessageFields, macros: &BTreeMap<String, B
     let mut accepted = 0;
     for (i, rcpt) in m.rcpt.iter().enumerate() {
         send_macros(c, macros, "rcpt").await;
-        let status = c.rcpt([rcpt.as_str()]).await.map_err(|e| format!("rcpt: {e:?}"))?;
-        check(&format!("rcpt {rcpt}"), e.rcpt.get(i).map(String::as_str), &status)?;
+        let status = c
+            .rcpt([rcpt.as_str()])
+            .await
+            .map_err(|e| format!("rcpt: {e:?}"))?;
+        check(
+            &format!("rcpt {rcpt}"),
+            e.rcpt.get(i).map(String::as_str),
+            &status,
+        )?;
         match status {
             Status::Reject { .. } | Status::Tempfail { .. } => {}
             s if ends(&s) => return Ok(()),
@@ -213,7 +250,10 @@ async fn run_message(c: &mut Mta, m: &MessageFields, macros: &BTreeMap<String, B
         return Ok(());
     }
     for (name, value) in &m.headers {
-        let status = c.header(name, value).await.map_err(|e| format!("header: {e:?}"))?;
+        let status = c
+            .header(name, value)
+            .await
+            .map_err(|e| format!("header: {e:?}"))?;
         check(&format!("header {name}"), e.header.as_deref(), &status)?;
         if ends(&status) {
             return Ok(());
@@ -226,7 +266,10 @@ async fn run_message(c: &mut Mta, m: &MessageFields, macros: &BTreeMap<String, B
         return Ok(());
     }
     if let Some(body) = &m.body {
-        let status = c.body(body.clone().into_bytes()).await.map_err(|e| format!("body: {e:?}"))?;
+        let status = c
+            .body(body.clone().into_bytes())
+            .await
+            .map_err(|e| format!("body: {e:?}"))?;
         check("body", e.body.as_deref(), &status)?;
         if ends(&status) {
             return Ok(());
@@ -236,7 +279,8 @@ async fn run_message(c: &mut Mta, m: &MessageFields, macros: &BTreeMap<String, B
     let (actions, status) = c.eom().await.map_err(|e| format!("eom: {e:?}"))?;
     check("eom", e.eom.as_deref(), &status)?;
     for (name, pattern) in &e.headers {
-        let got = added_header(&actions, name).ok_or_else(|| format!("no {name} header added; edits: {:?}", actions.actions))?;
+        let got = added_header(&actions, name)
+            .ok_or_else(|| format!("no {name} header added; edits: {:?}", actions.actions))?;
         if !glob(pattern, &got) {
             return Err(format!("header {name}: expected {pattern:?}, got {got:?}"));
         }
@@ -248,12 +292,19 @@ async fn run_message(c: &mut Mta, m: &MessageFields, macros: &BTreeMap<String, B
     }
     for (name, value) in &e.changed_headers {
         let found = actions.actions.iter().any(|a| match a {
-            indymilter_test::EomAction::ChangeHeader { name: n, value: v, .. } => n.to_str() == Ok(name) && v.to_str() == Ok(value),
-            indymilter_test::EomAction::DeleteHeader { name: n, .. } => n.to_str() == Ok(name) && value.is_empty(),
+            indymilter_test::EomAction::ChangeHeader {
+                name: n, value: v, ..
+            } => n.to_str() == Ok(name) && v.to_str() == Ok(value),
+            indymilter_test::EomAction::DeleteHeader { name: n, .. } => {
+                n.to_str() == Ok(name) && value.is_empty()
+            }
             _ => false,
         });
         if !found {
-            return Err(format!("header {name} not changed to {value:?}; edits: {:?}", actions.actions));
+            return Err(format!(
+                "header {name} not changed to {value:?}; edits: {:?}",
+                actions.actions
+            ));
         }
     }
     Ok(())
@@ -269,10 +320,16 @@ async fn run_case(addr: &luamilter::listen::ListenAddr, case: &Case) -> Result<(
         luamilter::listen::ListenAddr::Unix(p) => builder.open_unix(p).await,
     }
     .map_err(|e| format!("open: {e:?}"))?);
-    let ip: IpAddr = case.ip.parse().map_err(|_| format!("bad ip {:?}", case.ip))?;
+    let ip: IpAddr = case
+        .ip
+        .parse()
+        .map_err(|_| format!("bad ip {:?}", case.ip))?;
     let hostname = case.hostname.clone().unwrap_or_else(|| format!("[{ip}]"));
     send_macros(&mut c, &case.macros, "connect").await;
-    let status = c.connect(&hostname, ip).await.map_err(|e| format!("connect: {e:?}"))?;
+    let status = c
+        .connect(&hostname, ip)
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
     check("connect", case.expect.connect.as_deref(), &status)?;
     if ends(&status) {
         return Ok(());
@@ -314,7 +371,8 @@ fn cases_dir() -> PathBuf {
 
 async fn run_file(path: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap();
-    let file: CaseFile = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let file: CaseFile =
+        toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let _ = &file.description;
     let mut failures = Vec::new();
     for backend in &file.stores {
@@ -335,21 +393,33 @@ async fn run_file(path: &Path) -> Vec<String> {
         .unwrap();
         if backend == "redis" {
             let server = RedisServer::start();
-            let store: toml::Table = toml::from_str(&format!("[store]\nbackend = \"redis\"\nurl = {:?}\n", server.url)).unwrap();
+            let store: toml::Table = toml::from_str(&format!(
+                "[store]\nbackend = \"redis\"\nurl = {:?}\n",
+                server.url
+            ))
+            .unwrap();
             merge(&mut config, store);
             redis = Some(server);
         }
-        let policies: toml::Table = toml::from_str(&format!("[policies]\nchain = {:?}\n", file.chain)).unwrap();
+        let policies: toml::Table =
+            toml::from_str(&format!("[policies]\nchain = {:?}\n", file.chain)).unwrap();
         merge(&mut config, policies);
-        let extra: toml::Table = toml::from_str(&file.config).unwrap_or_else(|e| panic!("{}: config: {e}", path.display()));
+        let extra: toml::Table = toml::from_str(&file.config)
+            .unwrap_or_else(|e| panic!("{}: config: {e}", path.display()));
         merge(&mut config, extra);
         let text = toml::to_string(&config).unwrap();
         let config = Config::parse(&text, Some(dir.path().join("luamilter.toml")))
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let daemon = Daemon::start(config).await.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let daemon = Daemon::start(config)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         for case in &file.cases {
             if let Err(e) = run_case(&daemon.local, case).await {
-                failures.push(format!("{} [{backend}] case {:?}: {e}", path.display(), case.name));
+                failures.push(format!(
+                    "{} [{backend}] case {:?}: {e}",
+                    path.display(),
+                    case.name
+                ));
             }
         }
         daemon.stop(Duration::from_secs(5)).await;
@@ -371,7 +441,12 @@ async fn every_case_file_passes() {
     for file in &files {
         failures.extend(run_file(file).await);
     }
-    assert!(failures.is_empty(), "{} failing case(s):\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failing case(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -386,13 +461,19 @@ fn every_stock_policy_has_cases_and_a_doc_page() {
             missing.push(format!("docs/policies/{name}.md"));
         }
     }
-    assert!(missing.is_empty(), "stock policies without cases or docs: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "stock policies without cases or docs: {missing:?}"
+    );
 }
 
 #[test]
 fn the_glob_matches_as_documented() {
     assert!(glob("pass *", "pass (mx.test: x)"));
-    assert!(glob("*client-ip=192.0.2.1*", "pass x client-ip=192.0.2.1; y"));
+    assert!(glob(
+        "*client-ip=192.0.2.1*",
+        "pass x client-ip=192.0.2.1; y"
+    ));
     assert!(!glob("pass", "pass x"));
     assert!(glob("a*b*c", "aXbYc"));
 }

@@ -203,3 +203,35 @@ async fn reading_data_of_a_stage_that_is_not_sent_says_what_to_declare() {
     assert!(actions.actions.is_empty());
     d.stop().await;
 }
+
+#[tokio::test]
+async fn recipients_the_mta_refused_reach_policies_that_ask_for_them() {
+    let policy = r#"
+return {
+  needs = { "rejected_recipients" },
+  macros = { rcpt = { "{rcpt_mailer}" } },
+  rcpt = function(ctx, rcpt)
+    if ctx:macro("rcpt_mailer") == "error" then ctx.vars.bad = (ctx.vars.bad or 0) + 1 end
+  end,
+  eom = function(ctx)
+    ctx:add_header("X-Bad", tostring(ctx.vars.bad))
+    ctx:add_header("X-Rcpts", table.concat(ctx.recipients, ","))
+  end,
+}"#;
+    let d = TestDaemon::start(&[("p", policy)], "").await;
+    let mut c = d.client().await;
+    assert!(c.negotiated_opts().contains(ProtoOpts::REJECTED_RCPT));
+    c.mail(["<a@b.example>"]).await.unwrap();
+    c.macros(indymilter::MacroStage::Rcpt, [("{rcpt_mailer}", "error")])
+        .await
+        .unwrap();
+    c.rcpt(["<nosuchuser@b.example>"]).await.unwrap();
+    c.macros(indymilter::MacroStage::Rcpt, [("{rcpt_mailer}", "local")])
+        .await
+        .unwrap();
+    c.rcpt(["<user@b.example>"]).await.unwrap();
+    let (actions, _) = c.eom().await.unwrap();
+    assert!(actions.has_add_header("X-Bad", "1"));
+    assert!(actions.has_add_header("X-Rcpts", "user@b.example"));
+    d.stop().await;
+}
