@@ -48,7 +48,7 @@ end
 
 return {
   description = "no DSNs from internal PCs, no mail to MAILER-DAEMON, private relay domains, one recipient per bounce",
-  needs = { "client" },
+  needs = { "client", "helo" },
   options = {
     refuse_pc_dsn = true,
     pc_dsn_reply = {
