@@ -63,7 +63,8 @@ pub async fn query_all(resolver: &Arc<Resolver>, queries: Vec<Query>) -> Vec<Ans
 
 /// Reads the query list given to `dns.lists`; a malformed entry is a policy bug and raises.
 fn queries_argument(list: &Table) -> mlua::Result<Vec<Query>> {
-    let bad = |message: String| mlua::Error::runtime(format!("bad argument #1 to 'lists' ({message})"));
+    let bad =
+        |message: String| mlua::Error::runtime(format!("bad argument #1 to 'lists' ({message})"));
     let count = list.raw_len();
     if count > MAX_QUERIES {
         return Err(bad(format!("at most {MAX_QUERIES} queries, got {count}")));
@@ -96,10 +97,7 @@ fn queries_argument(list: &Table) -> mlua::Result<Vec<Query>> {
             },
             (None, Some(domain)) => Query::Domain { domain, zone },
             _ => {
-                return Err(bad(format!(
-                    "query {} needs either ip or domain",
-                    n + 1
-                )));
+                return Err(bad(format!("query {} needs either ip or domain", n + 1)));
             }
         });
     }

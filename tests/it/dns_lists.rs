@@ -85,21 +85,34 @@ async fn a_silent_server_gives_timeout_answers() {
         "error timeout\nerror timeout"
     );
     // One timed-out query costs about 400 ms here (UDP, then TCP); two in turn would cost 800.
-    assert!(start.elapsed() < Duration::from_millis(700), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_millis(700),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[tokio::test]
 async fn malformed_queries_raise() {
     let server = TestDns::start().await;
     let cases = [
-        (r#"dns.lists{ { ip = "nope", zone = "bl.test" } }"#, "query 1: IP address expected, got \"nope\""),
-        (r#"dns.lists{ { ip = "192.0.2.1" } }"#, "query 1 has no zone"),
+        (
+            r#"dns.lists{ { ip = "nope", zone = "bl.test" } }"#,
+            "query 1: IP address expected, got \"nope\"",
+        ),
+        (
+            r#"dns.lists{ { ip = "192.0.2.1" } }"#,
+            "query 1 has no zone",
+        ),
         (
             r#"dns.lists{ { zone = "a" }, { zone = "bl.test", ip = "192.0.2.1", domain = "x" } }"#,
             "query 1 needs either ip or domain",
         ),
         (r#"dns.lists{ "bl.test" }"#, "query 1 is not a table"),
-        (r#"dns.lists{ { zone = 5, ip = "192.0.2.1" } }"#, "query 1: zone must be a string, got integer"),
+        (
+            r#"dns.lists{ { zone = 5, ip = "192.0.2.1" } }"#,
+            "query 1: zone must be a string, got integer",
+        ),
         (
             r#"local q = {} for i = 1, 65 do q[i] = { ip = "192.0.2.1", zone = "bl.test" } end dns.lists(q)"#,
             "at most 64 queries, got 65",
@@ -132,5 +145,8 @@ async fn queries_run_side_by_side() {
     assert_eq!(run(server.resolver(), chunk).await, Ok("12".into()));
     let elapsed = start.elapsed();
     println!("12 list queries at 150 ms each through dns.lists: {elapsed:?}");
-    assert!(elapsed < Duration::from_millis(900), "queries did not overlap: {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(900),
+        "queries did not overlap: {elapsed:?}"
+    );
 }
