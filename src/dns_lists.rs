@@ -8,6 +8,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use futures_util::future::join_all;
 use mlua::{Lua, Table, Value};
 
 use crate::dns::{DnsError, Listing, Resolver};
@@ -37,28 +38,17 @@ pub enum Query {
 /// The answer to one query: listed, not listed (`Ok(None)`), or a failed lookup.
 pub type Answer = Result<Option<Listing>, DnsError>;
 
-/// Runs every query concurrently and returns the answers in query order.
-pub async fn query_all(resolver: &Arc<Resolver>, queries: Vec<Query>) -> Vec<Answer> {
-    let mut tasks = tokio::task::JoinSet::new();
-    let count = queries.len();
-    for (index, query) in queries.into_iter().enumerate() {
-        let resolver = Arc::clone(resolver);
-        tasks.spawn(async move {
-            let answer = match &query {
-                Query::Ip { ip, zone } => resolver.dnsbl(*ip, zone).await,
-                Query::Domain { domain, zone } => resolver.rhsbl(domain, zone).await,
-            };
-            (index, answer)
-        });
-    }
-    let mut answers: Vec<Answer> = vec![Err(DnsError::Other("not answered".into())); count];
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok((index, answer)) => answers[index] = answer,
-            Err(e) => tracing::error!("a DNS list query task failed: {e}"),
+/// Runs every query concurrently and returns the answers in query order. The lookups are
+/// polled together in the caller's task: no task is spawned, so a batch answered from the
+/// cache costs little more than the same lookups in turn.
+pub async fn query_all(resolver: &Resolver, queries: &[Query]) -> Vec<Answer> {
+    join_all(queries.iter().map(|query| async move {
+        match query {
+            Query::Ip { ip, zone } => resolver.dnsbl(*ip, zone).await,
+            Query::Domain { domain, zone } => resolver.rhsbl(domain, zone).await,
         }
-    }
-    answers
+    }))
+    .await
 }
 
 /// Reads the query list given to `dns.lists`; a malformed entry is a policy bug and raises.
@@ -131,7 +121,7 @@ pub fn register(lua: &Lua, module: &Table, resolver: Arc<Resolver>) -> mlua::Res
             let resolver = Arc::clone(&resolver);
             async move {
                 let queries = queries_argument(&list)?;
-                let answers = query_all(&resolver, queries).await;
+                let answers = query_all(&resolver, &queries).await;
                 lua.create_sequence_from(
                     answers
                         .into_iter()

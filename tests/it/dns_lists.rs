@@ -150,3 +150,49 @@ async fn queries_run_side_by_side() {
         "queries did not overlap: {elapsed:?}"
     );
 }
+
+/// Measures a batch of six cached list queries: one `dns.lists` call versus six `dns.dnsbl`
+/// calls in turn. Run by hand:
+/// `cargo test --test it cached_batch_cost -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run by hand"]
+async fn cached_batch_cost() {
+    const N: u32 = 5_000;
+    let server = TestDns::start().await;
+    let lua = Lua::new();
+    lua.globals()
+        .set("dns", dns::lua_module(&lua, server.resolver()).unwrap())
+        .unwrap();
+    let zones = r#"local zones = { "bl.test", "a.bl.test", "b.bl.test", "c.bl.test", "d.bl.test", "e.bl.test" }"#;
+    let batch = lua
+        .load(format!(
+            r#"{zones}
+            local q = {{}}
+            for i, z in ipairs(zones) do q[i] = {{ ip = "198.51.100.5", zone = z }} end
+            local n = ...
+            for _ = 1, n do assert(dns.lists(q)[1].listed) end"#
+        ))
+        .into_function()
+        .unwrap();
+    let one_by_one = lua
+        .load(format!(
+            r#"{zones}
+            local n = ...
+            for _ = 1, n do
+              for i, z in ipairs(zones) do local hit = dns.dnsbl("198.51.100.5", z); assert(i > 1 or hit) end
+            end"#
+        ))
+        .into_function()
+        .unwrap();
+    batch.call_async::<()>(1).await.unwrap(); // warm the cache
+    let start = Instant::now();
+    batch.call_async::<()>(N).await.unwrap();
+    let batched = start.elapsed() / N;
+    let start = Instant::now();
+    one_by_one.call_async::<()>(N).await.unwrap();
+    let sequential = start.elapsed() / N;
+    println!(
+        "6 cached list queries: dns.lists {batched:?}/batch, dns.dnsbl in turn {sequential:?}/batch"
+    );
+    assert!(batched > Duration::ZERO && sequential > Duration::ZERO);
+}
