@@ -403,6 +403,8 @@ fn listing_value(lua: &Lua, listing: Option<Listing>) -> mlua::Result<Value> {
 /// `docs/lua-api/dns.md`.
 pub fn lua_module(lua: &Lua, resolver: Arc<Resolver>) -> mlua::Result<Table> {
     let module = lua.create_table()?;
+    // `lists`: several list queries at once.
+    crate::dns_lists::register(lua, &module, Arc::clone(&resolver))?;
 
     macro_rules! by_name {
         ($field:literal, $method:ident, $convert:expr) => {{

@@ -7,6 +7,7 @@ pub mod control;
 pub mod daemon;
 pub mod db_cli;
 pub mod dns;
+pub mod dns_lists;
 pub mod duration;
 pub mod engine;
 pub mod listen;

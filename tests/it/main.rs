@@ -7,6 +7,7 @@ mod cases;
 mod chain;
 mod cli;
 mod dns;
+mod dns_lists;
 mod dns_server;
 mod docs;
 mod faults;
