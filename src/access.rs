@@ -11,6 +11,14 @@ use std::{collections::HashMap, path::Path};
 /// The values the stock policies understand.
 const VALUES: &[&str] = &["OK", "WHITELIST", "REJECT", "BAN", "TEMPFAIL"];
 
+/// Tags whose values luamilter's stock policies act on, and so are checked at load. Other tags
+/// (sendmail's own `Connect:`, `From:`, `To:` with `RELAY` and the like, or a site policy's own
+/// tags) are kept as written: an access file shared with sendmail loads as it is.
+fn checked_tag(key: &str) -> bool {
+    let tag = key.split(':').next().unwrap_or("").to_ascii_lowercase();
+    tag.starts_with("spf-") || tag.starts_with("helo-") || tag == "smtp-auth"
+}
+
 /// A loaded access map.
 #[derive(Debug, Default, Clone)]
 pub struct AccessMap {
@@ -67,6 +75,10 @@ impl AccessMap {
                 "{key:?} has no value (use one of {})",
                 VALUES.join(", ")
             ));
+        }
+        if !checked_tag(key) {
+            self.entries.insert(normalise_key(key), value.to_string());
+            return Ok(());
         }
         if matches!(value, "CBV" | "DSN") {
             return Err(format!(
@@ -199,6 +211,18 @@ SMTP-Test:.baz.com      WHITELIST
     }
 
     #[test]
+    fn sendmail_entries_load_as_written() {
+        let mut m = AccessMap::default();
+        m.add_text(
+            "access",
+            "Connect:localhost RELAY\nFrom:spammer@example.com REJECT\nSMTP-Test: WILDCARD\n",
+        )
+        .unwrap();
+        assert_eq!(m.lookup("connect", "localhost"), Some("RELAY"));
+        assert_eq!(m.lookup("SMTP-Test", "x@y.z"), Some("WILDCARD"));
+    }
+
+    #[test]
     fn local_parts_keep_their_case() {
         let mut m = AccessMap::default();
         m.insert("SPF-Fail:Abeb@Adelphia.net", "OK").unwrap();
@@ -212,7 +236,7 @@ SMTP-Test:.baz.com      WHITELIST
         let errs = m
             .add_text(
                 "access",
-                "SPF-Pass:a.com OK\nSPF-Neutral:b.com\nSPF-Fail:c.com CBV\nX:y reject\n",
+                "SPF-Pass:a.com OK\nSPF-Neutral:b.com\nSPF-Fail:c.com CBV\nHELO-Fail:y reject\n",
             )
             .unwrap_err();
         assert_eq!(errs.len(), 3, "{errs:?}");
