@@ -4,7 +4,8 @@
 //! `name` (must match the file), `description`, `options` (defaults), `needs` (data the policy
 //! reads without handling its stage: `"client"`, `"helo"`, `"sender"`, `"recipients"`,
 //! `"headers"`), `noreply` (stages whose handlers never answer), `macros` (per stage, the
-//! macros to ask the MTA for).
+//! macros to ask the MTA for), `setup` (a function run at load with the effective options, to
+//! check them or precompute from them; an error there is a load error).
 
 use super::options::{self, Override};
 use super::sandbox;
@@ -22,6 +23,7 @@ const DECLARATION_KEYS: &[&str] = &[
     "needs",
     "noreply",
     "macros",
+    "setup",
 ];
 /// What `needs` can name, and the stage that brings it.
 const NEEDS: &[(&str, Stage)] = &[
@@ -167,6 +169,7 @@ pub fn load(
     let mut errors = Vec::new();
     let mut handlers: [Option<Function>; 12] = Default::default();
     let mut declared_options = None;
+    let mut setup: Option<Function> = None;
     let mut decl = PolicyDecl {
         name: source.name.clone(),
         path: source.path.clone(),
@@ -258,6 +261,16 @@ pub fn load(
                 Ok(())
             }),
             "macros" => parse_macros(&value).map(|m| decl.macros = m),
+            "setup" => match value {
+                Value::Function(f) => {
+                    setup = Some(f);
+                    Ok(())
+                }
+                other => Err(format!(
+                    "'setup' must be a function(opts), got a {}",
+                    other.type_name()
+                )),
+            },
             _ => Err(unknown_key_message(&key)),
         };
         if let Err(e) = result {
@@ -297,6 +310,23 @@ pub fn load(
     match effective {
         Some(options) if errors.is_empty() => {
             decl.options = options::describe_options(&options);
+            // `setup(opts)` checks the effective options (and may precompute into them) at
+            // load, so a bad option is reported by `check` and refused by a reload.
+            if let Some(setup) = setup {
+                let checked = sandbox::with_time_limit(lua, config.engine.time_limit, || {
+                    setup.call::<()>(&options)
+                });
+                if let Err(e) = checked {
+                    let line = first_line(&e.to_string());
+                    let line = line.strip_prefix("runtime error: ").unwrap_or(&line);
+                    let located = if line.starts_with(&at) {
+                        line.to_string()
+                    } else {
+                        format!("{at}: setup: {line}")
+                    };
+                    return Err(vec![located]);
+                }
+            }
             Ok((decl, LoadedPolicy { handlers, options }))
         }
         _ => Err(errors),

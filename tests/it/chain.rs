@@ -87,3 +87,37 @@ async fn bad_option_overrides_stop_the_start_with_file_and_line() {
         "{err}"
     );
 }
+
+const WITH_SETUP: &str = r#"local milter = require "milter"
+return {
+  options = { n = 1 },
+  setup = function(opts)
+    if opts.n < 0 then error("n must not be negative, got " .. opts.n) end
+    opts.double = opts.n * 2
+  end,
+  eom = function(ctx, opts) ctx:add_header("X-Double", tostring(opts.double)) end,
+}
+"#;
+
+#[tokio::test]
+async fn setup_checks_and_prepares_the_options_at_load() {
+    let err = TestDaemon::try_start(
+        &[("s", WITH_SETUP)],
+        "[policy.s]\nn = -3\n",
+        "inet:0@127.0.0.1",
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        err.contains("s.lua:5: n must not be negative, got -3"),
+        "{err}"
+    );
+    let d = TestDaemon::start(&[("s", WITH_SETUP)], "[policy.s]\nn = 21\n").await;
+    let mut c = d.client().await;
+    c.mail(["<a@example.org>"]).await.unwrap();
+    c.rcpt(["<b@example.org>"]).await.unwrap();
+    let (actions, _) = c.eom().await.unwrap();
+    assert!(actions.has_add_header("X-Double", "42"));
+    d.stop().await;
+}
