@@ -293,6 +293,9 @@ return {
     error_reply = "Temporary lookup failure of {name} at {zone}",
   },
 
+  -- Bad zone entries are load errors: `luamilter check` reports them, a reload refuses them.
+  setup = function(opts) zones_of(opts) end,
+
   mail = function(ctx, sender, args, opts)
     local conf = zones_of(opts)
     local client = ctx.client

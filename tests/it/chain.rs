@@ -121,3 +121,24 @@ async fn setup_checks_and_prepares_the_options_at_load() {
     assert!(actions.has_add_header("X-Double", "42"));
     d.stop().await;
 }
+
+#[tokio::test]
+async fn a_bad_stock_dnsbl_zone_is_a_load_error() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let text = format!(
+        "[milter]\nlisten = \"inet:0@127.0.0.1\"\ncontrol_socket = {:?}\n[policies]\nchain = [\"dnsbl\"]\n\
+         [store]\npath = {:?}\n[policy.dnsbl]\ndnsbl = [{{ zone = \"bl.test\", action = \"rejct\" }}]\n",
+        dir.path().join("ctl.sock"),
+        dir.path().join("s.db")
+    );
+    let config = luamilter::config::Config::parse(&text, Some(dir.path().join("c.toml"))).unwrap();
+    let err = luamilter::daemon::Daemon::start(config)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("stock/dnsbl.lua: setup:") && err.contains("unknown action \"rejct\""),
+        "{err}"
+    );
+}
