@@ -93,7 +93,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    logging::init(&config.log);
+    let _log_flush = logging::init(&config.log);
     // The milter itself runs on the daemon's worker threads; this runtime carries signals,
     // reloads, the control socket and the services' background tasks.
     let runtime = match tokio::runtime::Builder::new_multi_thread()

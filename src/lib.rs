@@ -13,6 +13,7 @@ pub mod listen;
 pub mod loadgen;
 pub mod logging;
 pub mod lua_api;
+pub mod mime;
 pub mod net;
 pub mod reload;
 pub mod server;

@@ -44,6 +44,15 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// The session authenticated with SMTP AUTH: it counts as internal from now on.
+    fn note_auth(&mut self) {
+        self.client_info.authenticated = true;
+        self.client_info.internal = true;
+        if let Some(ctx) = &self.ctx {
+            let _ = Ctx::set_authenticated(ctx);
+        }
+    }
+
     /// The session's `ctx`, created when first needed.
     fn ctx(&mut self) -> Option<AnyUserData> {
         if self.ctx.is_none() {
@@ -372,11 +381,7 @@ fn new_message(conn: &mut Conn, authenticated: bool) {
         update_ctx_of(conn, |c| c.delayed = None);
     }
     if authenticated {
-        conn.client_info.authenticated = true;
-        conn.client_info.internal = true;
-        if let Some(ctx) = &conn.ctx {
-            let _ = Ctx::set_authenticated(ctx);
-        }
+        conn.note_auth();
     }
     if let Some(ctx) = &conn.ctx
         && let Err(e) = conn.lease.reset_message(ctx)
@@ -492,6 +497,15 @@ async fn decide(
         return None;
     }
     let ctx = conn.ctx()?;
+    // SMTP AUTH shows in the MAIL macros, which the MTA keeps sending for later stages even
+    // when MAIL itself is not negotiated.
+    if !conn.client_info.authenticated
+        && macros
+            .get(c"{auth_authen}")
+            .is_some_and(|a| !a.to_bytes().is_empty())
+    {
+        conn.note_auth();
+    }
     let _ = ctx.borrow_mut_scoped::<Ctx, _>(|c| {
         c.set_macros(macro_snapshot(macros));
         c.progress = progress;

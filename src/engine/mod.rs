@@ -220,6 +220,7 @@ impl VmLease {
         let ctx = Ctx {
             actions,
             sent,
+            receiver: self.generation.site.hostname.clone(),
             ..Ctx::default()
         };
         Ctx::create(&self.vm().lua, ctx, client)
@@ -586,7 +587,10 @@ fn bad_return(value: &Value) -> String {
 
 impl Plan {
     fn from_policies(decls: &[PolicyDecl], delay_reject: bool) -> Plan {
-        let needed = |s: Stage| decls.iter().any(|d| d.needs.contains(&s));
+        // Delayed rejects need MAIL (SMTP AUTH there cancels a held connect reject).
+        let needed = |s: Stage| {
+            (delay_reject && s == Stage::Mail) || decls.iter().any(|d| d.needs.contains(&s))
+        };
         let mut skip = ProtoOpts::empty();
         let mut noreply = ProtoOpts::empty();
         let mut collect_only = ProtoOpts::empty();

@@ -19,6 +19,7 @@ pub const BUILTIN_MODULES: &[&str] = &[
     "milter.store",
     "milter.site",
     "milter.access",
+    "milter.mime",
 ];
 
 /// Builds a built-in module by name, or `None` when `name` is not built in.
@@ -37,6 +38,7 @@ pub fn builtin_module(
         "milter.store" => store::lua_module(lua, Arc::clone(&services.store)),
         "milter.site" => site::site_module(lua, Arc::clone(site)),
         "milter.access" => site::access_module(lua, Arc::clone(site)),
+        "milter.mime" => crate::mime::lua_module(lua),
         _ => return None,
     };
     Some(module.map(Value::Table))

@@ -17,5 +17,6 @@ mod redis_server;
 mod reload;
 mod services;
 mod session;
+mod site;
 mod spf;
 mod store;

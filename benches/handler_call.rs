@@ -1,0 +1,84 @@
+//! Micro-benchmark of the per-stage cost inside the engine: one Rust→Lua handler call with a
+//! `ctx`, through the same path the server uses (`VmLease::run_stage`), for the trivial policy
+//! of examples/bench.lua. Run with `cargo bench --bench handler_call`.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use luamilter::{
+    config::Config,
+    engine::{Generation, StageArgs, stages_sent},
+    lua_api::ctx::ClientInfo,
+    services::Services,
+    stage::Stage,
+};
+use std::{hint::black_box, sync::Arc};
+
+fn handler_call(c: &mut Criterion) {
+    // Logging as the daemon does by default (info, text), into a sink: spans and events cost.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::sink)
+        .try_init();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::TempDir::new().unwrap();
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let text = format!(
+        "[policies]\ndirs = [{examples:?}]\nchain = [\"bench\"]\n[store]\npath = {:?}\n",
+        dir.path().join("store.db")
+    );
+    let config = Arc::new(Config::parse(&text, Some(dir.path().join("c.toml"))).unwrap());
+    let _in_runtime = runtime.enter();
+    let services = Arc::new(Services::start(&config).unwrap());
+    let generation = Arc::new(Generation::build(config, services, 1).unwrap());
+    let lease = generation.lease(0);
+    let client = ClientInfo {
+        ip: Some("192.0.2.1".parse().unwrap()),
+        family: "inet",
+        ..ClientInfo::default()
+    };
+    let ctx = lease
+        .new_ctx(
+            client,
+            indymilter::Actions::all(),
+            stages_sent(indymilter::ProtoOpts::empty()),
+        )
+        .unwrap();
+    c.bench_function("mail handler call (continue)", |b| {
+        b.iter(|| {
+            let args = StageArgs::Envelope("good@example.org".into(), vec!["SIZE=2048".into()]);
+            let outcome = runtime.block_on(lease.run_stage(&ctx, Stage::Mail, args));
+            black_box(outcome.verdict);
+        })
+    });
+    c.bench_function("mail handler call (reject)", |b| {
+        b.iter(|| {
+            let args = StageArgs::Envelope("spam@bad.example".into(), vec![]);
+            let outcome = runtime.block_on(lease.run_stage(&ctx, Stage::Mail, args));
+            black_box(outcome.verdict);
+        })
+    });
+    c.bench_function("eom handler call (add_header, accept)", |b| {
+        b.iter(|| {
+            let outcome = runtime.block_on(lease.run_stage(&ctx, Stage::Eom, StageArgs::None));
+            black_box(outcome.verdict);
+            lease.reset_message(&ctx).unwrap();
+        })
+    });
+    c.bench_function("new ctx for a connection", |b| {
+        b.iter(|| {
+            let ctx = lease
+                .new_ctx(
+                    ClientInfo::default(),
+                    indymilter::Actions::all(),
+                    stages_sent(indymilter::ProtoOpts::empty()),
+                )
+                .unwrap();
+            black_box(ctx);
+        })
+    });
+}
+
+criterion_group!(benches, handler_call);
+criterion_main!(benches);

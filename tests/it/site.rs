@@ -1,0 +1,196 @@
+//! Site facts, the access map and delayed rejects, through a real milter client.
+
+use crate::support::{TestDaemon, reply_text};
+use indymilter::MacroStage;
+use indymilter_test::Status;
+use std::net::Ipv4Addr;
+
+const FACTS: &str = r#"
+local site = require "milter.site"
+local access = require "milter.access"
+return {
+  needs = { "client" },
+  eom = function(ctx)
+    local c = ctx.client
+    ctx:add_header("X-Client", table.concat({
+      tostring(c.internal), tostring(c.trusted), tostring(c.localhost),
+      tostring(c.authenticated), tostring(c.ptr), tostring(c.dynamic) }, " "))
+    ctx:add_header("X-Receiver", ctx.receiver)
+    ctx:add_header("X-Site", tostring(site.internal_domain("a.example.net")) .. " " ..
+      tostring(site.hello_blacklisted("MX.EXAMPLE.ORG")) .. " " .. tostring(site.internal_mta("192.168.1.10")))
+    ctx:add_header("X-Access", tostring(access.lookup("SPF-Neutral", "x@aol.com")) .. " " ..
+      tostring(access.lookup("SMTP-Test", "foo@bar.baz.com")))
+  end,
+}"#;
+
+const SITE: &str = r#"
+[site]
+hostname = "mx.example.org"
+internal_networks = ["192.168.0.0/16"]
+trusted_relays = ["198.51.100.7"]
+internal_mtas = ["192.168.1.10"]
+internal_domains = ["*.example.net"]
+hello_blacklist = ["mx.example.org"]
+access_file = "access"
+[site.access]
+"SPF-Neutral:aol.com" = "REJECT"
+"#;
+
+async fn facts(
+    d: &TestDaemon,
+    ip: Ipv4Addr,
+    hostname: &str,
+    auth: Option<&str>,
+) -> indymilter_test::EomActions {
+    let mut c = d.client().await;
+    c.connect(hostname, ip).await.unwrap();
+    if let Some(user) = auth {
+        c.macros(MacroStage::Mail, [("{auth_authen}", user)])
+            .await
+            .unwrap();
+    }
+    c.mail(["<a@example.com>"]).await.unwrap();
+    c.rcpt(["<b@example.org>"]).await.unwrap();
+    c.eom().await.unwrap().0
+}
+
+#[tokio::test]
+async fn policies_see_the_site_facts() {
+    // The access file is relative to the config file, in the daemon's directory.
+    let tmp = tempfile::TempDir::new().unwrap();
+    std::fs::write(
+        tmp.path().join("access"),
+        "# site access\nSMTP-Test:.baz.com\tWHITELIST\n",
+    )
+    .unwrap();
+    let config = crate::support::write_config(&tmp, "inet:0@127.0.0.1", &[("facts", FACTS)], SITE);
+    let daemon =
+        luamilter::daemon::Daemon::start(luamilter::config::Config::load(&config).unwrap())
+            .await
+            .unwrap();
+    let d = TestDaemon {
+        daemon: Some(daemon),
+        dir: tmp,
+    };
+    let a = facts(&d, Ipv4Addr::new(192, 168, 3, 4), "pc.example.org", None).await;
+    assert!(
+        a.has_add_header("X-Client", "true false false false pc.example.org false"),
+        "{:?}",
+        a.actions
+    );
+    assert!(a.has_add_header("X-Receiver", "mx.example.org"));
+    assert!(a.has_add_header("X-Site", "true true true"));
+    assert!(a.has_add_header("X-Access", "REJECT WHITELIST"));
+    let a = facts(&d, Ipv4Addr::new(198, 51, 100, 7), "[198.51.100.7]", None).await;
+    assert!(a.has_add_header("X-Client", "false true false false nil true"));
+    let a = facts(
+        &d,
+        Ipv4Addr::new(203, 0, 113, 9),
+        "adsl-203-0-113-9.dyn.example.net",
+        Some("alice"),
+    )
+    .await;
+    assert!(a.has_add_header(
+        "X-Client",
+        "true false false true adsl-203-0-113-9.dyn.example.net true"
+    ));
+    let a = facts(&d, Ipv4Addr::LOCALHOST, "localhost", None).await;
+    assert!(a.has_add_header("X-Client", "false false true false localhost false"));
+    d.stop().await;
+}
+
+const REFUSE_AT_MAIL: &str = r#"
+local milter = require "milter"
+return {
+  needs = { "client" },
+  mail = function(ctx, sender)
+    if sender == "late@example.com" then return milter.reject{ text = "refused" } end
+    if sender == "now@example.com" then return milter.reject{ text = "refused now", immediate = true } end
+  end,
+  rcpt = function(ctx, rcpt)
+    ctx.msg.n = (ctx.msg.n or 0) + 1
+    if rcpt:match("^unknown") then return milter.reject{ code = 550, xcode = "5.1.1", text = "no such user" } end
+    if ctx.delayed then milter.log.info("recipient of a refused sender", rcpt) end
+  end,
+}"#;
+
+#[tokio::test]
+async fn delayed_rejects_arrive_at_data() {
+    let d = TestDaemon::start(
+        &[("refuse", REFUSE_AT_MAIL)],
+        "[site]\ndelay_reject = true\n",
+    )
+    .await;
+    let mut c = d.client().await;
+    c.connect("h", Ipv4Addr::new(192, 0, 2, 5)).await.unwrap();
+    assert_eq!(
+        c.mail(["<late@example.com>"]).await.unwrap(),
+        Status::Continue
+    );
+    // Recipients are still accepted (and logged); policies still refuse bad ones.
+    assert_eq!(c.rcpt(["<b@example.org>"]).await.unwrap(), Status::Continue);
+    assert_eq!(
+        reply_text(&c.rcpt(["<unknown1@example.org>"]).await.unwrap()),
+        "550 5.1.1 no such user"
+    );
+    assert_eq!(c.rcpt(["<c@example.org>"]).await.unwrap(), Status::Continue);
+    assert_eq!(reply_text(&c.data().await.unwrap()), "550 5.7.1 refused");
+    // The next message of the connection is not affected; immediate rejects are not held.
+    assert_eq!(
+        reply_text(&c.mail(["<now@example.com>"]).await.unwrap()),
+        "550 5.7.1 refused now"
+    );
+    assert_eq!(
+        c.mail(["<fine@example.com>"]).await.unwrap(),
+        Status::Continue
+    );
+    c.rcpt(["<b@example.org>"]).await.unwrap();
+    assert_eq!(c.data().await.unwrap(), Status::Continue);
+    d.stop().await;
+
+    // Without delay_reject the reject comes at MAIL.
+    let d = TestDaemon::start(&[("refuse", REFUSE_AT_MAIL)], "").await;
+    let mut c = d.client().await;
+    c.connect("h", Ipv4Addr::new(192, 0, 2, 5)).await.unwrap();
+    assert_eq!(
+        reply_text(&c.mail(["<late@example.com>"]).await.unwrap()),
+        "550 5.7.1 refused"
+    );
+    d.stop().await;
+}
+
+const REFUSE_AT_CONNECT: &str = r#"
+local milter = require "milter"
+return {
+  connect = function(ctx, host, ip) return milter.reject{ text = "go away " .. ip } end,
+}"#;
+
+#[tokio::test]
+async fn a_held_connect_reject_is_canceled_by_smtp_auth() {
+    let d = TestDaemon::start(
+        &[("refuse", REFUSE_AT_CONNECT)],
+        "[site]\ndelay_reject = true\n",
+    )
+    .await;
+    let mut c = d.client().await;
+    assert_eq!(
+        c.connect("h", Ipv4Addr::new(192, 0, 2, 6)).await.unwrap(),
+        Status::Continue
+    );
+    c.mail(["<a@example.com>"]).await.unwrap();
+    c.rcpt(["<b@example.org>"]).await.unwrap();
+    assert_eq!(
+        reply_text(&c.data().await.unwrap()),
+        "550 5.7.1 go away 192.0.2.6"
+    );
+
+    let mut c = d.client().await;
+    c.connect("h", Ipv4Addr::new(192, 0, 2, 6)).await.unwrap();
+    c.macros(MacroStage::Mail, [("{auth_authen}", "alice")])
+        .await
+        .unwrap();
+    c.mail(["<a@example.com>"]).await.unwrap();
+    c.rcpt(["<b@example.org>"]).await.unwrap();
+    assert_eq!(c.data().await.unwrap(), Status::Continue);
+    d.stop().await;
+}
