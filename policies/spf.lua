@@ -20,6 +20,7 @@ local net = require "milter.net"
 local site = require "milter.site"
 local access = require "milter.access"
 local store = require "milter.store"
+local domain_ban = require "lib.domain_ban"
 
 -- The access-map tag spelling of each result.
 local TAG = {
@@ -84,7 +85,7 @@ local function act(ctx, state, action, reply, reason, opts)
   state.policy = action
   if action == "OK" then return nil end
   if action == "WHITELIST" then
-    state.whitelist = true
+    state.whitelist, ctx.msg.listed = true, "WHITELIST"
     return nil
   end
   milter.log.info("spf: " .. action .. " " .. reason)
@@ -122,7 +123,7 @@ end
 -- not the checked domain, and x-bestguess when the effective result differs.
 local function received_spf(state, official, helo)
   local value = official.received_spf
-  if state.helo and helo ~= "" and not within(helo, state.domain or "") then
+  if state.helo and helo:lower() ~= (state.domain or "") then
     value = value .. "; x-helo-spf=" .. state.helo
   end
   if state.effective ~= state.official then
@@ -169,7 +170,7 @@ local function official_result(ctx, state, sender, helo, opts)
     if r.result == "none" then r = spf.best_guess(ip, "", forwarder, opts.forwarder_guess) end
     if r.result == "pass" then
       milter.log.info("spf: trusted forwarder " .. forwarder)
-      state.forwarder, state.whitelist = forwarder, true
+      state.forwarder, state.whitelist, ctx.msg.listed = forwarder, true, "WHITELIST"
       state.identity, state.domain = "postmaster@" .. forwarder, forwarder
       return r
     end
@@ -206,6 +207,7 @@ return {
     helo_ban = { "gmail.com" },
     ban_ttl = milter.duration "7d",
     ban_pass_domain = true,
+    email_providers = domain_ban.email_providers,
     received_spf = true,
     authentication_results = true,
     authserv_id = "",
@@ -352,17 +354,18 @@ return {
     local action = policy(result) or default_action(state, opts, dynamic)
     local reason = "SPF " .. result .. " for " .. state.identity
     if result == "pass" then
-      if action == "BAN" and opts.ban_pass_domain and state.domain then
-        local ok, err = store.ban("domain", state.domain, "access map SPF-Pass BAN")
-        if not ok then milter.log.warn("spf: cannot ban " .. state.domain .. ": " .. tostring(err)) end
+      if action == "BAN" and opts.ban_pass_domain then
+        local kind, what = domain_ban.ban(ctx, "access map SPF-Pass BAN",
+          { email_providers = opts.email_providers })
+        milter.log.info("spf: SPF-Pass BAN: " .. tostring(kind) .. " " .. tostring(what))
       end
       return act(ctx, state, action, reply(opts.pass_reply, 550, "5.7.1", true), reason, opts)
     elseif result == "fail" then
-      if action ~= "OK" and action ~= "WHITELIST" and state.domain
-          and site.hello_blacklisted(state.domain) then
+      local verdict = act(ctx, state, action, reply(opts.fail_reply, 550, "5.7.1"), reason, opts)
+      if verdict and state.domain and site.hello_blacklisted(state.domain) then
         ctx:demerit(4, "spf: fail for our own name " .. state.domain)
       end
-      return act(ctx, state, action, reply(opts.fail_reply, 550, "5.7.1"), reason, opts)
+      return verdict
     elseif result == "softfail" then
       return act(ctx, state, action, reply(opts.softfail_reply, 550, "5.7.1"), reason, opts)
     elseif result == "neutral" then
