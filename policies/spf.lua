@@ -134,7 +134,8 @@ end
 
 -- An RFC 8601 property value: as is when it is a token or a plain mailbox, else quoted.
 local function pvalue(text)
-  if text:match("^[%w!#$%%&'*+./=?^_`{|}~-]+$") or text:match("^[%w!#$%%&'*+./=?^_`{|}~-]*@[%w.-]+$") then
+  local atom = "[%w!#$%%&'*+./=?^_`{|}~-]"
+  if text:match("^" .. atom .. "+$") or text:match("^" .. atom .. "*@[%w.-]+$") then
     return text
   end
   return '"' .. text:gsub('[\\"]', "\\%0") .. '"'
@@ -156,7 +157,7 @@ local function authentication_results(ctx, state, opts)
     spf_part = spf_part .. " smtp.helo=" .. pvalue(state.helo_name)
   end
   local result, name = iprev(ctx.client.ip)
-  local iprev_part = "iprev=" .. result .. " policy.iprev=" .. ctx.client.ip
+  local iprev_part = "iprev=" .. result .. " policy.iprev=" .. pvalue(ctx.client.ip)
   if name then iprev_part = iprev_part .. " (" .. name .. ")" end
   return id .. "; " .. spf_part .. "; " .. iprev_part
 end
