@@ -13,6 +13,7 @@ mod docs;
 mod faults;
 mod loadgen;
 mod negotiation;
+mod pack_bench;
 mod postfix_e2e;
 mod redis_server;
 mod reload;
