@@ -48,6 +48,8 @@ pub struct Site {
     pub delay_reject: bool,
     /// The access map.
     pub access: AccessMap,
+    /// The directory relative list paths are resolved against: the config file's.
+    pub base_dir: PathBuf,
 }
 
 fn ip_set(what: &str, entries: &[String], errors: &mut Vec<String>) -> IpSet {
@@ -98,6 +100,7 @@ impl Site {
                 .collect(),
             delay_reject: config.delay_reject,
             access,
+            base_dir: base.to_path_buf(),
         };
         if errors.is_empty() {
             Ok(site)
@@ -160,6 +163,20 @@ pub fn verified_ptr(hostname: &str) -> Option<String> {
     }
 }
 
+/// The entries of a list file: one per line, trimmed, without empty lines and `#` comment
+/// lines. A file that is not UTF-8 is read as Latin-1 (older keyword lists often are).
+pub fn list_entries(bytes: &[u8]) -> Vec<String> {
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_string(),
+        Err(_) => bytes.iter().map(|&b| char::from(b)).collect(),
+    };
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(str::to_string)
+        .collect()
+}
+
 /// The system's host name.
 pub fn system_hostname() -> String {
     let mut buf = [0u8; 256];
@@ -215,6 +232,16 @@ hello_blacklist = ["Mail.Example.org"]"#,
             verified_ptr("mail.example.com."),
             Some("mail.example.com".into())
         );
+    }
+
+    #[test]
+    fn list_entries_skip_blanks_and_comments() {
+        assert_eq!(
+            list_entries(b"# words\n  Detox \r\n\n\tWhite Teeth\n#x\n"),
+            ["Detox", "White Teeth"]
+        );
+        assert_eq!(list_entries(b"caf\xe9\n"), ["caf\u{e9}"]);
+        assert!(list_entries(b"").is_empty());
     }
 
     #[test]
