@@ -22,12 +22,6 @@ local function fill(template, values)
   return (template:gsub("{(%w+)}", function(key) return values[key] or "" end))
 end
 
--- Seconds, or nil for "no expiry" when the option is 0.
-local function ttl(seconds)
-  if seconds > 0 then return seconds end
-  return nil
-end
-
 -- Banned-domain list files, read once per Lua state (a reload reads them again): path → set.
 local domain_files = {}
 
@@ -78,7 +72,8 @@ local function ban_offender(ctx, opts)
     return
   end
   local reason = ctx.demerits .. " demerits"
-  local ok, err = store.ban("ip", client.ip, reason, ttl(opts.ban_ttl))
+  local ttl = opts.ban_ttl > 0 and opts.ban_ttl or nil    -- 0: no expiry
+  local ok, err = store.ban("ip", client.ip, reason, ttl)
   if ok then
     ctx.vars.banned = true
     milter.log.info("banned IP", client.ip, reason)

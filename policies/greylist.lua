@@ -10,12 +10,7 @@
 -- refused there), and a message already holding a delayed reject (ctx.delayed).
 local milter = require "milter"
 local store = require "milter.store"
-local net = require "milter.net"
-
-local function spf_pass(ctx)
-  local spf = ctx.msg.spf
-  return type(spf) == "table" and (spf.effective or spf.official) == "pass"
-end
+local domain_ban = require "lib.domain_ban"
 
 local function exempt(ctx)
   local client = ctx.client
@@ -41,11 +36,8 @@ return {
 
   rcpt = function(ctx, rcpt, args, opts)
     if exempt(ctx) then return end
-    local client = ctx.client.ip
-    if spf_pass(ctx) then
-      local _, domain = net.split(ctx.sender)
-      client = domain or client
-    end
+    -- The SPF-validated sender domain (lib.domain_ban: identified by SPF pass), else the IP.
+    local client = domain_ban.identified(ctx) or ctx.client.ip
     local verdict, n = store.greylist(client, ctx.sender, rcpt, {
       delay = opts.delay, retry_window = opts.expire, lifetime = opts.retain,
     })

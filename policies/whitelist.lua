@@ -14,11 +14,8 @@ local milter = require "milter"
 local store = require "milter.store"
 local site = require "milter.site"
 local net = require "milter.net"
+local domain_ban = require "lib.domain_ban"
 
-local function spf_pass(ctx)
-  local spf = ctx.msg.spf
-  return type(spf) == "table" and (spf.effective or spf.official) == "pass"
-end
 
 local function starts_with_any(text, prefixes)
   for _, p in ipairs(prefixes) do
@@ -100,7 +97,7 @@ return {
     local entry, err = store.listed("whitelist", sender)
     if err then milter.log.warn("cannot look up the whitelist", sender, err) end
     if entry then
-      if spf_pass(ctx) or ctx.client.trusted then
+      if domain_ban.identified(ctx) or ctx.client.trusted then
         ctx.msg.listed = "WHITELIST"
         if entry.expires then
           store.list_add("whitelist", entry.entry, entry.reason, opts.whitelist_ttl)
