@@ -404,13 +404,13 @@ async fn run_file(path: &Path) -> Vec<String> {
         let policies: toml::Table =
             toml::from_str(&format!("[policies]\nchain = {:?}\n", file.chain)).unwrap();
         merge(&mut config, policies);
-        // `{fixtures}` in the config stands for tests/fixtures (list files and the like).
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        let extra_text = file
-            .config
-            .replace("{fixtures}", &fixtures.display().to_string());
-        let extra: toml::Table = toml::from_str(&extra_text)
-            .unwrap_or_else(|e| panic!("{}: config: {e}", path.display()));
+        let extra: toml::Table = toml::from_str(
+            &file
+                .config
+                .replace("{fixtures}", &fixtures.display().to_string()),
+        )
+        .unwrap_or_else(|e| panic!("{}: config: {e}", path.display()));
         merge(&mut config, extra);
         let text = toml::to_string(&config).unwrap();
         let config = Config::parse(&text, Some(dir.path().join("luamilter.toml")))
