@@ -7,16 +7,13 @@
 -- demerits (ctx:demerit, raised by any policy) exceed max_demerits, the client IP is banned for
 -- ban_ttl; trusted relays, internal and localhost clients never are. A ban takes effect from the
 -- next connection.
--- MAIL: a sender domain banned in the store or in a domain_files list is refused.
--- A message whose SPF passed (ctx.msg.spf) and whose sender has "SPF-Pass:<domain> BAN" in the
--- access map gets its domain banned (lib/domain_ban: a mail provider's mailbox is blacklisted
--- instead; mail12.example.com bans *.example.com).
+-- MAIL: a sender domain banned in the store or in a domain_files list is refused. Domains get
+-- banned by the admin (luamilter db ban domain), and by the spf and keywords policies through
+-- lib/domain_ban.
 local milter = require "milter"
 local store = require "milter.store"
 local site = require "milter.site"
-local access = require "milter.access"
 local net = require "milter.net"
-local domain_ban = require "lib.domain_ban"
 
 local function fill(template, values)
   return (template:gsub("{(%w+)}", function(key) return values[key] or "" end))
@@ -82,26 +79,6 @@ local function ban_offender(ctx, opts)
   end
 end
 
--- Bans the sender domain of a message with SPF pass that the access map says to BAN.
-local function spf_pass_ban(ctx, opts)
-  local spf = ctx.msg.spf
-  if spf == nil or ctx.vars.spf_seen == spf then return end
-  ctx.vars.spf_seen = spf
-  local sender = ctx.sender
-  if not sender or sender == "" or not domain_ban.identified(ctx) then return end
-  if access.lookup("SPF-Pass", sender) ~= "BAN" then return end
-  local what, entry = domain_ban.ban(ctx, "SPF-Pass BAN in the access map", {
-    email_providers = opts.email_providers,
-    ttl = opts.domain_ban_ttl,
-    blacklist_ttl = opts.blacklist_ttl,
-  })
-  if what then
-    milter.log.info("banned", what, entry)
-  else
-    milter.log.warn("cannot ban the sender domain", sender, entry)
-  end
-end
-
 local function exempt_port(ctx, ports)
   local port = tonumber(ctx:macro("daemon_port") or "")
   for _, p in ipairs(ports) do
@@ -126,9 +103,6 @@ return {
     ip_reply = "Banned for dictionary attacks",
     domain_reply = "We have banned {domain} for email abuse.",
     domain_files = {},
-    domain_ban_ttl = 0,
-    email_providers = domain_ban.email_providers,
-    blacklist_ttl = milter.duration "30d",
   },
 
   connect = function(ctx, hostname, ip, opts)
@@ -143,7 +117,6 @@ return {
 
   mail = function(ctx, sender, args, opts)
     ban_offender(ctx, opts)
-    spf_pass_ban(ctx, opts)
     local _, domain = net.split(sender)
     if not domain or domain == "" then return end
     local entry = file_ban(domain, opts.domain_files)
@@ -165,13 +138,6 @@ return {
     ban_offender(ctx, opts)
   end,
 
-  abort = function(ctx, opts)
-    ban_offender(ctx, opts)
-    spf_pass_ban(ctx, opts)
-  end,
-
-  close = function(ctx, opts)
-    ban_offender(ctx, opts)
-    spf_pass_ban(ctx, opts)
-  end,
+  abort = function(ctx, opts) ban_offender(ctx, opts) end,
+  close = function(ctx, opts) ban_offender(ctx, opts) end,
 }

@@ -97,7 +97,8 @@ return {
     local entry, err = store.listed("whitelist", sender)
     if err then milter.log.warn("cannot look up the whitelist", sender, err) end
     if entry then
-      if domain_ban.identified(ctx) or ctx.client.trusted then
+      -- Proven by SPF pass, a trusted relay, or an earlier policy (spf's access-map WHITELIST).
+      if domain_ban.identified(ctx) or ctx.client.trusted or ctx.msg.listed == "WHITELIST" then
         ctx.msg.listed = "WHITELIST"
         if entry.expires then
           store.list_add("whitelist", entry.entry, entry.reason, opts.whitelist_ttl)
