@@ -2,7 +2,9 @@
 //!
 //! Each banned IP becomes `<reversed address> IN A 127.0.0.2`; IPv4 in dotted reverse form,
 //! IPv6 in nibble form. An IPv4 /24 with more than 128 banned addresses becomes one wildcard
-//! record. Whitelisted IPs are left out. The output starts with `$ORIGIN` and `$TTL` and has no
+//! record. Whitelisted IPs are left out; a whitelisted IP inside a wildcard /24 gets a TXT
+//! record of its own, which keeps the wildcard from answering for it (RFC 4592: a wildcard
+//! never matches a name that exists). The output starts with `$ORIGIN` and `$TTL` and has no
 //! SOA or NS records: `$INCLUDE` it from the zone file that holds those (and its serial).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -29,16 +31,16 @@ pub async fn export_zone(store: &dyn Store, zone: &str, ttl: u32) -> Result<Stri
         .await?
         .iter()
         .filter_map(|e| e.entry.parse::<IpAddr>().ok())
-        .filter(|ip| !whitelist.contains(ip))
         .collect::<Vec<_>>();
-    Ok(bind_zone(&banned, zone, ttl))
+    Ok(bind_zone(&banned, &whitelist, zone, ttl))
 }
 
-/// Renders `ips` as zone data for `zone` with default `ttl` seconds.
-pub fn bind_zone(ips: &[IpAddr], zone: &str, ttl: u32) -> String {
+/// Renders the banned `ips`, minus the `whitelist`ed ones, as zone data for `zone` with default
+/// `ttl` seconds.
+pub fn bind_zone(ips: &[IpAddr], whitelist: &HashSet<IpAddr>, zone: &str, ttl: u32) -> String {
     let mut v4_nets: BTreeMap<[u8; 3], BTreeSet<u8>> = BTreeMap::new();
     let mut v6: BTreeSet<Ipv6Addr> = BTreeSet::new();
-    for ip in ips {
+    for ip in ips.iter().filter(|ip| !whitelist.contains(ip)) {
         match ip {
             IpAddr::V4(v4) => {
                 let [a, b, c, d] = v4.octets();
@@ -61,6 +63,17 @@ pub fn bind_zone(ips: &[IpAddr], zone: &str, ttl: u32) -> String {
                 "*.{c}.{b}.{a} IN A {LISTED} ; {} ips banned",
                 hosts.len()
             );
+            let mut exempt: Vec<Ipv4Addr> = whitelist
+                .iter()
+                .filter_map(|ip| match ip {
+                    IpAddr::V4(v4) if v4.octets()[..3] == [*a, *b, *c] => Some(*v4),
+                    _ => None,
+                })
+                .collect();
+            exempt.sort();
+            for ip in exempt {
+                let _ = writeln!(out, "{} IN TXT \"whitelisted\"", reverse_v4(ip));
+            }
         } else {
             for d in hosts {
                 let name = reverse_v4(Ipv4Addr::new(*a, *b, *c, *d));
@@ -91,6 +104,52 @@ fn reverse_v6(ip: Ipv6Addr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hickory_server::proto::rr::{RData, RecordType};
+    use hickory_server::proto::serialize::txt::Parser;
+
+    /// A /24 over the wildcard limit with a whitelisted address in it: one wildcard, and the
+    /// whitelisted name exists (TXT) so the wildcard does not cover it; no other record.
+    #[test]
+    fn whitelisted_ip_inside_a_wildcard_is_left_out() {
+        let ips: Vec<IpAddr> = (0..=129)
+            .map(|d| IpAddr::V4(Ipv4Addr::new(198, 51, 100, d)))
+            .collect();
+        let whitelist: HashSet<IpAddr> = ["198.51.100.7", "192.0.2.1"]
+            .iter()
+            .map(|ip| ip.parse().unwrap())
+            .collect();
+        let text = bind_zone(&ips, &whitelist, "bl.example.org", 600);
+        let (_, records) = Parser::new(text.as_str(), None, None).parse().unwrap();
+        let mut found: Vec<(String, RecordType, String)> = records
+            .values()
+            .flat_map(|set| set.records_without_rrsigs())
+            .map(|r| {
+                let data = match &r.data {
+                    RData::A(a) => a.0.to_string(),
+                    RData::TXT(t) => t.to_string(),
+                    other => panic!("unexpected record {other:?}"),
+                };
+                (r.name.to_ascii(), r.record_type(), data)
+            })
+            .collect();
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                (
+                    "*.100.51.198.bl.example.org.".to_string(),
+                    RecordType::A,
+                    "127.0.0.2".to_string()
+                ),
+                (
+                    "7.100.51.198.bl.example.org.".to_string(),
+                    RecordType::TXT,
+                    "whitelisted".to_string()
+                ),
+            ]
+        );
+        assert!(text.contains("; 129 ips banned"), "{text}");
+    }
 
     #[test]
     fn nibbles() {
