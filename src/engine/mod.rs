@@ -609,6 +609,16 @@ impl Plan {
                 noreply |= no_reply;
             }
         }
+        // indymilter (like libmilter) goes from DATA only to a header or to end of headers:
+        // when both DATA and headers are sent, a message without headers needs EOH to reach
+        // end of message.
+        if !skip.contains(ProtoOpts::NO_DATA)
+            && !skip.contains(ProtoOpts::NO_HEADER)
+            && skip.contains(ProtoOpts::NO_EOH)
+        {
+            skip.remove(ProtoOpts::NO_EOH);
+            collect_only |= ProtoOpts::NOREPLY_EOH;
+        }
         if decls.iter().any(|d| d.rejected_recipients) {
             skip |= ProtoOpts::REJECTED_RCPT;
         }

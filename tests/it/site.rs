@@ -194,3 +194,21 @@ async fn a_held_connect_reject_is_canceled_by_smtp_auth() {
     assert_eq!(c.data().await.unwrap(), Status::Continue);
     d.stop().await;
 }
+
+#[tokio::test]
+async fn a_message_without_headers_reaches_eom_when_data_and_headers_are_sent() {
+    let policy = r#"
+return {
+  needs = { "headers" },
+  eom = function(ctx) ctx:add_header("X-Headers", tostring(#ctx.headers)) end,
+}"#;
+    let d = TestDaemon::start(&[("p", policy)], "[site]\ndelay_reject = true\n").await;
+    let mut c = d.client().await;
+    c.mail(["<a@example.com>"]).await.unwrap();
+    c.rcpt(["<b@example.org>"]).await.unwrap();
+    c.data().await.unwrap();
+    c.eoh().await.unwrap();
+    let (actions, _) = c.eom().await.unwrap();
+    assert!(actions.has_add_header("X-Headers", "0"));
+    d.stop().await;
+}
