@@ -14,6 +14,7 @@ local milter = require "milter"
 local store = require "milter.store"
 local site = require "milter.site"
 local net = require "milter.net"
+local mime = require "milter.mime"
 local domain_ban = require "lib.domain_ban"
 
 
@@ -30,7 +31,7 @@ end
 
 -- Why the message looks like an automatic reply (a text for the log), or nil.
 local function autoreply(ctx, opts)
-  local subject = trimmed_lower(ctx:header("Subject"))
+  local subject = trimmed_lower(mime.decode(ctx:header("Subject") or ""))
   local hit = starts_with_any(subject, opts.autoreply_subjects)
   if hit then return "Subject " .. hit end
   for _, phrase in ipairs(opts.autoreply_phrases) do
