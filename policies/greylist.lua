@@ -34,6 +34,18 @@ return {
     unavailable_reply = "Greylisting is unavailable, try again later",
   },
 
+  -- Durations are checked at load: a bad one is reported by `luamilter check`.
+  setup = function(opts)
+    for _, key in ipairs{ "delay", "expire", "retain" } do
+      if opts[key] <= 0 then
+        error(("[policy.greylist] %s must be longer than 0, got %s"):format(key, opts[key]), 0)
+      end
+    end
+    if opts.expire <= opts.delay then
+      error(("[policy.greylist] expire (%ss) must be longer than delay (%ss)"):format(opts.expire, opts.delay), 0)
+    end
+  end,
+
   rcpt = function(ctx, rcpt, args, opts)
     if exempt(ctx) then return end
     -- The SPF-validated sender domain (lib.domain_ban: identified by SPF pass), else the IP.

@@ -218,6 +218,10 @@ impl VmLease {
         sent: [bool; 12],
     ) -> mlua::Result<AnyUserData> {
         let ctx = Ctx {
+            client: client
+                .ip
+                .map(|ip| ip.to_string())
+                .unwrap_or_else(|| client.hostname.clone()),
             actions,
             sent,
             receiver: self.generation.site.hostname.clone(),
