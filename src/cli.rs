@@ -6,6 +6,33 @@ use crate::{
 use clap::{Parser, Subcommand};
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
+/// The runtimes the commands use.
+enum Runtime {
+    /// The daemon's own small runtime (signals, reloads, control, services).
+    Main,
+    /// A multi-threaded runtime (the load generator).
+    Threads,
+    /// One thread (one-shot commands).
+    Single,
+}
+
+/// Builds a tokio runtime, or says why not and gives the exit status.
+fn runtime(kind: Runtime) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = match kind {
+        Runtime::Main => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(1).thread_name("luamilter-main");
+            b
+        }
+        Runtime::Threads => tokio::runtime::Builder::new_multi_thread(),
+        Runtime::Single => tokio::runtime::Builder::new_current_thread(),
+    };
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("luamilter: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
 /// Exit status for configuration errors (sysexits EX_CONFIG).
 pub const EX_CONFIG: u8 = 78;
 
@@ -96,17 +123,9 @@ fn run(path: Option<PathBuf>) -> ExitCode {
     let _log_flush = logging::init(&config.log);
     // The milter itself runs on the daemon's worker threads; this runtime carries signals,
     // reloads, the control socket and the services' background tasks.
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("luamilter-main")
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(Runtime::Main) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("luamilter: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let daemon = match Daemon::start(config).await {
@@ -161,15 +180,9 @@ fn ctl(config: Option<PathBuf>, socket: Option<PathBuf>, command: CtlCommand) ->
         CtlCommand::Reload => "reload",
         CtlCommand::Stats => "stats",
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(Runtime::Single) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("luamilter: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(crate::control::request(&socket, word)) {
         Ok(answer) => {
@@ -195,15 +208,9 @@ fn db(path: Option<PathBuf>, command: crate::db_cli::DbCommand) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(Runtime::Single) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("luamilter: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result = runtime.block_on(async {
         let services = Services::start(&config).map_err(anyhow::Error::msg)?;
@@ -220,15 +227,9 @@ fn db(path: Option<PathBuf>, command: crate::db_cli::DbCommand) -> ExitCode {
 }
 
 fn bench(args: crate::loadgen::BenchArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(Runtime::Threads) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("luamilter: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(crate::loadgen::run_and_print(args)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -250,15 +251,9 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     let config = Arc::new(config);
     println!("config: {}", config.source.name());
     println!("listen: {}", config.milter.listen);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(Runtime::Single) {
         Ok(r) => r,
-        Err(e) => {
-            println!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let _in_runtime = runtime.enter();
     let services = match Services::start(&config) {

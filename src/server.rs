@@ -69,7 +69,10 @@ impl Conn {
     }
 
     fn noreply(&self, stage: Stage) -> bool {
-        noreply_flag(stage).is_some_and(|f| self.opts.contains(f))
+        {
+            let (_, no_reply) = stage.protocol_flags();
+            !no_reply.is_empty() && self.opts.contains(no_reply)
+        }
     }
 
     /// The status for a stage no policy decided.
@@ -80,21 +83,6 @@ impl Conn {
             Status::Continue
         }
     }
-}
-
-fn noreply_flag(stage: Stage) -> Option<ProtoOpts> {
-    Some(match stage {
-        Stage::Connect => ProtoOpts::NOREPLY_CONNECT,
-        Stage::Helo => ProtoOpts::NOREPLY_HELO,
-        Stage::Mail => ProtoOpts::NOREPLY_MAIL,
-        Stage::Rcpt => ProtoOpts::NOREPLY_RCPT,
-        Stage::Data => ProtoOpts::NOREPLY_DATA,
-        Stage::Header => ProtoOpts::NOREPLY_HEADER,
-        Stage::Eoh => ProtoOpts::NOREPLY_EOH,
-        Stage::Body => ProtoOpts::NOREPLY_BODY,
-        Stage::Unknown => ProtoOpts::NOREPLY_UNKNOWN,
-        _ => return None,
-    })
 }
 
 fn lossy(s: &std::ffi::CStr) -> String {

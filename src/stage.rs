@@ -1,5 +1,6 @@
 //! The milter stage vocabulary shared by config, engine, Lua API, logs and docs.
 
+use indymilter::ProtoOpts;
 use std::fmt;
 
 /// One milter callback stage, named as indymilter and the Lua API name it.
@@ -62,6 +63,24 @@ impl Stage {
     /// Index into per-stage arrays.
     pub const fn index(self) -> usize {
         self as usize
+    }
+
+    /// The negotiation flags of this stage: the one that asks the MTA to skip it (`NO_*`) and
+    /// the one that drops its reply (`NOREPLY_*`). Both empty for eom, abort and close, which
+    /// are always sent.
+    pub const fn protocol_flags(self) -> (ProtoOpts, ProtoOpts) {
+        match self {
+            Stage::Connect => (ProtoOpts::NO_CONNECT, ProtoOpts::NOREPLY_CONNECT),
+            Stage::Helo => (ProtoOpts::NO_HELO, ProtoOpts::NOREPLY_HELO),
+            Stage::Mail => (ProtoOpts::NO_MAIL, ProtoOpts::NOREPLY_MAIL),
+            Stage::Rcpt => (ProtoOpts::NO_RCPT, ProtoOpts::NOREPLY_RCPT),
+            Stage::Data => (ProtoOpts::NO_DATA, ProtoOpts::NOREPLY_DATA),
+            Stage::Header => (ProtoOpts::NO_HEADER, ProtoOpts::NOREPLY_HEADER),
+            Stage::Eoh => (ProtoOpts::NO_EOH, ProtoOpts::NOREPLY_EOH),
+            Stage::Body => (ProtoOpts::NO_BODY, ProtoOpts::NOREPLY_BODY),
+            Stage::Unknown => (ProtoOpts::NO_UNKNOWN, ProtoOpts::NOREPLY_UNKNOWN),
+            Stage::Eom | Stage::Abort | Stage::Close => (ProtoOpts::empty(), ProtoOpts::empty()),
+        }
     }
 
     /// Whether the MTA waits for a reply to this stage (abort and close have none).

@@ -103,37 +103,20 @@ pub struct Plan {
 /// Per stage index, whether the MTA sends that stage under the negotiated options.
 pub fn stages_sent(opts: ProtoOpts) -> [bool; 12] {
     let mut sent = [true; 12];
-    for (stage, no, _) in STAGE_FLAGS {
+    for (stage, no, _) in skippable_stages() {
         sent[stage.index()] = !opts.contains(no);
     }
     sent
 }
 
-/// The stages negotiation can skip: the stage, its NO_ flag and its NOREPLY_ flag. A stage is
-/// sent when a policy handles it or `needs` its data.
-const STAGE_FLAGS: [(Stage, ProtoOpts, ProtoOpts); 9] = [
-    (
-        Stage::Connect,
-        ProtoOpts::NO_CONNECT,
-        ProtoOpts::NOREPLY_CONNECT,
-    ),
-    (Stage::Helo, ProtoOpts::NO_HELO, ProtoOpts::NOREPLY_HELO),
-    (Stage::Mail, ProtoOpts::NO_MAIL, ProtoOpts::NOREPLY_MAIL),
-    (Stage::Rcpt, ProtoOpts::NO_RCPT, ProtoOpts::NOREPLY_RCPT),
-    (Stage::Data, ProtoOpts::NO_DATA, ProtoOpts::NOREPLY_DATA),
-    (
-        Stage::Header,
-        ProtoOpts::NO_HEADER,
-        ProtoOpts::NOREPLY_HEADER,
-    ),
-    (Stage::Eoh, ProtoOpts::NO_EOH, ProtoOpts::NOREPLY_EOH),
-    (Stage::Body, ProtoOpts::NO_BODY, ProtoOpts::NOREPLY_BODY),
-    (
-        Stage::Unknown,
-        ProtoOpts::NO_UNKNOWN,
-        ProtoOpts::NOREPLY_UNKNOWN,
-    ),
-];
+/// The stages negotiation can skip (all but eom, abort and close). A stage is sent when a
+/// policy handles it or `needs` its data.
+fn skippable_stages() -> impl Iterator<Item = (Stage, ProtoOpts, ProtoOpts)> {
+    Stage::ALL.into_iter().filter_map(|stage| {
+        let (no, no_reply) = stage.protocol_flags();
+        (!no.is_empty()).then_some((stage, no, no_reply))
+    })
+}
 
 /// The actions luamilter can perform at end of message; requested masked by the MTA's offer.
 pub const SUPPORTED_ACTIONS: Actions = Actions::ADD_HEADER
@@ -598,7 +581,7 @@ impl Plan {
         let mut skip = ProtoOpts::empty();
         let mut noreply = ProtoOpts::empty();
         let mut collect_only = ProtoOpts::empty();
-        for (stage, no, no_reply) in STAGE_FLAGS {
+        for (stage, no, no_reply) in skippable_stages() {
             let handlers: Vec<&PolicyDecl> =
                 decls.iter().filter(|d| d.handles[stage.index()]).collect();
             if handlers.is_empty() {

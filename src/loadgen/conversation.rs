@@ -7,6 +7,7 @@
 //! is closed with an ABORT, as Postfix's `mail_reset` does.
 
 use super::client::{ClientError, Connection, unexpected};
+use crate::stage::Stage;
 use bytes::Bytes;
 use indymilter::{
     MacroStage, ProtoOpts, SocketInfo,
@@ -45,52 +46,6 @@ impl Verdict {
             Self::Reject => "reject",
             Self::Tempfail => "tempfail",
             Self::Discard => "discard",
-        }
-    }
-}
-
-/// The milter stage that gave the verdict.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Stage {
-    Connect,
-    Helo,
-    Mail,
-    Rcpt,
-    Data,
-    Header,
-    Eoh,
-    Body,
-    Eom,
-}
-
-impl Stage {
-    /// The protocol options that skip this stage and that drop its reply.
-    fn options(self) -> (ProtoOpts, ProtoOpts) {
-        match self {
-            Self::Connect => (ProtoOpts::NO_CONNECT, ProtoOpts::NOREPLY_CONNECT),
-            Self::Helo => (ProtoOpts::NO_HELO, ProtoOpts::NOREPLY_HELO),
-            Self::Mail => (ProtoOpts::NO_MAIL, ProtoOpts::NOREPLY_MAIL),
-            Self::Rcpt => (ProtoOpts::NO_RCPT, ProtoOpts::NOREPLY_RCPT),
-            Self::Data => (ProtoOpts::NO_DATA, ProtoOpts::NOREPLY_DATA),
-            Self::Header => (ProtoOpts::NO_HEADER, ProtoOpts::NOREPLY_HEADER),
-            Self::Eoh => (ProtoOpts::NO_EOH, ProtoOpts::NOREPLY_EOH),
-            Self::Body => (ProtoOpts::NO_BODY, ProtoOpts::NOREPLY_BODY),
-            Self::Eom => (ProtoOpts::empty(), ProtoOpts::empty()),
-        }
-    }
-
-    /// The stage's name in the project's vocabulary.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Connect => "connect",
-            Self::Helo => "helo",
-            Self::Mail => "mail",
-            Self::Rcpt => "rcpt",
-            Self::Data => "data",
-            Self::Header => "header",
-            Self::Eoh => "eoh",
-            Self::Body => "body",
-            Self::Eom => "eom",
         }
     }
 }
@@ -414,7 +369,7 @@ impl Session {
         macros: Option<Command>,
         cmd: Command,
     ) -> Result<Answer, ClientError> {
-        let (skipped, noreply) = stage.options();
+        let (skipped, noreply) = stage.protocol_flags();
         if let Some(macros) = macros {
             self.conn.send(macros).await?;
         }

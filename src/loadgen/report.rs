@@ -4,9 +4,10 @@
 
 use super::{
     client::ClientError,
-    conversation::{Outcome, Stage, Verdict},
+    conversation::{Outcome, Verdict},
     usage::ProcSample,
 };
+use crate::stage::Stage;
 use indymilter::ProtoOpts;
 use serde::Serialize;
 use std::{collections::BTreeMap, fmt, time::Duration};
