@@ -96,13 +96,6 @@ fn strip_angle(addr: &str) -> String {
         .to_string()
 }
 
-fn macro_snapshot(macros: &Macros) -> impl Iterator<Item = (String, String)> {
-    macros
-        .to_hash_map()
-        .into_iter()
-        .map(|(k, v)| (lossy(&k), lossy(&v)))
-}
-
 /// Builds the indymilter callbacks over `engine` for worker thread `worker` (its connections
 /// run on that worker's Lua state). `unix` tells whether the socket is a unix socket, where
 /// stages that only collect data are negotiated without replies.
@@ -495,7 +488,7 @@ async fn decide(
         conn.note_auth();
     }
     let _ = ctx.borrow_mut_scoped::<Ctx, _>(|c| {
-        c.set_macros(macro_snapshot(macros));
+        c.set_macros(macros.to_hash_map());
         c.progress = progress;
     });
     let queue_id = macros.get(c"i").map(lossy).unwrap_or_default();

@@ -215,7 +215,7 @@ impl VmLease {
 
     /// Starts a new message on `ctx`.
     pub fn reset_message(&self, ctx: &AnyUserData) -> mlua::Result<()> {
-        Ctx::reset_message(&self.vm().lua, ctx)
+        Ctx::reset_message(ctx)
     }
 
     /// Runs every policy that handles `stage`, in chain order, until one gives a final verdict.

@@ -10,7 +10,7 @@ use indymilter::Actions;
 use mlua::{
     AnyUserData, Lua, MetaMethod, Table, UserData, UserDataFields, UserDataMethods, Value, Variadic,
 };
-use std::{collections::HashMap, net::IpAddr};
+use std::{collections::HashMap, ffi::CString, net::IpAddr};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// User value slots of the ctx userdata.
@@ -126,8 +126,8 @@ pub struct Ctx {
     pub headers: Vec<(String, String)>,
     /// Per stage index: whether the MTA sends that stage on this connection.
     pub sent: [bool; 12],
-    /// Macros known at this stage, keyed without braces.
-    pub macros: HashMap<String, String>,
+    /// Macros known at this stage, as the MTA named them.
+    pub macros: HashMap<CString, CString>,
     /// Index of the policy whose handler is running (selects `ctx.vars`).
     pub policy: usize,
     /// Edits queued for end of message.
@@ -148,14 +148,13 @@ impl Ctx {
     /// Creates the ctx userdata for a new connection with its client facts.
     pub fn create(lua: &Lua, ctx: Ctx, client: ClientInfo) -> mlua::Result<AnyUserData> {
         let ud = lua.create_userdata(ctx)?;
-        ud.set_nth_user_value(VARS_SLOT, lua.create_table()?)?;
-        ud.set_nth_user_value(MSG_SLOT, lua.create_table()?)?;
         ud.set_nth_user_value(CLIENT_SLOT, lua.create_userdata(client)?)?;
         Ok(ud)
     }
 
-    /// Starts a new message: forgets the envelope, headers, edits and `ctx.msg`.
-    pub fn reset_message(lua: &Lua, ud: &AnyUserData) -> mlua::Result<()> {
+    /// Starts a new message: forgets the envelope, headers, edits and `ctx.msg` (a fresh table
+    /// is made when a policy first uses it).
+    pub fn reset_message(ud: &AnyUserData) -> mlua::Result<()> {
         ud.borrow_mut_scoped::<Ctx, _>(|c| {
             c.sender = None;
             c.sender_args.clear();
@@ -163,7 +162,7 @@ impl Ctx {
             c.headers.clear();
             c.edits.clear();
         })?;
-        ud.set_nth_user_value(MSG_SLOT, lua.create_table()?)
+        ud.set_nth_user_value(MSG_SLOT, Value::Nil)
     }
 
     /// Marks the session as authenticated (SMTP AUTH): it counts as internal from now on.
@@ -176,17 +175,24 @@ impl Ctx {
     }
 
     /// Replaces the macro snapshot, normalising `{name}` to `name`.
-    pub fn set_macros(&mut self, macros: impl IntoIterator<Item = (String, String)>) {
-        self.macros.clear();
-        for (k, v) in macros {
-            let key = strip_braces(&k).to_string();
-            self.macros.insert(key, v);
-        }
+    pub fn set_macros(&mut self, macros: HashMap<CString, CString>) {
+        self.macros = macros;
     }
 
-    /// A macro by name, with or without braces.
+    /// A macro by name, with or without braces (the MTA sends one-letter names bare and longer
+    /// ones in braces).
     pub fn macro_value(&self, name: &str) -> Option<&str> {
-        self.macros.get(strip_braces(name)).map(String::as_str)
+        let bare = strip_braces(name);
+        let key = if bare.len() == 1 {
+            bare.to_string()
+        } else {
+            format!("{{{bare}}}")
+        };
+        let key = CString::new(key).ok()?;
+        self.macros
+            .get(&key)
+            .or_else(|| CString::new(bare).ok().and_then(|k| self.macros.get(&k)))
+            .and_then(|v| v.to_str().ok())
     }
 
     /// Fails unless the MTA sends the stage that carries `what` (negotiation skips stages no
@@ -253,6 +259,18 @@ impl Ctx {
             t.raw_set(i + 1, h)?;
         }
         Ok(t)
+    }
+}
+
+/// The table in a user value slot, made on first use (most messages never touch it).
+fn slot_table(lua: &Lua, ud: &AnyUserData, slot: usize) -> mlua::Result<Table> {
+    match ud.nth_user_value::<Option<Table>>(slot)? {
+        Some(t) => Ok(t),
+        None => {
+            let t = lua.create_table()?;
+            ud.set_nth_user_value(slot, &t)?;
+            Ok(t)
+        }
     }
 }
 
@@ -340,10 +358,10 @@ impl UserData for Ctx {
             ud.borrow::<Ctx>()?.require_sent("ctx.client")?;
             ud.nth_user_value::<Value>(CLIENT_SLOT)
         });
-        fields.add_field_function_get("msg", |_, ud| ud.nth_user_value::<Table>(MSG_SLOT));
+        fields.add_field_function_get("msg", |lua, ud| slot_table(lua, &ud, MSG_SLOT));
         fields.add_field_function_get("vars", |lua, ud| {
             let policy = ud.borrow::<Ctx>()?.policy;
-            let root: Table = ud.nth_user_value(VARS_SLOT)?;
+            let root = slot_table(lua, &ud, VARS_SLOT)?;
             match root.raw_get::<Option<Table>>(policy)? {
                 Some(t) => Ok(t),
                 None => {
