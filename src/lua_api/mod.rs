@@ -30,7 +30,12 @@ pub fn builtin_module(
     site: &Arc<Site>,
 ) -> Option<mlua::Result<Value>> {
     let module = match name {
-        "milter" => milter_module(lua),
+        "milter" => milter_module(lua).and_then(|m| {
+            // The site facts and the access map, also as milter.site and milter.access.
+            m.set("site", site::site_module(lua, Arc::clone(site))?)?;
+            m.set("access", site::access_module(lua, Arc::clone(site))?)?;
+            Ok(m)
+        }),
         "milter.log" => log_module(lua),
         "milter.dns" => dns::lua_module(lua, Arc::clone(&services.resolver)),
         "milter.spf" => spf::lua_module(lua, Arc::clone(&services.spf)),

@@ -8,6 +8,7 @@ use std::net::Ipv4Addr;
 const FACTS: &str = r#"
 local site = require "milter.site"
 local access = require "milter.access"
+local milter_access = require("milter").access
 return {
   needs = { "client" },
   eom = function(ctx)
@@ -18,7 +19,7 @@ return {
     ctx:add_header("X-Receiver", ctx.receiver)
     ctx:add_header("X-Site", tostring(site.internal_domain("a.example.net")) .. " " ..
       tostring(site.hello_blacklisted("MX.EXAMPLE.ORG")) .. " " .. tostring(site.internal_mta("192.168.1.10")))
-    ctx:add_header("X-Access", tostring(access.lookup("SPF-Neutral", "x@aol.com")) .. " " ..
+    ctx:add_header("X-Access", tostring(milter_access.lookup("SPF-Neutral", "x@aol.com")) .. " " ..
       tostring(access.lookup("SMTP-Test", "foo@bar.baz.com")))
   end,
 }"#;
