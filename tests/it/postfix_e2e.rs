@@ -28,18 +28,29 @@ struct Luamilter {
 impl Luamilter {
     /// Runs the hygiene example, receiving for the test domain, on `listen` ("inet" or "unix").
     fn start(transport: &str) -> Luamilter {
+        Self::start_with(
+            transport,
+            &format!(
+                "[policies]\ndirs = [{:?}]\nchain = [\"hygiene\"]\n[policy.hygiene]\nlocal_domains = [{TEST_DOMAIN:?}]\n",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/examples")
+            ),
+        )
+    }
+
+    /// Runs luamilter with `policies` (TOML: the [policies] section and options) on `transport`.
+    fn start_with(transport: &str, policies: &str) -> Luamilter {
         let dir = TempDir::new().unwrap();
         // Postfix's smtpd runs as `postfix`: a unix socket's directory must be searchable.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
         let listen = match transport {
             "unix" => format!("unix:{}", dir.path().join("milter.sock").display()),
             _ => "inet:0@127.0.0.1".to_string(),
         };
         let text = format!(
-            "[milter]\nlisten = {listen:?}\nsocket_mode = \"0666\"\n\
-             [policies]\ndirs = [{examples:?}]\nchain = [\"hygiene\"]\n\
-             [policy.hygiene]\nlocal_domains = [{TEST_DOMAIN:?}]\n"
+            "[milter]\nlisten = {listen:?}\nsocket_mode = \"0666\"\ncontrol_socket = {:?}\n\
+             [store]\npath = {:?}\n[log]\nlevel = \"warn\"\n{policies}",
+            dir.path().join("ctl.sock"),
+            dir.path().join("store.db"),
         );
         let config = Config::parse(&text, Some(dir.path().join("luamilter.toml"))).unwrap();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -194,4 +205,56 @@ fn a_refused_recipient_and_a_stopped_milter() {
     let mail = after.reply(Stage::Mail).expect("a reply to MAIL FROM");
     assert_eq!(mail.code(), 451, "{}", after.transcript);
     assert!(mail.lines[0].starts_with("451 4.7.1 "), "{:?}", mail.lines);
+}
+
+/// Whether NOREPLY helps or hurts over TCP with a real Postfix: the same header-reading policy,
+/// once with a replying header handler and once declared `noreply`, over TCP, each under the
+/// same load from Postfix's `smtp-source`. A measurement, not a test:
+/// `cargo test --release --test it noreply_over_tcp -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement; run by hand"]
+fn noreply_over_tcp_with_postfix() {
+    if !e2e_ready() {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    for (name, noreply) in [("replying", ""), ("noreply", "noreply = { \"header\" },")] {
+        let policy = format!(
+            "return {{ {noreply} header = function(ctx, name, value) end, eom = function(ctx) ctx:add_header(\"X-Seen\", \"1\") end }}"
+        );
+        std::fs::write(dir.path().join(format!("{name}.lua")), policy).unwrap();
+    }
+    for name in ["replying", "noreply", "replying", "noreply"] {
+        let milter = Luamilter::start_with(
+            "inet",
+            &format!(
+                "[policies]\ndirs = [{:?}]\nchain = [{name:?}]\n",
+                dir.path()
+            ),
+        );
+        let postfix = Postfix::start(&milter.socket).expect("start private postfix");
+        let messages = 300;
+        let started = std::time::Instant::now();
+        let status = std::process::Command::new("/usr/sbin/smtp-source")
+            .args([
+                "-s",
+                "8",
+                "-m",
+                &messages.to_string(),
+                "-l",
+                "2048",
+                "-f",
+                "sender@test.example",
+            ])
+            .args(["-t", RECIPIENT, &format!("127.0.0.1:{}", postfix.port())])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let elapsed = started.elapsed();
+        println!(
+            "{name:<9} over TCP through Postfix: {messages} messages in {elapsed:?} = {:.0} msg/s",
+            messages as f64 / elapsed.as_secs_f64()
+        );
+    }
 }

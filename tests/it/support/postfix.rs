@@ -177,6 +177,11 @@ impl Postfix {
     }
 
     /// The instance's mail log so far (for failure messages).
+    /// The loopback port the instance's smtpd listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     pub fn maillog(&self) -> String {
         fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default()
     }
