@@ -114,3 +114,29 @@ fn sample_config_lists_every_key_with_its_default() {
         [sample_path().parent().unwrap().join(".")]
     );
 }
+
+#[tokio::test]
+async fn the_stock_pack_sample_loads_every_stock_policy() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/stock-pack.toml");
+    let mut config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::TempDir::new().unwrap();
+    config.store.path = dir.path().join("store.db");
+    let services = Arc::new(Services::start(&config).unwrap());
+    let generation = Generation::build(Arc::new(config), services, 1)
+        .unwrap_or_else(|errors| panic!("{}", errors.join("\n")));
+    let mut names: Vec<&str> = generation
+        .policies
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    let mut stock: Vec<&str> = luamilter::stock::policy_names().collect();
+    names.sort_unstable();
+    stock.sort_unstable();
+    assert_eq!(names, stock, "the sample enables every stock policy");
+    assert!(
+        generation
+            .policies
+            .iter()
+            .all(|p| p.origin == luamilter::engine::policy::Origin::Stock)
+    );
+}
