@@ -122,16 +122,6 @@ impl AccessMap {
         }
         get("").or_else(|| self.entries.get(&tag).map(String::as_str))
     }
-
-    /// Number of entries.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether the map has no entries.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 /// Keys compare with a lowercase tag and domain; a local part keeps its case.
