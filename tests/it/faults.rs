@@ -205,8 +205,10 @@ return { mail = function(ctx) milter.sleep(0.2) end }
         reply_text(&status),
         "451 4.3.0 Temporary policy failure, try again later"
     );
+    // A limit per handler would have let both 200 ms sleeps finish and the stage pass; the
+    // bound below only guards against a hang.
     assert!(
-        started.elapsed() < Duration::from_millis(390),
+        started.elapsed() < Duration::from_secs(2),
         "{:?}",
         started.elapsed()
     );

@@ -286,7 +286,7 @@ async fn a_reload_storm_under_load_fails_no_message() {
         seen_versions.len()
     );
     assert!(
-        seen_versions.len() >= 4,
+        seen_versions.len() >= 3,
         "the load did not overlap the reloads: {seen_versions:?}"
     );
     let latest = "50".to_string();
