@@ -434,3 +434,41 @@ async fn examples_run_through_the_daemon() {
     assert!(actions.has_quarantine("subject contains URGENT WIRE TRANSFER"));
     d.stop().await;
 }
+
+#[tokio::test]
+async fn a_malformed_milter_packet_closes_that_session_only() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let d = TestDaemon::start(&[("ml", MULTILINE)], "").await;
+    let luamilter::listen::ListenAddr::Inet(addr) = d.local().clone() else {
+        panic!()
+    };
+    for garbage in [
+        &b"\x00\x00\x00\x05Zjunk"[..],
+        b"\xff\xff\xff\xffX",
+        b"\x00\x00\x00\x00X",
+        b"\x00\x00\x00\x0dO\x00\x00",
+    ] {
+        let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+        raw.write_all(garbage).await.unwrap();
+        // An unknown command, an oversized length, an empty command, or a frame cut short by
+        // the client hanging up.
+        raw.shutdown().await.unwrap();
+        let mut buf = [0u8; 64];
+        // The daemon hangs up on this session (EOF, or a reset), it does not crash.
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(10), raw.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "{garbage:?}: {read:?}"
+        );
+    }
+    let mut c = d.client().await;
+    c.connect("h", Ipv4Addr::LOCALHOST).await.unwrap();
+    assert_eq!(
+        reply_text(&c.mail(["<a@example.org>"]).await.unwrap())
+            .lines()
+            .count(),
+        3
+    );
+    d.stop().await;
+}
