@@ -9,9 +9,7 @@ local milter = require "milter"
 local access = require "milter.access"
 local net = require "milter.net"
 
-local function fill(template, values)
-  return (template:gsub("{(%w+)}", function(key) return values[key] or "" end))
-end
+local fill = milter.fill
 
 return {
   description = "restrict the MAIL FROM addresses of SMTP AUTH users by SMTP-Auth access entries",

@@ -15,9 +15,7 @@ local store = require "milter.store"
 local site = require "milter.site"
 local net = require "milter.net"
 
-local function fill(template, values)
-  return (template:gsub("{(%w+)}", function(key) return values[key] or "" end))
-end
+local fill = milter.fill
 
 -- Banned-domain list files, read once per Lua state (a reload reads them again): path → set.
 local domain_files = {}

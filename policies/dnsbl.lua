@@ -23,9 +23,7 @@ local FIELDS = {
 }
 local CHECKS = { sender = true, helo = true, from = true }
 
-local function fill(template, values)
-  return (template:gsub("{(%w+)}", function(key) return values[key] or "" end))
-end
+local fill = milter.fill
 
 -- Text from DNS goes into replies and headers: no control characters, bounded length.
 local function clean(text)

@@ -18,9 +18,7 @@ local function exempt(ctx)
     or client.localhost or ctx.sender == "" or ctx.msg.listed ~= nil or ctx.delayed ~= nil
 end
 
-local function fill(template, values)
-  return (template:gsub("{(%w+)}", function(key) return values[key] or "" end))
-end
+local fill = milter.fill
 
 return {
   description = "greylist new (client, sender, recipient) triplets from outside",
@@ -55,8 +53,7 @@ return {
     })
     if verdict == "wait" then
       local values = { minutes = tostring(math.ceil(n / 60)), seconds = tostring(n) }
-      local text = {}
-      for i, line in ipairs(opts.reply) do text[i] = fill(line, values) end
+      local text = fill(opts.reply, values)
       milter.log.info("greylisted", client, ctx.sender, rcpt, "for", n, "s")
       return milter.tempfail{ code = 451, xcode = "4.7.1", text = text }
     elseif verdict == "pass" then

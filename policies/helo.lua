@@ -9,9 +9,7 @@
 local milter = require "milter"
 local site = require "milter.site"
 
-local function fill(template, values)
-  return (template:gsub("{(%w+)}", function(key) return values[key] or "" end))
-end
+local fill = milter.fill
 
 local function refuse(text)
   return milter.reject{ code = 550, xcode = "5.7.1", text = text, immediate = true }

@@ -13,14 +13,7 @@ local site = require "milter.site"
 local access = require "milter.access"
 local net = require "milter.net"
 
-local function fill(template, values)
-  if type(template) == "table" then
-    local lines = {}
-    for i, line in ipairs(template) do lines[i] = fill(line, values) end
-    return lines
-  end
-  return (template:gsub("{(%w+)}", function(key) return values[key] or "" end))
-end
+local fill = milter.fill
 
 local function refuse(text, values)
   return milter.reject{ code = 550, xcode = "5.7.1", text = fill(text, values or {}), immediate = true }

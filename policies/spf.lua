@@ -40,8 +40,7 @@ end
 -- made spaces, each line cut to what SMTP allows.
 local function lines(template, values)
   local out = {}
-  for i, line in ipairs(template) do
-    local text = line:gsub("{(%w+)}", function(key) return values[key] or "" end)
+  for i, text in ipairs(milter.fill(template, values)) do
     out[i] = text:gsub("%c", " "):sub(1, 980)
   end
   return out

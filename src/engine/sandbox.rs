@@ -232,6 +232,21 @@ mod tests {
     }
 
     #[test]
+    fn milter_fill_replaces_placeholders_in_strings_and_lines() {
+        let (lua, _tmp, _rt) = state(vec![]);
+        let out: String = lua
+            .load(
+                r#"local m = require "milter"
+local one = m.fill("{user} may not use {sender}{missing}.", { user = "bob", sender = "<a@b>" })
+local many = m.fill({ "a {n}", "b {n}" }, { n = 2 })
+return one .. "|" .. table.concat(many, "|")"#,
+            )
+            .eval()
+            .unwrap();
+        assert_eq!(out, "bob may not use <a@b>.|a 2|b 2");
+    }
+
+    #[test]
     fn bytecode_is_refused() {
         let (lua, _tmp, _rt) = state(vec![]);
         let err = load_file(&lua, std::path::Path::new("x.lua"), "\x1bLua").unwrap_err();

@@ -66,9 +66,32 @@ fn milter_module(lua: &Lua) -> mlua::Result<Table> {
         })?,
     )?;
     m.set("log", log_module(lua)?)?;
+    m.set(
+        "fill",
+        lua.load(FILL)
+            .set_name("=milter.fill")
+            .eval::<mlua::Function>()?,
+    )?;
     m.set("version", env!("CARGO_PKG_VERSION"))?;
     Ok(m)
 }
+
+/// `milter.fill(template, values)`: `{key}` placeholders replaced by `values[key]` (an unknown
+/// key gives ""), for a string or a list of lines. Written in Lua: it runs on policy strings.
+const FILL: &str = r#"
+local function fill(template, values)
+  if type(template) == "table" then
+    local lines = {}
+    for i, line in ipairs(template) do lines[i] = fill(line, values) end
+    return lines
+  end
+  return (tostring(template):gsub("{(%w+)}", function(key)
+    local v = values and values[key]
+    return v ~= nil and tostring(v) or ""
+  end))
+end
+return fill
+"#;
 
 /// Seconds from a number or a duration string ("5m").
 pub fn duration_seconds(v: &Value) -> Result<f64, String> {
