@@ -5,9 +5,9 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use luamilter::{
     config::Config,
-    engine::{Generation, StageArgs, stages_sent},
-    lua_api::ctx::ClientInfo,
+    engine::{Generation, StageArgs},
     services::Services,
+    session::{ClientInfo, SharedSession},
     stage::Stage,
 };
 use std::{hint::black_box, sync::Arc};
@@ -38,44 +38,36 @@ fn handler_call(c: &mut Criterion) {
         family: "inet",
         ..ClientInfo::default()
     };
-    let ctx = lease
-        .new_ctx(
-            client,
-            indymilter::Actions::all(),
-            stages_sent(indymilter::ProtoOpts::empty()),
-        )
-        .unwrap();
+    let session = SharedSession::default();
+    session.lock().client = client;
     c.bench_function("mail handler call (continue)", |b| {
         b.iter(|| {
             let args = StageArgs::Envelope("good@example.org".into(), vec!["SIZE=2048".into()]);
-            let outcome = runtime.block_on(lease.run_stage(&ctx, Stage::Mail, args));
+            let outcome = runtime.block_on(lease.run_stage(&session, Stage::Mail, args));
             black_box(outcome.verdict);
         })
     });
     c.bench_function("mail handler call (reject)", |b| {
         b.iter(|| {
             let args = StageArgs::Envelope("spam@bad.example".into(), vec![]);
-            let outcome = runtime.block_on(lease.run_stage(&ctx, Stage::Mail, args));
+            let outcome = runtime.block_on(lease.run_stage(&session, Stage::Mail, args));
             black_box(outcome.verdict);
         })
     });
     c.bench_function("eom handler call (add_header, accept)", |b| {
         b.iter(|| {
-            let outcome = runtime.block_on(lease.run_stage(&ctx, Stage::Eom, StageArgs::None));
+            let outcome = runtime.block_on(lease.run_stage(&session, Stage::Eom, StageArgs::None));
             black_box(outcome.verdict);
-            lease.reset_message(&ctx).unwrap();
+            session.lock().reset_message();
         })
     });
-    c.bench_function("new ctx for a connection", |b| {
+    c.bench_function("first call of a connection (session and ctx made)", |b| {
         b.iter(|| {
-            let ctx = lease
-                .new_ctx(
-                    ClientInfo::default(),
-                    indymilter::Actions::all(),
-                    stages_sent(indymilter::ProtoOpts::empty()),
-                )
-                .unwrap();
-            black_box(ctx);
+            let lease = generation.lease(0);
+            let session = SharedSession::default();
+            let args = StageArgs::Envelope("good@example.org".into(), vec![]);
+            let outcome = runtime.block_on(lease.run_stage(&session, Stage::Mail, args));
+            black_box(outcome.verdict);
         })
     });
 }

@@ -23,7 +23,6 @@ return {
     local_domains = { "example.org" },
     quarantine_words = { "URGENT WIRE TRANSFER" },
   },
-  needs = { "headers" },
 
   helo = function(ctx, name)
     if name:match("^%d+%.%d+%.%d+%.%d+$") then

@@ -11,7 +11,6 @@ local net = require "milter.net"
 return {
   description = "reject SPF fail, tempfail on temperror, add Received-SPF",
   options = { skip_networks = { "127.0.0.0/8", "::1" } },
-  needs = { "helo" },
 
   connect = function(ctx, hostname, ip, opts)
     local skip = net.ipset(opts.skip_networks)

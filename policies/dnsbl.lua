@@ -278,7 +278,6 @@ end
 
 return {
   description = "client IP, sender, HELO and From domains against DNS block- and allowlists",
-  needs = { "client", "helo", "headers" },
   options = {
     dnsbl = {},
     rhsbl = {},

@@ -22,7 +22,6 @@ local fill = milter.fill
 
 return {
   description = "greylist new (client, sender, recipient) triplets from outside",
-  needs = { "client", "sender" },
   options = {
     delay = milter.duration "5m",
     expire = milter.duration "6h",

@@ -26,7 +26,6 @@ end
 
 return {
   description = "refuse numeric and blacklisted HELO names, unreasonable PTR names, MAIL before HELO",
-  needs = { "client" },
   options = {
     numeric_reply = "hello name cannot be numeric ip",
     blacklist_reply = "Your mail server lies. Its name is *not* {helo}.",

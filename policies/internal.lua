@@ -41,7 +41,6 @@ end
 
 return {
   description = "no DSNs from internal PCs, no mail to MAILER-DAEMON, private relay domains, one recipient per bounce",
-  needs = { "client", "helo" },
   options = {
     refuse_pc_dsn = true,
     pc_dsn_reply = {

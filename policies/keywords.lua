@@ -119,7 +119,6 @@ end
 
 return {
   description = "refuse spam keywords in the Subject and the From name; ban the domains that send them",
-  needs = { "client", "sender" },
   -- Headers stream to us without a round trip each; a refusal is answered at the end of the
   -- headers, which is the same moment for the SMTP client (after DATA).
   noreply = { "header" },

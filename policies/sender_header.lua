@@ -24,7 +24,6 @@ end
 
 return {
   description = "add a Sender header when the From domain does not match the MAIL FROM domain",
-  needs = { "client", "sender", "headers" },
   options = {
     rename_sender = false,
     original_sender_header = "X-Original-Sender",

@@ -192,7 +192,6 @@ end
 
 return {
   description = "the SPF policy language of the classic milter: SPF and HELO results, access map, best guess, three strikes",
-  needs = { "client", "helo" },
   options = {
     trusted_forwarders = {},
     forwarder_guess = "v=spf1 a mx ?all",

@@ -80,7 +80,6 @@ end
 
 return {
   description = "auto-whitelist recipients of outgoing mail; mark whitelisted senders, refuse blacklisted ones",
-  needs = { "client", "headers" },
   options = {
     whitelist_senders = {},
     whitelist_ttl = milter.duration "60d",

@@ -268,7 +268,7 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             for decl in &generation.policies {
                 let stages: Vec<&str> = Stage::ALL
                     .iter()
-                    .filter(|s| decl.handles[s.index()])
+                    .filter(|s| decl.handles[**s])
                     .map(|s| s.name())
                     .collect();
                 println!("policy {}: ok", decl.name);

@@ -19,6 +19,7 @@ pub mod net;
 pub mod reload;
 pub mod server;
 pub mod services;
+pub mod session;
 pub mod site;
 pub mod spf;
 pub mod stage;

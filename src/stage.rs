@@ -1,7 +1,10 @@
 //! The milter stage vocabulary shared by config, engine, Lua API, logs and docs.
 
 use indymilter::ProtoOpts;
-use std::fmt;
+use std::{
+    fmt,
+    ops::{Index, IndexMut},
+};
 
 /// One milter callback stage, named as indymilter and the Lua API name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -60,8 +63,7 @@ impl Stage {
         Stage::ALL.into_iter().find(|s| s.name() == name)
     }
 
-    /// Index into per-stage arrays.
-    pub const fn index(self) -> usize {
+    const fn index(self) -> usize {
         self as usize
     }
 
@@ -109,6 +111,31 @@ impl fmt::Display for Stage {
     }
 }
 
+/// One value per stage, indexed by [`Stage`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StageMap<T>([T; 12]);
+
+impl<T> StageMap<T> {
+    /// A map whose value for each stage is `f(stage)`.
+    pub fn from_fn(mut f: impl FnMut(Stage) -> T) -> StageMap<T> {
+        StageMap(std::array::from_fn(|i| f(Stage::ALL[i])))
+    }
+}
+
+impl<T> Index<Stage> for StageMap<T> {
+    type Output = T;
+
+    fn index(&self, stage: Stage) -> &T {
+        &self.0[stage.index()]
+    }
+}
+
+impl<T> IndexMut<Stage> for StageMap<T> {
+    fn index_mut(&mut self, stage: Stage) -> &mut T {
+        &mut self.0[stage.index()]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +147,23 @@ mod tests {
             assert_eq!(s.index(), i);
         }
         assert_eq!(Stage::from_name("conect"), None);
+    }
+
+    #[test]
+    fn stage_map_keeps_one_value_per_stage() {
+        let mut map = StageMap::from_fn(|s| s.in_message());
+        map[Stage::Eom] = false;
+        let chosen: Vec<Stage> = Stage::ALL.into_iter().filter(|s| map[*s]).collect();
+        assert_eq!(
+            chosen,
+            [
+                Stage::Mail,
+                Stage::Rcpt,
+                Stage::Data,
+                Stage::Header,
+                Stage::Eoh,
+                Stage::Body
+            ]
+        );
     }
 }

@@ -1,15 +1,19 @@
 //! One policy file: finding it, running its top level, and checking the table it returns.
 //!
 //! A policy returns a table whose keys are the stage handlers plus these declarations:
-//! `name` (must match the file), `description`, `options` (defaults), `needs` (data the policy
-//! reads without handling its stage: `"client"`, `"helo"`, `"sender"`, `"recipients"`,
-//! `"headers"`), `noreply` (stages whose handlers never answer), `macros` (per stage, the
-//! macros to ask the MTA for), `setup` (a function run at load with the effective options, to
-//! check them or precompute from them; an error there is a load error).
+//! `name` (must match the file), `description`, `options` (defaults), `needs` (`"headers"`: have
+//! the MTA send headers although nothing visible in the source reads them;
+//! `"rejected_recipients"`: see recipients the MTA refused itself), `noreply` (stages whose
+//! handlers never answer), `macros` (per stage, the macros to ask the MTA for), `setup` (a
+//! function run at load with the effective options, to check them or precompute from them; an
+//! error there is a load error).
 
 use super::options::{self, Override};
 use super::sandbox;
-use crate::{config::Config, stage::Stage};
+use crate::{
+    config::Config,
+    stage::{Stage, StageMap},
+};
 use mlua::{Function, Lua, Table, Value};
 use std::{
     collections::BTreeMap,
@@ -25,16 +29,18 @@ const DECLARATION_KEYS: &[&str] = &[
     "macros",
     "setup",
 ];
-/// What `needs` can name, and the stage that brings it.
-const NEEDS: &[(&str, Stage)] = &[
-    ("client", Stage::Connect),
-    ("helo", Stage::Helo),
-    ("sender", Stage::Mail),
-    ("recipients", Stage::Rcpt),
-    // Recipients the MTA itself refused (unknown users) are passed to rcpt handlers too, with
-    // the macro {rcpt_mailer} = "error" (Postfix); they never join ctx.recipients.
-    ("rejected_recipients", Stage::Rcpt),
-    ("headers", Stage::Header),
+/// What `needs` can name. "headers": the MTA sends headers (normally known from the source,
+/// see [`mentions_headers`]). "rejected_recipients": recipients the MTA itself refused (unknown
+/// users) are passed to rcpt handlers too, with the macro {rcpt_mailer} = "error" (Postfix);
+/// they never join ctx.recipients. The envelope entries are accepted and change nothing: the
+/// envelope is always sent.
+const NEEDS: &[&str] = &[
+    "headers",
+    "rejected_recipients",
+    "client",
+    "helo",
+    "sender",
+    "recipients",
 ];
 
 /// Where a policy's source came from.
@@ -112,11 +118,12 @@ pub struct PolicyDecl {
     /// Site file or stock pack.
     pub origin: Origin,
     /// Which stages it handles.
-    pub handles: [bool; 12],
+    pub handles: StageMap<bool>,
     /// Stages whose handlers are declared not to answer.
     pub noreply: Vec<Stage>,
-    /// Stages whose data it reads without handling the stage (`needs`).
-    pub needs: Vec<Stage>,
+    /// Whether it reads headers: its source (or a module it requires) mentions them, or it
+    /// declares `needs = { "headers" }`.
+    pub reads_headers: bool,
     /// Whether it wants the recipients the MTA refused itself (`needs` "rejected_recipients").
     pub rejected_recipients: bool,
     /// Macros to request, per stage.
@@ -127,8 +134,8 @@ pub struct PolicyDecl {
 
 /// A policy loaded into one Lua state: its handlers and effective options.
 pub struct LoadedPolicy {
-    /// Handler per stage index.
-    pub handlers: [Option<Function>; 12],
+    /// Handler per stage.
+    pub handlers: StageMap<Option<Function>>,
     /// The options table passed as the last argument of every handler.
     pub options: Table,
 }
@@ -155,8 +162,10 @@ pub fn load(
         ]
     };
     let chunk = sandbox::load_file(lua, &source.path, &source.text).map_err(one)?;
+    sandbox::RequireLog::start(lua);
     let returned =
         sandbox::with_time_limit(lua, config.engine.time_limit, || chunk.call::<Value>(()));
+    let required_mention_headers = sandbox::RequireLog::finish(lua);
     let table = match returned.map_err(one)? {
         Value::Table(t) => t,
         other => {
@@ -167,16 +176,16 @@ pub fn load(
         }
     };
     let mut errors = Vec::new();
-    let mut handlers: [Option<Function>; 12] = Default::default();
+    let mut handlers: StageMap<Option<Function>> = StageMap::default();
     let mut declared_options = None;
     let mut setup: Option<Function> = None;
     let mut decl = PolicyDecl {
         name: source.name.clone(),
         path: source.path.clone(),
         origin: source.origin,
-        handles: [false; 12],
+        handles: StageMap::default(),
         noreply: Vec::new(),
-        needs: Vec::new(),
+        reads_headers: required_mention_headers || mentions_headers(&source.text),
         rejected_recipients: false,
         macros: BTreeMap::new(),
         options: BTreeMap::new(),
@@ -200,8 +209,8 @@ pub fn load(
         if let Some(stage) = Stage::from_name(&key) {
             match value {
                 Value::Function(f) => {
-                    decl.handles[stage.index()] = true;
-                    handlers[stage.index()] = Some(f);
+                    decl.handles[stage] = true;
+                    handlers[stage] = Some(f);
                 }
                 other => errors.push(format!(
                     "{at}: handler '{key}' must be a function, got a {}",
@@ -231,19 +240,14 @@ pub fn load(
             },
             "needs" => string_list(&value, "needs").and_then(|items| {
                 for item in items {
-                    match NEEDS.iter().find(|(name, _)| *name == item) {
-                        Some((_, stage)) => {
-                            decl.needs.push(*stage);
-                            decl.rejected_recipients |= item == "rejected_recipients";
-                        }
-                        None => {
-                            let known: Vec<&str> = NEEDS.iter().map(|(n, _)| *n).collect();
-                            return Err(format!(
-                                "'needs' entry {item:?} is unknown (known: {})",
-                                known.join(", ")
-                            ));
-                        }
+                    if !NEEDS.contains(&item.as_str()) {
+                        return Err(format!(
+                            "'needs' entry {item:?} is unknown (known: {})",
+                            NEEDS.join(", ")
+                        ));
                     }
+                    decl.reads_headers |= item == "headers";
+                    decl.rejected_recipients |= item == "rejected_recipients";
                 }
                 Ok(())
             }),
@@ -278,7 +282,7 @@ pub fn load(
         }
     }
     for stage in &decl.noreply {
-        if !decl.handles[stage.index()] {
+        if !decl.handles[*stage] {
             errors.push(format!(
                 "{at}: 'noreply' names stage '{stage}' but the policy has no {stage} handler"
             ));
@@ -436,6 +440,15 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// Whether Lua source reads message headers: it mentions the word `header` or `headers`
+/// (`ctx.headers`, `ctx:header("Subject")`). A mention in a comment only costs the MTA the
+/// header packets; `ctx:add_header` and the other edits do not count.
+pub fn mentions_headers(source: &str) -> bool {
+    source
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .any(|word| word == "header" || word == "headers")
+}
+
 /// The first line of a Lua error message (the traceback follows on later lines).
 pub fn first_line(message: &str) -> String {
     message.lines().next().unwrap_or("").trim().to_string()
@@ -452,6 +465,16 @@ pub fn defined_at(f: &Function, path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_reads_are_found_in_the_source() {
+        assert!(mentions_headers("local s = ctx:header('Subject')"));
+        assert!(mentions_headers("for _, h in ipairs(c.headers) do end"));
+        assert!(!mentions_headers(
+            "ctx:add_header('X-A', '1') ctx:delete_header('X-B')"
+        ));
+        assert!(!mentions_headers("local headerless, my_headers = 1, 2"));
+    }
 
     #[test]
     fn suggests_the_nearest_key() {

@@ -134,20 +134,82 @@ fn require_function(
     site: Arc<Site>,
 ) -> mlua::Result<mlua::Function> {
     lua.create_function(move |lua, name: String| {
+        let first_nested = RequireLog::note(lua, &name);
         let loaded: Table = lua.named_registry_value(LOADED_KEY)?;
         if let Some(v) = loaded.raw_get::<Option<Value>>(name.as_str())? {
             return Ok(v);
         }
         let value = match lua_api::builtin_module(lua, &name, &services, &site) {
             Some(module) => module?,
-            None => require_file(lua, &dirs, &name)?,
+            None => {
+                let (value, mentions) = require_file(lua, &dirs, &name)?;
+                RequireLog::loaded(lua, &name, mentions, first_nested);
+                value
+            }
         };
         loaded.raw_set(name.as_str(), &value)?;
         Ok(value)
     })
 }
 
-fn require_file(lua: &Lua, dirs: &[PathBuf], name: &str) -> mlua::Result<Value> {
+/// What `require` served while a policy's top level ran, so that a policy whose module reads
+/// headers counts as reading them. Kept in the Lua state's app data.
+#[derive(Default)]
+pub struct RequireLog {
+    /// Module names required since [`RequireLog::start`], in order (cached ones too).
+    names: Vec<String>,
+    /// File modules whose source, or a module they required while loading, mentions headers.
+    header_modules: std::collections::HashSet<String>,
+}
+
+impl RequireLog {
+    /// Starts logging the requires of a policy's top level.
+    pub fn start(lua: &Lua) {
+        match lua.app_data_mut::<RequireLog>() {
+            Some(mut log) => log.names.clear(),
+            None => {
+                lua.set_app_data(RequireLog::default());
+            }
+        }
+    }
+
+    /// Whether a module required since `start` reads headers.
+    pub fn finish(lua: &Lua) -> bool {
+        lua.app_data_ref::<RequireLog>().is_some_and(|log| {
+            log.names
+                .iter()
+                .any(|name| log.header_modules.contains(name))
+        })
+    }
+
+    /// Logs a `require` of `name`; returns the log position of what it requires in turn.
+    fn note(lua: &Lua, name: &str) -> usize {
+        match lua.app_data_mut::<RequireLog>() {
+            Some(mut log) => {
+                log.names.push(name.to_string());
+                log.names.len()
+            }
+            None => 0,
+        }
+    }
+
+    /// Records a file module loaded: it reads headers when its source mentions them or a
+    /// module it required (logged from `nested` on) does.
+    fn loaded(lua: &Lua, name: &str, mentions: bool, nested: usize) {
+        if let Some(mut log) = lua.app_data_mut::<RequireLog>() {
+            let inherited = log.names[nested.min(log.names.len())..]
+                .iter()
+                .any(|n| log.header_modules.contains(n));
+            if mentions || inherited {
+                log.header_modules.insert(name.to_string());
+            }
+        }
+    }
+}
+
+/// Loads a module from the policy directories or the stock pack; also tells whether its source
+/// mentions headers.
+fn require_file(lua: &Lua, dirs: &[PathBuf], name: &str) -> mlua::Result<(Value, bool)> {
     let valid = !name.is_empty()
         && name.split('.').all(|part| {
             !part.is_empty()
@@ -180,11 +242,12 @@ fn require_file(lua: &Lua, dirs: &[PathBuf], name: &str) -> mlua::Result<Value> 
         });
     if let Some((path, source)) = found {
         let value: Value = load_file(lua, &path, &source)?.call(name)?;
-        return Ok(if value.is_nil() {
+        let value = if value.is_nil() {
             Value::Boolean(true)
         } else {
             value
-        });
+        };
+        return Ok((value, super::policy::mentions_headers(&source)));
     }
     Err(mlua::Error::runtime(format!(
         "require: module {name:?} not found (built-in modules: {}; searched {relative} in {})",

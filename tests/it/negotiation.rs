@@ -14,15 +14,13 @@ return {
 "#;
 
 #[tokio::test]
-async fn stages_nobody_handles_are_skipped() {
+async fn content_stages_nobody_handles_are_skipped_and_the_envelope_always_sent() {
     let d = TestDaemon::start(&[("p", MAIL_AND_EOM)], "").await;
     let c = d.client().await;
     let opts = c.negotiated_opts();
-    // Only mail and eom are handled: like a native milter, everything else is skipped.
+    // Only mail and eom are handled: no message content crosses the socket, as with a native
+    // milter; the envelope does, so every policy can read ctx.client, ctx.helo, ctx.recipients.
     for skipped in [
-        ProtoOpts::NO_CONNECT,
-        ProtoOpts::NO_HELO,
-        ProtoOpts::NO_RCPT,
         ProtoOpts::NO_DATA,
         ProtoOpts::NO_HEADER,
         ProtoOpts::NO_EOH,
@@ -31,8 +29,21 @@ async fn stages_nobody_handles_are_skipped() {
     ] {
         assert!(opts.contains(skipped), "{skipped:?} in {opts:?}");
     }
-    assert!(!opts.contains(ProtoOpts::NO_MAIL));
-    assert!(!opts.intersects(ProtoOpts::NOREPLY_MAIL));
+    for sent in [
+        ProtoOpts::NO_CONNECT,
+        ProtoOpts::NO_HELO,
+        ProtoOpts::NO_MAIL,
+        ProtoOpts::NO_RCPT,
+    ] {
+        assert!(!opts.contains(sent), "{sent:?} in {opts:?}");
+    }
+    // Over TCP, stages sent only for their data are answered (no delayed-ACK stalls).
+    assert!(!opts.intersects(
+        ProtoOpts::NOREPLY_CONNECT
+            | ProtoOpts::NOREPLY_HELO
+            | ProtoOpts::NOREPLY_MAIL
+            | ProtoOpts::NOREPLY_RCPT
+    ));
     assert_eq!(c.negotiated_actions(), luamilter::engine::SUPPORTED_ACTIONS);
     d.stop().await;
 }
@@ -41,7 +52,6 @@ async fn stages_nobody_handles_are_skipped() {
 async fn a_body_handler_gets_the_body_and_unix_skips_replies_for_collected_stages() {
     let policy = r#"
 return {
-  needs = { "client", "recipients" },
   body = function(ctx, chunk) ctx.msg.size = (ctx.msg.size or 0) + #chunk end,
   eom = function(ctx)
     ctx:add_header("X-Size", tostring(ctx.msg.size))
@@ -52,24 +62,118 @@ return {
     let mut c = d.client().await;
     let opts = c.negotiated_opts();
     assert!(!opts.contains(ProtoOpts::NO_BODY));
-    assert!(opts.contains(ProtoOpts::NO_HEADER));
-    // Needed but not handled: sent without waiting for a reply over a unix socket.
-    for noreply in [ProtoOpts::NOREPLY_CONNECT, ProtoOpts::NOREPLY_RCPT] {
+    // Sent for their data but not handled: without a reply over a unix socket. A policy that
+    // reads the body may read headers too, so they come along.
+    for noreply in [
+        ProtoOpts::NOREPLY_CONNECT,
+        ProtoOpts::NOREPLY_HELO,
+        ProtoOpts::NOREPLY_MAIL,
+        ProtoOpts::NOREPLY_RCPT,
+        ProtoOpts::NOREPLY_HEADER,
+    ] {
         assert!(opts.contains(noreply), "{noreply:?} in {opts:?}");
     }
-    // Neither handled nor needed: not sent at all.
-    assert!(opts.contains(ProtoOpts::NO_HELO | ProtoOpts::NO_MAIL));
+    assert!(opts.contains(ProtoOpts::NO_DATA | ProtoOpts::NO_UNKNOWN));
     assert!(!opts.contains(ProtoOpts::NOREPLY_BODY));
     assert_eq!(
         c.connect("h", Ipv4Addr::LOCALHOST).await.unwrap(),
         Status::Noreply
     );
-    assert_eq!(c.mail(["<a@b.example>"]).await.unwrap(), Status::Skip);
+    assert_eq!(c.mail(["<a@b.example>"]).await.unwrap(), Status::Noreply);
     assert_eq!(c.rcpt(["<r@b.example>"]).await.unwrap(), Status::Noreply);
     assert_eq!(c.body(vec![b'x'; 70_000]).await.unwrap(), Status::Continue);
     let (actions, _) = c.eom().await.unwrap();
     assert!(actions.has_add_header("X-Size", "70000"));
     assert!(actions.has_add_header("X-Seen", "127.0.0.1 r@b.example"));
+    d.stop().await;
+}
+
+/// Regression (issue 13, bug 1): docs/lua-api/spf.md's example read `ctx.client.ip` and
+/// `ctx.helo` in `mail` without `needs`; those stages were negotiated away, the read raised, and
+/// every message was tempfailed.
+#[tokio::test]
+async fn envelope_facts_are_there_without_declaring_anything() {
+    let policy = r#"
+local milter = require "milter"
+return {
+  mail = function(ctx, sender)
+    return milter.reject{ text = ctx.client.ip .. " " .. ctx.helo .. " " .. ctx.sender }
+  end,
+}"#;
+    for unix in [false, true] {
+        let d = if unix {
+            TestDaemon::start_unix(&[("p", policy)], "").await
+        } else {
+            TestDaemon::start(&[("p", policy)], "").await
+        };
+        let mut c = d.client().await;
+        c.connect("h", Ipv4Addr::new(192, 0, 2, 7)).await.unwrap();
+        c.helo("mx.example.net").await.unwrap();
+        let refused = c.mail(["<a@b.example>"]).await.unwrap();
+        assert_eq!(
+            crate::support::reply_text(&refused),
+            "550 5.7.1 192.0.2.7 mx.example.net a@b.example",
+            "unix socket: {unix}"
+        );
+        d.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn headers_read_at_eom_are_sent_without_declaring_them() {
+    // The policy reads headers only at eom: its source mentions them, so the MTA sends them.
+    let direct =
+        r#"return { eom = function(ctx) ctx:add_header("X-Subject", ctx:header("Subject")) end }"#;
+    // Here only a module it requires does.
+    let module = r#"return { subject = function(ctx) return ctx:header("Subject") end }"#;
+    let indirect = r#"
+local lib = require "lib.subject"
+return { eom = function(ctx) ctx:add_header("X-Subject", lib.subject(ctx)) end }"#;
+    for policy in [direct, indirect] {
+        let dir = tempfile::TempDir::new().unwrap();
+        std::fs::create_dir(dir.path().join("lib")).unwrap();
+        std::fs::write(dir.path().join("lib/subject.lua"), module).unwrap();
+        let d = TestDaemon::start_in(dir, &[("p", policy)], "", "inet:0@127.0.0.1")
+            .await
+            .unwrap();
+        let mut c = d.client().await;
+        assert!(!c.negotiated_opts().contains(ProtoOpts::NO_HEADER));
+        c.mail(["<a@b.example>"]).await.unwrap();
+        c.rcpt(["<r@b.example>"]).await.unwrap();
+        c.header("Subject", "hello").await.unwrap();
+        let (actions, status) = c.eom().await.unwrap();
+        assert_eq!(status, Status::Continue);
+        assert!(actions.has_add_header("X-Subject", "hello"), "{policy}");
+        d.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn headers_reached_in_a_way_the_source_does_not_show_need_declaring() {
+    let hidden = r#"return { eom = function(ctx) ctx:add_header("X-N", tostring(#ctx["head" .. "ers"])) end }"#;
+    let d = TestDaemon::start(
+        &[("p", hidden)],
+        "[engine]\nexception_policy = \"continue\"\n",
+    )
+    .await;
+    let mut c = d.client().await;
+    assert!(c.negotiated_opts().contains(ProtoOpts::NO_HEADER));
+    c.mail(["<a@b.example>"]).await.unwrap();
+    c.rcpt(["<r@b.example>"]).await.unwrap();
+    let (actions, status) = c.eom().await.unwrap();
+    // The handler failed (logged with the hint `needs = { "headers" }`); continue lets it pass.
+    assert_eq!(status, Status::Continue);
+    assert!(actions.actions.is_empty());
+    d.stop().await;
+
+    let declared = hidden.replace("return {", "return { needs = { \"headers\" },");
+    let d = TestDaemon::start(&[("p", &declared)], "").await;
+    let mut c = d.client().await;
+    c.mail(["<a@b.example>"]).await.unwrap();
+    c.rcpt(["<r@b.example>"]).await.unwrap();
+    c.header("Subject", "hello").await.unwrap();
+    let (actions, _) = c.eom().await.unwrap();
+    assert!(actions.has_add_header("X-N", "1"));
     d.stop().await;
 }
 
@@ -157,7 +261,7 @@ async fn a_connection_verdict_without_reply_answers_every_later_stage() {
 local milter = require "milter"
 return {
   noreply = { "connect" },
-  needs = { "helo", "sender" },
+  needs = { "helo", "sender" }, -- no longer needed, still accepted
   connect = function(ctx, host, ip) return milter.reject{ text = "not from " .. ip } end,
 }"#;
     let d = TestDaemon::start_unix(&[("p", policy)], "").await;
@@ -183,24 +287,6 @@ return {
         crate::support::reply_text(&second),
         "550 5.7.1 not from 192.0.2.9"
     );
-    d.stop().await;
-}
-
-#[tokio::test]
-async fn reading_data_of_a_stage_that_is_not_sent_says_what_to_declare() {
-    let policy = r#"return { eom = function(ctx) ctx:add_header("X-Helo", ctx.helo) end }"#;
-    let d = TestDaemon::start(
-        &[("p", policy)],
-        "[engine]\nexception_policy = \"continue\"\n",
-    )
-    .await;
-    let mut c = d.client().await;
-    assert_eq!(c.helo("h").await.unwrap(), Status::Skip);
-    c.rcpt(["<r@b.example>"]).await.unwrap();
-    let (actions, status) = c.eom().await.unwrap();
-    // The handler failed (logged with the hint `needs = { "helo" }`); continue lets it pass.
-    assert_eq!(status, Status::Continue);
-    assert!(actions.actions.is_empty());
     d.stop().await;
 }
 

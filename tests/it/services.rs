@@ -140,7 +140,6 @@ local milter = require "milter"
 local store = require "milter.store"
 return {
   options = { delay = "1s", max_bad = 3 },
-  needs = { "sender" },
   connect = function(ctx, host, ip)
     local banned, err = store.banned("ip", ip)
     if err then return milter.tempfail{ text = "store " .. err } end

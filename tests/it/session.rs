@@ -117,7 +117,6 @@ async fn every_stage_answers_every_verdict() {
 const EDITS: &str = r#"
 local milter = require "milter"
 return {
-  needs = { "headers" },
   eom = function(ctx)
     ctx:add_header("X-Added", "one")
     ctx:insert_header(0, "X-Top", "first")
@@ -164,7 +163,6 @@ async fn every_eom_action_reaches_the_client() {
 const STATE: &str = r#"
 local milter = require "milter"
 return {
-  needs = { "headers", "helo" },
   connect = function(ctx) ctx.vars.messages = 0 end,
   mail = function(ctx, sender, args)
     ctx.vars.messages = ctx.vars.messages + 1

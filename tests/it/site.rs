@@ -10,7 +10,6 @@ local site = require "milter.site"
 local access = require "milter.access"
 local milter_access = require("milter").access
 return {
-  needs = { "client" },
   eom = function(ctx)
     local c = ctx.client
     ctx:add_header("X-Client", table.concat({
@@ -103,7 +102,6 @@ async fn policies_see_the_site_facts() {
 const REFUSE_AT_MAIL: &str = r#"
 local milter = require "milter"
 return {
-  needs = { "client" },
   mail = function(ctx, sender)
     if sender == "late@example.com" then return milter.reject{ text = "refused" } end
     if sender == "now@example.com" then return milter.reject{ text = "refused now", immediate = true } end
@@ -196,11 +194,67 @@ async fn a_held_connect_reject_is_canceled_by_smtp_auth() {
     d.stop().await;
 }
 
+/// Regression (issue 13, bug 3): after a held reject was answered at DATA, the next message on
+/// the connection still saw `ctx.delayed`, so the stock greylist exempted it.
+#[tokio::test]
+async fn a_held_reject_answered_at_data_is_gone_for_the_next_message() {
+    let refuse = r#"
+local milter = require "milter"
+return {
+  connect = function(ctx, host, ip)
+    if host == "bad.example" then return milter.reject{ text = "connection refused" } end
+  end,
+  mail = function(ctx, sender)
+    if sender == "late@example.com" then return milter.reject{ text = "sender refused" } end
+  end,
+}"#;
+    let report = r#"
+local milter = require "milter"
+return {
+  rcpt = function(ctx, rcpt)
+    if ctx.delayed then return end
+    return milter.tempfail{ text = "greylisted " .. rcpt }
+  end,
+}"#;
+    let d = TestDaemon::start(
+        &[("refuse", refuse), ("report", report)],
+        "[site]\ndelay_reject = true\n",
+    )
+    .await;
+    for (host, sender, answer) in [
+        (
+            "good.example",
+            "late@example.com",
+            "550 5.7.1 sender refused",
+        ),
+        (
+            "bad.example",
+            "a@example.com",
+            "550 5.7.1 connection refused",
+        ),
+    ] {
+        let mut c = d.client().await;
+        c.connect(host, Ipv4Addr::new(192, 0, 2, 8)).await.unwrap();
+        c.mail([format!("<{sender}>")]).await.unwrap();
+        // The held reject exempts the recipient from the tempfail, and answers at DATA.
+        assert_eq!(c.rcpt(["<b@example.org>"]).await.unwrap(), Status::Continue);
+        assert_eq!(reply_text(&c.data().await.unwrap()), answer);
+        c.abort().await.unwrap();
+        // The next message of the connection has nothing held: its recipient is tempfailed.
+        c.mail(["<fine@example.com>"]).await.unwrap();
+        assert_eq!(
+            reply_text(&c.rcpt(["<c@example.org>"]).await.unwrap()),
+            "451 4.7.1 greylisted c@example.org",
+            "after a reject held at {sender}"
+        );
+    }
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn a_message_without_headers_reaches_eom_when_data_and_headers_are_sent() {
     let policy = r#"
 return {
-  needs = { "headers" },
   eom = function(ctx) ctx:add_header("X-Headers", tostring(#ctx.headers)) end,
 }"#;
     let d = TestDaemon::start(&[("p", policy)], "[site]\ndelay_reject = true\n").await;

@@ -12,7 +12,6 @@ local domain_ban = require "lib.domain_ban"
 
 return {
   description = "publish ctx.msg.spf; refuse SPF-Pass REJECT/BAN senders, ban BAN domains",
-  needs = { "client", "helo" },
   options = { email_providers = domain_ban.email_providers },
   mail = function(ctx, sender, args, opts)
     if ctx.client.ip == nil then return end

@@ -75,7 +75,9 @@ impl TestDaemon {
         Self::start_in(TempDir::new().unwrap(), policies, extra, listen).await
     }
 
-    async fn start_in(
+    /// Starts a daemon whose config and policies are written into `dir` (which may hold other
+    /// files already, such as Lua modules the policies require).
+    pub async fn start_in(
         dir: TempDir,
         policies: &[(&str, &str)],
         extra: &str,

@@ -1,0 +1,322 @@
+//! The milter side: indymilter callbacks, one function per milter stage. Each records what the
+//! stage tells about the session, has the engine run the policy chain for it
+//! ([`crate::engine::chain`]), and answers the MTA ([`reply`]). Negotiation is in
+//! [`negotiate`]; the session state itself in [`crate::session`].
+
+mod negotiate;
+mod reply;
+
+use crate::{
+    engine::{Engine, Outcome, StageArgs, VmLease},
+    lua_api::verdict::Verdict,
+    session::{ClientInfo, SharedSession},
+    stage::Stage,
+};
+use indymilter::{
+    Callbacks, Context, ContextActions, EomContext, Macros, SmtpReply, SocketInfo, Status,
+};
+use std::{
+    ffi::{CStr, CString},
+    sync::Arc,
+};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+/// Per-connection state kept in indymilter's connection data: the connection's claim on a Lua
+/// state of its generation, and its session.
+pub struct Conn {
+    lease: VmLease,
+    session: SharedSession,
+}
+
+impl Conn {
+    /// The status for a stage no policy decided.
+    fn pass(&self, stage: Stage) -> Status {
+        if self.session.lock().negotiated.no_reply(stage) {
+            Status::Noreply
+        } else {
+            Status::Continue
+        }
+    }
+}
+
+/// Builds the indymilter callbacks over `engine` for worker thread `worker` (its connections
+/// run on that worker's Lua state). `unix` tells whether the socket is a unix socket, where
+/// stages that only collect data are negotiated without replies.
+pub fn callbacks(engine: Arc<Engine>, unix: bool, worker: usize) -> Callbacks<Conn> {
+    Callbacks::new()
+        .on_negotiate(move |cx, actions, opts| {
+            Box::pin(negotiate::negotiate(
+                Arc::clone(&engine),
+                unix,
+                worker,
+                cx,
+                actions,
+                opts,
+            ))
+        })
+        .on_connect(|cx, hostname, socket| Box::pin(connect(cx, hostname, socket)))
+        .on_helo(|cx, name| Box::pin(helo(cx, name)))
+        .on_mail(|cx, args| Box::pin(mail(cx, args)))
+        .on_rcpt(|cx, args| Box::pin(rcpt(cx, args)))
+        .on_data(|cx| Box::pin(run(cx, Stage::Data, StageArgs::None)))
+        .on_header(|cx, name, value| Box::pin(header(cx, name, value)))
+        .on_eoh(|cx| Box::pin(run(cx, Stage::Eoh, StageArgs::None)))
+        .on_body(|cx, chunk| Box::pin(run(cx, Stage::Body, StageArgs::Body(chunk))))
+        .on_eom(|cx| Box::pin(eom(cx)))
+        .on_abort(|cx| Box::pin(abort(cx)))
+        .on_close(|cx| Box::pin(close(cx)))
+        .on_unknown(|cx, line| Box::pin(run(cx, Stage::Unknown, StageArgs::Text(lossy(&line)))))
+}
+
+fn lossy(s: &CStr) -> String {
+    s.to_string_lossy().into_owned()
+}
+
+/// MAIL and RCPT arguments: the address without angle brackets, and the ESMTP arguments.
+fn envelope(args: Vec<CString>) -> (String, Vec<String>) {
+    let mut args = args.iter().map(|a| lossy(a));
+    let first = args.next().unwrap_or_default();
+    let address = first
+        .strip_prefix('<')
+        .and_then(|a| a.strip_suffix('>'))
+        .unwrap_or(&first)
+        .to_string();
+    (address, args.collect())
+}
+
+/// Whether the macros show an SMTP AUTH login.
+fn authenticated(macros: &Macros) -> bool {
+    macros
+        .get(c"{auth_authen}")
+        .is_some_and(|a| !a.to_bytes().is_empty())
+}
+
+async fn connect(cx: &mut Context<Conn>, hostname: CString, socket: SocketInfo) -> Status {
+    let hostname = lossy(&hostname);
+    let mut ip = None;
+    if let Some(conn) = &cx.data {
+        let site = &conn.lease.generation().site;
+        let client = ClientInfo::from_connect(hostname.clone(), socket, site);
+        ip = client.ip.map(|ip| ip.to_string());
+        conn.session.lock().client = client;
+    }
+    run(cx, Stage::Connect, StageArgs::Connect(hostname, ip)).await
+}
+
+async fn helo(cx: &mut Context<Conn>, name: CString) -> Status {
+    let name = lossy(&name);
+    if let Some(conn) = &cx.data {
+        conn.session.lock().helo = Some(name.clone());
+    }
+    run(cx, Stage::Helo, StageArgs::Text(name)).await
+}
+
+async fn mail(cx: &mut Context<Conn>, args: Vec<CString>) -> Status {
+    let (sender, esmtp) = envelope(args);
+    if let Some(conn) = &cx.data {
+        let auth = authenticated(&cx.macros);
+        conn.session
+            .lock()
+            .begin_message(sender.clone(), esmtp.clone(), auth);
+    }
+    run(cx, Stage::Mail, StageArgs::Envelope(sender, esmtp)).await
+}
+
+async fn rcpt(cx: &mut Context<Conn>, args: Vec<CString>) -> Status {
+    let (rcpt, esmtp) = envelope(args);
+    let status = run(cx, Stage::Rcpt, StageArgs::Envelope(rcpt.clone(), esmtp)).await;
+    // A recipient the MTA refused itself (passed on for REJECTED_RCPT) is no recipient.
+    let refused_by_mta = cx
+        .macros
+        .get(c"{rcpt_mailer}")
+        .is_some_and(|m| m.to_bytes() == b"error");
+    if let Some(conn) = &cx.data
+        && !matches!(status, Status::Reject | Status::Tempfail)
+        && !refused_by_mta
+    {
+        conn.session.lock().message.recipients.push(rcpt);
+    }
+    status
+}
+
+async fn header(cx: &mut Context<Conn>, name: CString, value: CString) -> Status {
+    let (name, value) = (lossy(&name), lossy(&value));
+    if let Some(conn) = &cx.data {
+        let header = (name.clone(), value.clone());
+        conn.session.lock().message.headers.push(header);
+    }
+    run(cx, Stage::Header, StageArgs::Header(name, value)).await
+}
+
+async fn abort(cx: &mut Context<Conn>) -> Status {
+    let status = run(cx, Stage::Abort, StageArgs::None).await;
+    if let Some(conn) = &cx.data {
+        conn.session.lock().reset_message();
+    }
+    status
+}
+
+async fn close(cx: &mut Context<Conn>) -> Status {
+    let status = run(cx, Stage::Close, StageArgs::None).await;
+    cx.data = None;
+    status
+}
+
+/// Runs the chain for a stage and answers it.
+async fn run(cx: &mut Context<Conn>, stage: Stage, args: StageArgs) -> Status {
+    answer_stage(&mut cx.data, &cx.macros, &mut cx.reply, stage, args).await
+}
+
+/// Decides a stage and turns the decision into the answer the MTA gets: a reject held back by
+/// `[site] delay_reject`, a verdict owed to a later stage when this one has no reply, or the
+/// reply itself.
+async fn answer_stage(
+    data: &mut Option<Conn>,
+    macros: &Macros,
+    reply: &mut SmtpReply,
+    stage: Stage,
+    args: StageArgs,
+) -> Status {
+    let Some(conn) = data.as_mut() else {
+        return Status::Continue;
+    };
+    let Some(outcome) = decide(conn, macros, stage, args, None).await else {
+        return conn.pass(stage);
+    };
+    if !stage.has_reply() {
+        return Status::Continue;
+    }
+    if delays(conn, stage, &outcome.verdict) {
+        conn.session.lock().hold(outcome.verdict, stage);
+        return conn.pass(stage);
+    }
+    let mut session = conn.session.lock();
+    if session.negotiated.no_reply(stage) {
+        if outcome.verdict.is_final() {
+            session.owe(outcome.verdict, stage);
+        }
+        return Status::Noreply;
+    }
+    reply::answer(reply, &outcome.verdict)
+}
+
+/// With `[site] delay_reject`, a reject decided at connect, HELO or MAIL that is not marked
+/// `immediate` is held back until DATA.
+fn delays(conn: &Conn, stage: Stage, verdict: &Verdict) -> bool {
+    let held = conn.lease.generation().site.delay_reject
+        && matches!(stage, Stage::Connect | Stage::Helo | Stage::Mail)
+        && matches!(verdict, Verdict::Reject(reply) if reply.as_ref().is_none_or(|r| !r.immediate));
+    if held {
+        let client = conn.session.lock().client.label();
+        tracing::info!(%client, stage = stage.name(), verdict = %verdict, "reject delayed until DATA");
+    }
+    held
+}
+
+/// Decides a stage: a verdict owed from an earlier stage, else the policy chain. `None` when no
+/// policy handles the stage and nothing is owed.
+async fn decide(
+    conn: &Conn,
+    macros: &Macros,
+    stage: Stage,
+    args: StageArgs,
+    progress: Option<mpsc::UnboundedSender<()>>,
+) -> Option<Outcome> {
+    let owed = {
+        let mut session = conn.session.lock();
+        let replies = stage.has_reply() && !session.negotiated.no_reply(stage);
+        replies.then(|| session.take_owed(stage)).flatten()
+    };
+    if let Some(verdict) = owed {
+        log_decision(conn, macros, stage, "(earlier stage)", &verdict);
+        return Some(Outcome {
+            verdict,
+            policy: None,
+        });
+    }
+    let generation = conn.lease.generation();
+    if !generation.handles(stage) {
+        return None;
+    }
+    let (client, queue_id) = {
+        let mut session = conn.session.lock();
+        // SMTP AUTH shows in the MAIL macros, which the MTA keeps sending for later stages.
+        if !session.client.authenticated && authenticated(macros) {
+            session.note_auth();
+        }
+        session.macros = macros.to_hash_map();
+        session.progress = progress;
+        (session.client.label(), session.queue_id().to_string())
+    };
+    let span = tracing::info_span!("session", %client, %queue_id);
+    let outcome = conn
+        .lease
+        .run_stage(&conn.session, stage, args)
+        .instrument(span)
+        .await;
+    if outcome.verdict.is_final() {
+        let policy = outcome
+            .policy
+            .map_or("-", |i| generation.policies[i].name.as_str());
+        log_decision(conn, macros, stage, policy, &outcome.verdict);
+    }
+    Some(outcome)
+}
+
+fn log_decision(conn: &Conn, macros: &Macros, stage: Stage, policy: &str, verdict: &Verdict) {
+    let queue_id = macros.get(c"i").map(lossy).unwrap_or_default();
+    let client = conn.session.lock().client.label();
+    tracing::info!(
+        %client,
+        %queue_id,
+        stage = stage.name(),
+        policy,
+        verdict = %verdict,
+        "decision"
+    );
+}
+
+/// End of message: run the chain (serving `ctx:progress()` meanwhile), apply the queued edits
+/// unless the message was refused, answer, and end the message.
+async fn eom(cx: &mut EomContext<Conn>) -> Status {
+    let Some(conn) = cx.data.as_mut() else {
+        return Status::Continue;
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let outcome = {
+        let decision = decide(conn, &cx.macros, Stage::Eom, StageArgs::None, Some(tx));
+        tokio::pin!(decision);
+        loop {
+            tokio::select! {
+                outcome = &mut decision => break outcome,
+                Some(()) = rx.recv() => {
+                    if let Err(e) = cx.actions.progress().await {
+                        tracing::warn!(error = %e, "cannot send progress to the MTA");
+                    }
+                }
+            }
+        }
+    };
+    let verdict = outcome.map_or(Verdict::Continue, |o| o.verdict);
+    let edits = {
+        let mut session = conn.session.lock();
+        session.progress = None;
+        std::mem::take(&mut session.message.edits)
+    };
+    if matches!(verdict, Verdict::Continue | Verdict::Accept) {
+        for edit in edits {
+            if let Err(e) = reply::apply_edit(&cx.actions, &edit).await {
+                let client = conn.session.lock().client.label();
+                tracing::error!(%client, edit = ?edit, error = %e, "the MTA refused an edit");
+            }
+        }
+    }
+    if !verdict.is_final() {
+        log_decision(conn, &cx.macros, Stage::Eom, "-", &Verdict::Accept);
+    }
+    // The message is over: its state must not leak into the next one, whether or not the MTA
+    // sends ABORT.
+    conn.session.lock().reset_message();
+    reply::answer(&mut cx.reply, &verdict)
+}

@@ -1,0 +1,41 @@
+//! The start of every MTA connection: pin the current generation, ask the MTA for what its
+//! plan says, and open the connection's session.
+
+use super::Conn;
+use crate::{
+    engine::{Engine, SUPPORTED_ACTIONS},
+    session::{Negotiated, Session, SharedSession},
+};
+use indymilter::{Actions, NegotiateContext, ProtoOpts, Status};
+use std::sync::Arc;
+
+/// Negotiates for a connection of worker thread `worker`. `unix` tells whether the socket is a
+/// unix socket, where stages that only collect data are negotiated without replies.
+pub async fn negotiate(
+    engine: Arc<Engine>,
+    unix: bool,
+    worker: usize,
+    cx: &mut NegotiateContext<Conn>,
+    offered_actions: Actions,
+    offered_opts: ProtoOpts,
+) -> Status {
+    let generation = engine.current();
+    let plan = &generation.plan;
+    let mut wanted = plan.skip | plan.noreply;
+    if unix {
+        wanted |= plan.collect_only;
+    }
+    cx.requested_actions = offered_actions & SUPPORTED_ACTIONS;
+    cx.requested_opts |= wanted & offered_opts;
+    cx.requested_macros = plan.macros.clone();
+    let negotiated = Negotiated {
+        opts: cx.requested_opts,
+        actions: cx.requested_actions,
+    };
+    let session = Session::new(negotiated, generation.site.hostname.clone());
+    cx.data = Some(Conn {
+        lease: generation.lease(worker),
+        session: SharedSession::new(session),
+    });
+    Status::Continue
+}

@@ -1,0 +1,334 @@
+//! One SMTP connection as luamilter knows it: the client, HELO, the negotiated protocol, the
+//! current message, and the verdicts owed to later stages. The server writes it, one method per
+//! event; Lua's `ctx` is a view of it (`lua_api::ctx`); nothing else keeps session state.
+//!
+//! Connection facts live for the whole connection. Message facts live in [`Message`] and are
+//! reset in exactly one place, [`Session::reset_message`]: when MAIL starts a message, when the
+//! MTA aborts one, and after end of message.
+
+mod client;
+mod edit;
+
+pub use client::ClientInfo;
+pub use edit::Edit;
+
+use crate::{lua_api::verdict::Verdict, stage::Stage, stage::StageMap};
+use indymilter::{Actions, ProtoOpts};
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    sync::{Arc, Mutex, MutexGuard},
+};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// A session shared by the server (which writes it) and the Lua `ctx` (which reads it and queues
+/// edits). Locked only for short, non-async sections.
+#[derive(Clone, Default)]
+pub struct SharedSession(Arc<Mutex<Session>>);
+
+impl SharedSession {
+    /// Wraps a new session.
+    pub fn new(session: Session) -> SharedSession {
+        SharedSession(Arc::new(Mutex::new(session)))
+    }
+
+    /// Locks the session (a panic while it was locked does not make it unusable).
+    pub fn lock(&self) -> MutexGuard<'_, Session> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What negotiation settled with the MTA for this connection.
+#[derive(Clone, Debug)]
+pub struct Negotiated {
+    /// The protocol options asked for (skipped stages, no-reply stages).
+    pub opts: ProtoOpts,
+    /// The edit actions the MTA granted.
+    pub actions: Actions,
+}
+
+impl Negotiated {
+    /// Whether the MTA sends `stage` on this connection.
+    pub fn sends(&self, stage: Stage) -> bool {
+        let (no, _) = stage.protocol_flags();
+        no.is_empty() || !self.opts.contains(no)
+    }
+
+    /// Whether the MTA waits for no reply to `stage`.
+    pub fn no_reply(&self, stage: Stage) -> bool {
+        let (_, no_reply) = stage.protocol_flags();
+        !no_reply.is_empty() && self.opts.contains(no_reply)
+    }
+
+    /// Per stage, whether the MTA sends it.
+    pub fn stages_sent(&self) -> StageMap<bool> {
+        StageMap::from_fn(|s| self.sends(s))
+    }
+}
+
+impl Default for Negotiated {
+    /// Everything sent, with replies, and every action granted (an MTA that offers all).
+    fn default() -> Negotiated {
+        Negotiated {
+            opts: ProtoOpts::empty(),
+            actions: Actions::all(),
+        }
+    }
+}
+
+/// A reject held back by `[site] delay_reject` until DATA, and the stage that decided it.
+#[derive(Clone, Debug)]
+pub struct Delayed {
+    /// The held reject.
+    pub verdict: Verdict,
+    /// Connect, HELO or MAIL.
+    pub stage: Stage,
+}
+
+/// The message in progress (MAIL FROM to end of message).
+#[derive(Debug, Default)]
+pub struct Message {
+    /// Counts messages on the connection; changes at every reset (`ctx.msg` follows it).
+    pub seq: u64,
+    /// MAIL FROM address without angle brackets ("" for the null sender).
+    pub sender: Option<String>,
+    /// MAIL FROM ESMTP arguments.
+    pub sender_args: Vec<String>,
+    /// Recipients accepted so far.
+    pub recipients: Vec<String>,
+    /// Headers seen so far, in order.
+    pub headers: Vec<(String, String)>,
+    /// Edits queued for end of message.
+    pub edits: Vec<Edit>,
+    /// A final verdict given at a message stage that could not answer (no reply), owed to the
+    /// next stage that replies.
+    owed: Option<Verdict>,
+    /// A reject decided at MAIL and held back until DATA.
+    delayed: Option<Delayed>,
+}
+
+/// Everything known about one SMTP connection.
+#[derive(Debug, Default)]
+pub struct Session {
+    /// The connecting client (unknown until connect).
+    pub client: ClientInfo,
+    /// HELO/EHLO argument.
+    pub helo: Option<String>,
+    /// What the MTA sends and grants.
+    pub negotiated: Negotiated,
+    /// Macros the MTA sent, as it named them; the snapshot of the stage being handled.
+    pub macros: HashMap<CString, CString>,
+    /// Offences counted on this connection (`ctx:demerit`).
+    pub demerits: u32,
+    /// The configured receiver name (`[site] hostname`), if any.
+    pub receiver: Option<String>,
+    /// MAIL commands seen on this connection.
+    pub mails: u32,
+    /// The stage being handled, and the index of the policy whose handler runs.
+    pub running: Option<(Stage, usize)>,
+    /// Set during eom: asks the server to send a progress notification to the MTA.
+    pub progress: Option<UnboundedSender<()>>,
+    /// The message in progress.
+    pub message: Message,
+    /// A final verdict given at connect or HELO without a reply: it answers every later stage
+    /// of the connection that can reply, as the refusal of a connection would.
+    refusal: Option<Verdict>,
+    /// A reject decided at connect or HELO and held back until DATA.
+    delayed: Option<Delayed>,
+}
+
+impl Session {
+    /// A new connection's session.
+    pub fn new(negotiated: Negotiated, receiver: Option<String>) -> Session {
+        Session {
+            negotiated,
+            receiver,
+            ..Session::default()
+        }
+    }
+
+    /// The stage being handled, if any.
+    pub fn stage(&self) -> Option<Stage> {
+        self.running.map(|(stage, _)| stage)
+    }
+
+    /// Forgets the message: envelope, headers, edits, owed verdict, a reject held at MAIL and
+    /// `ctx.msg`. The one place message state is reset.
+    pub fn reset_message(&mut self) {
+        self.message = Message {
+            seq: self.message.seq + 1,
+            ..Message::default()
+        };
+    }
+
+    /// MAIL starts a message: forget the last one, note SMTP AUTH, and drop a reject held back
+    /// at connect or HELO where the classic milter did (AUTH, or a second MAIL).
+    pub fn begin_message(&mut self, sender: String, args: Vec<String>, authenticated: bool) {
+        self.mails += 1;
+        self.reset_message();
+        if (authenticated || self.mails > 1)
+            && let Some(held) = self.delayed.take()
+        {
+            tracing::info!(client = %self.client.label(), verdict = %held.verdict, authenticated, "delayed reject canceled");
+        }
+        if authenticated {
+            self.note_auth();
+        }
+        self.message.sender = Some(sender);
+        self.message.sender_args = args;
+    }
+
+    /// The session authenticated with SMTP AUTH: it counts as internal from now on.
+    pub fn note_auth(&mut self) {
+        self.client.authenticated = true;
+        self.client.internal = true;
+    }
+
+    /// Holds back a reject decided at connect, HELO or MAIL until DATA.
+    pub fn hold(&mut self, verdict: Verdict, stage: Stage) {
+        let held = Some(Delayed { verdict, stage });
+        if stage.in_message() {
+            self.message.delayed = held;
+        } else {
+            self.delayed = held;
+        }
+    }
+
+    /// The reject held back for this connection or message, as `ctx.delayed` shows it.
+    pub fn delayed(&self) -> Option<&Delayed> {
+        self.message.delayed.as_ref().or(self.delayed.as_ref())
+    }
+
+    /// Keeps a final verdict given at a stage without a reply for the next stage that replies.
+    pub fn owe(&mut self, verdict: Verdict, stage: Stage) {
+        if stage.in_message() {
+            self.message.owed = Some(verdict);
+        } else {
+            self.refusal = Some(verdict);
+        }
+    }
+
+    /// The verdict owed to `stage` (one that replies): a held-back reject once the message's
+    /// content starts, else a verdict given without a reply earlier in the message, else the
+    /// connection's refusal. Taking a held or message verdict answers it.
+    pub fn take_owed(&mut self, stage: Stage) -> Option<Verdict> {
+        let content = matches!(
+            stage,
+            Stage::Data | Stage::Header | Stage::Eoh | Stage::Body | Stage::Eom
+        );
+        let held = content
+            .then(|| self.message.delayed.take().or_else(|| self.delayed.take()))
+            .flatten()
+            .map(|held| held.verdict);
+        held.or_else(|| self.message.owed.take())
+            .or_else(|| self.refusal.clone())
+    }
+
+    /// A macro by name, with or without braces (the MTA sends one-letter names bare and longer
+    /// ones in braces).
+    pub fn macro_value(&self, name: &str) -> Option<&str> {
+        let bare = name
+            .strip_prefix('{')
+            .and_then(|n| n.strip_suffix('}'))
+            .unwrap_or(name);
+        let key = if bare.len() == 1 {
+            bare.to_string()
+        } else {
+            format!("{{{bare}}}")
+        };
+        let key = CString::new(key).ok()?;
+        self.macros
+            .get(&key)
+            .or_else(|| CString::new(bare).ok().and_then(|k| self.macros.get(&k)))
+            .and_then(|v| v.to_str().ok())
+    }
+
+    /// The queue id (macro `i`), or "".
+    pub fn queue_id(&self) -> &str {
+        self.macro_value("i").unwrap_or("")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lua_api::verdict::Reply;
+
+    fn reject(text: &str) -> Verdict {
+        Verdict::Reject(Some(Reply {
+            code: "550".into(),
+            xcode: Some("5.7.1".into()),
+            lines: vec![text.into()],
+            immediate: false,
+        }))
+    }
+
+    #[test]
+    fn a_held_connection_reject_is_answered_once_and_then_forgotten() {
+        let mut s = Session::default();
+        s.hold(reject("no"), Stage::Connect);
+        s.begin_message("a@example.com".into(), vec![], false);
+        assert!(s.delayed().is_some());
+        assert_eq!(s.take_owed(Stage::Rcpt), None);
+        assert_eq!(s.take_owed(Stage::Data), Some(reject("no")));
+        s.reset_message();
+        s.begin_message("b@example.com".into(), vec![], false);
+        assert!(s.delayed().is_none());
+        assert_eq!(s.take_owed(Stage::Data), None);
+    }
+
+    #[test]
+    fn a_reject_held_at_mail_ends_with_its_message() {
+        let mut s = Session::default();
+        s.begin_message("a@example.com".into(), vec![], false);
+        s.hold(reject("mail"), Stage::Mail);
+        s.owe(reject("owed"), Stage::Rcpt);
+        s.message.recipients.push("r@example.com".into());
+        let seq = s.message.seq;
+        s.reset_message();
+        assert!(s.delayed().is_none());
+        assert!(s.message.recipients.is_empty());
+        assert_ne!(s.message.seq, seq);
+        assert_eq!(s.take_owed(Stage::Data), None);
+    }
+
+    #[test]
+    fn a_connection_refusal_answers_every_later_stage() {
+        let mut s = Session::default();
+        s.owe(reject("go away"), Stage::Helo);
+        s.begin_message("a@example.com".into(), vec![], false);
+        assert_eq!(s.take_owed(Stage::Mail), Some(reject("go away")));
+        assert_eq!(s.take_owed(Stage::Rcpt), Some(reject("go away")));
+    }
+
+    #[test]
+    fn authentication_or_a_second_mail_cancels_a_held_connection_reject() {
+        let mut s = Session::default();
+        s.hold(reject("no"), Stage::Helo);
+        s.begin_message("a@example.com".into(), vec![], true);
+        assert!(s.delayed().is_none());
+        assert!(s.client.internal && s.client.authenticated);
+
+        let mut s = Session::default();
+        s.hold(reject("no"), Stage::Helo);
+        s.begin_message("a@example.com".into(), vec![], false);
+        s.reset_message();
+        s.begin_message("b@example.com".into(), vec![], false);
+        assert!(s.delayed().is_none());
+    }
+
+    #[test]
+    fn macros_are_found_with_or_without_braces() {
+        let mut s = Session::default();
+        s.macros
+            .insert(CString::new("i").unwrap(), CString::new("Q1").unwrap());
+        s.macros.insert(
+            CString::new("{auth_authen}").unwrap(),
+            CString::new("bob").unwrap(),
+        );
+        assert_eq!(s.queue_id(), "Q1");
+        assert_eq!(s.macro_value("{i}"), Some("Q1"));
+        assert_eq!(s.macro_value("auth_authen"), Some("bob"));
+        assert_eq!(s.macro_value("{auth_authen}"), Some("bob"));
+    }
+}
