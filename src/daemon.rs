@@ -16,6 +16,7 @@ use crate::{
     reload::{self, Reloader},
     server,
     services::Services,
+    store,
 };
 use std::{sync::Arc, thread::JoinHandle, time::Duration};
 use tokio::sync::watch;
@@ -69,9 +70,18 @@ impl Daemon {
     /// Loads the policies, binds the socket and starts the worker threads. Call it inside a
     /// tokio runtime: control, reload and the services' background tasks run there.
     pub async fn start(config: Config) -> Result<Daemon, StartError> {
+        Daemon::start_with_clock(config, store::system_clock()).await
+    }
+
+    /// [`Daemon::start`] with the store's time taken from `clock` (tests move it by hand).
+    pub async fn start_with_clock(
+        config: Config,
+        clock: store::Clock,
+    ) -> Result<Daemon, StartError> {
         let config = Arc::new(config);
         let workers = worker_count(&config);
-        let services = Arc::new(Services::start(&config).map_err(StartError::Services)?);
+        let services =
+            Arc::new(Services::start_with_clock(&config, clock).map_err(StartError::Services)?);
         let generation = Generation::build(Arc::clone(&config), Arc::clone(&services), workers)
             .map_err(StartError::Policies)?;
         tracing::info!(

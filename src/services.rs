@@ -24,6 +24,11 @@ impl Services {
     /// Builds the services from `config` (call inside a tokio runtime). The store's SQLite
     /// file is created if missing; a Redis store connects on first use.
     pub fn start(config: &Config) -> Result<Services, String> {
+        Services::start_with_clock(config, store::system_clock())
+    }
+
+    /// [`Services::start`] with the store's time taken from `clock` (tests move it by hand).
+    pub fn start_with_clock(config: &Config, clock: store::Clock) -> Result<Services, String> {
         let resolver = Arc::new(Resolver::new(&config.dns).map_err(|e| format!("[dns]: {e}"))?);
         let spf = Arc::new(
             Spf::new(Arc::clone(&resolver), &config.spf).map_err(|e| format!("[spf]: {e}"))?,
@@ -32,8 +37,7 @@ impl Services {
         if store_config.path.is_relative() {
             store_config.path = config.source.base_dir().join(&store_config.path);
         }
-        let store = store::open(&store_config, store::system_clock())
-            .map_err(|e| format!("[store]: {e}"))?;
+        let store = store::open(&store_config, clock).map_err(|e| format!("[store]: {e}"))?;
         Ok(Services {
             resolver,
             spf,

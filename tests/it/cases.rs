@@ -12,11 +12,11 @@
 use crate::{
     dns_server::TestDns,
     redis_server::RedisServer,
-    support::{Mta, added_header, reply_text},
+    support::{Mta, TestClock, added_header, reply_text},
 };
 use indymilter::MacroStage;
 use indymilter_test::{Status, TestConnection};
-use luamilter::{config::Config, daemon::Daemon};
+use luamilter::{config::Config, daemon::Daemon, duration::parse_duration};
 use serde::Deserialize;
 use std::{
     collections::BTreeMap,
@@ -58,9 +58,10 @@ struct Case {
     helo: Option<String>,
     #[serde(default)]
     macros: BTreeMap<String, BTreeMap<String, String>>,
-    /// Seconds to wait before the case (greylisting timelines).
+    /// Moves the store's clock forward before the case ("10m", "4h", "37d"): greylisting
+    /// timelines, expiries.
     #[serde(default)]
-    sleep: f64,
+    advance: Option<String>,
     #[serde(default)]
     expect: Expect,
     #[serde(flatten)]
@@ -310,10 +311,11 @@ async fn run_message(
     Ok(())
 }
 
-async fn run_case(addr: &luamilter::listen::ListenAddr, case: &Case) -> Result<(), String> {
-    if case.sleep > 0.0 {
-        tokio::time::sleep(Duration::from_secs_f64(case.sleep)).await;
+async fn run_case(daemon: &Daemon, clock: &TestClock, case: &Case) -> Result<(), String> {
+    if let Some(advance) = &case.advance {
+        clock.advance(parse_duration(advance).map_err(|e| format!("advance: {e}"))?);
     }
+    let addr = &daemon.local;
     let builder = TestConnection::configure().read_timeout(Duration::from_secs(10));
     let mut c = Mta(match addr {
         luamilter::listen::ListenAddr::Inet(a) => builder.open_tcp(a).await,
@@ -415,11 +417,15 @@ async fn run_file(path: &Path) -> Vec<String> {
         let text = toml::to_string(&config).unwrap();
         let config = Config::parse(&text, Some(dir.path().join("luamilter.toml")))
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let daemon = Daemon::start(config)
+        let clock = TestClock::new();
+        let daemon = Daemon::start_with_clock(config, clock.clock())
             .await
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         for case in &file.cases {
-            if let Err(e) = run_case(&daemon.local, case).await {
+            let result = run_case(&daemon, &clock, case).await;
+            // What a policy does at close (bans) is done before the next case connects.
+            let settled = settle(&daemon).await;
+            if let Err(e) = result.and(settled) {
                 failures.push(format!(
                     "{} [{backend}] case {:?}: {e}",
                     path.display(),
@@ -431,6 +437,18 @@ async fn run_file(path: &Path) -> Vec<String> {
         drop(redis);
     }
     failures
+}
+
+/// Waits until the daemon has ended every session (its close stage has run).
+async fn settle(daemon: &Daemon) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while daemon.engine.current().connection_count() > 0 {
+        if std::time::Instant::now() > deadline {
+            return Err("a session did not end within 5 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

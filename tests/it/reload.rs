@@ -181,13 +181,7 @@ async fn a_swapped_policy_directory_symlink_is_followed() {
     );
     let path = dir.path().join("luamilter.toml");
     std::fs::write(&path, config).unwrap();
-    let daemon = luamilter::daemon::Daemon::start(luamilter::config::Config::load(&path).unwrap())
-        .await
-        .unwrap();
-    let d = TestDaemon {
-        daemon: Some(daemon),
-        dir,
-    };
+    let d = TestDaemon::start_config(dir, &path).await.unwrap();
     let mut c = fresh(&d).await;
     assert!(matches!(
         mail(&mut c, "a@example.org").await,

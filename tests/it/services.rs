@@ -169,7 +169,7 @@ async fn greylist_and_ban(d: &TestDaemon) {
     assert!(first.starts_with("451 4.7.1 Greylisted"), "{first}");
     let again = reply_text(&c.rcpt(["<u@example.org>"]).await.unwrap());
     assert!(again.starts_with("451 4.7.1 Greylisted"), "{again}");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    d.clock.advance(Duration::from_millis(1100));
     assert_eq!(c.rcpt(["<u@example.org>"]).await.unwrap(), Status::Continue);
 
     for n in 0..3 {

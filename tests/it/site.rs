@@ -64,14 +64,7 @@ async fn policies_see_the_site_facts() {
     )
     .unwrap();
     let config = crate::support::write_config(&tmp, "inet:0@127.0.0.1", &[("facts", FACTS)], SITE);
-    let daemon =
-        luamilter::daemon::Daemon::start(luamilter::config::Config::load(&config).unwrap())
-            .await
-            .unwrap();
-    let d = TestDaemon {
-        daemon: Some(daemon),
-        dir: tmp,
-    };
+    let d = TestDaemon::start_config(tmp, &config).await.unwrap();
     let a = facts(&d, Ipv4Addr::new(192, 168, 3, 4), "pc.example.org", None).await;
     assert!(
         a.has_add_header("X-Client", "true false false false pc.example.org false"),

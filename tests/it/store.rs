@@ -6,7 +6,6 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use hickory_server::proto::rr::{RData, RecordType};
@@ -14,29 +13,11 @@ use hickory_server::proto::serialize::txt::Parser;
 use luamilter::db_cli::{BanKind, BansAction, DbCommand, ListAction, run_db};
 use luamilter::store::sqlite::SqliteStore;
 use luamilter::store::{
-    self, Backend, Clock, GreylistOptions, GreylistVerdict, List, Scalar, Store, StoreConfig,
-    StoreError, Synchronous, Value,
+    self, Backend, GreylistOptions, GreylistVerdict, List, Scalar, Store, StoreConfig, StoreError,
+    Synchronous, Value,
 };
 
-use crate::redis_server::RedisServer;
-
-/// A clock the test moves by hand, starting at the real time (so Redis' native expiry, which
-/// follows real time, is never earlier than the store's logical expiry).
-#[derive(Clone)]
-struct TestClock(Arc<AtomicI64>);
-
-impl TestClock {
-    fn new() -> TestClock {
-        TestClock(Arc::new(AtomicI64::new((store::system_clock())())))
-    }
-    fn clock(&self) -> Clock {
-        let t = self.0.clone();
-        Arc::new(move || t.load(Ordering::SeqCst))
-    }
-    fn advance(&self, d: Duration) {
-        self.0.fetch_add(d.as_millis() as i64, Ordering::SeqCst);
-    }
-}
+use crate::{redis_server::RedisServer, support::TestClock};
 
 /// A store under test with its clock; keeps the temp dir or the Redis server alive.
 struct Fixture {

@@ -2,7 +2,10 @@
 
 #![allow(dead_code)]
 
+mod clock;
 pub mod postfix;
+
+pub use clock::TestClock;
 
 use indymilter_test::{TestConnection, TestConnectionBuilder};
 use luamilter::{config::Config, daemon::Daemon, listen::ListenAddr};
@@ -13,6 +16,8 @@ use tempfile::TempDir;
 pub struct TestDaemon {
     pub daemon: Option<Daemon>,
     pub dir: TempDir,
+    /// The store's clock: it stands still unless the test advances it.
+    pub clock: TestClock,
 }
 
 static LOGGING: Once = Once::new();
@@ -83,13 +88,22 @@ impl TestDaemon {
         extra: &str,
         listen: &str,
     ) -> Result<TestDaemon, String> {
-        init_logging();
         let path = write_config(&dir, listen, policies, extra);
-        let config = Config::load(&path).map_err(|e| e.to_string())?;
-        let daemon = Daemon::start(config).await.map_err(|e| e.to_string())?;
+        Self::start_config(dir, &path).await
+    }
+
+    /// Starts a daemon on the config file `path`, which lives in `dir`.
+    pub async fn start_config(dir: TempDir, path: &std::path::Path) -> Result<TestDaemon, String> {
+        init_logging();
+        let config = Config::load(path).map_err(|e| e.to_string())?;
+        let clock = TestClock::new();
+        let daemon = Daemon::start_with_clock(config, clock.clock())
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(TestDaemon {
             daemon: Some(daemon),
             dir,
+            clock,
         })
     }
 
