@@ -21,6 +21,8 @@ pub mod server;
 pub mod services;
 pub mod site;
 pub mod spf;
-pub mod stage;
 pub mod stock;
 pub mod store;
+
+// The vocabulary shared with the load generator (crates/vocab), at its old paths.
+pub use luamilter_vocab::stage;
