@@ -11,7 +11,6 @@ pub mod dns_lists;
 pub mod duration;
 pub mod engine;
 pub mod listen;
-pub mod loadgen;
 pub mod logging;
 pub mod lua_api;
 pub mod mime;
