@@ -11,7 +11,6 @@ pub mod dns_lists;
 pub mod duration;
 pub mod engine;
 pub mod listen;
-pub mod loadgen;
 pub mod logging;
 pub mod lua_api;
 pub mod mime;
@@ -22,6 +21,8 @@ pub mod services;
 pub mod session;
 pub mod site;
 pub mod spf;
-pub mod stage;
 pub mod stock;
 pub mod store;
+
+// The vocabulary shared with the load generator (crates/vocab), at its old paths.
+pub use luamilter_vocab::stage;
