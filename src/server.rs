@@ -8,8 +8,10 @@ use crate::{
         ctx::{ClientInfo, Ctx, Edit},
         verdict::Verdict,
     },
-    net::looks_dynamic,
-    site::{Site, is_localhost, verified_ptr},
+    services::{
+        net::looks_dynamic,
+        site::{Site, is_localhost, verified_ptr},
+    },
     stage::Stage,
 };
 use indymilter::{

@@ -29,8 +29,7 @@ use crate::{
         ctx::{ClientInfo, Ctx},
         verdict::{Reply, Verdict},
     },
-    services::Services,
-    site::Site,
+    services::{Services, site::Site},
     stage::Stage,
 };
 use bytes::Bytes;

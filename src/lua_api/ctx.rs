@@ -5,7 +5,7 @@
 //! `ctx.msg` (shared by all policies, per message), and queues edits that the server applies at
 //! end of message.
 
-use crate::{lua_api::verdict::Verdict, site::system_hostname, stage::Stage};
+use crate::{lua_api::verdict::Verdict, services::site::system_hostname, stage::Stage};
 use indymilter::Actions;
 use mlua::{
     AnyUserData, Lua, MetaMethod, Table, UserData, UserDataFields, UserDataMethods, Value, Variadic,

@@ -5,7 +5,10 @@ pub mod ctx;
 pub mod site;
 pub mod verdict;
 
-use crate::{dns, duration::parse_duration, net, services::Services, site::Site, spf, store};
+use crate::{
+    duration::parse_duration,
+    services::{Services, dns, net, site::Site, spf, store},
+};
 use mlua::{Lua, Table, Value, Variadic};
 use std::{sync::Arc, time::Duration};
 
@@ -43,7 +46,7 @@ pub fn builtin_module(
         "milter.store" => store::lua_module(lua, Arc::clone(&services.store)),
         "milter.site" => site::site_module(lua, Arc::clone(site)),
         "milter.access" => site::access_module(lua, Arc::clone(site)),
-        "milter.mime" => crate::mime::lua_module(lua),
+        "milter.mime" => crate::services::mime::lua_module(lua),
         _ => return None,
     };
     Some(module.map(Value::Table))

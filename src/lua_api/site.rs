@@ -1,6 +1,6 @@
 //! `milter.site` (read-only site facts) and `milter.access` (the access map) for policies.
 
-use crate::site::{Site, list_entries, system_hostname};
+use crate::services::site::{Site, list_entries, system_hostname};
 use mlua::{Lua, Table, Value};
 use std::{net::IpAddr, sync::Arc};
 

@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use luamilter::dns::{self, DnsError, Listing, Resolver};
+use luamilter::services::dns::{self, DnsError, Listing, Resolver};
 use mlua::{Lua, Value};
 
 use crate::dns_server::TestDns;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use luamilter::dns::{self, Resolver};
+use luamilter::services::dns::{self, Resolver};
 use mlua::Lua;
 
 use crate::dns_server::TestDns;

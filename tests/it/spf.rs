@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use luamilter::dns::Resolver;
-use luamilter::spf::{self, Spf, SpfConfig, SpfError, SpfOutcome};
+use luamilter::services::dns::Resolver;
+use luamilter::services::spf::{self, Spf, SpfConfig, SpfError, SpfOutcome};
 use mlua::Lua;
 
 use crate::dns_server::TestDns;

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use hickory_server::proto::rr::{RData, RecordType};
 use hickory_server::proto::serialize::txt::Parser;
 use luamilter::db_cli::{BanKind, BansAction, DbCommand, ListAction, run_db};
-use luamilter::store::sqlite::SqliteStore;
-use luamilter::store::{
+use luamilter::services::store::sqlite::SqliteStore;
+use luamilter::services::store::{
     self, Backend, Clock, GreylistOptions, GreylistVerdict, List, Scalar, Store, StoreConfig,
     StoreError, Synchronous, Value,
 };

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use futures_util::future::join_all;
 use mlua::{Lua, Table, Value};
 
-use crate::dns::{DnsError, Listing, Resolver};
+use crate::services::dns::{DnsError, Listing, Resolver};
 
 /// The most queries one `dns.lists` call may carry (a guard against a runaway policy).
 pub const MAX_QUERIES: usize = 64;

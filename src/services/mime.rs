@@ -2,7 +2,7 @@
 //! address-list headers such as From or Sender split into mailboxes ([`addresses`]), plus the
 //! `milter.mime` Lua module over them. Parsing is mailparse's; nothing here does I/O.
 
-use crate::net::{dot_atom_or_quoted, parse_address, split};
+use crate::services::net::{dot_atom_or_quoted, parse_address, split};
 use mailparse::{MailAddr, SingleInfo, addrparse_header, parse_header};
 use mlua::{Lua, LuaString, Table, Value};
 

@@ -2,7 +2,7 @@
 //! HELO names that lie, delayed rejects and the access map. Built with each generation (so it
 //! reloads with the config) and read-only for policies.
 
-use crate::{access::AccessMap, net::IpSet};
+use crate::services::{access::AccessMap, net::IpSet};
 use serde::Deserialize;
 use std::{
     collections::{BTreeMap, HashSet},

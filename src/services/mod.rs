@@ -1,14 +1,26 @@
-//! The process-wide services policies reach through `require`: one DNS resolver (and its
-//! cache), SPF over that resolver, and the store. Built once at start; every generation and
-//! every Lua state shares them.
+//! What policies rely on, in plain Rust (no Lua here: the bindings are in `lua_api`).
+//!
+//! [`Services`] holds the process-wide ones: one DNS resolver (and its cache), SPF over that
+//! resolver, and the store, built once at start and shared by every generation and Lua state.
+//! The modules beside it are the services themselves: [`dns`] and [`dns_lists`] (several list
+//! queries at once, over `dns`), [`spf`], [`store`], [`net`] (IP sets, envelope addresses, the
+//! dynamic-PTR heuristic), [`mime`] (header decoding), and the per-generation [`site`] facts
+//! with their [`access`] map.
 
-use crate::{
-    config::Config,
-    dns::Resolver,
-    spf::Spf,
-    store::{self, Store},
-};
+pub mod access;
+pub mod dns;
+pub mod dns_lists;
+pub mod mime;
+pub mod net;
+pub mod site;
+pub mod spf;
+pub mod store;
+
+use crate::config::Config;
+use dns::Resolver;
+use spf::Spf;
 use std::sync::Arc;
+use store::Store;
 
 /// Shared services.
 pub struct Services {

@@ -19,7 +19,7 @@ use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use mlua::{Lua, Table, Value};
 
-use crate::net::ip_argument;
+use crate::services::net::ip_argument;
 use serde::Deserialize;
 
 /// How many PTR names [`Resolver::fcrdns`] checks at most (as RFC 7208 §5.5 does for `ptr`).
@@ -404,7 +404,7 @@ fn listing_value(lua: &Lua, listing: Option<Listing>) -> mlua::Result<Value> {
 pub fn lua_module(lua: &Lua, resolver: Arc<Resolver>) -> mlua::Result<Table> {
     let module = lua.create_table()?;
     // `lists`: several list queries at once.
-    crate::dns_lists::register(lua, &module, Arc::clone(&resolver))?;
+    crate::services::dns_lists::register(lua, &module, Arc::clone(&resolver))?;
 
     macro_rules! by_name {
         ($field:literal, $method:ident, $convert:expr) => {{

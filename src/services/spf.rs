@@ -22,8 +22,8 @@ use viaspf::lookup::{Lookup, LookupError, LookupResult, Name};
 use viaspf::record::SpfRecord;
 use viaspf::{DomainName, ExplanationString, QueryResult, Sender, SpfResult, SpfResultCause};
 
-use crate::dns::{DnsError, Resolver};
-use crate::net::{dot_atom_or_quoted, ip_argument, parse_address};
+use crate::services::dns::{DnsError, Resolver};
+use crate::services::net::{dot_atom_or_quoted, ip_argument, parse_address};
 
 /// SPF settings (`[spf]` in the config file).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
