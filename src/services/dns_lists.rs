@@ -1,4 +1,5 @@
-//! Several DNS list queries at once: `dns.lists` of the `milter.dns` Lua module.
+//! Several DNS list queries at once, over the [`dns`](crate::services::dns) service: what
+//! `dns.lists` of the `milter.dns` Lua module runs.
 //!
 //! A policy that consults a handful of DNSBL, RHSBL and DNSWL zones would otherwise wait for
 //! each answer in turn, since every Lua DNS call suspends its coroutine until the answer is in.
@@ -6,10 +7,8 @@
 //! of one per zone.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use futures_util::future::join_all;
-use mlua::{Lua, Table, Value};
 
 use crate::services::dns::{DnsError, Listing, Resolver};
 
@@ -49,86 +48,4 @@ pub async fn query_all(resolver: &Resolver, queries: &[Query]) -> Vec<Answer> {
         }
     }))
     .await
-}
-
-/// Reads the query list given to `dns.lists`; a malformed entry is a policy bug and raises.
-fn queries_argument(list: &Table) -> mlua::Result<Vec<Query>> {
-    let bad =
-        |message: String| mlua::Error::runtime(format!("bad argument #1 to 'lists' ({message})"));
-    let count = list.raw_len();
-    if count > MAX_QUERIES {
-        return Err(bad(format!("at most {MAX_QUERIES} queries, got {count}")));
-    }
-    let mut queries = Vec::with_capacity(count);
-    for (n, entry) in list.sequence_values::<Value>().enumerate() {
-        let Value::Table(entry) = entry? else {
-            return Err(bad(format!("query {} is not a table", n + 1)));
-        };
-        let text = |key: &str| -> mlua::Result<Option<String>> {
-            match entry.raw_get::<Value>(key)? {
-                Value::Nil => Ok(None),
-                Value::String(s) => Ok(Some(s.to_str()?.to_string())),
-                other => Err(bad(format!(
-                    "query {}: {key} must be a string, got {}",
-                    n + 1,
-                    other.type_name()
-                ))),
-            }
-        };
-        let Some(zone) = text("zone")? else {
-            return Err(bad(format!("query {} has no zone", n + 1)));
-        };
-        queries.push(match (text("ip")?, text("domain")?) {
-            (Some(ip), None) => Query::Ip {
-                ip: ip.parse().map_err(|_| {
-                    bad(format!("query {}: IP address expected, got {ip:?}", n + 1))
-                })?,
-                zone,
-            },
-            (None, Some(domain)) => Query::Domain { domain, zone },
-            _ => {
-                return Err(bad(format!("query {} needs either ip or domain", n + 1)));
-            }
-        });
-    }
-    Ok(queries)
-}
-
-/// An answer as Lua sees it: `{ listed = true, codes = {...}, reason = "..." }`,
-/// `{ listed = false }` or `{ error = "timeout" }`.
-fn answer_value(lua: &Lua, answer: Answer) -> mlua::Result<Table> {
-    let table = lua.create_table()?;
-    match answer {
-        Ok(Some(listing)) => {
-            table.set("listed", true)?;
-            table.set(
-                "codes",
-                lua.create_sequence_from(listing.codes.iter().map(ToString::to_string))?,
-            )?;
-            table.set("reason", listing.reason)?;
-        }
-        Ok(None) => table.set("listed", false)?,
-        Err(error) => table.set("error", error.code())?,
-    }
-    Ok(table)
-}
-
-/// Adds `lists(queries)` to the `milter.dns` module table. See `docs/lua-api/dns.md`.
-pub fn register(lua: &Lua, module: &Table, resolver: Arc<Resolver>) -> mlua::Result<()> {
-    module.set(
-        "lists",
-        lua.create_async_function(move |lua, list: Table| {
-            let resolver = Arc::clone(&resolver);
-            async move {
-                let queries = queries_argument(&list)?;
-                let answers = query_all(&resolver, &queries).await;
-                lua.create_sequence_from(
-                    answers
-                        .into_iter()
-                        .map(|answer| answer_value(&lua, answer))
-                        .collect::<mlua::Result<Vec<_>>>()?,
-                )
-            }
-        })?,
-    )
 }
