@@ -255,6 +255,7 @@ impl Config {
             ConfigError(format!("{at}: {}", e.message()))
         })?;
         config.source = source;
+        config.site.policy_dirs = config.policy_dirs();
         config.validate()?;
         Ok(config)
     }

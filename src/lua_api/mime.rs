@@ -32,7 +32,7 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
                     }
                     (Value::Table(t), None)
                 }
-                Err(_) => (Value::Nil, Some("invalid")),
+                Err(error) => (Value::Nil, Some(error.code())),
             })
         })?,
     )?;

@@ -2,13 +2,14 @@
 //! `docs/site.md`.
 
 use super::args::{self, string_list};
-use crate::services::site::{Site, list_entries, system_hostname};
+use crate::services::site::{ListError, Site, system_hostname};
 use mlua::{Lua, Table, Value};
 use std::{net::IpAddr, sync::Arc};
 
 /// `milter.site`: `hostname`, `delay_reject`, the predicates `internal(ip)`, `trusted(ip)`,
 /// `internal_mta(ip)`, `internal_domain(domain)`, `hello_blacklisted(name)`, and
-/// `read_list(path)` (a list file relative to the config file's directory).
+/// `read_list(path)` (see [`Site::read_list`]), which returns the entries or `nil, code` (see
+/// [`ListError::code`]) and logs a warning when it refuses a path outside.
 pub fn module(lua: &Lua, site: Arc<Site>) -> mlua::Result<Table> {
     let m = lua.create_table()?;
     m.set(
@@ -42,18 +43,22 @@ pub fn module(lua: &Lua, site: Arc<Site>) -> mlua::Result<Table> {
             lua.create_function(move |_, text: String| Ok(predicate(&s, &text)))?,
         )?;
     }
-    let s = site;
     m.set(
         "read_list",
         lua.create_async_function(move |lua, path: String| {
-            let path = s.base_dir.join(path);
+            let site = Arc::clone(&site);
             async move {
-                Ok(match tokio::fs::read(&path).await {
-                    Ok(bytes) => (string_list(&lua, list_entries(&bytes))?, None),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        (Value::Nil, Some("missing"))
+                let read = tokio::task::spawn_blocking(move || site.read_list(&path))
+                    .await
+                    .map_err(mlua::Error::external)?;
+                Ok(match read {
+                    Ok(entries) => (string_list(&lua, entries)?, None),
+                    Err(error) => {
+                        if let ListError::Outside { .. } = error {
+                            tracing::warn!("milter.site.read_list refused {error}");
+                        }
+                        (Value::Nil, Some(error.code()))
                     }
-                    Err(_) => (Value::Nil, Some("unreadable")),
                 })
             }
         })?,

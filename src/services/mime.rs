@@ -3,12 +3,24 @@
 //! mailparse's; nothing here does I/O.
 
 use crate::services::net::{dot_atom_or_quoted, parse_address, split};
-use mailparse::{MailAddr, SingleInfo, addrparse_header, parse_header};
+use mailparse::{MailAddr, MailParseError, SingleInfo, addrparse_header, parse_header};
 
-/// A header value is not an address list.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("not an address list: {0}")]
-pub struct AddressListError(String);
+/// A header value could not be read as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum MimeError {
+    /// The value is not an address list (mailparse's reason).
+    #[error("not an address list: {0}")]
+    NotAnAddressList(MailParseError),
+}
+
+impl MimeError {
+    /// The short stable word the Lua module returns.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotAnAddressList(_) => "invalid",
+        }
+    }
+}
 
 /// One mailbox of an address-list header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,10 +98,10 @@ fn mailbox(info: SingleInfo, group: Option<&str>) -> Mailbox {
 /// Splits an address-list header value (`From`, `Sender`, `To`, `Reply-To`) into mailboxes in
 /// order, display names decoded; members of a group are listed with the group's name. An empty
 /// value is an empty list.
-pub fn addresses(value: &[u8]) -> Result<Vec<Mailbox>, AddressListError> {
+pub fn addresses(value: &[u8]) -> Result<Vec<Mailbox>, MimeError> {
     let line = header_line("From", value);
-    let (header, _) = parse_header(&line).map_err(|e| AddressListError(e.to_string()))?;
-    let list = addrparse_header(&header).map_err(|e| AddressListError(e.to_string()))?;
+    let (header, _) = parse_header(&line).map_err(MimeError::NotAnAddressList)?;
+    let list = addrparse_header(&header).map_err(MimeError::NotAnAddressList)?;
     let mut out = Vec::new();
     for item in list.into_inner() {
         match item {

@@ -17,10 +17,24 @@ pub mod spf;
 pub mod store;
 
 use crate::config::Config;
-use dns::Resolver;
-use spf::Spf;
+use dns::{Resolver, SetupError};
+use spf::{Spf, SpfError};
 use std::sync::Arc;
-use store::Store;
+use store::{Store, StoreError};
+
+/// A service could not be started; the message names its config section.
+#[derive(Debug, thiserror::Error)]
+pub enum ServicesError {
+    /// The resolver (`[dns]`).
+    #[error("[dns]: {0}")]
+    Dns(#[from] SetupError),
+    /// SPF (`[spf]`).
+    #[error("[spf]: {0}")]
+    Spf(#[from] SpfError),
+    /// The store (`[store]`).
+    #[error("[store]: {0}")]
+    Store(#[from] StoreError),
+}
 
 /// Shared services.
 pub struct Services {
@@ -35,17 +49,14 @@ pub struct Services {
 impl Services {
     /// Builds the services from `config` (call inside a tokio runtime). The store's SQLite
     /// file is created if missing; a Redis store connects on first use.
-    pub fn start(config: &Config) -> Result<Services, String> {
-        let resolver = Arc::new(Resolver::new(&config.dns).map_err(|e| format!("[dns]: {e}"))?);
-        let spf = Arc::new(
-            Spf::new(Arc::clone(&resolver), &config.spf).map_err(|e| format!("[spf]: {e}"))?,
-        );
+    pub fn start(config: &Config) -> Result<Services, ServicesError> {
+        let resolver = Arc::new(Resolver::new(&config.dns)?);
+        let spf = Arc::new(Spf::new(Arc::clone(&resolver), &config.spf)?);
         let mut store_config = config.store.clone();
         if store_config.path.is_relative() {
             store_config.path = config.source.base_dir().join(&store_config.path);
         }
-        let store = store::open(&store_config, store::system_clock())
-            .map_err(|e| format!("[store]: {e}"))?;
+        let store = store::open(&store_config, store::system_clock())?;
         Ok(Services {
             resolver,
             spf,
