@@ -69,9 +69,25 @@ pub fn module(lua: &Lua, site: Arc<Site>) -> mlua::Result<Table> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// The log lines written while the test runs.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 
     #[tokio::test]
-    async fn read_list_reads_relative_to_the_config_dir() {
+    async fn read_list_reads_in_the_config_dir_and_warns_about_the_rest() {
         let dir = tempfile::TempDir::new().unwrap();
         std::fs::write(
             dir.path().join("words.txt"),
@@ -84,18 +100,35 @@ mod tests {
         lua.globals()
             .set("site", module(&lua, Arc::new(site)).unwrap())
             .unwrap();
+        let log = Captured::default();
+        let writer = log.clone();
+        let _logging = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish(),
+        );
         let out: String = lua
             .load(
                 r#"
                 local words = site.read_list("words.txt")
                 local none, err = site.read_list("absent.txt")
-                return table.concat(words, ",") .. "|" .. tostring(none) .. "|" .. err"#,
+                local secret, outside = site.read_list("/etc/passwd")
+                return table.concat({ table.concat(words, ","), tostring(none), err,
+                  tostring(secret), outside }, "|")"#,
             )
             .into_function()
             .unwrap()
             .call_async(())
             .await
             .unwrap();
-        assert_eq!(out, "Detox,White Teeth|nil|missing");
+        assert_eq!(out, "Detox,White Teeth|nil|missing|nil|outside");
+        let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let expected = format!(
+            "milter.site.read_list refused /etc/passwd: outside the directories list files are read from ({})",
+            dir.path().display()
+        );
+        assert!(log.contains("WARN") && log.contains(&expected), "{log}");
+        assert_eq!(log.lines().count(), 1, "{log}");
     }
 }
