@@ -3,7 +3,8 @@
 use crate::support::{TestDaemon, reply_text};
 use indymilter::MacroStage;
 use indymilter_test::Status;
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::Path};
+use tempfile::TempDir;
 
 const FACTS: &str = r#"
 local site = require "milter.site"
@@ -55,6 +56,16 @@ async fn facts(
     c.eom().await.unwrap().0
 }
 
+/// Starts a daemon on the config file `config`, keeping `dir` (where it lies) until it stops.
+async fn start(config: &Path, dir: TempDir) -> TestDaemon {
+    let config = luamilter::config::Config::load(config).unwrap();
+    let daemon = luamilter::daemon::Daemon::start(config).await.unwrap();
+    TestDaemon {
+        daemon: Some(daemon),
+        dir,
+    }
+}
+
 #[tokio::test]
 async fn policies_see_the_site_facts() {
     // The access file is relative to the config file, in the daemon's directory.
@@ -65,14 +76,7 @@ async fn policies_see_the_site_facts() {
     )
     .unwrap();
     let config = crate::support::write_config(&tmp, "inet:0@127.0.0.1", &[("facts", FACTS)], SITE);
-    let daemon =
-        luamilter::daemon::Daemon::start(luamilter::config::Config::load(&config).unwrap())
-            .await
-            .unwrap();
-    let d = TestDaemon {
-        daemon: Some(daemon),
-        dir: tmp,
-    };
+    let d = start(&config, tmp).await;
     let a = facts(&d, Ipv4Addr::new(192, 168, 3, 4), "pc.example.org", None).await;
     assert!(
         a.has_add_header("X-Client", "true false false false pc.example.org false"),
@@ -269,14 +273,7 @@ return {{
         ),
     )
     .unwrap();
-    let daemon =
-        luamilter::daemon::Daemon::start(luamilter::config::Config::load(&config).unwrap())
-            .await
-            .unwrap();
-    let d = TestDaemon {
-        daemon: Some(daemon),
-        dir: root,
-    };
+    let d = start(&config, root).await;
     let mut c = d.client().await;
     c.mail(["<a@example.com>"]).await.unwrap();
     c.rcpt(["<b@example.org>"]).await.unwrap();
