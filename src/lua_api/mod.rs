@@ -2,7 +2,7 @@
 //! one file per module: [`milter`] (`milter`), [`log`] (`milter.log`), [`dns`]
 //! (`milter.dns`), [`spf`] (`milter.spf`), [`net`] (`milter.net`), [`store`]
 //! (`milter.store`), [`site`] (`milter.site`), [`access`] (`milter.access`) and [`mime`]
-//! (`milter.mime`), each a thin Lua face over a service of [`crate::services`]; [`args`]
+//! (`milter.mime`), each a thin Lua face over a service of [`crate::services`]; `args`
 //! converts the arguments they share.
 
 pub mod access;
