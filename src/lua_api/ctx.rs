@@ -3,8 +3,8 @@
 //! tables policies keep (`ctx.vars` per policy and connection, `ctx.msg` per message).
 
 use crate::{
+    services::site::system_hostname,
     session::{Edit, SharedSession},
-    site::system_hostname,
     stage::Stage,
 };
 use mlua::{

@@ -8,7 +8,6 @@
 //! lives here so both backends behave the same. Every time comes from an injectable [`Clock`]
 //! (unix milliseconds), so expiry and greylisting can be tested without waiting.
 
-pub mod lua;
 pub mod redis;
 pub mod sqlite;
 pub mod zone;
@@ -21,8 +20,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-
-pub use lua::lua_module;
 
 /// Current time as unix milliseconds. Injected so tests can move time forward.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
