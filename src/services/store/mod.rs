@@ -385,7 +385,7 @@ pub trait Store: Send + Sync {
     /// Records one event under `key` and returns the number of events in the last `window`,
     /// this one included (a sliding window).
     async fn count(&self, key: &str, window: Duration) -> Result<i64>;
-    /// Records an attempt of a normalised triplet and decides by [`greylist_step`].
+    /// Records an attempt of a normalised triplet and decides by `greylist_step`.
     async fn greylist_triplet(
         &self,
         triplet: &Triplet,
