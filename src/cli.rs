@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `ctl`, `db`, `bench`.
+//! The command line: `run`, `check`, `ctl`, `db`, `why`, `bench`.
 
 use crate::{
     config::Config, daemon::Daemon, engine::Generation, logging, services::Services, stage::Stage,
@@ -66,6 +66,28 @@ enum Command {
         #[command(subcommand)]
         command: crate::db_cli::DbCommand,
     },
+    /// Why a message got its answer: the decisions stored for it (`[trace] keep`), by queue id
+    /// or Message-ID, or every message of a client IP around a time.
+    Why {
+        /// Configuration file, for the `[store]` section (default: built-in).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// A queue id or a Message-ID.
+        #[arg(required_unless_present = "client")]
+        id: Option<String>,
+        /// The messages of this client IP instead.
+        #[arg(long, conflicts_with = "id")]
+        client: Option<String>,
+        /// With --client: around this time, in unix seconds (default: now).
+        #[arg(long, requires = "client")]
+        at: Option<i64>,
+        /// With --client: how far from --at ("1h", "30m").
+        #[arg(long, requires = "client", default_value = "1h")]
+        window: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Load-test a milter the way Postfix talks to it (see BENCHMARKS.md).
     Bench(luamilter_loadgen::BenchArgs),
     /// Talk to a running daemon through its control socket.
@@ -97,6 +119,23 @@ pub fn main() -> ExitCode {
         Command::Check { config } => check(config),
         Command::Bench(args) => bench(args),
         Command::Db { config, command } => db(config, command),
+        Command::Why {
+            config,
+            id,
+            client,
+            at,
+            window,
+            json,
+        } => why(
+            config,
+            WhyQuery {
+                id,
+                client,
+                at,
+                window,
+            },
+            json,
+        ),
         Command::Ctl {
             config,
             socket,
@@ -200,7 +239,13 @@ fn ctl(config: Option<PathBuf>, socket: Option<PathBuf>, command: CtlCommand) ->
     }
 }
 
-fn db(path: Option<PathBuf>, command: crate::db_cli::DbCommand) -> ExitCode {
+/// Runs `work` on the configured store (one-shot commands: `db`, `why`); its result is the
+/// exit status, an error is printed after `name`.
+fn with_store<F, Fut>(path: Option<PathBuf>, name: &str, work: F) -> ExitCode
+where
+    F: FnOnce(Arc<dyn crate::services::store::Store>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
     let config = match load_config(path.as_ref()) {
         Ok(c) => c,
         Err(e) => {
@@ -214,16 +259,63 @@ fn db(path: Option<PathBuf>, command: crate::db_cli::DbCommand) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let services = Services::start(&config).map_err(anyhow::Error::msg)?;
-        let mut out = std::io::stdout();
-        crate::db_cli::run_db(services.store, command, &mut out).await
+        work(services.store).await
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("luamilter db: {e:#}");
-            ExitCode::FAILURE
+    result.unwrap_or_else(|e| {
+        eprintln!("luamilter {name}: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+fn db(path: Option<PathBuf>, command: crate::db_cli::DbCommand) -> ExitCode {
+    with_store(path, "db", |store| async move {
+        let mut out = std::io::stdout();
+        crate::db_cli::run_db(store, command, &mut out).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// What `luamilter why` looks for.
+struct WhyQuery {
+    id: Option<String>,
+    client: Option<String>,
+    at: Option<i64>,
+    window: String,
+}
+
+/// Prints the stored histories that match; exit 1 when there is none.
+fn why(path: Option<PathBuf>, query: WhyQuery, json: bool) -> ExitCode {
+    use crate::session::history::MessageRecord;
+    with_store(path, "why", |store| async move {
+        let records = match (&query.id, &query.client) {
+            (Some(id), _) => MessageRecord::find(&*store, id)
+                .await?
+                .into_iter()
+                .collect(),
+            (None, Some(ip)) => {
+                let window = crate::duration::parse_duration(&query.window)
+                    .map_err(anyhow::Error::msg)?
+                    .as_secs() as i64;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                MessageRecord::by_client(&*store, ip, query.at.unwrap_or(now), window).await?
+            }
+            (None, None) => Vec::new(),
+        };
+        if records.is_empty() {
+            eprintln!("luamilter why: no stored history matches (kept for [trace] keep)");
+            return Ok(ExitCode::from(1));
         }
-    }
+        for record in &records {
+            if json {
+                println!("{}", serde_json::to_string(record)?);
+            } else {
+                println!("{record}");
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn bench(args: luamilter_loadgen::BenchArgs) -> ExitCode {

@@ -40,6 +40,9 @@ pub struct Config {
     /// Facts about the site: internal networks, trusted relays, own domains, access map.
     #[serde(default)]
     pub site: crate::services::site::SiteConfig,
+    /// How long message histories are kept for `luamilter why`.
+    #[serde(default)]
+    pub trace: crate::session::history::TraceConfig,
     /// Option overrides per policy: `[policy.NAME]` tables.
     #[serde(default)]
     pub policy: BTreeMap<String, BTreeMap<String, toml::Spanned<toml::Value>>>,

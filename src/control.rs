@@ -107,6 +107,9 @@ fn stats(reloader: &Reloader) -> String {
             error.replace('\n', " | ")
         ));
     }
+    for line in crate::engine::shadow::report() {
+        out.push_str(&format!("shadow_would {line}\n"));
+    }
     out
 }
 

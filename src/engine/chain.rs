@@ -14,7 +14,8 @@ use crate::{
         ctx::Ctx,
         verdict::{Reply, Verdict},
     },
-    session::SharedSession,
+    services::calls::counted,
+    session::{SharedSession, Step},
     stage::Stage,
 };
 use bytes::Bytes;
@@ -93,20 +94,47 @@ impl VmLease {
         for &index in chain {
             let decl = &generation.policies[index];
             let span = tracing::info_span!("policy", policy = %decl.name, stage = stage.name());
-            let result = self
-                .call_handler(index, stage, session, ctx, &args, deadline)
-                .instrument(span)
-                .await;
+            let edits_before = session.lock().message.edits.len();
+            let started = Instant::now();
+            let (result, calls) = counted(
+                self.call_handler(index, stage, session, ctx, &args, deadline)
+                    .instrument(span),
+            )
+            .await;
+            let step = |verdict: String| {
+                let mut step = Step::new(stage.name(), &decl.name, verdict, started.elapsed());
+                step.calls = calls;
+                step.shadow = decl.shadow;
+                step
+            };
+            if decl.shadow {
+                // A shadow policy runs, but queues no edits.
+                session.lock().message.edits.truncate(edits_before);
+            }
             match result {
-                Ok(Verdict::Continue) => {}
+                Ok(Verdict::Continue) => {
+                    if !calls.is_empty() {
+                        session.lock().record(step("continue".into()));
+                    }
+                }
+                Ok(verdict) if decl.shadow => {
+                    // Shadow mode: what the policy would have done is logged and counted, never
+                    // enforced.
+                    let mut s = session.lock();
+                    tracing::info!(policy = %decl.name, stage = stage.name(), client = %s.client.label(), queue_id = %s.queue_id(), verdict = %verdict, "shadow: would {verdict}");
+                    super::shadow::count(&decl.name, stage, &verdict);
+                    s.record(step(verdict.to_string()));
+                }
                 Ok(verdict) => {
+                    session.lock().record(step(verdict.to_string()));
                     outcome.verdict = verdict;
                     outcome.policy = Some(index);
                     return outcome;
                 }
                 Err(fault) => {
                     let (client, queue_id) = {
-                        let s = session.lock();
+                        let mut s = session.lock();
+                        s.record(step(format!("fault: {fault}")));
                         (s.client.label(), s.queue_id().to_string())
                     };
                     tracing::error!(
@@ -117,7 +145,9 @@ impl VmLease {
                         error = %fault,
                         "policy failed"
                     );
-                    if generation.config.engine.exception_policy != ExceptionPolicy::Continue {
+                    if !decl.shadow
+                        && generation.config.engine.exception_policy != ExceptionPolicy::Continue
+                    {
                         outcome.policy = Some(index);
                         return generation.fault_outcome(outcome);
                     }

@@ -37,6 +37,8 @@ pub struct Generation {
     pub plan: Plan,
     /// The site facts of this generation's config.
     pub site: Arc<Site>,
+    /// The services its policies use (the server stores message histories there).
+    pub services: Arc<Services>,
     pub(super) vms: Vec<Vm>,
     /// Policy indexes with a handler, per stage.
     pub(super) chain: StageMap<Vec<usize>>,
@@ -162,6 +164,7 @@ impl Generation {
             policies: decls,
             plan,
             site,
+            services,
             vms,
             chain,
         })

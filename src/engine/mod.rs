@@ -29,6 +29,7 @@ pub mod options;
 pub mod plan;
 pub mod policy;
 pub mod sandbox;
+pub mod shadow;
 
 pub use chain::{Outcome, StageArgs};
 pub use generation::{Engine, Generation, VmLease};

@@ -29,6 +29,9 @@ const DECLARATION_KEYS: &[&str] = &[
     "macros",
     "setup",
 ];
+/// The `[policy.NAME]` key that sets the policy's mode rather than an option.
+const MODE_KEY: &str = "mode";
+
 /// What `needs` can name. "headers": the MTA sends headers (normally known from the source,
 /// see [`mentions_headers`]). "rejected_recipients": recipients the MTA itself refused (unknown
 /// users) are passed to rcpt handlers too, with the macro {rcpt_mailer} = "error" (Postfix);
@@ -124,6 +127,9 @@ pub struct PolicyDecl {
     /// Whether it reads headers: its source (or a module it requires) mentions them, or it
     /// declares `needs = { "headers" }`.
     pub reads_headers: bool,
+    /// Shadow mode (`[policy.NAME] mode = "shadow"`): its verdicts are logged and counted,
+    /// never enforced, and its edits dropped.
+    pub shadow: bool,
     /// Whether it wants the recipients the MTA refused itself (`needs` "rejected_recipients").
     pub rejected_recipients: bool,
     /// Macros to request, per stage.
@@ -186,6 +192,7 @@ pub fn load(
         handles: StageMap::default(),
         noreply: Vec::new(),
         reads_headers: required_mention_headers || mentions_headers(&source.text),
+        shadow: false,
         rejected_recipients: false,
         macros: BTreeMap::new(),
         options: BTreeMap::new(),
@@ -292,7 +299,7 @@ pub fn load(
         Some(t) => t,
         None => lua.create_table().map_err(one)?,
     };
-    let overrides: Vec<Override<'_>> = config
+    let mut overrides: Vec<Override<'_>> = config
         .policy
         .get(&source.name)
         .into_iter()
@@ -303,6 +310,18 @@ pub fn load(
             at: config.source.locate(v.span().start),
         })
         .collect();
+    // `mode` is the engine's, not an option of the policy.
+    if let Some(i) = overrides.iter().position(|o| o.key == MODE_KEY) {
+        let mode = overrides.remove(i);
+        match mode.value.as_str() {
+            Some("enforce") => decl.shadow = false,
+            Some("shadow") => decl.shadow = true,
+            _ => errors.push(format!(
+                "{}: [policy.{}] mode must be \"enforce\" or \"shadow\", got {}",
+                mode.at, source.name, mode.value
+            )),
+        }
+    }
     let effective =
         match options::effective_options(lua, &source.name, &declared_options, &overrides) {
             Ok(t) => Some(t),

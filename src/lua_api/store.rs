@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use mlua::{FromLuaMulti, IntoLuaMulti, Lua, Table, Value as LuaValue};
 
 use super::args;
+use crate::services::calls;
 use crate::services::store::{
     GreylistOptions, GreylistVerdict, List, ListEntry, Result, Scalar, Store, StoreError, Value,
 };
@@ -212,6 +213,7 @@ where
     lua.create_async_function(move |lua, args: A| {
         let (store, op) = (store.clone(), op.clone());
         async move {
+            calls::note(calls::Service::Store);
             match op(store, lua.clone(), args).await? {
                 Ok(values) => values?.into_lua_multi(&lua),
                 Err(e) => {

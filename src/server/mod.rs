@@ -9,7 +9,7 @@ mod reply;
 use crate::{
     engine::{Engine, Outcome, StageArgs, VmLease},
     lua_api::verdict::Verdict,
-    session::{ClientInfo, SharedSession},
+    session::{ClientInfo, SharedSession, Step},
     stage::Stage,
 };
 use indymilter::{
@@ -18,6 +18,7 @@ use indymilter::{
 use std::{
     ffi::{CStr, CString},
     sync::Arc,
+    time::Duration,
 };
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -150,9 +151,50 @@ async fn header(cx: &mut Context<Conn>, name: CString, value: CString) -> Status
 async fn abort(cx: &mut Context<Conn>) -> Status {
     let status = run(cx, Stage::Abort, StageArgs::None).await;
     if let Some(conn) = &cx.data {
-        conn.session.lock().reset_message();
+        end_message(conn, None);
     }
     status
+}
+
+/// The message is over (end of message, or the MTA aborted it): its history is stored for
+/// `luamilter why` and its state reset, so nothing leaks into the next one. `outcome` is the
+/// answer at end of message; for an aborted message, the last verdict a policy enforced.
+fn end_message(conn: &Conn, outcome: Option<&Verdict>) {
+    let generation = conn.lease.generation();
+    let keep = generation.config.trace.keep;
+    let record = {
+        let mut session = conn.session.lock();
+        let outcome = match outcome {
+            Some(verdict) => verdict.to_string(),
+            None => session
+                .message
+                .trace
+                .steps
+                .iter()
+                .rev()
+                .find(|s| !s.shadow && s.verdict != "continue")
+                .map_or_else(|| "aborted".to_string(), |s| s.verdict.clone()),
+        };
+        let record = (!keep.is_zero())
+            .then(|| session.message_record(outcome, unix_now()))
+            .flatten();
+        session.reset_message();
+        record
+    };
+    if let Some(record) = record {
+        let store = Arc::clone(&generation.services.store);
+        tokio::spawn(async move {
+            if let Err(e) = record.save(&*store, keep).await {
+                tracing::warn!(queue_id = %record.queue_id, error = %e, "cannot store the message history");
+            }
+        });
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 async fn close(cx: &mut Context<Conn>) -> Status {
@@ -227,6 +269,13 @@ async fn decide(
         replies.then(|| session.take_owed(stage)).flatten()
     };
     if let Some(verdict) = owed {
+        let step = Step::new(
+            stage.name(),
+            "(earlier stage)",
+            verdict.to_string(),
+            Duration::ZERO,
+        );
+        conn.session.lock().record(step);
         log_decision(conn, macros, stage, "(earlier stage)", &verdict);
         return Some(Outcome {
             verdict,
@@ -264,13 +313,17 @@ async fn decide(
 
 fn log_decision(conn: &Conn, macros: &Macros, stage: Stage, policy: &str, verdict: &Verdict) {
     let queue_id = macros.get(c"i").map(lossy).unwrap_or_default();
-    let client = conn.session.lock().client.label();
+    let (client, trace) = {
+        let session = conn.session.lock();
+        (session.client.label(), session.message_trace())
+    };
     tracing::info!(
         %client,
         %queue_id,
         stage = stage.name(),
         policy,
         verdict = %verdict,
+        %trace,
         "decision"
     );
 }
@@ -313,8 +366,12 @@ async fn eom(cx: &mut EomContext<Conn>) -> Status {
     if !verdict.is_final() {
         log_decision(conn, &cx.macros, Stage::Eom, "-", &Verdict::Accept);
     }
-    // The message is over: its state must not leak into the next one, whether or not the MTA
-    // sends ABORT.
-    conn.session.lock().reset_message();
+    // Over whether or not the MTA sends ABORT.
+    let outcome = if verdict.is_final() {
+        verdict.clone()
+    } else {
+        Verdict::Accept
+    };
+    end_message(conn, Some(&outcome));
     reply::answer(&mut cx.reply, &verdict)
 }

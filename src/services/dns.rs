@@ -180,6 +180,7 @@ impl Resolver {
 
     /// Runs one query and returns the answer data of the asked type (never empty).
     async fn query(&self, name: &str, rtype: RecordType) -> Result<Vec<RData>, DnsError> {
+        super::calls::note(super::calls::Service::Dns);
         let mut name = Name::from_utf8(name).map_err(|_| DnsError::NxDomain)?;
         name.set_fqdn(true);
         let lookup = self.inner.lookup(name, rtype).await?;

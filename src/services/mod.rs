@@ -5,9 +5,10 @@
 //! The modules beside it are the services themselves: [`dns`] and [`dns_lists`] (several list
 //! queries at once, over `dns`), [`spf`], [`store`], [`net`] (IP sets, envelope addresses, the
 //! dynamic-PTR heuristic), [`mime`] (header decoding), and the per-generation [`site`] facts
-//! with their [`access`] map.
+//! with their [`access`] map. [`calls`] counts the calls a piece of work makes of them.
 
 pub mod access;
+pub mod calls;
 pub mod dns;
 pub mod dns_lists;
 pub mod mime;

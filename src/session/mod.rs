@@ -8,9 +8,12 @@
 
 mod client;
 mod edit;
+pub mod history;
+mod trace;
 
 pub use client::ClientInfo;
 pub use edit::Edit;
+pub use trace::{MAX_STEPS, Step, Trace};
 
 use crate::{lua_api::verdict::Verdict, stage::Stage, stage::StageMap};
 use indymilter::{Actions, ProtoOpts};
@@ -100,6 +103,8 @@ pub struct Message {
     pub headers: Vec<(String, String)>,
     /// Edits queued for end of message.
     pub edits: Vec<Edit>,
+    /// What the policies decided during the message.
+    pub trace: Trace,
     /// A final verdict given at a message stage that could not answer (no reply), owed to the
     /// next stage that replies.
     owed: Option<Verdict>,
@@ -130,6 +135,8 @@ pub struct Session {
     pub progress: Option<UnboundedSender<()>>,
     /// The message in progress.
     pub message: Message,
+    /// What the policies decided at connect and HELO.
+    pub connection_trace: Trace,
     /// A final verdict given at connect or HELO without a reply: it answers every later stage
     /// of the connection that can reply, as the refusal of a connection would.
     refusal: Option<Verdict>,
@@ -241,6 +248,54 @@ impl Session {
             .get(&key)
             .or_else(|| CString::new(bare).ok().and_then(|k| self.macros.get(&k)))
             .and_then(|v| v.to_str().ok())
+    }
+
+    /// Records a step of the decision trace: in the message for message stages, else in the
+    /// connection's.
+    pub fn record(&mut self, step: Step) {
+        let in_message = Stage::from_name(&step.stage).is_some_and(Stage::in_message);
+        if in_message {
+            self.message.trace.push(step);
+        } else {
+            self.connection_trace.push(step);
+        }
+    }
+
+    /// The trace of the current message: the connection's steps, then the message's.
+    pub fn message_trace(&self) -> Trace {
+        let mut trace = self.connection_trace.clone();
+        for step in &self.message.trace.steps {
+            trace.push(step.clone());
+        }
+        trace.dropped += self.message.trace.dropped;
+        trace
+    }
+
+    /// The history of the message that ends now with `outcome`, when there was a message with
+    /// a queue id to file it under.
+    pub fn message_record(&self, outcome: String, now: i64) -> Option<history::MessageRecord> {
+        let sender = self.message.sender.clone()?;
+        let queue_id = self.queue_id();
+        if queue_id.is_empty() {
+            return None;
+        }
+        let message_id = self
+            .message
+            .headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case("Message-ID"))
+            .map(|(_, value)| value.trim().to_string());
+        Some(history::MessageRecord {
+            queue_id: queue_id.to_string(),
+            message_id,
+            time: now,
+            client: self.client.label(),
+            helo: self.helo.clone(),
+            sender,
+            recipients: self.message.recipients.clone(),
+            outcome,
+            trace: self.message_trace(),
+        })
     }
 
     /// The queue id (macro `i`), or "".

@@ -67,6 +67,7 @@ fn sample_config_lists_every_key_with_its_default() {
                 "connect_timeout",
             ][..],
         ),
+        ("trace", &["keep"][..]),
     ] {
         let table = raw[section].as_table().unwrap();
         let mut written: Vec<&str> = table.keys().map(String::as_str).collect();
@@ -107,6 +108,7 @@ fn sample_config_lists_every_key_with_its_default() {
     assert_eq!(sample.dns, default.dns);
     assert_eq!(sample.spf, default.spf);
     assert_eq!(sample.store, default.store);
+    assert_eq!(sample.trace, default.trace);
     // The one documented difference: the sample sits in examples/, the default dir's target.
     assert_eq!(default.policies.dirs, [Path::new("examples")]);
     assert_eq!(

@@ -22,3 +22,4 @@ mod session;
 mod site;
 mod spf;
 mod store;
+mod trace;
