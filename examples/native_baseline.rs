@@ -10,10 +10,8 @@
 //! ```
 
 use indymilter::{Actions, Callbacks, Config, ContextActions, Listener, SetErrorReply, Status};
-use luamilter::{
-    listen::{BoundSocket, ListenAddr},
-    loadgen::SPAM_SENDER,
-};
+use luamilter::listen::{BoundSocket, ListenAddr};
+use luamilter_loadgen::SPAM_SENDER;
 use std::{future::Future, io};
 use tokio::signal::unix::{SignalKind, signal};
 

@@ -67,7 +67,7 @@ enum Command {
         command: crate::db_cli::DbCommand,
     },
     /// Load-test a milter the way Postfix talks to it (see BENCHMARKS.md).
-    Bench(crate::loadgen::BenchArgs),
+    Bench(luamilter_loadgen::BenchArgs),
     /// Talk to a running daemon through its control socket.
     Ctl {
         /// Configuration file, to find the control socket (default: built-in).
@@ -226,12 +226,12 @@ fn db(path: Option<PathBuf>, command: crate::db_cli::DbCommand) -> ExitCode {
     }
 }
 
-fn bench(args: crate::loadgen::BenchArgs) -> ExitCode {
+fn bench(args: luamilter_loadgen::BenchArgs) -> ExitCode {
     let runtime = match runtime(Runtime::Threads) {
         Ok(r) => r,
         Err(code) => return code,
     };
-    match runtime.block_on(crate::loadgen::run_and_print(args)) {
+    match runtime.block_on(luamilter_loadgen::run_and_print(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("luamilter bench: {e:#}");

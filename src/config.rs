@@ -30,16 +30,16 @@ pub struct Config {
     pub policies: PoliciesConfig,
     /// The DNS resolver policies use.
     #[serde(default)]
-    pub dns: crate::dns::DnsConfig,
+    pub dns: crate::services::dns::DnsConfig,
     /// SPF evaluation.
     #[serde(default)]
-    pub spf: crate::spf::SpfConfig,
+    pub spf: crate::services::spf::SpfConfig,
     /// Persistent state: embedded SQLite or shared Redis.
     #[serde(default)]
-    pub store: crate::store::StoreConfig,
+    pub store: crate::services::store::StoreConfig,
     /// Facts about the site: internal networks, trusted relays, own domains, access map.
     #[serde(default)]
-    pub site: crate::site::SiteConfig,
+    pub site: crate::services::site::SiteConfig,
     /// Option overrides per policy: `[policy.NAME]` tables.
     #[serde(default)]
     pub policy: BTreeMap<String, BTreeMap<String, toml::Spanned<toml::Value>>>,
@@ -255,6 +255,7 @@ impl Config {
             ConfigError(format!("{at}: {}", e.message()))
         })?;
         config.source = source;
+        config.site.policy_dirs = config.policy_dirs();
         config.validate()?;
         Ok(config)
     }

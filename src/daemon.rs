@@ -15,8 +15,7 @@ use crate::{
     listen::{BoundSocket, ListenAddr, SocketFileGuard},
     reload::{self, Reloader},
     server,
-    services::Services,
-    store,
+    services::{Services, ServicesError, store},
 };
 use std::{sync::Arc, thread::JoinHandle, time::Duration};
 use tokio::sync::watch;
@@ -26,7 +25,7 @@ use tokio::sync::watch;
 pub enum StartError {
     /// A service (DNS, SPF, store) could not be set up.
     #[error("{0}")]
-    Services(String),
+    Services(ServicesError),
     /// The policies did not load; every problem is listed.
     #[error("policies failed to load:\n  {}", .0.join("\n  "))]
     Policies(Vec<String>),

@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
 
 use crate::duration::parse_duration;
-use crate::store::{List, ListEntry, Store, zone};
+use crate::services::store::{List, ListEntry, Store, zone};
 
 /// The `db` subcommands.
 #[derive(Debug, Clone, PartialEq, Subcommand)]

@@ -1,27 +1,54 @@
 //! luamilter: a milter for Postfix and Sendmail whose policies are Lua scripts.
+//!
+//! # How the tree is laid out
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`daemon`] | start-up: services, first generation, the socket, one worker thread per core |
+//! | [`server`] | the milter side: one indymilter callback function per stage ([`server`]), negotiation (`server/negotiate.rs`), verdict → reply and edit → action (`server/reply.rs`) |
+//! | [`session`] | everything known about one SMTP connection and its current message; the one place message state is reset |
+//! | [`engine`] | generations of loaded policies (`generation.rs`), one stage through the chain of Lua handlers (`chain.rs`), negotiation from the policies (`plan.rs`), policy files (`policy.rs`, `options.rs`), the Lua sandbox (`sandbox.rs`) |
+//! | [`lua_api`] | what scripts see: `ctx` (a view of the session), verdicts, and one file per `require`-able module (`milter`, `milter.log`, `milter.dns`, `milter.spf`, `milter.net`, `milter.mime`, `milter.store`, `milter.site`, `milter.access`) |
+//! | [`services`] | plain Rust services, usable without Lua: DNS and DNS lists, SPF, the store (SQLite, Redis), networks and addresses, MIME, the site facts and access map |
+//! | [`reload`] | file watching, rebuilding a generation, swapping it in |
+//! | [`config`], [`duration`], [`listen`], [`logging`], [`stock`] | the config file, durations, listening sockets, log output, the embedded stock pack |
+//! | [`cli`], [`control`], [`db_cli`] | subcommands, the control socket (`ctl`), store administration (`db`) |
+//!
+//! The vocabulary shared with the load generator ([`stage`], listen addresses, verdict kinds)
+//! lives in the `luamilter-vocab` crate; the load generator behind `luamilter bench` in
+//! `luamilter-loadgen` (both under `crates/`).
+//!
+//! # How data flows
+//!
+//! ```text
+//! MTA ─milter─▶ server ─────────────▶ session        (facts of the stage recorded)
+//!                 │                      ▲
+//!                 ├─ engine::chain ──────┤ ctx reads facts, queues edits
+//!                 │   (Lua handlers, in chain order, until a final verdict)
+//!                 │         └──▶ lua_api modules ──▶ services (dns, spf, store, …)
+//!                 ▼
+//!        server::reply: verdict → status + SMTP reply; at eom, edits → actions ─▶ MTA
+//! ```
+//!
+//! A connection pins the generation current at negotiation ([`engine::Engine`]); a reload builds
+//! the next generation beside it ([`reload`]), so a connection sees one set of policies from
+//! connect to close.
 
-pub mod access;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod db_cli;
-pub mod dns;
-pub mod dns_lists;
 pub mod duration;
 pub mod engine;
 pub mod listen;
-pub mod loadgen;
 pub mod logging;
 pub mod lua_api;
-pub mod mime;
-pub mod net;
 pub mod reload;
 pub mod server;
 pub mod services;
 pub mod session;
-pub mod site;
-pub mod spf;
-pub mod stage;
 pub mod stock;
-pub mod store;
+
+// The vocabulary shared with the load generator (crates/vocab), at its old paths.
+pub use luamilter_vocab::stage;

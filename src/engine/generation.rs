@@ -8,8 +8,7 @@ use super::{
 };
 use crate::{
     config::Config,
-    services::Services,
-    site::Site,
+    services::{Services, site::Site},
     stage::{Stage, StageMap},
 };
 use mlua::{AnyUserData, Lua};

@@ -2,7 +2,10 @@
 //! access, `require` limited to built-in modules and the policy directories, a memory cap, and
 //! `pcall`/`xpcall` that cannot swallow the time limit.
 
-use crate::{lua_api, services::Services, site::Site};
+use crate::{
+    lua_api,
+    services::{Services, site::Site},
+};
 use mlua::{
     HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState, chunk::ChunkMode, debug::Debug,
 };

@@ -1,10 +1,10 @@
-//! `ctx`: the session as policies see it. A view of the connection's [`Session`]: facts are
+//! `ctx`: the session as policies see it. A view of the connection's [`Session`](crate::session::Session): facts are
 //! read from it, edits are queued into it; nothing here keeps state of its own but the Lua
 //! tables policies keep (`ctx.vars` per policy and connection, `ctx.msg` per message).
 
 use crate::{
+    services::site::system_hostname,
     session::{Edit, SharedSession},
-    site::system_hostname,
     stage::Stage,
 };
 use mlua::{

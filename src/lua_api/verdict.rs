@@ -1,5 +1,7 @@
 //! Verdicts: what a handler answers (accept, continue, reject, tempfail, discard), validated when built.
 
+pub use luamilter_vocab::VerdictKind;
+
 use mlua::{FromLua, Lua, Table, UserData, UserDataFields, UserDataMethods, Value};
 use std::fmt;
 
@@ -37,14 +39,14 @@ impl Verdict {
         !matches!(self, Verdict::Continue)
     }
 
-    /// The verdict's keyword, as logs and Lua show it.
-    pub fn kind(&self) -> &'static str {
+    /// The verdict's kind; its [`name`](VerdictKind::name) is the keyword logs and Lua show.
+    pub fn kind(&self) -> VerdictKind {
         match self {
-            Verdict::Continue => "continue",
-            Verdict::Accept => "accept",
-            Verdict::Discard => "discard",
-            Verdict::Reject(_) => "reject",
-            Verdict::Tempfail(_) => "tempfail",
+            Verdict::Continue => VerdictKind::Continue,
+            Verdict::Accept => VerdictKind::Accept,
+            Verdict::Discard => VerdictKind::Discard,
+            Verdict::Reject(_) => VerdictKind::Reject,
+            Verdict::Tempfail(_) => VerdictKind::Tempfail,
         }
     }
 
@@ -84,7 +86,7 @@ impl Verdict {
 
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.kind())?;
+        f.write_str(self.kind().name())?;
         if let Some(r) = self.reply() {
             write!(f, " {}", r.code)?;
             if let Some(x) = &r.xcode {
@@ -220,7 +222,7 @@ fn build_reply(
 
 impl UserData for Verdict {
     fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
-        fields.add_field_method_get("kind", |_, v| Ok(v.kind()));
+        fields.add_field_method_get("kind", |_, v| Ok(v.kind().name()));
         fields.add_field_method_get("code", |_, v| Ok(v.reply().map(|r| r.code.clone())));
         fields.add_field_method_get("xcode", |_, v| Ok(v.reply().and_then(|r| r.xcode.clone())));
         fields.add_field_method_get("text", |_, v| Ok(v.reply().map(|r| r.lines.join("\n"))));

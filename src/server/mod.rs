@@ -1,7 +1,7 @@
 //! The milter side: indymilter callbacks, one function per milter stage. Each records what the
 //! stage tells about the session, has the engine run the policy chain for it
-//! ([`crate::engine::chain`]), and answers the MTA ([`reply`]). Negotiation is in
-//! [`negotiate`]; the session state itself in [`crate::session`].
+//! ([`crate::engine::chain`]), and answers the MTA (`reply.rs`). Negotiation is in
+//! `negotiate.rs`; the session state itself in [`crate::session`].
 
 mod negotiate;
 mod reply;

@@ -1,6 +1,6 @@
 //! The connecting client: what the MTA reported at connect, and what the site facts say of it.
 
-use crate::{
+use crate::services::{
     net::looks_dynamic,
     site::{Site, is_localhost, verified_ptr},
 };

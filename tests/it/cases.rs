@@ -371,6 +371,20 @@ fn cases_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases")
 }
 
+/// Copies directory `from` to `to`, with everything in it.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 async fn run_file(path: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap();
     let file: CaseFile =
@@ -406,7 +420,12 @@ async fn run_file(path: &Path) -> Vec<String> {
         let policies: toml::Table =
             toml::from_str(&format!("[policies]\nchain = {:?}\n", file.chain)).unwrap();
         merge(&mut config, policies);
-        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        // List files must lie beside the config (or in a policy dir) for read_list.
+        let fixtures = dir.path().join("fixtures");
+        copy_dir(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+            &fixtures,
+        );
         let extra: toml::Table = toml::from_str(
             &file
                 .config

@@ -4,7 +4,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use luamilter::dns::{self, DnsError, Listing, Resolver};
+use luamilter::lua_api;
+use luamilter::services::dns::{DnsError, Listing, Resolver};
 use mlua::{Lua, Value};
 
 use crate::dns_server::TestDns;
@@ -164,7 +165,7 @@ async fn dnsbl_and_rhsbl() {
 async fn run_lua<T: mlua::FromLuaMulti>(resolver: Arc<Resolver>, chunk: &str) -> T {
     let lua = Lua::new();
     lua.globals()
-        .set("dns", dns::lua_module(&lua, resolver).unwrap())
+        .set("dns", lua_api::dns::module(&lua, resolver).unwrap())
         .unwrap();
     lua.load(chunk)
         .into_function()
@@ -223,7 +224,10 @@ async fn lua_bad_ip_argument_raises() {
     let server = TestDns::start().await;
     let lua = Lua::new();
     lua.globals()
-        .set("dns", dns::lua_module(&lua, server.resolver()).unwrap())
+        .set(
+            "dns",
+            lua_api::dns::module(&lua, server.resolver()).unwrap(),
+        )
         .unwrap();
     let err = lua
         .load(r#"return dns.ptr("not-an-ip")"#)
@@ -246,7 +250,10 @@ async fn lookups_from_many_coroutines_overlap() {
     let server = TestDns::with_delay(Duration::from_millis(100)).await;
     let lua = Lua::new();
     lua.globals()
-        .set("dns", dns::lua_module(&lua, server.resolver()).unwrap())
+        .set(
+            "dns",
+            lua_api::dns::module(&lua, server.resolver()).unwrap(),
+        )
         .unwrap();
     let lookup = lua
         .load(r#"local name = ...; local a, err = dns.a(name); return a and #a or err"#)
@@ -293,7 +300,7 @@ async fn cached_lookup_cost() {
     let rust = start.elapsed() / N;
     let lua = Lua::new();
     lua.globals()
-        .set("dns", dns::lua_module(&lua, resolver).unwrap())
+        .set("dns", lua_api::dns::module(&lua, resolver).unwrap())
         .unwrap();
     let chunk = lua
         .load(r#"local n = ...; for _ = 1, n do assert(#dns.a("example.test") == 2) end"#)

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use luamilter::dns::{self, Resolver};
+use luamilter::lua_api;
+use luamilter::services::dns::Resolver;
 use mlua::Lua;
 
 use crate::dns_server::TestDns;
@@ -12,7 +13,7 @@ use crate::dns_server::TestDns;
 async fn run(resolver: Arc<Resolver>, chunk: &str) -> Result<String, String> {
     let lua = Lua::new();
     lua.globals()
-        .set("dns", dns::lua_module(&lua, resolver).unwrap())
+        .set("dns", lua_api::dns::module(&lua, resolver).unwrap())
         .unwrap();
     lua.load(chunk)
         .into_function()
@@ -161,7 +162,10 @@ async fn cached_batch_cost() {
     let server = TestDns::start().await;
     let lua = Lua::new();
     lua.globals()
-        .set("dns", dns::lua_module(&lua, server.resolver()).unwrap())
+        .set(
+            "dns",
+            lua_api::dns::module(&lua, server.resolver()).unwrap(),
+        )
         .unwrap();
     let zones = r#"local zones = { "bl.test", "a.bl.test", "b.bl.test", "c.bl.test", "d.bl.test", "e.bl.test" }"#;
     let batch = lua

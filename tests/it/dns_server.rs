@@ -20,7 +20,7 @@ use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{
     AxfrPolicy, Catalog, MessageResponseBuilder, ZoneHandler, ZoneType,
 };
-use luamilter::dns::{DnsConfig, Resolver};
+use luamilter::services::dns::{DnsConfig, Resolver};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
 

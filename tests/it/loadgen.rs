@@ -8,10 +8,8 @@
 mod native_baseline;
 
 use indymilter::{Actions, Callbacks, Config, ContextActions, ProtoOpts, Status};
-use luamilter::{
-    listen::{BoundSocket, ListenAddr},
-    loadgen::{self, BenchArgs, Report, SPAM_SENDER, Verdict},
-};
+use luamilter::listen::{BoundSocket, ListenAddr};
+use luamilter_loadgen::{self as loadgen, BenchArgs, Report, SPAM_SENDER, VerdictKind};
 use std::{
     future::Future,
     sync::{
@@ -73,12 +71,12 @@ fn start_baseline(listener: luamilter::listen::MilterListener) -> Running {
 fn check_trivial_policy(report: &Report, messages: u64, spam: u64) {
     assert_eq!(report.errors, 0, "{:?}", report.error_samples);
     assert_eq!(report.messages, messages);
-    assert_eq!(report.verdict(Verdict::Reject), spam);
+    assert_eq!(report.verdict(VerdictKind::Reject), spam);
     assert_eq!(
         report.by_stage.get("reject@mail").copied().unwrap_or(0),
         spam
     );
-    assert_eq!(report.verdict(Verdict::Accept), messages - spam);
+    assert_eq!(report.verdict(VerdictKind::Accept), messages - spam);
     assert_eq!(
         report.edits,
         messages - spam,

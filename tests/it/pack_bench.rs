@@ -3,11 +3,8 @@
 //! `cargo test --release --test it pack_throughput -- --ignored --nocapture`.
 
 use crate::dns_server::TestDns;
-use luamilter::{
-    config::Config,
-    daemon::Daemon,
-    loadgen::{self, BenchArgs},
-};
+use luamilter::{config::Config, daemon::Daemon};
+use luamilter_loadgen::{self as loadgen, BenchArgs};
 use std::time::Duration;
 
 const PACK_ONE: &str = r#"

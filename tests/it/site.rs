@@ -260,3 +260,73 @@ return {
     assert!(actions.has_add_header("X-Headers", "0"));
     d.stop().await;
 }
+
+/// Regression (issue 13): `milter.site.read_list` read any file on the machine, which undid
+/// the sandbox without `io`. It now reads only in the config file's directory and the policy
+/// directories, symlinks resolved, and answers `nil, "outside"` for anything else.
+#[tokio::test]
+async fn read_list_reads_only_in_the_config_and_policy_dirs() {
+    // root/etc: the config file; root/policies: the policy dir; root/outside: neither.
+    let root = tempfile::TempDir::new().unwrap();
+    let dir = |name: &str| root.path().join(name);
+    for name in ["etc", "policies", "outside"] {
+        std::fs::create_dir(dir(name)).unwrap();
+    }
+    std::fs::write(dir("etc/config-list"), "# words\nfrom the config dir\n").unwrap();
+    std::fs::write(dir("policies/policy-list"), "from the policy dir\n").unwrap();
+    std::fs::write(dir("outside/secret"), "secret\n").unwrap();
+    std::os::unix::fs::symlink(dir("outside/secret"), dir("etc/link")).unwrap();
+    let policy_list = dir("policies/policy-list").display().to_string();
+    let paths = [
+        ("config-list", "from the config dir"),
+        (policy_list.as_str(), "from the policy dir"),
+        ("../policies/policy-list", "from the policy dir"),
+        ("absent", "nil missing"),
+        ("/etc/passwd", "nil outside"),
+        ("../outside/secret", "nil outside"),
+        ("../../../../../../../../../etc/shadow", "nil outside"),
+        ("link", "nil outside"),
+    ];
+    let policy = format!(
+        r#"
+local site = require "milter.site"
+local paths = {{ {} }}
+return {{
+  eom = function(ctx)
+    for _, path in ipairs(paths) do
+      local list, err = site.read_list(path)
+      ctx:add_header("X-List", path .. " " .. (list and table.concat(list, ",") or "nil " .. err))
+    end
+  end,
+}}"#,
+        paths
+            .iter()
+            .map(|(path, _)| format!("{path:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    std::fs::write(dir("policies/reader.lua"), policy).unwrap();
+    let config = dir("etc/luamilter.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[milter]\nlisten = \"inet:0@127.0.0.1\"\ncontrol_socket = {:?}\n[policies]\ndirs = [\"../policies\"]\nchain = [\"reader\"]\n[store]\npath = {:?}\n",
+            dir("etc/ctl.sock"),
+            dir("etc/store.db"),
+        ),
+    )
+    .unwrap();
+    let d = TestDaemon::start_config(root, &config).await.unwrap();
+    let mut c = d.client().await;
+    c.mail(["<a@example.com>"]).await.unwrap();
+    c.rcpt(["<b@example.org>"]).await.unwrap();
+    let (actions, _) = c.eom().await.unwrap();
+    for (path, expected) in paths {
+        assert!(
+            actions.has_add_header("X-List", format!("{path} {expected}").as_str()),
+            "{path}: {:?}",
+            actions.actions
+        );
+    }
+    d.stop().await;
+}

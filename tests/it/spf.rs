@@ -5,8 +5,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use luamilter::dns::Resolver;
-use luamilter::spf::{self, Spf, SpfConfig, SpfError, SpfOutcome};
+use luamilter::lua_api;
+use luamilter::services::dns::Resolver;
+use luamilter::services::spf::{self, Spf, SpfConfig, SpfError, SpfOutcome};
 use mlua::Lua;
 
 use crate::dns_server::TestDns;
@@ -378,7 +379,7 @@ async fn lua_module() {
     lua.globals()
         .set(
             "spf",
-            spf::lua_module(&lua, Arc::new(service(&server))).unwrap(),
+            lua_api::spf::module(&lua, Arc::new(service(&server))).unwrap(),
         )
         .unwrap();
     let result: String = lua

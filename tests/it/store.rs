@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use hickory_server::proto::rr::{RData, RecordType};
 use hickory_server::proto::serialize::txt::Parser;
 use luamilter::db_cli::{BanKind, BansAction, DbCommand, ListAction, run_db};
-use luamilter::store::sqlite::SqliteStore;
-use luamilter::store::{
+use luamilter::lua_api;
+use luamilter::services::store::sqlite::SqliteStore;
+use luamilter::services::store::{
     self, Backend, GreylistOptions, GreylistVerdict, List, Scalar, Store, StoreConfig, StoreError,
     Synchronous, Value,
 };
@@ -585,7 +586,7 @@ async fn run_lua<T: mlua::FromLuaMulti + mlua::MaybeSend + 'static>(
 ) -> mlua::Result<T> {
     let lua = mlua::Lua::new();
     lua.globals()
-        .set("store", store::lua_module(&lua, st.clone())?)?;
+        .set("store", lua_api::store::module(&lua, st.clone())?)?;
     lua.load(src).into_function()?.call_async::<T>(()).await
 }
 
@@ -664,7 +665,10 @@ async fn lua_throughput(b: Backend) {
 
     let lua = mlua::Lua::new();
     lua.globals()
-        .set("store", store::lua_module(&lua, f.store.clone()).unwrap())
+        .set(
+            "store",
+            lua_api::store::module(&lua, f.store.clone()).unwrap(),
+        )
         .unwrap();
     let worker = lua
         .load(format!(

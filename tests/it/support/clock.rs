@@ -1,6 +1,6 @@
 //! A clock the test moves by hand, for what the store times (greylist delays, TTLs, bans).
 
-use luamilter::store::{self, Clock};
+use luamilter::services::store::{self, Clock};
 use std::{
     sync::{
         Arc,

@@ -6,7 +6,10 @@
 //! parent of the domain (a leading dot matches subdomains only), `tag:` (the tag's default),
 //! then the bare `tag`. Tags and domains match case-insensitively; a local part keeps its case.
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 /// The values the stock policies understand.
 const VALUES: &[&str] = &["OK", "WHITELIST", "REJECT", "BAN", "TEMPFAIL"];
@@ -19,6 +22,61 @@ fn checked_tag(key: &str) -> bool {
     tag.starts_with("spf-") || tag.starts_with("helo-") || tag == "smtp-auth"
 }
 
+/// An access-map entry is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryError {
+    /// The key is empty.
+    #[error("an entry needs a key")]
+    NoKey,
+    /// The value is empty.
+    #[error("{key:?} has no value (use one of {})", VALUES.join(", "))]
+    NoValue {
+        /// The entry's key.
+        key: String,
+    },
+    /// `CBV` or `DSN`, which need call-back verification.
+    #[error(
+        "{key:?}: {value} needs call-back verification, which luamilter does not have yet; use REJECT, TEMPFAIL or OK"
+    )]
+    NeedsCallBack {
+        /// The entry's key.
+        key: String,
+        /// The value given.
+        value: String,
+    },
+    /// A value the stock policies do not know, for a tag they act on.
+    #[error("{key:?}: unknown value {value:?} (values: {}; case matters)", VALUES.join(", "))]
+    UnknownValue {
+        /// The entry's key.
+        key: String,
+        /// The value given.
+        value: String,
+    },
+}
+
+/// An access file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    /// A line holds an entry that is refused.
+    #[error("{origin}:{line}: {error}")]
+    Line {
+        /// The file (or other text) the line is from.
+        origin: String,
+        /// The line number, from 1.
+        line: usize,
+        /// What is wrong with the entry.
+        error: EntryError,
+    },
+    /// The file could not be read.
+    #[error("{}: cannot read the access file: {source}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
 /// A loaded access map.
 #[derive(Debug, Default, Clone)]
 pub struct AccessMap {
@@ -28,8 +86,8 @@ pub struct AccessMap {
 impl AccessMap {
     /// Parses access-file text (`Key<whitespace>Value` lines, `#` comments, blank lines; a
     /// trailing NUL on keys or values, as `postmap -N` writes, is ignored) named `origin` for
-    /// messages, and adds it. Returns every problem as `origin:line: message`.
-    pub fn add_text(&mut self, origin: &str, text: &str) -> Result<(), Vec<String>> {
+    /// messages, and adds it. Returns every problem (`origin:line: message`).
+    pub fn add_text(&mut self, origin: &str, text: &str) -> Result<(), Vec<AccessError>> {
         let mut errors = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -43,8 +101,12 @@ impl AccessMap {
                 .map(str::trim)
                 .unwrap_or("")
                 .trim_end_matches('\0');
-            if let Err(e) = self.insert(key, value) {
-                errors.push(format!("{origin}:{}: {e}", n + 1));
+            if let Err(error) = self.insert(key, value) {
+                errors.push(AccessError::Line {
+                    origin: origin.to_string(),
+                    line: n + 1,
+                    error,
+                });
             }
         }
         if errors.is_empty() {
@@ -55,41 +117,37 @@ impl AccessMap {
     }
 
     /// Reads and adds an access file.
-    pub fn add_file(&mut self, path: &Path) -> Result<(), Vec<String>> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            vec![format!(
-                "{}: cannot read the access file: {e}",
-                path.display()
-            )]
+    pub fn add_file(&mut self, path: &Path) -> Result<(), Vec<AccessError>> {
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            vec![AccessError::Unreadable {
+                path: path.to_path_buf(),
+                source,
+            }]
         })?;
         self.add_text(&path.display().to_string(), &text)
     }
 
     /// Adds one entry, checking its value.
-    pub fn insert(&mut self, key: &str, value: &str) -> Result<(), String> {
+    pub fn insert(&mut self, key: &str, value: &str) -> Result<(), EntryError> {
         if key.is_empty() {
-            return Err("an entry needs a key".into());
+            return Err(EntryError::NoKey);
         }
         if value.is_empty() {
-            return Err(format!(
-                "{key:?} has no value (use one of {})",
-                VALUES.join(", ")
-            ));
+            return Err(EntryError::NoValue { key: key.into() });
         }
-        if !checked_tag(key) {
-            self.entries.insert(normalise_key(key), value.to_string());
-            return Ok(());
-        }
-        if matches!(value, "CBV" | "DSN") {
-            return Err(format!(
-                "{key:?}: {value} needs call-back verification, which luamilter does not have yet; use REJECT, TEMPFAIL or OK"
-            ));
-        }
-        if !VALUES.contains(&value) {
-            return Err(format!(
-                "{key:?}: unknown value {value:?} (values: {}; case matters)",
-                VALUES.join(", ")
-            ));
+        if checked_tag(key) {
+            if matches!(value, "CBV" | "DSN") {
+                return Err(EntryError::NeedsCallBack {
+                    key: key.into(),
+                    value: value.into(),
+                });
+            }
+            if !VALUES.contains(&value) {
+                return Err(EntryError::UnknownValue {
+                    key: key.into(),
+                    value: value.into(),
+                });
+            }
         }
         self.entries.insert(normalise_key(key), value.to_string());
         Ok(())
@@ -221,6 +279,21 @@ SMTP-Test:.baz.com      WHITELIST
     }
 
     #[test]
+    fn an_unreadable_file_is_named() {
+        let errs = AccessMap::default()
+            .add_file(Path::new("/nonexistent/access"))
+            .unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert!(
+            errs[0]
+                .to_string()
+                .starts_with("/nonexistent/access: cannot read the access file: "),
+            "{}",
+            errs[0]
+        );
+    }
+
+    #[test]
     fn bad_lines_are_reported_with_their_line() {
         let mut m = AccessMap::default();
         let errs = m
@@ -229,6 +302,15 @@ SMTP-Test:.baz.com      WHITELIST
                 "SPF-Pass:a.com OK\nSPF-Neutral:b.com\nSPF-Fail:c.com CBV\nHELO-Fail:y reject\n",
             )
             .unwrap_err();
+        assert!(matches!(
+            errs[1],
+            AccessError::Line {
+                line: 3,
+                error: EntryError::NeedsCallBack { .. },
+                ..
+            }
+        ));
+        let errs: Vec<String> = errs.iter().map(ToString::to_string).collect();
         assert_eq!(errs.len(), 3, "{errs:?}");
         assert!(
             errs[0].starts_with("access:2: ") && errs[0].contains("no value"),

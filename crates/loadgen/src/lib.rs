@@ -1,6 +1,8 @@
-//! `luamilter bench`: a milter load generator that plays Postfix towards any
-//! milter (luamilter, the native baseline, or a third-party one) and measures
-//! throughput, latency, verdicts and the CPU and memory it costs.
+//! The milter load generator behind `luamilter bench`: it plays Postfix towards
+//! any milter (luamilter, the native baseline, or a third-party one) and measures
+//! throughput, latency, verdicts and the CPU and memory it costs. It shares the
+//! milter vocabulary (stages, socket addresses, verdict kinds) with the daemon
+//! through `luamilter-vocab`, and nothing else.
 //!
 //! Layout:
 //! - [`endpoint`]: milter socket specifications and opening a stream (TCP with `TCP_NODELAY`).
@@ -20,13 +22,14 @@ pub mod endpoint;
 pub mod report;
 pub mod usage;
 
-pub use conversation::{SPAM_SENDER, Verdict};
+pub use conversation::SPAM_SENDER;
+pub use luamilter_vocab::VerdictKind;
 pub use report::Report;
 
-use crate::listen::ListenAddr;
 use anyhow::{Context, ensure};
 use client::{ClientError, Connection};
 use conversation::{Greeting, Plan, Session, Shape};
+use luamilter_vocab::ListenAddr;
 use report::{ClientCpu, ServerUsage, Setting, Tally};
 use std::{
     sync::{

@@ -1,15 +1,26 @@
 //! Header values as people read them: RFC 2047 encoded words decoded to UTF-8 ([`decode`]) and
-//! address-list headers such as From or Sender split into mailboxes ([`addresses`]), plus the
-//! `milter.mime` Lua module over them. Parsing is mailparse's; nothing here does I/O.
+//! address-list headers such as From or Sender split into mailboxes ([`addresses`]). Parsing is
+//! mailparse's; nothing here does I/O.
 
-use crate::net::{dot_atom_or_quoted, parse_address, split};
-use mailparse::{MailAddr, SingleInfo, addrparse_header, parse_header};
-use mlua::{Lua, LuaString, Table, Value};
+use crate::services::net::{dot_atom_or_quoted, parse_address, split};
+use mailparse::{MailAddr, MailParseError, SingleInfo, addrparse_header, parse_header};
 
-/// A header value is not an address list.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("not an address list: {0}")]
-pub struct AddressListError(String);
+/// A header value could not be read as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum MimeError {
+    /// The value is not an address list (mailparse's reason).
+    #[error("not an address list: {0}")]
+    NotAnAddressList(MailParseError),
+}
+
+impl MimeError {
+    /// The short stable word the Lua module returns.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotAnAddressList(_) => "invalid",
+        }
+    }
+}
 
 /// One mailbox of an address-list header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,10 +98,10 @@ fn mailbox(info: SingleInfo, group: Option<&str>) -> Mailbox {
 /// Splits an address-list header value (`From`, `Sender`, `To`, `Reply-To`) into mailboxes in
 /// order, display names decoded; members of a group are listed with the group's name. An empty
 /// value is an empty list.
-pub fn addresses(value: &[u8]) -> Result<Vec<Mailbox>, AddressListError> {
+pub fn addresses(value: &[u8]) -> Result<Vec<Mailbox>, MimeError> {
     let line = header_line("From", value);
-    let (header, _) = parse_header(&line).map_err(|e| AddressListError(e.to_string()))?;
-    let list = addrparse_header(&header).map_err(|e| AddressListError(e.to_string()))?;
+    let (header, _) = parse_header(&line).map_err(MimeError::NotAnAddressList)?;
+    let list = addrparse_header(&header).map_err(MimeError::NotAnAddressList)?;
     let mut out = Vec::new();
     for item in list.into_inner() {
         match item {
@@ -104,42 +115,6 @@ pub fn addresses(value: &[u8]) -> Result<Vec<Mailbox>, AddressListError> {
         }
     }
     Ok(out)
-}
-
-fn mailbox_table(lua: &Lua, m: Mailbox) -> mlua::Result<Table> {
-    let t = lua.create_table()?;
-    t.set("name", m.name)?;
-    t.set("address", m.address)?;
-    t.set("local", m.local)?;
-    t.set("domain", m.domain)?;
-    t.set("group", m.group)?;
-    Ok(t)
-}
-
-/// Builds the `milter.mime` Lua module: `decode(text)` and `addresses(text)`. See
-/// `docs/lua-api/mime.md`.
-pub fn lua_module(lua: &Lua) -> mlua::Result<Table> {
-    let module = lua.create_table()?;
-    module.set(
-        "decode",
-        lua.create_function(|_, text: LuaString| Ok(decode(&text.as_bytes())))?,
-    )?;
-    module.set(
-        "addresses",
-        lua.create_function(|lua, text: LuaString| {
-            Ok(match addresses(&text.as_bytes()) {
-                Ok(list) => {
-                    let t = lua.create_table()?;
-                    for m in list {
-                        t.push(mailbox_table(lua, m)?)?;
-                    }
-                    (Value::Table(t), None)
-                }
-                Err(_) => (Value::Nil, Some("invalid")),
-            })
-        })?,
-    )?;
-    Ok(module)
 }
 
 #[cfg(test)]
@@ -225,30 +200,5 @@ mod tests {
     fn refuses_what_is_not_an_address_list() {
         assert!(addresses(b"no address here").is_err());
         assert!(addresses(b"<unterminated@example.com").is_err());
-    }
-
-    #[test]
-    fn lua_module_returns_tables_and_error_words() {
-        let lua = Lua::new();
-        lua.globals()
-            .set("mime", lua_module(&lua).unwrap())
-            .unwrap();
-        let out: String = lua
-            .load(
-                r#"
-                local list = mime.addresses("=?utf-8?q?Detox_Now?= <Spam@Example.TEST>")
-                local m = list[1]
-                local bad, err = mime.addresses("nobody")
-                return table.concat({ #list, m.name, m.address, m["local"], m.domain,
-                  tostring(m.group), tostring(bad), err, mime.decode("=?utf-8?b?w6k=?=") }, "|")"#,
-            )
-            .eval()
-            .unwrap();
-        assert_eq!(
-            out,
-            "1|Detox Now|Spam@example.test|Spam|example.test|nil|nil|invalid|\u{e9}"
-        );
-        let err = lua.load("mime.decode(nil)").exec().unwrap_err();
-        assert!(err.to_string().contains("decode"), "{err}");
     }
 }

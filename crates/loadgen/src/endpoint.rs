@@ -1,7 +1,7 @@
 //! Opening a client stream to a milter socket as an MTA does.
 
-use crate::listen::ListenAddr;
 use indymilter::EitherStream;
+use luamilter_vocab::ListenAddr;
 use std::io;
 use tokio::net::{TcpStream, UnixStream};
 

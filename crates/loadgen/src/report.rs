@@ -2,13 +2,9 @@
 //! final report: throughput, latency percentiles, verdicts, errors, and the
 //! CPU and memory figures; printed as a table or as JSON.
 
-use super::{
-    client::ClientError,
-    conversation::{Outcome, Verdict},
-    usage::ProcSample,
-};
-use crate::stage::Stage;
+use super::{client::ClientError, conversation::Outcome, usage::ProcSample};
 use indymilter::ProtoOpts;
+use luamilter_vocab::{Stage, VerdictKind};
 use serde::Serialize;
 use std::{collections::BTreeMap, fmt, time::Duration};
 
@@ -19,7 +15,7 @@ const ERROR_SAMPLES: usize = 5;
 #[derive(Default)]
 pub struct Tally {
     latencies_us: Vec<u32>,
-    verdicts: BTreeMap<(Verdict, Stage), u64>,
+    verdicts: BTreeMap<(VerdictKind, Stage), u64>,
     rcpt_rejects: u64,
     edits: u64,
     /// Connections that were opened and negotiated.
@@ -215,7 +211,7 @@ impl Report {
     }
 
     /// Count of messages with this verdict.
-    pub fn verdict(&self, verdict: Verdict) -> u64 {
+    pub fn verdict(&self, verdict: VerdictKind) -> u64 {
         self.verdicts.get(verdict.name()).copied().unwrap_or(0)
     }
 

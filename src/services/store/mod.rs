@@ -8,7 +8,6 @@
 //! lives here so both backends behave the same. Every time comes from an injectable [`Clock`]
 //! (unix milliseconds), so expiry and greylisting can be tested without waiting.
 
-pub mod lua;
 pub mod redis;
 pub mod sqlite;
 pub mod zone;
@@ -21,8 +20,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-
-pub use lua::lua_module;
 
 /// Current time as unix milliseconds. Injected so tests can move time forward.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -388,7 +385,7 @@ pub trait Store: Send + Sync {
     /// Records one event under `key` and returns the number of events in the last `window`,
     /// this one included (a sliding window).
     async fn count(&self, key: &str, window: Duration) -> Result<i64>;
-    /// Records an attempt of a normalised triplet and decides by [`greylist_step`].
+    /// Records an attempt of a normalised triplet and decides by `greylist_step`.
     async fn greylist_triplet(
         &self,
         triplet: &Triplet,

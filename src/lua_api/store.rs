@@ -1,4 +1,5 @@
-//! The `milter.store` Lua module: every store operation as an async Lua function.
+//! `milter.store`: every operation of the store service as an async Lua function. See
+//! `docs/lua-api/store.md`.
 //!
 //! Expected failures come back as `nil, "unavailable" | "timeout" | "invalid"`; wrong arguments
 //! (an unknown list name, a nested table, a malformed duration) raise a Lua error, since they
@@ -12,13 +13,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mlua::{FromLuaMulti, IntoLuaMulti, Lua, Table, Value as LuaValue};
 
-use super::{
+use super::args;
+use crate::services::store::{
     GreylistOptions, GreylistVerdict, List, ListEntry, Result, Scalar, Store, StoreError, Value,
 };
-use crate::duration::parse_duration;
 
-/// Builds the module table over `store`.
-pub fn lua_module(lua: &Lua, store: Arc<dyn Store>) -> mlua::Result<Table> {
+/// Builds the `milter.store` module over `store`.
+pub fn module(lua: &Lua, store: Arc<dyn Store>) -> mlua::Result<Table> {
     let module = lua.create_table()?;
     let add = |name: &'static str, f: mlua::Function| module.set(name, f);
 
@@ -36,7 +37,7 @@ pub fn lua_module(lua: &Lua, store: Arc<dyn Store>) -> mlua::Result<Table> {
             &store,
             "set",
             |s, _, (key, value, ttl): (String, LuaValue, LuaValue)| async move {
-                let (value, ttl) = (from_lua(&value)?, ttl_arg(&ttl)?);
+                let (value, ttl) = (from_lua(&value)?, args::ttl(&ttl)?);
                 Ok(s.set(&key, &value, ttl).await.map(|()| Ok(true)))
             },
         )?,
@@ -54,7 +55,7 @@ pub fn lua_module(lua: &Lua, store: Arc<dyn Store>) -> mlua::Result<Table> {
             &store,
             "incr",
             |s, _, (key, by, ttl): (String, Option<i64>, LuaValue)| async move {
-                let ttl = ttl_arg(&ttl)?;
+                let ttl = args::ttl(&ttl)?;
                 Ok(s.incr(&key, by.unwrap_or(1), ttl).await.map(Ok))
             },
         )?,
@@ -66,7 +67,7 @@ pub fn lua_module(lua: &Lua, store: Arc<dyn Store>) -> mlua::Result<Table> {
             &store,
             "expire",
             |s, _, (key, ttl): (String, LuaValue)| async move {
-                let ttl = required(ttl_arg(&ttl)?, "ttl")?;
+                let ttl = required(args::ttl(&ttl)?, "ttl")?;
                 Ok(s.expire(&key, ttl).await.map(Ok))
             },
         )?,
@@ -78,7 +79,7 @@ pub fn lua_module(lua: &Lua, store: Arc<dyn Store>) -> mlua::Result<Table> {
             &store,
             "count",
             |s, _, (key, window): (String, LuaValue)| async move {
-                let window = required(ttl_arg(&window)?, "window")?;
+                let window = required(args::ttl(&window)?, "window")?;
                 Ok(s.count(&key, window).await.map(Ok))
             },
         )?,
@@ -149,7 +150,7 @@ fn add_list_functions(
             store,
             family.add,
             move |s, _, (name, entry, reason, ttl): (String, String, Option<String>, LuaValue)| async move {
-                let (list, ttl) = (resolve(&name)?, ttl_arg(&ttl)?);
+                let (list, ttl) = (resolve(&name)?, args::ttl(&ttl)?);
                 let reason = reason.unwrap_or_default();
                 Ok(s.list_add(list, &entry, &reason, ttl).await.map(|()| Ok(true)))
             },
@@ -265,38 +266,6 @@ fn required(ttl: Option<Duration>, what: &str) -> mlua::Result<Duration> {
     ttl.ok_or_else(|| mlua::Error::runtime(format!("{what} is required")))
 }
 
-/// A TTL argument: nil (none), a positive number of seconds, or a duration string ("5m").
-fn ttl_arg(value: &LuaValue) -> mlua::Result<Option<Duration>> {
-    let secs = match value {
-        LuaValue::Nil => return Ok(None),
-        LuaValue::Integer(i) => *i as f64,
-        LuaValue::Number(n) => *n,
-        LuaValue::String(s) => {
-            let text = s.to_str()?;
-            return parse_duration(&text)
-                .map_err(mlua::Error::runtime)
-                .and_then(|d| positive(d.as_secs_f64()).map(|_| Some(d)));
-        }
-        other => {
-            return Err(mlua::Error::runtime(format!(
-                "a duration must be seconds or a string like \"5m\", not a {}",
-                other.type_name()
-            )));
-        }
-    };
-    positive(secs).map(|s| Some(Duration::from_secs_f64(s)))
-}
-
-fn positive(secs: f64) -> mlua::Result<f64> {
-    if secs > 0.0 && secs < 1e12 {
-        Ok(secs)
-    } else {
-        Err(mlua::Error::runtime(format!(
-            "a duration must be positive, got {secs}"
-        )))
-    }
-}
-
 fn greylist_options(table: Option<Table>) -> mlua::Result<GreylistOptions> {
     let mut opts = GreylistOptions::default();
     let Some(table) = table else {
@@ -313,9 +282,9 @@ fn greylist_options(table: Option<Table>) -> mlua::Result<GreylistOptions> {
             }
         };
         match key.as_str() {
-            "delay" => opts.delay = required(ttl_arg(&value)?, "delay")?,
-            "retry_window" => opts.retry_window = required(ttl_arg(&value)?, "retry_window")?,
-            "lifetime" => opts.lifetime = required(ttl_arg(&value)?, "lifetime")?,
+            "delay" => opts.delay = required(args::ttl(&value)?, "delay")?,
+            "retry_window" => opts.retry_window = required(args::ttl(&value)?, "retry_window")?,
+            "lifetime" => opts.lifetime = required(args::ttl(&value)?, "lifetime")?,
             "ipv4_prefix" => opts.ipv4_prefix = prefix(32)?,
             "ipv6_prefix" => opts.ipv6_prefix = prefix(128)?,
             "auto_pass" => {

@@ -1,19 +1,10 @@
-//! The net service: IP sets ([`IpSet`]), envelope address parsing ([`parse_address`],
-//! [`split`]) and the dynamic-PTR heuristic ([`looks_dynamic`]), plus the `milter.net` Lua
-//! module over them. Pure computation: nothing here does I/O.
+//! `milter.net`: `ipset`, `parse_address`, `split` and `looks_dynamic` over the net service,
+//! and the Lua face of an [`IpSet`] (`set:contains(ip)`). See `docs/lua-api/net.md`.
 
-mod address;
-mod dynamic;
-mod ipset;
-
-use std::net::IpAddr;
-
+use super::args;
+use crate::services::net::{IpSet, looks_dynamic, parse_address, split};
 use mlua::{Lua, Table, UserData, UserDataMethods, Value};
-
-pub(crate) use address::dot_atom_or_quoted;
-pub use address::{Address, AddressError, parse_address, split};
-pub use dynamic::looks_dynamic;
-pub use ipset::{IpSet, IpSetError};
+use std::net::IpAddr;
 
 impl UserData for IpSet {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
@@ -26,19 +17,8 @@ impl UserData for IpSet {
     }
 }
 
-/// Parses a Lua IP argument of `function`, raising a Lua "bad argument" error when it is not an
-/// address (a programming error in the policy, not an expected failure).
-pub(crate) fn ip_argument(function: &str, position: u8, text: &str) -> mlua::Result<IpAddr> {
-    text.parse().map_err(|_| {
-        mlua::Error::runtime(format!(
-            "bad argument #{position} to '{function}' (IP address expected, got {text:?})"
-        ))
-    })
-}
-
-/// Builds the `milter.net` Lua module: `ipset`, `parse_address`, `split`, `looks_dynamic`. See
-/// `docs/lua-api/net.md`.
-pub fn lua_module(lua: &Lua) -> mlua::Result<Table> {
+/// Builds the `milter.net` module.
+pub fn module(lua: &Lua) -> mlua::Result<Table> {
     let module = lua.create_table()?;
     module.set(
         "ipset",
@@ -72,7 +52,7 @@ pub fn lua_module(lua: &Lua) -> mlua::Result<Table> {
         "looks_dynamic",
         // A missing PTR (nil) counts as dynamic, like a bracketed one.
         lua.create_function(|_, (ptr, ip): (Option<String>, String)| {
-            let ip = ip_argument("looks_dynamic", 2, &ip)?;
+            let ip = args::ip("looks_dynamic", 2, &ip)?;
             Ok(ptr.is_none_or(|ptr| looks_dynamic(&ptr, ip)))
         })?,
     )?;
@@ -85,7 +65,7 @@ mod tests {
 
     fn eval(chunk: &str) -> mlua::Result<String> {
         let lua = Lua::new();
-        lua.globals().set("net", lua_module(&lua)?)?;
+        lua.globals().set("net", module(&lua)?)?;
         lua.load(chunk).eval()
     }
 

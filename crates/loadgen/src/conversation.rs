@@ -7,7 +7,6 @@
 //! is closed with an ABORT, as Postfix's `mail_reset` does.
 
 use super::client::{ClientError, Connection, unexpected};
-use crate::stage::Stage;
 use bytes::Bytes;
 use indymilter::{
     MacroStage, ProtoOpts, SocketInfo,
@@ -18,6 +17,7 @@ use indymilter::{
         reply::Reply,
     },
 };
+use luamilter_vocab::{Stage, VerdictKind};
 use std::{
     ffi::CString,
     net::{Ipv4Addr, SocketAddr},
@@ -29,31 +29,12 @@ pub const CHUNK_SIZE: usize = 65535;
 /// The sender that the benchmark policy rejects.
 pub const SPAM_SENDER: &str = "spam@bad.example";
 
-/// How a message ended, as the SMTP client sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Verdict {
-    Accept,
-    Reject,
-    Tempfail,
-    Discard,
-}
-
-impl Verdict {
-    /// The verdict's name, as in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Accept => "accept",
-            Self::Reject => "reject",
-            Self::Tempfail => "tempfail",
-            Self::Discard => "discard",
-        }
-    }
-}
-
 /// The end of one message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outcome {
-    pub verdict: Verdict,
+    /// How the message ended, as the SMTP client sees it: accept, reject, tempfail or
+    /// discard (never continue).
+    pub verdict: VerdictKind,
     pub stage: Stage,
     /// Recipients refused with a reject or tempfail at RCPT.
     pub rcpt_rejects: u32,
@@ -62,7 +43,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn at(stage: Stage, verdict: Verdict) -> Self {
+    fn at(stage: Stage, verdict: VerdictKind) -> Self {
         Self {
             verdict,
             stage,
@@ -127,7 +108,7 @@ pub struct Session {
 enum Answer {
     Continue,
     Skip,
-    Final(Verdict),
+    Final(VerdictKind),
 }
 
 fn cstring(s: impl Into<Vec<u8>>) -> CString {
@@ -200,7 +181,7 @@ impl Session {
         let outcome = self.transaction(plan, shape).await?;
         // Postfix aborts the milter transaction whenever MAIL was accepted.
         let mail_refused = outcome.stage == Stage::Mail
-            && matches!(outcome.verdict, Verdict::Reject | Verdict::Tempfail);
+            && matches!(outcome.verdict, VerdictKind::Reject | VerdictKind::Tempfail);
         if !mail_refused {
             self.conn.send(Command::Abort).await?;
         }
@@ -240,7 +221,7 @@ impl Session {
                 args: vec![cstring(format!("<{rcpt}>"))],
             });
             match self.event(Stage::Rcpt, Some(rcpt_macros), cmd).await? {
-                Answer::Final(v @ (Verdict::Reject | Verdict::Tempfail)) => refused.push(v),
+                Answer::Final(v @ (VerdictKind::Reject | VerdictKind::Tempfail)) => refused.push(v),
                 Answer::Final(v) => return Ok(Outcome::at(Stage::Rcpt, v)),
                 Answer::Continue | Answer::Skip => {}
             }
@@ -248,10 +229,10 @@ impl Session {
         let rcpt_rejects = refused.len() as u32;
         if rcpt_rejects as u64 == rcpt_count {
             // No valid recipient: the SMTP client never gets to DATA.
-            let verdict = if refused.contains(&Verdict::Tempfail) {
-                Verdict::Tempfail
+            let verdict = if refused.contains(&VerdictKind::Tempfail) {
+                VerdictKind::Tempfail
             } else {
-                Verdict::Reject
+                VerdictKind::Reject
             };
             return Ok(Outcome {
                 rcpt_rejects,
@@ -312,10 +293,10 @@ impl Session {
         loop {
             let reply = self.conn.reply().await?;
             let verdict = match reply {
-                Reply::Accept | Reply::Continue | Reply::Skip => Verdict::Accept,
-                Reply::Reject => Verdict::Reject,
-                Reply::Tempfail => Verdict::Tempfail,
-                Reply::Discard => Verdict::Discard,
+                Reply::Accept | Reply::Continue | Reply::Skip => VerdictKind::Accept,
+                Reply::Reject => VerdictKind::Reject,
+                Reply::Tempfail => VerdictKind::Tempfail,
+                Reply::Discard => VerdictKind::Discard,
                 Reply::ReplyCode { reply } => code_verdict(&reply, "eom")?,
                 Reply::OptNeg { .. } => return Err(unexpected(&reply, "eom")),
                 _ => {
@@ -384,10 +365,10 @@ impl Session {
         Ok(match reply {
             Reply::Continue => Answer::Continue,
             Reply::Skip => Answer::Skip,
-            Reply::Accept => Answer::Final(Verdict::Accept),
-            Reply::Reject => Answer::Final(Verdict::Reject),
-            Reply::Tempfail => Answer::Final(Verdict::Tempfail),
-            Reply::Discard => Answer::Final(Verdict::Discard),
+            Reply::Accept => Answer::Final(VerdictKind::Accept),
+            Reply::Reject => Answer::Final(VerdictKind::Reject),
+            Reply::Tempfail => Answer::Final(VerdictKind::Tempfail),
+            Reply::Discard => Answer::Final(VerdictKind::Discard),
             Reply::ReplyCode { reply } => Answer::Final(code_verdict(&reply, stage.name())?),
             other => return Err(unexpected(&other, stage.name())),
         })
@@ -397,16 +378,16 @@ impl Session {
 /// A connect or HELO answer that ends the connection; Postfix ignores discard there.
 fn connection_verdict(stage: Stage, answer: Answer) -> Option<Outcome> {
     match answer {
-        Answer::Final(Verdict::Discard) | Answer::Continue | Answer::Skip => None,
+        Answer::Final(VerdictKind::Discard) | Answer::Continue | Answer::Skip => None,
         Answer::Final(v) => Some(Outcome::at(stage, v)),
     }
 }
 
 /// The verdict of an SMTP reply text: 4xx tempfail, 5xx reject.
-fn code_verdict(reply: &CString, stage: &'static str) -> Result<Verdict, ClientError> {
+fn code_verdict(reply: &CString, stage: &'static str) -> Result<VerdictKind, ClientError> {
     match reply.as_bytes().first() {
-        Some(b'4') => Ok(Verdict::Tempfail),
-        Some(b'5') => Ok(Verdict::Reject),
+        Some(b'4') => Ok(VerdictKind::Tempfail),
+        Some(b'5') => Ok(VerdictKind::Reject),
         _ => Err(unexpected(
             &Reply::ReplyCode {
                 reply: reply.clone(),

@@ -1,7 +1,6 @@
 //! The SPF service: RFC 7208 `check_host()` evaluation by viaspf over the process-wide
 //! [`Resolver`] (through a viaspf `Lookup` adapter, so SPF shares the DNS cache), MAIL FROM and
-//! HELO checks, pyspf-style best guess, the `Received-SPF` header value, and the `milter.spf`
-//! Lua module.
+//! HELO checks, pyspf-style best guess, and the `Received-SPF` header value.
 //!
 //! **Best guess.** viaspf can only evaluate records it finds in DNS, so [`Spf::best_guess`]
 //! wraps the adapter for that one evaluation: the first TXT query (which `check_host()` always
@@ -16,14 +15,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use mlua::{Lua, Table};
 use serde::Deserialize;
 use viaspf::lookup::{Lookup, LookupError, LookupResult, Name};
 use viaspf::record::SpfRecord;
 use viaspf::{DomainName, ExplanationString, QueryResult, Sender, SpfResult, SpfResultCause};
 
-use crate::dns::{DnsError, Resolver};
-use crate::net::{dot_atom_or_quoted, ip_argument, parse_address};
+use crate::services::dns::{DnsError, Resolver};
+use crate::services::net::{dot_atom_or_quoted, parse_address};
 
 /// SPF settings (`[spf]` in the config file).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -494,83 +492,4 @@ impl Lookup for GuessLookup<'_> {
     async fn lookup_ptr<'lookup>(&'lookup self, ip: IpAddr) -> LookupResult<Vec<Name>> {
         self.inner.lookup_ptr(ip).await
     }
-}
-
-/// Builds the `milter.spf` Lua module: `check_host`, `check_helo`, `best_guess`, each an async
-/// function returning a table (`result`, `explanation`, `mechanism`, `received_spf`,
-/// `guessed`). See `docs/lua-api/spf.md`.
-pub fn lua_module(lua: &Lua, spf: Arc<Spf>) -> mlua::Result<Table> {
-    fn table(lua: &Lua, outcome: SpfOutcome) -> mlua::Result<Table> {
-        let table = lua.create_table()?;
-        table.set("result", outcome.result)?;
-        table.set("explanation", outcome.explanation)?;
-        table.set("mechanism", outcome.mechanism)?;
-        table.set("received_spf", outcome.received_spf)?;
-        table.set("guessed", outcome.guessed)?;
-        Ok(table)
-    }
-    let module = lua.create_table()?;
-    let service = spf.clone();
-    module.set(
-        "check_host",
-        lua.create_async_function(
-            move |lua, (ip, sender, helo): (String, Option<String>, Option<String>)| {
-                let spf = service.clone();
-                async move {
-                    let ip = ip_argument("check_host", 1, &ip)?;
-                    let outcome = spf
-                        .check_host(
-                            ip,
-                            sender.as_deref().unwrap_or(""),
-                            helo.as_deref().unwrap_or(""),
-                        )
-                        .await;
-                    table(&lua, outcome)
-                }
-            },
-        )?,
-    )?;
-    let service = spf.clone();
-    module.set(
-        "check_helo",
-        lua.create_async_function(move |lua, (ip, helo): (String, Option<String>)| {
-            let spf = service.clone();
-            async move {
-                let ip = ip_argument("check_helo", 1, &ip)?;
-                table(
-                    &lua,
-                    spf.check_helo(ip, helo.as_deref().unwrap_or("")).await,
-                )
-            }
-        })?,
-    )?;
-    module.set(
-        "best_guess",
-        lua.create_async_function(
-            move |lua,
-                  (ip, sender, helo, record): (
-                String,
-                Option<String>,
-                Option<String>,
-                Option<String>,
-            )| {
-                let spf = spf.clone();
-                async move {
-                    let ip = ip_argument("best_guess", 1, &ip)?;
-                    let record = match record {
-                        Some(text) => text.parse().map_err(|e: SpfError| {
-                            mlua::Error::runtime(format!("bad argument #4 to 'best_guess' ({e})"))
-                        })?,
-                        None => spf.guess.clone(),
-                    };
-                    let (sender, helo) = (
-                        sender.as_deref().unwrap_or(""),
-                        helo.as_deref().unwrap_or(""),
-                    );
-                    table(&lua, spf.best_guess_with(ip, sender, helo, &record).await)
-                }
-            },
-        )?,
-    )?;
-    Ok(module)
 }

@@ -1,13 +1,17 @@
 //! Site facts (`[site]`): who is internal, trusted or an internal MTA, the site's own domains,
 //! HELO names that lie, delayed rejects and the access map. Built with each generation (so it
-//! reloads with the config) and read-only for policies.
+//! reloads with the config) and read-only for policies, which may also read list files, but
+//! only from the config file's directory and the policy directories ([`Site::read_list`]).
 
-use crate::{access::AccessMap, net::IpSet};
+use crate::services::{
+    access::{AccessError, AccessMap, EntryError},
+    net::{IpSet, IpSetError},
+};
 use serde::Deserialize;
 use std::{
     collections::{BTreeMap, HashSet},
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 /// `[site]` in the config file.
@@ -32,6 +36,86 @@ pub struct SiteConfig {
     pub access_file: Option<PathBuf>,
     /// Access-map entries: `"SPF-Neutral:aol.com" = "REJECT"`.
     pub access: BTreeMap<String, String>,
+    /// The policy directories, resolved (not a `[site]` key: [`Config::parse`] copies them
+    /// from `[policies] dirs`). List files may be read there and in the config file's
+    /// directory.
+    ///
+    /// [`Config::parse`]: crate::config::Config::parse
+    #[serde(skip)]
+    pub policy_dirs: Vec<PathBuf>,
+}
+
+/// A problem in `[site]`.
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    /// A bad entry in `internal_networks`, `trusted_relays` or `internal_mtas`.
+    #[error("[site] {key}: {source}")]
+    Networks {
+        /// The key.
+        key: &'static str,
+        /// The bad entry.
+        source: IpSetError,
+    },
+    /// The access file cannot be read, or has bad lines.
+    #[error(transparent)]
+    AccessFile(#[from] AccessError),
+    /// A bad entry in `[site.access]`.
+    #[error("{at}: [site.access] {error}")]
+    Access {
+        /// The config file.
+        at: String,
+        /// What is wrong with the entry.
+        error: EntryError,
+    },
+}
+
+/// Every problem [`Site::build`] found.
+#[derive(Debug)]
+pub struct SiteErrors(pub Vec<SiteError>);
+
+/// The engine collects load problems as text, one per line.
+impl From<SiteErrors> for Vec<String> {
+    fn from(errors: SiteErrors) -> Self {
+        errors.0.iter().map(ToString::to_string).collect()
+    }
+}
+
+/// Why [`Site::read_list`] has no entries to give. Policies see [`ListError::code`].
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    /// The file does not resolve into a directory lists may be read from.
+    #[error(
+        "{}: outside the directories list files are read from ({})",
+        path.display(),
+        allowed.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    Outside {
+        /// The path asked for, joined to the config file's directory.
+        path: PathBuf,
+        /// The config file's directory and the policy directories.
+        allowed: Vec<PathBuf>,
+    },
+    /// The file cannot be read (it does not exist, or reading fails).
+    #[error("{}: cannot read: {source}", path.display())]
+    Unreadable {
+        /// The path asked for, joined to the config file's directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+impl ListError {
+    /// The short stable word policies branch on: `"outside"`, `"missing"` or `"unreadable"`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Outside { .. } => "outside",
+            Self::Unreadable { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                "missing"
+            }
+            Self::Unreadable { .. } => "unreadable",
+        }
+    }
 }
 
 /// The site facts of one generation.
@@ -50,22 +134,20 @@ pub struct Site {
     pub access: AccessMap,
     /// The directory relative list paths are resolved against: the config file's.
     pub base_dir: PathBuf,
+    /// The policy directories: list files may be read there too.
+    pub policy_dirs: Vec<PathBuf>,
 }
 
-fn ip_set(what: &str, entries: &[String], errors: &mut Vec<String>) -> IpSet {
-    IpSet::new(entries).unwrap_or_else(|e| {
-        errors.push(format!("[site] {what}: {e}"));
+fn ip_set(key: &'static str, entries: &[String], errors: &mut Vec<SiteError>) -> IpSet {
+    IpSet::new(entries).unwrap_or_else(|source| {
+        errors.push(SiteError::Networks { key, source });
         IpSet::default()
     })
 }
 
 impl Site {
     /// Builds the site facts; relative paths are relative to `base`. Returns every problem.
-    pub fn build(
-        config: &SiteConfig,
-        base: &std::path::Path,
-        at: &str,
-    ) -> Result<Site, Vec<String>> {
+    pub fn build(config: &SiteConfig, base: &Path, at: &str) -> Result<Site, SiteErrors> {
         let mut errors = Vec::new();
         let mut access = AccessMap::default();
         if let Some(path) = &config.access_file {
@@ -74,13 +156,16 @@ impl Site {
             } else {
                 base.join(path)
             };
-            if let Err(mut es) = access.add_file(&path) {
-                errors.append(&mut es);
+            if let Err(es) = access.add_file(&path) {
+                errors.extend(es.into_iter().map(SiteError::from));
             }
         }
         for (key, value) in &config.access {
-            if let Err(e) = access.insert(key, value) {
-                errors.push(format!("{at}: [site.access] {e}"));
+            if let Err(error) = access.insert(key, value) {
+                errors.push(SiteError::Access {
+                    at: at.to_string(),
+                    error,
+                });
             }
         }
         let site = Site {
@@ -101,12 +186,41 @@ impl Site {
             delay_reject: config.delay_reject,
             access,
             base_dir: base.to_path_buf(),
+            policy_dirs: config.policy_dirs.clone(),
         };
         if errors.is_empty() {
             Ok(site)
         } else {
-            Err(errors)
+            Err(SiteErrors(errors))
         }
+    }
+
+    /// The entries of list file `path` (see [`list_entries`]), for a policy. A relative `path`
+    /// is relative to the config file's directory. With every symlink resolved, the file must
+    /// lie in that directory or in a policy directory: policies have no other file access.
+    pub fn read_list(&self, path: &str) -> Result<Vec<String>, ListError> {
+        let path = self.base_dir.join(path);
+        let inside = real_path(&path).filter(|real| {
+            self.list_dirs()
+                .filter_map(|dir| dir.canonicalize().ok())
+                .any(|dir| real.starts_with(dir))
+        });
+        let Some(real) = inside else {
+            return Err(ListError::Outside {
+                path,
+                allowed: self.list_dirs().map(Path::to_path_buf).collect(),
+            });
+        };
+        match std::fs::read(&real) {
+            Ok(bytes) => Ok(list_entries(&bytes)),
+            Err(source) => Err(ListError::Unreadable { path, source }),
+        }
+    }
+
+    /// The directories list files may be read from: the config file's, then the policy ones.
+    fn list_dirs(&self) -> impl Iterator<Item = &Path> {
+        std::iter::once(self.base_dir.as_path())
+            .chain(self.policy_dirs.iter().map(PathBuf::as_path))
     }
 
     /// Whether `ip` is in `internal_networks`.
@@ -177,6 +291,26 @@ pub fn list_entries(bytes: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// `path` with every symlink resolved, as far as it exists: the canonical form of its longest
+/// existing ancestor, followed by the names after it (so a missing file still has a place to
+/// check). `None` when no ancestor exists or a `..` follows a missing part.
+fn real_path(path: &Path) -> Option<PathBuf> {
+    let mut missing = Vec::new();
+    let mut current = path;
+    loop {
+        if let Ok(real) = current.canonicalize() {
+            return Some(
+                missing
+                    .iter()
+                    .rev()
+                    .fold(real, |real, name| real.join(name)),
+            );
+        }
+        missing.push(current.file_name()?);
+        current = current.parent()?;
+    }
+}
+
 /// The system's host name.
 pub fn system_hostname() -> String {
     let mut buf = [0u8; 256];
@@ -195,7 +329,7 @@ mod tests {
 
     fn site(text: &str) -> Result<Site, Vec<String>> {
         let config: SiteConfig = toml::from_str(text).unwrap();
-        Site::build(&config, std::path::Path::new("."), "c.toml")
+        Site::build(&config, Path::new("."), "c.toml").map_err(Vec::from)
     }
 
     #[test]
@@ -258,5 +392,73 @@ hello_blacklist = ["Mail.Example.org"]"#,
             errs.iter().any(|e| e.contains("call-back verification")),
             "{errs:?}"
         );
+    }
+
+    /// A config dir and a policy dir side by side, a file in each, and one outside both.
+    struct Dirs {
+        root: tempfile::TempDir,
+        site: Site,
+    }
+
+    fn dirs() -> Dirs {
+        let root = tempfile::TempDir::new().unwrap();
+        for dir in ["etc", "policies", "outside"] {
+            std::fs::create_dir(root.path().join(dir)).unwrap();
+        }
+        std::fs::write(root.path().join("etc/words"), "from the config dir\n").unwrap();
+        std::fs::write(root.path().join("policies/words"), "from a policy dir\n").unwrap();
+        std::fs::write(root.path().join("outside/secret"), "secret\n").unwrap();
+        let site = Site {
+            base_dir: root.path().join("etc"),
+            policy_dirs: vec![root.path().join("policies")],
+            ..Site::default()
+        };
+        Dirs { root, site }
+    }
+
+    #[test]
+    fn read_list_reads_in_the_config_and_policy_dirs() {
+        let Dirs { root, site } = dirs();
+        assert_eq!(site.read_list("words").unwrap(), ["from the config dir"]);
+        assert_eq!(
+            site.read_list("../policies/words").unwrap(),
+            ["from a policy dir"]
+        );
+        let absolute = root.path().join("policies/words");
+        assert_eq!(
+            site.read_list(absolute.to_str().unwrap()).unwrap(),
+            ["from a policy dir"]
+        );
+        std::os::unix::fs::symlink("../policies/words", root.path().join("etc/link")).unwrap();
+        assert_eq!(site.read_list("link").unwrap(), ["from a policy dir"]);
+        assert_eq!(site.read_list("absent").unwrap_err().code(), "missing");
+        assert_eq!(site.read_list(".").unwrap_err().code(), "unreadable");
+    }
+
+    #[test]
+    fn read_list_refuses_what_resolves_elsewhere() {
+        let Dirs { root, site } = dirs();
+        std::os::unix::fs::symlink("../outside/secret", root.path().join("etc/link")).unwrap();
+        std::os::unix::fs::symlink("../outside", root.path().join("policies/out")).unwrap();
+        for path in [
+            "/etc/passwd",
+            "../outside/secret",
+            "../outside/absent",
+            "../../../../../../etc/passwd",
+            "link",
+            "../policies/out/secret",
+            "absent/../../outside/secret",
+        ] {
+            let error = site.read_list(path).unwrap_err();
+            assert_eq!(error.code(), "outside", "{path}: {error}");
+        }
+        let text = site.read_list("link").unwrap_err().to_string();
+        let expected = format!(
+            "{}: outside the directories list files are read from ({}, {})",
+            root.path().join("etc/link").display(),
+            root.path().join("etc").display(),
+            root.path().join("policies").display()
+        );
+        assert_eq!(text, expected);
     }
 }

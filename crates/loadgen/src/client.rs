@@ -4,7 +4,6 @@
 //! together with the next command that expects one).
 
 use super::endpoint::{self, MilterStream};
-use crate::listen::ListenAddr;
 use indymilter::{
     Actions, ProtoOpts,
     message::{
@@ -13,6 +12,7 @@ use indymilter::{
         reply::Reply,
     },
 };
+use luamilter_vocab::ListenAddr;
 use std::{io, time::Duration};
 use tokio::{
     io::{AsyncWriteExt, BufStream},

@@ -1,14 +1,12 @@
 //! The DNS service: one shared, caching hickory resolver for the whole process, typed lookups
-//! (A, AAAA, MX, TXT, PTR, NS), forward-confirmed reverse DNS, DNSBL/RHSBL queries, and the
-//! `milter.dns` Lua module over them.
+//! (A, AAAA, MX, TXT, PTR, NS), forward-confirmed reverse DNS and DNSBL/RHSBL queries.
 //!
 //! Every failure is a [`DnsError`] with a short stable code (`"nxdomain"`, `"timeout"`, ...) that
-//! the Lua module hands to policies as `nil, code`. Names given to lookups are always treated as
-//! fully qualified (no search list), and names returned have no trailing root dot, so they
-//! compare equal to HELO names and mail domains.
+//! the `milter.dns` Lua module (in `lua_api`) hands to policies as `nil, code`. Names given to
+//! lookups are always treated as fully qualified (no search list), and names returned have no
+//! trailing root dot, so they compare equal to HELO names and mail domains.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
@@ -17,9 +15,6 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError as HickoryDnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
-use mlua::{Lua, Table, Value};
-
-use crate::net::ip_argument;
 use serde::Deserialize;
 
 /// How many PTR names [`Resolver::fcrdns`] checks at most (as RFC 7208 §5.5 does for `ptr`).
@@ -366,110 +361,6 @@ fn reversed_ip(ip: IpAddr) -> String {
             nibbles.join(".")
         }
     }
-}
-
-/// What a Lua DNS function returns: `value` on success, `nil, code` on failure.
-type LuaReply = (Value, Option<&'static str>);
-
-fn reply<T>(
-    lua: &Lua,
-    result: Result<T, DnsError>,
-    convert: impl FnOnce(&Lua, T) -> mlua::Result<Value>,
-) -> mlua::Result<LuaReply> {
-    match result {
-        Ok(value) => Ok((convert(lua, value)?, None)),
-        Err(error) => Ok((Value::Nil, Some(error.code()))),
-    }
-}
-
-fn string_list<T: ToString>(lua: &Lua, items: Vec<T>) -> mlua::Result<Value> {
-    Ok(Value::Table(lua.create_sequence_from(
-        items.iter().map(ToString::to_string),
-    )?))
-}
-
-fn listing_value(lua: &Lua, listing: Option<Listing>) -> mlua::Result<Value> {
-    let Some(listing) = listing else {
-        return Ok(Value::Boolean(false));
-    };
-    let table = lua.create_table()?;
-    table.set("codes", string_list(lua, listing.codes)?)?;
-    table.set("reason", listing.reason)?;
-    Ok(Value::Table(table))
-}
-
-/// Builds the `milter.dns` Lua module: `a aaaa mx txt ptr ns fcrdns dnsbl rhsbl`, each an async
-/// function returning its data, or `nil, code` (see [`DnsError::code`]). See
-/// `docs/lua-api/dns.md`.
-pub fn lua_module(lua: &Lua, resolver: Arc<Resolver>) -> mlua::Result<Table> {
-    let module = lua.create_table()?;
-    // `lists`: several list queries at once.
-    crate::dns_lists::register(lua, &module, Arc::clone(&resolver))?;
-
-    macro_rules! by_name {
-        ($field:literal, $method:ident, $convert:expr) => {{
-            let resolver = resolver.clone();
-            module.set(
-                $field,
-                lua.create_async_function(move |lua, name: String| {
-                    let resolver = resolver.clone();
-                    async move { reply(&lua, resolver.$method(&name).await, $convert) }
-                })?,
-            )?;
-        }};
-    }
-    by_name!("a", a, string_list);
-    by_name!("aaaa", aaaa, string_list);
-    by_name!("txt", txt, string_list);
-    by_name!("ns", ns, string_list);
-    by_name!("mx", mx, |lua: &Lua, mx: Vec<(u16, String)>| {
-        let list = lua.create_table()?;
-        for (preference, exchange) in mx {
-            let entry = lua.create_table()?;
-            entry.set("preference", preference)?;
-            entry.set("exchange", exchange)?;
-            list.push(entry)?;
-        }
-        Ok(Value::Table(list))
-    });
-
-    macro_rules! by_ip {
-        ($field:literal, $method:ident) => {{
-            let resolver = resolver.clone();
-            module.set(
-                $field,
-                lua.create_async_function(move |lua, ip: String| {
-                    let resolver = resolver.clone();
-                    async move {
-                        let ip = ip_argument($field, 1, &ip)?;
-                        reply(&lua, resolver.$method(ip).await, string_list)
-                    }
-                })?,
-            )?;
-        }};
-    }
-    by_ip!("ptr", ptr);
-    by_ip!("fcrdns", fcrdns);
-
-    let dnsbl_resolver = resolver.clone();
-    module.set(
-        "dnsbl",
-        lua.create_async_function(move |lua, (ip, zone): (String, String)| {
-            let resolver = dnsbl_resolver.clone();
-            async move {
-                let ip = ip_argument("dnsbl", 1, &ip)?;
-                reply(&lua, resolver.dnsbl(ip, &zone).await, listing_value)
-            }
-        })?,
-    )?;
-    module.set(
-        "rhsbl",
-        lua.create_async_function(move |lua, (domain, zone): (String, String)| {
-            let resolver = resolver.clone();
-            async move { reply(&lua, resolver.rhsbl(&domain, &zone).await, listing_value) }
-        })?,
-    )?;
-    Ok(module)
 }
 
 #[cfg(test)]

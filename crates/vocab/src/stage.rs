@@ -1,4 +1,4 @@
-//! The milter stage vocabulary shared by config, engine, Lua API, logs and docs.
+//! The milter stage vocabulary shared by config, engine, Lua API, logs, docs and the load generator.
 
 use indymilter::ProtoOpts;
 use std::{

@@ -1,0 +1,74 @@
+//! What policies rely on, in plain Rust (no Lua here: the bindings are in `lua_api`).
+//!
+//! [`Services`] holds the process-wide ones: one DNS resolver (and its cache), SPF over that
+//! resolver, and the store, built once at start and shared by every generation and Lua state.
+//! The modules beside it are the services themselves: [`dns`] and [`dns_lists`] (several list
+//! queries at once, over `dns`), [`spf`], [`store`], [`net`] (IP sets, envelope addresses, the
+//! dynamic-PTR heuristic), [`mime`] (header decoding), and the per-generation [`site`] facts
+//! with their [`access`] map.
+
+pub mod access;
+pub mod dns;
+pub mod dns_lists;
+pub mod mime;
+pub mod net;
+pub mod site;
+pub mod spf;
+pub mod store;
+
+use crate::config::Config;
+use dns::{Resolver, SetupError};
+use spf::{Spf, SpfError};
+use std::sync::Arc;
+use store::{Store, StoreError};
+
+/// A service could not be started; the message names its config section.
+#[derive(Debug, thiserror::Error)]
+pub enum ServicesError {
+    /// The resolver (`[dns]`).
+    #[error("[dns]: {0}")]
+    Dns(#[from] SetupError),
+    /// SPF (`[spf]`).
+    #[error("[spf]: {0}")]
+    Spf(#[from] SpfError),
+    /// The store (`[store]`).
+    #[error("[store]: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Shared services.
+pub struct Services {
+    /// The DNS resolver.
+    pub resolver: Arc<Resolver>,
+    /// SPF evaluation over `resolver`.
+    pub spf: Arc<Spf>,
+    /// Persistent state.
+    pub store: Arc<dyn Store>,
+}
+
+impl Services {
+    /// Builds the services from `config` (call inside a tokio runtime). The store's SQLite
+    /// file is created if missing; a Redis store connects on first use.
+    pub fn start(config: &Config) -> Result<Services, ServicesError> {
+        Services::start_with_clock(config, store::system_clock())
+    }
+
+    /// [`Services::start`] with the store's time taken from `clock` (tests move it by hand).
+    pub fn start_with_clock(
+        config: &Config,
+        clock: store::Clock,
+    ) -> Result<Services, ServicesError> {
+        let resolver = Arc::new(Resolver::new(&config.dns)?);
+        let spf = Arc::new(Spf::new(Arc::clone(&resolver), &config.spf)?);
+        let mut store_config = config.store.clone();
+        if store_config.path.is_relative() {
+            store_config.path = config.source.base_dir().join(&store_config.path);
+        }
+        let store = store::open(&store_config, clock)?;
+        Ok(Services {
+            resolver,
+            spf,
+            store,
+        })
+    }
+}
