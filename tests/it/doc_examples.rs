@@ -1161,8 +1161,11 @@ async fn check_toml(
     let base = dir.path();
     let resolve = |p: &str| -> PathBuf {
         let p = Path::new(p);
-        if p.is_absolute() {
+        if p.starts_with(base) {
             p.to_path_buf()
+        } else if p.is_absolute() {
+            // An annotation's absolute path, re-rooted like the block's.
+            base.join(p.strip_prefix("/").unwrap())
         } else {
             base.join(p)
         }
