@@ -136,8 +136,7 @@ impl Daemon {
                                 return;
                             }
                         };
-                        let unix = matches!(bound.local, ListenAddr::Unix(_));
-                        let callbacks = server::callbacks(engine, unix, index);
+                        let callbacks = server::callbacks(engine, index);
                         let stopped = async move {
                             let _ = stop.wait_for(|s| *s).await;
                         };

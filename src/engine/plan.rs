@@ -29,10 +29,9 @@ const CORE_MACROS: &[(MacroStage, &str)] = &[
 pub struct Plan {
     /// Stages the MTA need not send, and other options to ask for (REJECTED_RCPT).
     pub skip: ProtoOpts,
-    /// Stages the MTA need not wait for a reply to.
+    /// Stages the MTA need not wait for a reply to: those whose handlers are all declared
+    /// `noreply`, and those sent only for their data.
     pub noreply: ProtoOpts,
-    /// Stages sent without a reply only on unix sockets (collected but not handled).
-    pub collect_only: ProtoOpts,
     /// Macros to request per stage (empty: the MTA's defaults).
     pub macros: HashMap<MacroStage, CString>,
 }
@@ -55,8 +54,9 @@ fn skippable_stages() -> impl Iterator<Item = (Stage, ProtoOpts, ProtoOpts)> {
     })
 }
 
-/// Whether `stage` is sent for its data although no policy handles it. The envelope (connect,
-/// HELO, MAIL, RCPT) always is: every policy may read `ctx.client`, `ctx.helo`, `ctx.sender` and
+/// Whether `stage` is sent for its data although no policy handles it (without a reply: the MTA
+/// queues it with the next command that waits for one). The envelope (connect, HELO, MAIL,
+/// RCPT) always is: every policy may read `ctx.client`, `ctx.helo`, `ctx.sender` and
 /// `ctx.recipients`, and it costs the MTA one small packet per stage. Headers are, when a policy
 /// handles a content stage or reads headers (its source mentions them, or `needs` says so).
 fn collected(stage: Stage, decls: &[PolicyDecl]) -> bool {
@@ -77,14 +77,19 @@ impl Plan {
     pub fn from_policies(decls: &[PolicyDecl], delay_reject: bool) -> Plan {
         let mut skip = ProtoOpts::empty();
         let mut noreply = ProtoOpts::empty();
-        let mut collect_only = ProtoOpts::empty();
+        // A verdict from a declared no-reply handler is owed to the next stage that replies;
+        // stages collected after the first such stage reply, so it arrives at once.
+        let first_declared = decls.iter().flat_map(|d| d.noreply.iter()).min().copied();
+        let collect_noreply = |stage: Stage| first_declared.is_none_or(|first| stage < first);
         for (stage, no, no_reply) in skippable_stages() {
             let handlers: Vec<&PolicyDecl> = decls.iter().filter(|d| d.handles[stage]).collect();
             if handlers.is_empty() {
                 if stage == Stage::Data && delay_reject {
                     // Delayed rejects are answered at DATA: it must be sent, with a reply.
                 } else if collected(stage, decls) {
-                    collect_only |= no_reply;
+                    if collect_noreply(stage) {
+                        noreply |= no_reply;
+                    }
                 } else {
                     skip |= no;
                 }
@@ -100,15 +105,12 @@ impl Plan {
             && skip.contains(ProtoOpts::NO_EOH)
         {
             skip.remove(ProtoOpts::NO_EOH);
-            collect_only |= ProtoOpts::NOREPLY_EOH;
+            if collect_noreply(Stage::Eoh) {
+                noreply |= ProtoOpts::NOREPLY_EOH;
+            }
         }
         if decls.iter().any(|d| d.rejected_recipients) {
             skip |= ProtoOpts::REJECTED_RCPT;
-        }
-        // A verdict from a declared no-reply handler is owed to the next stage that replies;
-        // keep every other stage replying so it arrives at once, not at end of message.
-        if decls.iter().any(|d| !d.noreply.is_empty()) {
-            collect_only = ProtoOpts::empty();
         }
         let mut wanted: BTreeMap<MacroStage, Vec<String>> = BTreeMap::new();
         for d in decls {
@@ -138,7 +140,6 @@ impl Plan {
         Plan {
             skip,
             noreply,
-            collect_only,
             macros,
         }
     }

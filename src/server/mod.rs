@@ -41,14 +41,12 @@ impl Conn {
 }
 
 /// Builds the indymilter callbacks over `engine` for worker thread `worker` (its connections
-/// run on that worker's Lua state). `unix` tells whether the socket is a unix socket, where
-/// stages that only collect data are negotiated without replies.
-pub fn callbacks(engine: Arc<Engine>, unix: bool, worker: usize) -> Callbacks<Conn> {
+/// run on that worker's Lua state).
+pub fn callbacks(engine: Arc<Engine>, worker: usize) -> Callbacks<Conn> {
     Callbacks::new()
         .on_negotiate(move |cx, actions, opts| {
             Box::pin(negotiate::negotiate(
                 Arc::clone(&engine),
-                unix,
                 worker,
                 cx,
                 actions,

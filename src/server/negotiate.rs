@@ -9,11 +9,9 @@ use crate::{
 use indymilter::{Actions, NegotiateContext, ProtoOpts, Status};
 use std::sync::Arc;
 
-/// Negotiates for a connection of worker thread `worker`. `unix` tells whether the socket is a
-/// unix socket, where stages that only collect data are negotiated without replies.
+/// Negotiates for a connection of worker thread `worker`.
 pub async fn negotiate(
     engine: Arc<Engine>,
-    unix: bool,
     worker: usize,
     cx: &mut NegotiateContext<Conn>,
     offered_actions: Actions,
@@ -21,10 +19,7 @@ pub async fn negotiate(
 ) -> Status {
     let generation = engine.current();
     let plan = &generation.plan;
-    let mut wanted = plan.skip | plan.noreply;
-    if unix {
-        wanted |= plan.collect_only;
-    }
+    let wanted = plan.skip | plan.noreply;
     cx.requested_actions = offered_actions & SUPPORTED_ACTIONS;
     cx.requested_opts |= wanted & offered_opts;
     cx.requested_macros = plan.macros.clone();
