@@ -164,13 +164,18 @@ fn blocks(page: &Page, failures: &mut Vec<String>) -> Vec<Block> {
             i += 1;
             continue;
         }
-        let fence: String = trimmed.chars().take_while(|&c| c == '`' || c == '~').collect();
-        if fence.len() >= 3 && fence.chars().all(|c| c == fence.chars().next().unwrap()) {
-            let lang = trimmed[fence.len()..]
-                .split_whitespace()
-                .next()
-                .unwrap_or("")
-                .to_string();
+        let fence: String = trimmed
+            .chars()
+            .take_while(|&c| c == '`' || c == '~')
+            .collect();
+        let info = &trimmed[fence.len()..];
+        // CommonMark: one fence character, at least three, and no backtick in the info string
+        // of a backtick fence (``` ```lua ``` in a sentence is inline code).
+        if fence.len() >= 3
+            && fence.chars().all(|c| c == fence.chars().next().unwrap())
+            && !(fence.starts_with('`') && info.contains('`'))
+        {
+            let lang = info.split_whitespace().next().unwrap_or("").to_string();
             let start = i;
             let mut body = Vec::new();
             i += 1;
@@ -228,8 +233,8 @@ fn parse_note(text: &str) -> Result<Note, String> {
         if chars.peek().is_none() {
             return Ok(pairs);
         }
-        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=' && !c.is_whitespace()))
-            .collect();
+        let key: String =
+            std::iter::from_fn(|| chars.next_if(|c| *c != '=' && !c.is_whitespace())).collect();
         if chars.next() != Some('=') {
             return Err(format!("expected key=value, got {key:?}"));
         }
@@ -504,10 +509,9 @@ return t end end)(require \"milter\", xpcall, pairs, type, tostring, table.pack,
 fn page_defaults(page: &str) -> (&'static str, &'static str) {
     match page {
         "docs/lua-api/ctx.md" => ("eom", ""),
-        "docs/policies/bans.md" | "docs/policies/lib/domain_ban.md" => (
-            "mail",
-            "; local domain_ban = require \"lib.domain_ban\"",
-        ),
+        "docs/policies/bans.md" | "docs/policies/lib/domain_ban.md" => {
+            ("mail", "; local domain_ban = require \"lib.domain_ban\"")
+        }
         _ => ("mail", ""),
     }
 }
@@ -665,16 +669,15 @@ fn policy_name(block: &Block, setup: &Setup, kind: Kind) -> String {
     }
     if kind == Kind::Policy {
         for line in block.text.lines() {
-            let t = line.trim_start();
-            if let Some(rest) = t.strip_prefix("name") {
-                let rest = rest.trim_start();
-                if let Some(rest) = rest.strip_prefix('=') {
-                    if let Some(value) = rest.trim().strip_prefix('"') {
-                        if let Some(end) = value.find('"') {
-                            return value[..end].to_string();
-                        }
-                    }
-                }
+            let value = line
+                .trim_start()
+                .strip_prefix("name")
+                .and_then(|rest| rest.trim_start().strip_prefix('='))
+                .and_then(|rest| rest.trim().strip_prefix('"'));
+            if let Some(value) = value
+                && let Some(end) = value.find('"')
+            {
+                return value[..end].to_string();
             }
         }
     }
@@ -846,7 +849,12 @@ async fn run_lua(block: &Block, dns: &TestDns, counts: &mut Counts) -> Result<()
     );
     let path = dir.path().join("luamilter.toml");
     std::fs::write(&path, config).unwrap();
-    let locate = |e: &str| tidy(&policy.run.locate(&policy.name, &block.page, e), &block.page);
+    let locate = |e: &str| {
+        tidy(
+            &policy.run.locate(&policy.name, &block.page, e),
+            &block.page,
+        )
+    };
     let daemon = TestDaemon::start_config(dir, &path)
         .await
         .map_err(|e| format!("the daemon refused the policy: {}", locate(&e)))?;
@@ -858,7 +866,13 @@ async fn run_lua(block: &Block, dns: &TestDns, counts: &mut Counts) -> Result<()
             .unwrap_or_else(|_| Err("the conversation took more than 30 s".into()))
             .and_then(|t| {
                 if show() {
-                    eprintln!("{} ({:?} {}): {}", block.at(), policy.kind, policy.name, t.show());
+                    eprintln!(
+                        "{} ({:?} {}): {}",
+                        block.at(),
+                        policy.kind,
+                        policy.name,
+                        t.show()
+                    );
                 }
                 t.check(m)
             });
@@ -926,7 +940,9 @@ fn describe_edit(action: &EomAction) -> String {
             format!("change_header {}[{index}]: {}", s(name), s(value))
         }
         EomAction::DeleteHeader { name, index } => format!("delete_header {}[{index}]", s(name)),
-        EomAction::ChangeSender { mail, args: a } => format!("change_sender {}{}", s(mail), args(a)),
+        EomAction::ChangeSender { mail, args: a } => {
+            format!("change_sender {}{}", s(mail), args(a))
+        }
         EomAction::AddRecipient { rcpt, args: a } => format!("add_rcpt {}{}", s(rcpt), args(a)),
         EomAction::DeleteRecipient { rcpt } => format!("delete_rcpt {}", s(rcpt)),
         EomAction::ReplaceBody { chunk } => {
@@ -1004,14 +1020,20 @@ impl Transcript {
                 ));
             }
         }
-        if let Some(reply) = &m.reply {
-            if !reply_of(status).contains(reply.as_str()) {
-                return Err(format!("expected a reply containing {reply:?}; {}", self.show()));
-            }
+        if let Some(reply) = &m.reply
+            && !reply_of(status).contains(reply.as_str())
+        {
+            return Err(format!(
+                "expected a reply containing {reply:?}; {}",
+                self.show()
+            ));
         }
         for edit in &m.edits {
             if !self.edits.iter().any(|e| e.contains(edit.as_str())) {
-                return Err(format!("expected an edit containing {edit:?}; {}", self.show()));
+                return Err(format!(
+                    "expected an edit containing {edit:?}; {}",
+                    self.show()
+                ));
             }
         }
         Ok(())
@@ -1046,10 +1068,9 @@ async fn converse(daemon: &TestDaemon, m: &Message) -> Result<Transcript, String
             }
         }};
     }
-    let ip: std::net::IpAddr = m
-        .ip
-        .parse()
-        .map_err(|_| format!("annotation: bad ip {:?}", m.ip))?;
+    let ip: std::net::IpAddr =
+        m.ip.parse()
+            .map_err(|_| format!("annotation: bad ip {:?}", m.ip))?;
     step!("connect", c.connect(&m.hostname, ip));
     step!("helo", c.helo(&m.helo));
     let mut mail = vec![format!("<{}>", m.sender)];
@@ -1108,8 +1129,7 @@ async fn check_toml(
         .text
         .replace("\"/", &format!("\"{root}/"))
         .replace("'/", &format!("'{root}/"));
-    let table: toml::Table =
-        toml::from_str(&text).map_err(|e| format!("not valid TOML: {e}"))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| format!("not valid TOML: {e}"))?;
     let mut config = text.clone();
     let configured: Vec<String> = table
         .get("policy")
@@ -1181,7 +1201,9 @@ async fn check_toml(
             .or_else(|| lua.iter().rev().find(|(line, _, _)| *line < block.line))
             .map(|(_, _, s)| s)
             .ok_or_else(|| {
-                format!("the chain names {name:?}, which is neither stock nor a Lua block of the page")
+                format!(
+                    "the chain names {name:?}, which is neither stock nor a Lua block of the page"
+                )
             })?;
         std::fs::write(policy_dir.join(format!("{name}.lua")), source).unwrap();
     }
@@ -1270,10 +1292,10 @@ async fn check_pages(pages: &[Page], dns: &TestDns) -> (Counts, Vec<String>) {
         // Every Lua block as a policy source, for the TOML blocks of the page.
         let mut lua_sources = Vec::new();
         for block in blocks.iter().filter(|b| b.lang == "lua") {
-            if let Ok((setup, _)) = read_notes(block, true) {
-                if let Ok(p) = lua_policy(block, &setup) {
-                    lua_sources.push((block.line, p.name, p.plain));
-                }
+            if let Ok((setup, _)) = read_notes(block, true)
+                && let Ok(p) = lua_policy(block, &setup)
+            {
+                lua_sources.push((block.line, p.name, p.plain));
             }
         }
         for block in &blocks {
@@ -1316,7 +1338,10 @@ async fn every_code_block_in_the_docs_runs() {
         failures.join("\n")
     );
     // The walk found the documentation (a test that reads nothing passes nothing).
-    assert!(counts.policies >= 5 && counts.entries + counts.statements >= 40, "{counts:?}");
+    assert!(
+        counts.policies >= 5 && counts.entries + counts.statements >= 40,
+        "{counts:?}"
+    );
     assert!(counts.toml >= 15, "{counts:?}");
 }
 
@@ -1406,7 +1431,10 @@ ctx:add_header("X-A", "1")
     let (_, failures) = check_pages(&[page], &dns).await;
     let report = failures.join("\n");
     for (line, what) in [
-        (5, "docs/broken.md:6: ctx has no field or method 'add_heder'"),
+        (
+            5,
+            "docs/broken.md:6: ctx has no field or method 'add_heder'",
+        ),
         (12, "expected mail:reject, got eom:continue"),
         (21, "docs/broken.md:22: undefined variable 'blacklisted'"),
         (27, "docs/broken.md:29: undefined variable 'milter'"),
@@ -1416,7 +1444,9 @@ ctx:add_header("X-A", "1")
     ] {
         let at = format!("docs/broken.md:{line}: ");
         assert!(
-            failures.iter().any(|f| f.starts_with(&at) && f.contains(what)),
+            failures
+                .iter()
+                .any(|f| f.starts_with(&at) && f.contains(what)),
             "no failure at {at} with {what:?}:\n{report}"
         );
     }
@@ -1437,4 +1467,49 @@ fn annotations_parse() {
     );
     assert!(parse_note("stage").is_err());
     assert!(parse_note("reply=\"open").is_err());
+}
+
+#[test]
+fn fences_are_found_as_markdown_has_them() {
+    let page = Page {
+        path: "docs/fences.md".into(),
+        text: "A sentence with ```` ```lua ```` in it.\n\
+               ```` ```lua ```` at the start of a line is inline code too.\n\
+               \n\
+               - a list item:\n\
+               \n\
+               \x20 ```toml\n\
+               \x20 [site]\n\
+               \x20 ```\n\
+               \n\
+               ~~~lua\n\
+               local a = 1\n\
+               ~~~\n\
+               \n\
+               ````text\n\
+               ```lua\n\
+               not a block\n\
+               ```\n\
+               ````\n\
+               <!-- example: expect=eom:continue -->\n\
+               ```lua title\n\
+               local b = 2\n\
+               ```\n"
+            .into(),
+    };
+    let mut failures = Vec::new();
+    let found: Vec<(usize, String, String, usize)> = blocks(&page, &mut failures)
+        .into_iter()
+        .map(|b| (b.line, b.lang, b.text, b.notes.len()))
+        .collect();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(
+        found,
+        vec![
+            (6, "toml".into(), "[site]\n".into(), 0),
+            (10, "lua".into(), "local a = 1\n".into(), 0),
+            (14, "text".into(), "```lua\nnot a block\n```\n".into(), 0),
+            (20, "lua".into(), "local b = 2\n".into(), 1),
+        ]
+    );
 }
