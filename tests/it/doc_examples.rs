@@ -3,9 +3,12 @@
 //! **Lua blocks** (```` ```lua ````) are run through a real daemon (a [`TestDaemon`] on a
 //! loopback socket, its policy loaded by the real loader) and driven by a real milter client for
 //! at least one message: connect, HELO, MAIL, RCPT, DATA, headers, end of headers, body and end
-//! of message, each as negotiated. A run fails when the daemon refuses the policy, when the
-//! conversation breaks, when a handler faults (the exception policy's reply shows up), or when an
-//! expectation of the block's annotation does not hold. DNS comes from the test DNS server
+//! of message, each as negotiated (a stage the daemon asked the MTA to skip is not sent). A run
+//! fails when the daemon refuses the policy, when the conversation breaks, when a handler faults,
+//! or when an expectation of the block's annotation does not hold. To report a fault with its
+//! error, the test wraps the handlers: a Lua error comes back as the reply
+//! `451 4.3.0 doc example fault: ERROR` (faults the wrapper cannot catch, the time limit and a
+//! bad return value, show up as the exception policy's reply, which fails the run too). DNS comes from the test DNS server
 //! ([`TestDns`], zones in `tests/fixtures/zones/`), the store is the default SQLite file in the
 //! daemon's temp dir. A block is one of:
 //!
@@ -70,8 +73,9 @@
 //! `delete_header Name[1]`, `add_rcpt <a>`, `delete_rcpt <a>`, `change_sender <a>`,
 //! `replace_body text`, `quarantine reason`, `progress`).
 //!
-//! Every failure names `FILE.md:LINE` of its block (and the block's line of a Lua error when it
-//! has one); all of them are reported together.
+//! Every failure names `FILE.md:LINE` of its block (and the page line of a Lua error when it
+//! has one); all of them are reported together. `DOC_EXAMPLES_SHOW=1 cargo test --test it
+//! doc_examples -- --nocapture` prints what every block's messages got and each TOML config.
 
 use crate::{dns_server::TestDns, support::TestDaemon};
 use indymilter::MacroStage;
