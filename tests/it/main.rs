@@ -9,6 +9,7 @@ mod cli;
 mod dns;
 mod dns_lists;
 mod dns_server;
+mod doc_examples;
 mod docs;
 mod faults;
 mod loadgen;
