@@ -66,8 +66,8 @@ impl Ctx {
         }
         Err(mlua::Error::runtime(format!(
             "{what}: the MTA does not send headers on this connection: no policy handles a \
-             message stage or mentions headers in its source; add `needs = {{ \"headers\" }}` \
-             to the policy"
+             content stage (data, header, eoh, body) or mentions headers in its source; add \
+             needs = {{ \"headers\" }} to the policy"
         )))
     }
 
