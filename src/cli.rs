@@ -101,6 +101,12 @@ enum Command {
         #[command(subcommand)]
         command: CtlCommand,
     },
+    /// Write the editor stubs (lua-language-server annotations of the Lua API) and a
+    /// .luarc.json that uses them into DIR, replacing earlier ones (see docs/editor.md).
+    Stubs {
+        /// Directory to write into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone, Copy)]
@@ -141,6 +147,7 @@ pub fn main() -> ExitCode {
             socket,
             command,
         } => ctl(config, socket, command),
+        Command::Stubs { dir } => stubs(&dir),
     }
 }
 
@@ -316,6 +323,25 @@ fn why(path: Option<PathBuf>, query: WhyQuery, json: bool) -> ExitCode {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn stubs(dir: &std::path::Path) -> ExitCode {
+    match crate::lua_api::stubs::write(dir) {
+        Ok(written) => {
+            for path in &written {
+                println!("wrote {}", path.display());
+            }
+            println!(
+                "copy {} into your policy directory (or merge it into your editor's settings): see docs/editor.md",
+                crate::lua_api::stubs::LUARC
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("luamilter stubs: {}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn bench(args: luamilter_loadgen::BenchArgs) -> ExitCode {

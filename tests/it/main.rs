@@ -23,4 +23,5 @@ mod session;
 mod site;
 mod spf;
 mod store;
+mod stubs;
 mod trace;
