@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs lua-language-server's `--check` over policies/ and examples/ with the editor stubs
-# (stubs/) as library, configured as docs/editor.md tells, and fails on any diagnostic of
-# level Warning or above in them or in the stubs. A canary policy that misuses the API is
+# Runs lua-language-server's `--check` over policies/ and examples/ with the editor stubs as
+# library, as `luamilter stubs DIR` writes them for users (the embedded copy of stubs/, with its
+# .luarc.json; docs/editor.md), and fails on any diagnostic of level Warning or above in them
+# or in the stubs. The luamilter binary: $LUAMILTER, else `cargo run`. A canary policy that misuses the API is
 # checked first: it must get exactly its expected diagnostics, which proves that the stubs were
 # loaded (a check that found no stubs would find nothing wrong either).
 #
@@ -49,20 +50,24 @@ fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-# docs/editor.md's .luarc.json, with this checkout's stubs as the library. need-check-nil is
-# off: 3.2.2 does not narrow `x and x.field`, so it flags every such guard (later versions do).
-cat >"$work/luarc.json" <<JSON
-{
-  "runtime.version": "Lua 5.4",
-  "runtime.builtin": { "io": "disable", "debug": "disable", "coroutine": "disable" },
-  "workspace.library": ["$root/stubs"],
-  "workspace.checkThirdParty": false,
-  "diagnostics.disable": ["need-check-nil"]
-}
-JSON
+# The stubs and .luarc.json as `luamilter stubs` writes them for users (docs/editor.md), with
+# one diagnostic off: need-check-nil, since 3.2.2 does not narrow `x and x.field` and so flags
+# every such guard (later versions narrow it).
+if [ -n "${LUAMILTER:-}" ]; then
+  "$LUAMILTER" stubs "$work/stubs" >/dev/null
+else
+  cargo run --quiet --bin luamilter -- stubs "$work/stubs" >/dev/null
+fi
+stubs="$work/stubs"
+python3 - "$stubs/.luarc.json" "$work/luarc.json" <<'PY'
+import json, sys
+config = json.load(open(sys.argv[1]))
+config["diagnostics.disable"] = ["need-check-nil"]
+json.dump(config, open(sys.argv[2], "w"), indent=2)
+PY
 
 # check NAME DIR: runs the check over DIR, prints its diagnostics in DIR and in the stubs as
-# `file:line:column: code: message` into $work/NAME.found.
+# `file:line:column: code: message` into $work/NAME.found (stubs as stubs/..., the same files).
 check() {
   local name=$1 dir=$2
   "$luals" --check="$dir" --configpath="$work/luarc.json" --checklevel=Warning \
@@ -72,14 +77,16 @@ check() {
     tr '\r' '\n' <"$work/$name.out"
     exit 1
   fi
-  python3 - "$work/$name.log/check.json" "$dir" "$root/stubs" >"$work/$name.found" <<'PY'
+  python3 - "$work/$name.log/check.json" "$dir" "$stubs" >"$work/$name.found" <<'PY'
 import json, os, sys
 from urllib.parse import unquote
-path, *dirs = sys.argv[1:]
+path, checked, stubs = sys.argv[1:]
 found = json.load(open(path)) if os.path.exists(path) else {}
 for uri, diagnostics in sorted(found.items()):
     file = unquote(uri.removeprefix("file://"))
-    if not any(file.startswith(d + "/") for d in dirs):
+    if file.startswith(stubs + "/"):
+        file = "stubs/" + file[len(stubs) + 1:]
+    elif not file.startswith(checked + "/"):
         continue  # the language server's own definitions of the standard library
     for d in sorted(diagnostics, key=lambda d: (d["range"]["start"]["line"], d.get("code", ""))):
         start = d["range"]["start"]
@@ -87,7 +94,7 @@ for uri, diagnostics in sorted(found.items()):
 PY
 }
 
-echo "luals: lua-language-server $("$luals" --version 2>/dev/null | tail -n 1), stubs from stubs/"
+echo "luals: lua-language-server $("$luals" --version 2>/dev/null | tail -n 1), stubs written by luamilter stubs"
 
 # The canary: each misuse must be found, and nothing else.
 mkdir "$work/canary"
@@ -120,12 +127,12 @@ fi
 status=0
 for dir in policies examples; do
   check "$dir" "$root/$dir"
-  grep -v "^$root/stubs/" "$work/$dir.found" >"$work/$dir.policies" || true
+  grep -v "^stubs/" "$work/$dir.found" >"$work/$dir.policies" || true
   cat "$work/$dir.policies"
   echo "luals: $dir/: $(wc -l <"$work/$dir.policies") diagnostic(s)"
   if [ -s "$work/$dir.policies" ]; then status=1; fi
 done
-cat "$work"/*.found | grep "^$root/stubs/" | sort -u >"$work/stubs.found" || true
+cat "$work"/*.found | grep "^stubs/" | sort -u >"$work/stubs.found" || true
 cat "$work/stubs.found"
 echo "luals: stubs/: $(wc -l <"$work/stubs.found") diagnostic(s)"
 if [ -s "$work/stubs.found" ]; then status=1; fi
