@@ -357,15 +357,65 @@ mod tests {
         ]
     }
 
-    /// A sandboxed state as the engine makes one, over real services (SQLite store in `dir`).
-    fn state(runtime: &tokio::runtime::Runtime, dir: &Path) -> (Lua, Config) {
-        let config = Config::parse("", Some(dir.join("luamilter.toml"))).unwrap();
-        let services = {
-            let _in = runtime.enter();
-            Arc::new(Services::start(&config).unwrap())
-        };
-        let lua = sandbox::new_state(64 << 20, vec![], services, Arc::default()).unwrap();
-        (lua, config)
+    /// The parsed stubs and a sandboxed state as the engine makes one, over real services
+    /// (the SQLite store in a temp dir).
+    struct Fixture {
+        stubs: Stubs,
+        runtime: tokio::runtime::Runtime,
+        lua: Lua,
+        config: Config,
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let config = Config::parse("", Some(dir.path().join("luamilter.toml"))).unwrap();
+            let services = {
+                let _in = runtime.enter();
+                Arc::new(Services::start(&config).unwrap())
+            };
+            let lua = sandbox::new_state(64 << 20, vec![], services, Arc::default()).unwrap();
+            Fixture {
+                stubs: parse(FILES),
+                runtime,
+                lua,
+                config,
+                dir,
+            }
+        }
+
+        /// What the policy loader says about a policy whose file is `source`.
+        fn load_errors(&self, source: &str) -> String {
+            let source = PolicySource {
+                name: "probe".into(),
+                path: self.dir.path().join("probe.lua"),
+                text: source.into(),
+                origin: Origin::Site,
+            };
+            match policy::load(&self.lua, &source, &self.config) {
+                Ok(_) => panic!("the probe policy loaded: {}", source.text),
+                Err(errors) => errors.join("\n"),
+            }
+        }
+    }
+
+    /// Every file below `dir`, recursively.
+    fn files_under(dir: &Path) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                files.extend(files_under(&path));
+            } else {
+                files.push(path);
+            }
+        }
+        files
     }
 
     fn kind_name(kind: &Kind) -> String {
@@ -498,20 +548,6 @@ mod tests {
         &rest[..rest.find(end).unwrap_or(rest.len())]
     }
 
-    /// What the policy loader says about a policy whose top level is `source`.
-    fn load_errors(lua: &Lua, config: &Config, dir: &Path, source: &str) -> String {
-        let source = PolicySource {
-            name: "probe".into(),
-            path: dir.join("probe.lua"),
-            text: source.into(),
-            origin: Origin::Site,
-        };
-        match policy::load(lua, &source, config) {
-            Ok(_) => panic!("the probe policy loaded: {}", source.text),
-            Err(errors) => errors.join("\n"),
-        }
-    }
-
     fn members(stubs: &Stubs, class: &str) -> BTreeSet<String> {
         stubs.classes[class].members.keys().cloned().collect()
     }
@@ -526,13 +562,8 @@ mod tests {
 
     #[test]
     fn every_registered_name_has_a_stub_and_every_stub_a_registered_name() {
-        let stubs = parse(FILES);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let (lua, config) = state(&runtime, dir.path());
+        let fixture = Fixture::new();
+        let (stubs, lua) = (&fixture.stubs, &fixture.lua);
         let mut problems = Vec::new();
 
         // The modules `require` serves, each stubbed by the file its name resolves to in LuaLS.
@@ -551,7 +582,7 @@ mod tests {
                 .load(format!("return require {module:?}"))
                 .eval()
                 .unwrap();
-            compare_table(module, &table, module, &stubs, &mut problems);
+            compare_table(module, &table, module, stubs, &mut problems);
         }
         let modules: BTreeSet<&str> = BUILTIN_MODULES.iter().copied().collect();
         for (file, class) in &stubs.returns {
@@ -562,11 +593,11 @@ mod tests {
 
         // ctx, ctx.client, verdicts, IP sets.
         for (_, class, registered) in userdata() {
-            problems.extend(compare_userdata(class, &registered, &stubs));
+            problems.extend(compare_userdata(class, &registered, stubs));
         }
 
         // The policy table: stage handlers (functions) and the loader's declarations.
-        let message = load_errors(&lua, &config, dir.path(), "return { zzzzzzzzzzzz = true }");
+        let message = fixture.load_errors("return { zzzzzzzzzzzz = true }");
         let handlers = word_list(between(&message, "stage handlers: ", ';'));
         let stages: BTreeSet<String> = Stage::ALL.iter().map(|s| s.name().into()).collect();
         assert_eq!(handlers, stages, "the loader's stage handlers");
@@ -575,7 +606,7 @@ mod tests {
         problems.extend(compare_set(
             "luamilter.Policy",
             &accepted,
-            &members(&stubs, "luamilter.Policy"),
+            &members(stubs, "luamilter.Policy"),
         ));
         for (name, kind) in &stubs.classes["luamilter.Policy"].members {
             let function = handlers.contains(name) || name == "setup";
@@ -586,22 +617,17 @@ mod tests {
                 ));
             }
         }
-        let message = load_errors(&lua, &config, dir.path(), "return { needs = { 'zzz' } }");
+        let message = fixture.load_errors("return { needs = { 'zzz' } }");
         problems.extend(compare_set(
             "luamilter.Need",
             &word_list(between(&message, "known: ", ')')),
-            &alias(&stubs, "luamilter.Need"),
+            &alias(stubs, "luamilter.Need"),
         ));
-        let message = load_errors(
-            &lua,
-            &config,
-            dir.path(),
-            "return { macros = { zzz = {} } }",
-        );
+        let message = fixture.load_errors("return { macros = { zzz = {} } }");
         problems.extend(compare_set(
             "luamilter.Macros",
             &word_list(between(&message, "requested for ", '\n')),
-            &members(&stubs, "luamilter.Macros"),
+            &members(stubs, "luamilter.Macros"),
         ));
         let noreply = Stage::ALL
             .iter()
@@ -611,12 +637,12 @@ mod tests {
         problems.extend(compare_set(
             "luamilter.NoreplyStage",
             &noreply,
-            &alias(&stubs, "luamilter.NoreplyStage"),
+            &alias(stubs, "luamilter.NoreplyStage"),
         ));
         problems.extend(compare_set(
             "luamilter.Stage",
             &stages,
-            &alias(&stubs, "luamilter.Stage"),
+            &alias(stubs, "luamilter.Stage"),
         ));
         let kinds = [
             VerdictKind::Accept,
@@ -636,7 +662,7 @@ mod tests {
         problems.extend(compare_set(
             "luamilter.VerdictKind",
             &kinds.iter().map(|k| k.name().to_string()).collect(),
-            &alias(&stubs, "luamilter.VerdictKind"),
+            &alias(stubs, "luamilter.VerdictKind"),
         ));
 
         // The reply table of milter.reject{}: the fields its error names.
@@ -648,7 +674,7 @@ mod tests {
         problems.extend(compare_set(
             "luamilter.Reply",
             &word_list(between(&message, "(use ", ')')),
-            &members(&stubs, "luamilter.Reply"),
+            &members(stubs, "luamilter.Reply"),
         ));
 
         problems.sort();
@@ -662,13 +688,8 @@ mod tests {
     /// Tables the functions return: every key of a sample is a field of its stub class.
     #[test]
     fn returned_tables_have_only_stubbed_fields() {
-        let stubs = parse(FILES);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let (lua, _config) = state(&runtime, dir.path());
+        let fixture = Fixture::new();
+        let (stubs, lua, runtime) = (&fixture.stubs, &fixture.lua, &fixture.runtime);
         let samples = [
             (
                 "luamilter.Address",
@@ -694,7 +715,7 @@ mod tests {
             let table: Table = runtime
                 .block_on(lua.load(chunk).eval_async())
                 .unwrap_or_else(|e| panic!("{class} sample: {e}"));
-            let stubbed = members(&stubs, class);
+            let stubbed = members(stubs, class);
             for pair in table.pairs::<String, Value>() {
                 let (key, _) = pair.unwrap();
                 if !stubbed.contains(&key) {
@@ -703,7 +724,7 @@ mod tests {
             }
         }
         // The options store.greylist takes: every stubbed one is accepted.
-        for option in members(&stubs, "luamilter.GreylistOptions") {
+        for option in members(stubs, "luamilter.GreylistOptions") {
             let chunk = format!(
                 r#"return require("milter.store").greylist("192.0.2.9", "a@b.example",
                      "c@d.example", {{ {option} = 1 }})"#
@@ -718,30 +739,22 @@ mod tests {
     /// Every `UserData` type of the crate is in [`userdata`], so none escapes the check.
     #[test]
     fn every_userdata_type_is_checked() {
-        fn scan(dir: &Path, found: &mut BTreeSet<String>) {
-            for entry in std::fs::read_dir(dir).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_dir() {
-                    scan(&path, found);
-                } else if path.extension().is_some_and(|e| e == "rs") {
-                    let text = std::fs::read_to_string(&path).unwrap();
-                    for line in text.lines() {
-                        let Some(rest) = line.trim_start().strip_prefix("impl ") else {
-                            continue;
-                        };
-                        let rest = rest.strip_prefix("mlua::").unwrap_or(rest);
-                        if let Some(name) = rest.strip_prefix("UserData for ") {
-                            found.insert(word(name).to_string());
-                        }
-                    }
+        let mut found = BTreeSet::new();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        for path in files_under(&src) {
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            for line in std::fs::read_to_string(&path).unwrap().lines() {
+                let Some(rest) = line.trim_start().strip_prefix("impl ") else {
+                    continue;
+                };
+                let rest = rest.strip_prefix("mlua::").unwrap_or(rest);
+                if let Some(name) = rest.strip_prefix("UserData for ") {
+                    found.insert(word(name).to_string());
                 }
             }
         }
-        let mut found = BTreeSet::new();
-        scan(
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
-            &mut found,
-        );
         let checked: BTreeSet<String> = userdata().iter().map(|(t, ..)| t.to_string()).collect();
         assert_eq!(
             found, checked,
@@ -752,20 +765,14 @@ mod tests {
     /// Every file under `stubs/` is embedded, and only those.
     #[test]
     fn every_stub_file_is_embedded() {
-        fn scan(root: &Path, dir: &Path, found: &mut BTreeSet<String>) {
-            for entry in std::fs::read_dir(dir).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_dir() {
-                    scan(root, &path, found);
-                } else {
-                    let relative = path.strip_prefix(root).unwrap();
-                    found.insert(relative.to_string_lossy().replace('\\', "/"));
-                }
-            }
-        }
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("stubs");
-        let mut found = BTreeSet::new();
-        scan(&root, &root, &mut found);
+        let found: BTreeSet<String> = files_under(&root)
+            .iter()
+            .map(|path| {
+                let relative = path.strip_prefix(&root).unwrap();
+                relative.to_string_lossy().replace('\\', "/")
+            })
+            .collect();
         let embedded: BTreeSet<String> = FILES.iter().map(|f| f.path.to_string()).collect();
         assert_eq!(found, embedded, "files in stubs/ vs. stubs::FILES");
     }
