@@ -27,12 +27,12 @@
 ---method that does not exist raises `ctx has no field or method 'x'`.
 ---@class luamilter.Ctx
 ---@field stage luamilter.Stage the current stage
----@field client luamilter.Client the client (needs the connect stage)
+---@field client luamilter.Client the client
 ---@field helo string|nil the HELO/EHLO argument, nil before HELO
 ---@field sender string|nil MAIL FROM without `<>`, "" for the null sender; nil before the first MAIL
 ---@field sender_args string[] MAIL FROM ESMTP parameters, { "SIZE=1234", "BODY=8BITMIME" }
 ---@field recipients string[] the recipients accepted so far, without `<>`, in RCPT order
----@field headers luamilter.Header[] the headers in message order (`header`, `eoh`, `body`, `eom` only)
+---@field headers luamilter.Header[] the headers in message order (`header`, `eoh`, `body`, `eom` only; raises when the MTA does not send headers: `needs = { "headers" }`)
 ---@field queue_id string|nil the MTA's queue ID (macro i), nil while unknown
 ---@field auth string|nil the SMTP AUTH login name (macro {auth_authen}), or nil
 ---@field receiver string this receiver's name: `[site] hostname`, else macro j, else the host name

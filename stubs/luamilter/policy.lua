@@ -5,8 +5,11 @@
 
 ---@alias luamilter.Stage "connect"|"helo"|"mail"|"rcpt"|"data"|"header"|"eoh"|"body"|"eom"|"abort"|"close"|"unknown"
 
----Data a policy reads without handling the stage that carries it.
----@alias luamilter.Need "client"|"helo"|"sender"|"recipients"|"headers"|"rejected_recipients"
+---What the MTA must send although luamilter cannot tell from the code: "headers" (code reaches
+---the headers in a way the source scan cannot see), "rejected_recipients" (recipients the MTA
+---refused itself reach `rcpt` handlers too). The envelope entries are accepted and do nothing:
+---the envelope is always sent.
+---@alias luamilter.Need "headers"|"rejected_recipients"|"client"|"helo"|"sender"|"recipients"
 
 ---Stages whose handlers may be declared not to answer.
 ---@alias luamilter.NoreplyStage "connect"|"helo"|"mail"|"rcpt"|"data"|"header"|"eoh"|"body"|"unknown"
@@ -32,7 +35,7 @@
 ---@field name? string must equal the file name without `.lua`
 ---@field description? string free text
 ---@field options? table the options and their defaults; `[policy.NAME]` in the config overrides them
----@field needs? luamilter.Need[] data read without handling its stage
+---@field needs? luamilter.Need[] what the MTA must send although the code does not show it
 ---@field noreply? luamilter.NoreplyStage[] stages whose handlers only collect and never answer
 ---@field macros? luamilter.Macros MTA macros to ask for, per stage
 ---@field setup? fun(opts: table) run once per Lua state at load with the effective options; an error is a load error
