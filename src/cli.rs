@@ -101,8 +101,10 @@ enum Command {
         #[command(subcommand)]
         command: CtlCommand,
     },
-    /// Write the editor stubs (lua-language-server annotations of the Lua API) and a
-    /// .luarc.json that uses them into DIR, replacing earlier ones (see docs/editor.md).
+    /// Write the editor stubs (lua-language-server annotations of the Lua API) into DIR.
+    ///
+    /// Also writes DIR/.luarc.json, which points lua-language-server at them; files written
+    /// earlier are replaced. See docs/editor.md.
     Stubs {
         /// Directory to write into (created if missing).
         dir: PathBuf,
@@ -331,10 +333,12 @@ fn stubs(dir: &std::path::Path) -> ExitCode {
             for path in &written {
                 println!("wrote {}", path.display());
             }
-            println!(
-                "copy {} into your policy directory (or merge it into your editor's settings): see docs/editor.md",
-                crate::lua_api::stubs::LUARC
-            );
+            if let Some(luarc) = written.last() {
+                println!(
+                    "copy {} into your policy directory (see docs/editor.md)",
+                    luarc.display()
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
