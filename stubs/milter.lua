@@ -68,10 +68,10 @@ function milter.sleep(duration) end
 
 ---`template` with every `{key}` replaced by `tostring(values[key])` (by nothing when `values`
 ---has no such key); a list of lines gives a list of filled lines.
----@overload fun(template: string[], values?: table): string[]
----@param template string
+---@generic T: string|string[]
+---@param template T a string, or a list of lines
 ---@param values? table
----@return string
+---@return T filled
 function milter.fill(template, values) end
 
 ---Log lines at a level: `milter.log.info("mail from", sender)`; the same table as
