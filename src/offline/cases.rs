@@ -725,12 +725,9 @@ fn check_message(
 ) -> Result<(), String> {
     let at = Some(index);
     check("mail", e.mail.as_deref(), &answer_at(t, at, "mail"))?;
-    for (i, (rcpt, answer)) in mail.recipients.iter().enumerate() {
-        check(
-            &format!("rcpt {rcpt}"),
-            e.rcpt.get(i).map(String::as_str),
-            answer,
-        )?;
+    for (i, rcpt) in mail.recipients.iter().enumerate() {
+        let expected = e.rcpt.get(i).map(String::as_str);
+        check(&format!("rcpt {}", rcpt.address), expected, &rcpt.answer)?;
     }
     let stages = [
         ("data", &e.data),

@@ -144,10 +144,31 @@ impl fmt::Display for Answer {
     }
 }
 
+impl Answer {
+    /// One word: not_sent, no_reply, continue, skip, accept, discard, reject, tempfail.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Answer::NotSent => "not_sent",
+            Answer::NoReply => "no_reply",
+            Answer::Continue => "continue",
+            Answer::Skip => "skip",
+            Answer::Accept => "accept",
+            Answer::Discard => "discard",
+            Answer::Reject(_) => "reject",
+            Answer::Tempfail(_) => "tempfail",
+        }
+    }
+}
+
+/// In JSON, the word; the reply text goes beside it.
 impl Serialize for Answer {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        serializer.serialize_str(self.word())
     }
+}
+
+fn answer_reply(answer: &Answer) -> Option<String> {
+    answer.reply().map(str::to_string)
 }
 
 fn stage_name<S: Serializer>(stage: &Stage, serializer: S) -> Result<S::Ok, S::Error> {
@@ -165,6 +186,9 @@ pub struct Exchange {
     pub sent: String,
     /// The answer.
     pub answer: Answer,
+    /// The SMTP reply of a reject or tempfail, when the milter gave one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
     /// What the milter logged for this stage.
     pub events: Vec<Captured>,
     /// The message it belongs to (index into [`Transcript::mails`]), `None` for connect, HELO
@@ -333,13 +357,25 @@ fn verdict_name<S: Serializer>(verdict: &VerdictKind, serializer: S) -> Result<S
     serializer.serialize_str(verdict.name())
 }
 
+/// The answer to one recipient.
+#[derive(Clone, Debug, Serialize)]
+pub struct Recipient {
+    /// RCPT TO as sent.
+    pub address: String,
+    /// The answer.
+    pub answer: Answer,
+    /// The SMTP reply of a reject or tempfail.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+}
+
 /// What became of one message.
 #[derive(Clone, Debug, Serialize)]
 pub struct MailResult {
     /// MAIL FROM as sent.
     pub sender: String,
     /// The answer to each recipient.
-    pub recipients: Vec<(String, Answer)>,
+    pub recipients: Vec<Recipient>,
     /// How it ended; `None` when the connection ended before its MAIL.
     pub ending: Option<Ending>,
     /// The edits asked for at end of message.
@@ -437,6 +473,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Player<'_, S> {
         self.transcript.exchanges.push(Exchange {
             stage,
             sent,
+            reply: answer_reply(&answer),
             answer,
             events: Vec::new(),
             mail,
@@ -621,7 +658,11 @@ async fn play_mail<S: AsyncRead + AsyncWrite + Unpin>(
         let answer = p
             .event(Stage::Rcpt, first, at, macros("rcpt", &own, &given), cmd)
             .await?;
-        result.recipients.push((rcpt.clone(), answer.clone()));
+        result.recipients.push(Recipient {
+            address: rcpt.clone(),
+            reply: answer_reply(&answer),
+            answer: answer.clone(),
+        });
         match answer.verdict() {
             Some(VerdictKind::Reject | VerdictKind::Tempfail) => refused.push(answer),
             Some(_) => {
