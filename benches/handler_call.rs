@@ -33,13 +33,12 @@ fn handler_call(c: &mut Criterion) {
     let services = Arc::new(Services::start(&config).unwrap());
     let generation = Arc::new(Generation::build(config, services, 1).unwrap());
     let lease = generation.lease(0);
-    let client = ClientInfo {
-        ip: Some("192.0.2.1".parse().unwrap()),
-        family: "inet",
-        ..ClientInfo::default()
-    };
     let session = SharedSession::default();
-    session.lock().client = client;
+    {
+        let client: &mut ClientInfo = &mut session.lock().client;
+        client.ip = Some("192.0.2.1".parse().unwrap());
+        client.family = "inet";
+    }
     c.bench_function("mail handler call (continue)", |b| {
         b.iter(|| {
             let args = StageArgs::Envelope("good@example.org".into(), vec!["SIZE=2048".into()]);

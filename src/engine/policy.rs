@@ -236,6 +236,10 @@ pub fn load(
                 )),
             },
             "options" => match value {
+                Value::Table(t) if t.contains_key(MODE_KEY).unwrap_or(false) => Err(format!(
+                    "option name '{MODE_KEY}' is reserved: [policy.NAME] {MODE_KEY} sets \
+                     shadow or enforce mode"
+                )),
                 Value::Table(t) => {
                     declared_options = Some(t);
                     Ok(())

@@ -124,7 +124,7 @@ impl UserData for Client {
         field!("localhost", |c| c.localhost);
         field!("authenticated", |c| c.authenticated);
         field!("ptr", |c| c.ptr.clone());
-        field!("dynamic", |c| c.dynamic);
+        fields.add_field_method_get("dynamic", |_, client| Ok(client.0.lock().client.dynamic()));
     }
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {

@@ -30,8 +30,8 @@ pub struct ClientInfo {
     pub authenticated: bool,
     /// The MTA's verified client name, `None` when it has none.
     pub ptr: Option<String>,
-    /// No verified name, or one that looks like a dynamic address pool's.
-    pub dynamic: bool,
+    /// Whether the name looks dynamic, once asked ([`ClientInfo::dynamic`]).
+    dynamic: Option<bool>,
 }
 
 impl Default for ClientInfo {
@@ -48,7 +48,7 @@ impl Default for ClientInfo {
             localhost: false,
             authenticated: false,
             ptr: None,
-            dynamic: false,
+            dynamic: None,
         }
     }
 }
@@ -70,10 +70,6 @@ impl ClientInfo {
                 client.internal = site.internal(ip);
                 client.trusted = site.trusted(ip);
                 client.localhost = is_localhost(ip);
-                client.dynamic = client
-                    .ptr
-                    .as_deref()
-                    .is_none_or(|ptr| looks_dynamic(ptr, ip));
             }
             SocketInfo::Unix(path) => {
                 client.family = "unix";
@@ -82,6 +78,15 @@ impl ClientInfo {
             SocketInfo::Unknown => {}
         }
         client
+    }
+
+    /// No verified name, or one that looks like a dynamic address pool's (false for a client
+    /// without an IP address). Worked out when first asked: most policies never do.
+    pub fn dynamic(&mut self) -> bool {
+        let (ip, ptr) = (self.ip, self.ptr.as_deref());
+        *self.dynamic.get_or_insert_with(|| {
+            ip.is_some_and(|ip| ptr.is_none_or(|ptr| looks_dynamic(ptr, ip)))
+        })
     }
 
     /// The client for log lines: its IP, else its host name, else "-".

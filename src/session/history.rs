@@ -9,8 +9,13 @@ use std::time::Duration;
 
 /// Key prefix of the records; the indexes add `msgid:` and `ip:`.
 const PREFIX: &str = "luamilter.trace:";
-/// Messages remembered per client IP (the newest).
-const PER_IP: usize = 50;
+/// Records `luamilter why --client` lists at most.
+pub const MAX_LISTED: usize = 100;
+
+/// The index key of a client's messages that ended in one minute (unix seconds / 60).
+fn client_bucket(client: &str, minute: i64) -> String {
+    format!("{PREFIX}ip:{client}:{minute}")
+}
 
 /// `[trace]`: how long message histories are kept.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -56,22 +61,23 @@ pub struct MessageRecord {
 
 impl MessageRecord {
     /// Stores the record for `keep`, with its indexes (first, so that once the record can be
-    /// found, every way to it works).
+    /// found, every way to it works). Blind writes only, which the store batches: the client
+    /// index is a counter per client and minute plus one key per message.
     pub async fn save(&self, store: &dyn Store, keep: Duration) -> Result<(), StoreError> {
         let ttl = Some(keep);
         if let Some(id) = &self.message_id {
             let key = format!("{PREFIX}msgid:{id}");
             store.set(&key, &string(self.queue_id.clone()), ttl).await?;
         }
-        let key = format!("{PREFIX}ip:{}", self.client);
-        let mut recent = match store.get(&key).await? {
-            Some(Value::List(items)) => items,
-            _ => Vec::new(),
-        };
-        recent.push(Scalar::Str(format!("{} {}", self.time, self.queue_id)));
-        let excess = recent.len().saturating_sub(PER_IP);
-        recent.drain(..excess);
-        store.set(&key, &Value::List(recent), ttl).await?;
+        let bucket = client_bucket(&self.client, self.time.div_euclid(60));
+        let n = store.incr(&bucket, 1, ttl).await?;
+        store
+            .set(
+                &format!("{bucket}:{n}"),
+                &string(self.queue_id.clone()),
+                ttl,
+            )
+            .await?;
         let text = serde_json::to_string(self).unwrap_or_default();
         store
             .set(&format!("{PREFIX}{}", self.queue_id), &string(text), ttl)
@@ -92,28 +98,34 @@ impl MessageRecord {
         Ok(None)
     }
 
-    /// The records of a client IP, oldest first, that ended within `window` of `around`
-    /// (unix seconds).
+    /// The records of client `ip` that ended within `window` seconds of `around` (unix
+    /// seconds), oldest first; at most [`MAX_LISTED`].
     pub async fn by_client(
         store: &dyn Store,
         ip: &str,
         around: i64,
         window: i64,
     ) -> Result<Vec<MessageRecord>, StoreError> {
-        let Some(Value::List(items)) = store.get(&format!("{PREFIX}ip:{ip}")).await? else {
-            return Ok(Vec::new());
-        };
         let mut records = Vec::new();
-        for item in items {
-            let Scalar::Str(entry) = item else { continue };
-            let Some((time, queue_id)) = entry.split_once(' ') else {
+        let first = (around - window).div_euclid(60);
+        let last = (around + window).div_euclid(60);
+        for minute in first..=last {
+            let bucket = client_bucket(ip, minute);
+            let Some(Value::Scalar(Scalar::Int(count))) = store.get(&bucket).await? else {
                 continue;
             };
-            let near = time
-                .parse::<i64>()
-                .is_ok_and(|t| (t - around).abs() <= window);
-            if near && let Some(record) = Self::by_queue_id(store, queue_id).await? {
-                records.push(record);
+            for n in 1..=count {
+                let key = format!("{bucket}:{n}");
+                let Some(Value::Scalar(Scalar::Str(queue_id))) = store.get(&key).await? else {
+                    continue;
+                };
+                match Self::by_queue_id(store, &queue_id).await? {
+                    Some(r) if (r.time - around).abs() <= window => records.push(r),
+                    _ => {}
+                }
+                if records.len() >= MAX_LISTED {
+                    return Ok(records);
+                }
             }
         }
         Ok(records)

@@ -39,6 +39,11 @@ impl Luamilter {
 
     /// Runs luamilter with `policies` (TOML: the [policies] section and options) on `transport`.
     fn start_with(transport: &str, policies: &str) -> Luamilter {
+        Self::start_on_store(transport, policies, None)
+    }
+
+    /// [`Luamilter::start_with`] on the Redis store at `redis` (default: SQLite in its dir).
+    fn start_on_store(transport: &str, policies: &str, redis: Option<&str>) -> Luamilter {
         let dir = TempDir::new().unwrap();
         // Postfix's smtpd runs as `postfix`: a unix socket's directory must be searchable.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
@@ -46,13 +51,19 @@ impl Luamilter {
             "unix" => format!("unix:{}", dir.path().join("milter.sock").display()),
             _ => "inet:0@127.0.0.1".to_string(),
         };
+        let store = match redis {
+            Some(url) => format!("backend = \"redis\"\nurl = {url:?}"),
+            None => format!("path = {:?}", dir.path().join("store.db")),
+        };
         let text = format!(
             "[milter]\nlisten = {listen:?}\nsocket_mode = \"0666\"\ncontrol_socket = {:?}\n\
-             [store]\npath = {:?}\n[log]\nlevel = \"warn\"\n{policies}",
+             [store]\n{store}\n[log]\nlevel = \"warn\"\n{policies}",
             dir.path().join("ctl.sock"),
-            dir.path().join("store.db"),
         );
-        let config = Config::parse(&text, Some(dir.path().join("luamilter.toml"))).unwrap();
+        // Written too, for the `luamilter why` and `ctl` commands the tests run.
+        let path = dir.path().join("luamilter.toml");
+        fs::write(&path, &text).unwrap();
+        let config = Config::parse(&text, Some(path)).unwrap();
         let (ready_tx, ready_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel();
         let thread = thread::spawn(move || {
@@ -205,6 +216,94 @@ fn a_refused_recipient_and_a_stopped_milter() {
     let mail = after.reply(Stage::Mail).expect("a reply to MAIL FROM");
     assert_eq!(mail.code(), 451, "{}", after.transcript);
     assert!(mail.lines[0].starts_with("451 4.7.1 "), "{:?}", mail.lines);
+}
+
+const SHADOWED: &str = r#"
+local milter = require "milter"
+return {
+  mail = function(ctx, sender)
+    if sender == "new-rule@test.example" then return milter.reject{ text = "the new rule" } end
+  end,
+}"#;
+
+/// Shadow mode and `luamilter why` through Postfix: a shadowed reject lets the message through
+/// (delivered), is counted, and `why QUEUE_ID` tells what it would have done.
+/// `name` is the shadowed policy's (the shadow counters are per process, per policy name).
+fn shadow_and_why_through_postfix(name: &str, redis: Option<&str>) {
+    if !e2e_ready() {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    fs::write(dir.path().join(format!("{name}.lua")), SHADOWED).unwrap();
+    let policies = format!(
+        "[policies]\ndirs = [{:?}, {:?}]\nchain = [{name:?}, \"hygiene\"]\n\
+         [policy.{name}]\nmode = \"shadow\"\n[policy.hygiene]\nlocal_domains = [{TEST_DOMAIN:?}]\n",
+        dir.path(),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/examples")
+    );
+    let milter = Luamilter::start_on_store("inet", &policies, redis);
+    let postfix = Postfix::start(&milter.socket).expect("start private postfix");
+    let marker = "shadowed-marker-0815";
+    let sent = postfix
+        .send(
+            "new-rule@test.example",
+            RECIPIENT,
+            &[("Subject", marker)],
+            "x\n",
+        )
+        .unwrap();
+    assert_eq!(sent.exit_code, 0, "{}", sent.transcript);
+    let queue_id = sent.queue_id().expect("a queue id").to_string();
+    postfix
+        .wait_delivered(|m| m.contains(marker), WAIT)
+        .unwrap_or_else(|| panic!("not delivered; mail log:\n{}", postfix.maillog()));
+
+    let config = milter._dir.path().join("luamilter.toml");
+    let stats = std::process::Command::new(env!("CARGO_BIN_EXE_luamilter"))
+        .args(["ctl", "--config"])
+        .arg(&config)
+        .arg("stats")
+        .output()
+        .unwrap();
+    let stats = String::from_utf8_lossy(&stats.stdout);
+    assert!(
+        stats.contains(&format!("shadow_would {name} mail reject 1")),
+        "{stats}"
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    let why = loop {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_luamilter"))
+            .args(["why", "--config"])
+            .arg(&config)
+            .arg(&queue_id)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no history for {queue_id}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(why.contains(&format!("queue id   {queue_id}")), "{why}");
+    assert!(
+        why.contains(&format!("mail:{name}=would reject 550 5.7.1 the new rule")),
+        "{why}"
+    );
+    assert!(why.contains("outcome    accept"), "{why}");
+}
+
+#[test]
+fn shadow_mode_and_why_through_postfix_on_sqlite() {
+    shadow_and_why_through_postfix("newrule_sqlite", None);
+}
+
+#[test]
+fn shadow_mode_and_why_through_postfix_on_redis() {
+    let redis = crate::redis_server::RedisServer::start();
+    shadow_and_why_through_postfix("newrule_redis", Some(&redis.url));
 }
 
 /// Whether NOREPLY helps or hurts over TCP with a real Postfix: the same header-reading policy,

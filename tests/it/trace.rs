@@ -215,3 +215,16 @@ async fn an_unknown_mode_is_a_load_error_naming_the_line() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_policy_cannot_declare_an_option_named_mode() {
+    let policy = r#"return { options = { mode = "x" }, mail = function() end }"#;
+    let err = TestDaemon::try_start(&[("p", policy)], "", "inet:0@127.0.0.1")
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("p.lua: option name 'mode' is reserved"),
+        "{err}"
+    );
+}
