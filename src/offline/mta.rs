@@ -11,7 +11,7 @@
 use super::capture::{Capture, Captured};
 use bytes::Bytes;
 use indymilter::{
-    MacroStage, ProtoOpts, SocketInfo,
+    ProtoOpts, SocketInfo,
     message::{
         command::{
             Command, ConnInfoPayload, EnvAddrPayload, HeaderPayload, HeloPayload, MacroPayload,
@@ -129,12 +129,7 @@ impl fmt::Display for Answer {
         let word = match self {
             Answer::NotSent => "not sent (negotiated away)",
             Answer::NoReply => "no reply (negotiated)",
-            Answer::Continue => "continue",
-            Answer::Skip => "skip",
-            Answer::Accept => "accept",
-            Answer::Discard => "discard",
-            Answer::Reject(_) => "reject",
-            Answer::Tempfail(_) => "tempfail",
+            other => other.word(),
         };
         f.write_str(word)?;
         if let Some(text) = self.reply() {
@@ -405,19 +400,6 @@ fn cstring(bytes: impl Into<Vec<u8>>) -> CString {
     CString::new(bytes).unwrap_or_default()
 }
 
-fn macro_stage(name: &str) -> Option<MacroStage> {
-    Some(match name {
-        "connect" => MacroStage::Connect,
-        "helo" => MacroStage::Helo,
-        "mail" => MacroStage::Mail,
-        "rcpt" => MacroStage::Rcpt,
-        "data" => MacroStage::Data,
-        "eoh" => MacroStage::Eoh,
-        "eom" => MacroStage::Eom,
-        _ => return None,
-    })
-}
-
 /// The macro stage names a case file or `--macro` may use.
 pub const MACRO_STAGES: [&str; 7] = ["connect", "helo", "mail", "rcpt", "data", "eoh", "eom"];
 
@@ -436,8 +418,9 @@ fn macros(stage: &str, own: &[(&str, &str)], given: &[&StageMacros]) -> Option<C
         .iter()
         .flat_map(|(k, v)| [cstring(*k), cstring(*v)])
         .collect();
+    let stage = Stage::from_name(stage).filter(|_| MACRO_STAGES.contains(&stage))?;
     Some(Command::DefMacros(MacroPayload {
-        stage: macro_stage(stage)?,
+        stage: crate::engine::plan::macro_stage(stage),
         macros,
     }))
 }
@@ -602,6 +585,22 @@ pub async fn play<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(p.transcript)
 }
 
+/// A MAIL or RCPT argument as given (`<a@example.com> SIZE=10`): the address as sent, without
+/// its angle brackets, and the command's arguments.
+fn envelope_args(given: &str) -> (String, String, Vec<CString>) {
+    let mut words = given.split_whitespace();
+    let first = words.next().unwrap_or("<>").to_string();
+    let address = first
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .to_string();
+    let args = std::iter::once(first.as_str())
+        .chain(words)
+        .map(cstring)
+        .collect();
+    (first, address, args)
+}
+
 /// Plays one message, MAIL to end of message.
 async fn play_mail<S: AsyncRead + AsyncWrite + Unpin>(
     p: &mut Player<'_, S>,
@@ -613,18 +612,8 @@ async fn play_mail<S: AsyncRead + AsyncWrite + Unpin>(
     let given = [&smtp.macros, &mail.macros];
     let at = Some(index);
     let queue_id = mail.queue_id.as_str();
-    let mut args = mail.sender.split_whitespace().map(str::to_string);
-    let sender = args.next().unwrap_or_else(|| "<>".into());
-    let address = sender
-        .trim_start_matches('<')
-        .trim_end_matches('>')
-        .to_string();
-    let mail_cmd = Command::Mail(EnvAddrPayload {
-        args: std::iter::once(sender.clone())
-            .chain(args)
-            .map(cstring)
-            .collect(),
-    });
+    let (sender, address, args) = envelope_args(&mail.sender);
+    let mail_cmd = Command::Mail(EnvAddrPayload { args });
     let own = [("i", queue_id), ("{mail_addr}", address.as_str())];
     let answer = p
         .event(
@@ -642,18 +631,8 @@ async fn play_mail<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let mut refused = Vec::new();
     for rcpt in &mail.recipients {
-        let mut args = rcpt.split_whitespace().map(str::to_string);
-        let first = args.next().unwrap_or_default();
-        let address = first
-            .trim_start_matches('<')
-            .trim_end_matches('>')
-            .to_string();
-        let cmd = Command::Rcpt(EnvAddrPayload {
-            args: std::iter::once(first.clone())
-                .chain(args)
-                .map(cstring)
-                .collect(),
-        });
+        let (first, address, args) = envelope_args(rcpt);
+        let cmd = Command::Rcpt(EnvAddrPayload { args });
         let own = [("{rcpt_addr}", address.as_str())];
         let answer = p
             .event(Stage::Rcpt, first, at, macros("rcpt", &own, &given), cmd)
@@ -687,97 +666,99 @@ async fn play_mail<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(());
     }
     let own = [("i", queue_id)];
-    let data = macros("data", &own, &given);
-    let answer = p
-        .event(Stage::Data, String::new(), at, data, Command::Data)
-        .await?;
-    if ends(p, result, Stage::Data, &answer).await? {
-        return Ok(());
-    }
-    let answer = send_headers(p, mail, at).await?;
-    if ends(p, result, Stage::Header, &answer).await? {
-        return Ok(());
-    }
-    let eoh = macros("eoh", &own, &given);
-    let answer = p
-        .event(Stage::Eoh, String::new(), at, eoh, Command::Eoh)
-        .await?;
-    if ends(p, result, Stage::Eoh, &answer).await? {
-        return Ok(());
-    }
-    let answer = send_body(p, mail, at).await?;
-    if ends(p, result, Stage::Body, &answer).await? {
-        return Ok(());
+    for stage in [Stage::Data, Stage::Header, Stage::Eoh, Stage::Body] {
+        let answer = match stage {
+            Stage::Header => send_headers(p, mail, at).await?,
+            Stage::Body => send_body(p, mail, at).await?,
+            _ => {
+                let cmd = if stage == Stage::Data {
+                    Command::Data
+                } else {
+                    Command::Eoh
+                };
+                let macros = macros(stage.name(), &own, &given);
+                p.event(stage, String::new(), at, macros, cmd).await?
+            }
+        };
+        if ends(p, result, stage, &answer).await? {
+            return Ok(());
+        }
     }
     end_of_message(p, mail, at, macros("eom", &own, &given), result).await
 }
 
-/// Every header field as one exchange: the answer is the last one (a final one stops).
+/// Sends the commands of a stage that comes in parts (header fields, body chunks) until a
+/// final answer or a skip, and records them as one exchange: `whole` says what there was,
+/// `sent` what was sent of it (given the count). The answer is the last one, `NotSent` when
+/// the stage was negotiated away.
+async fn send_parts<S: AsyncRead + AsyncWrite + Unpin>(
+    p: &mut Player<'_, S>,
+    stage: Stage,
+    at: Option<usize>,
+    parts: impl Iterator<Item = Command>,
+    whole: String,
+    sent: impl Fn(usize) -> String,
+) -> Result<Answer, ClientError> {
+    let mut answer = Answer::NotSent;
+    let mut count = 0;
+    if !p.conn.opts.contains(stage.protocol_flags().0) {
+        for cmd in parts {
+            count += 1;
+            answer = match p.conn.event(stage, None, cmd).await? {
+                Some(reply) => Answer::from_reply(reply, stage)?,
+                None => Answer::NoReply,
+            };
+            if answer.verdict().is_some() || answer == Answer::Skip {
+                break;
+            }
+        }
+    }
+    let summary = match answer {
+        Answer::NotSent => whole,
+        _ => sent(count),
+    };
+    p.record(stage, summary, at, answer.clone());
+    Ok(answer)
+}
+
+/// Every header field, as one exchange.
 async fn send_headers<S: AsyncRead + AsyncWrite + Unpin>(
     p: &mut Player<'_, S>,
     mail: &Mail,
     at: Option<usize>,
 ) -> Result<Answer, ClientError> {
     let lead = p.conn.opts.contains(ProtoOpts::LEADING_SPACE);
-    let mut answer = Answer::NotSent;
-    let mut sent = 0;
-    if !p.conn.opts.contains(ProtoOpts::NO_HEADER) {
-        for (name, value) in &mail.headers {
-            let value = if lead {
-                value.as_slice()
-            } else {
-                let blanks = value.iter().take_while(|b| **b == b' ' || **b == b'\t');
-                &value[blanks.count()..]
-            };
-            let cmd = Command::Header(HeaderPayload {
-                name: cstring(name.as_str()),
-                value: cstring(value),
-            });
-            sent += 1;
-            answer = match p.conn.event(Stage::Header, None, cmd).await? {
-                Some(reply) => Answer::from_reply(reply, Stage::Header)?,
-                None => Answer::NoReply,
-            };
-            if answer.verdict().is_some() || answer == Answer::Skip {
-                break;
-            }
-        }
-    }
-    let summary = match answer {
-        Answer::NotSent => format!("{} header fields", mail.headers.len()),
-        _ => format!("{sent} of {} header fields", mail.headers.len()),
-    };
-    p.record(Stage::Header, summary, at, answer.clone());
-    Ok(answer)
+    let fields = mail.headers.iter().map(|(name, value)| {
+        let blanks = value.iter().take_while(|b| **b == b' ' || **b == b'\t');
+        let value = if lead {
+            value
+        } else {
+            &value[blanks.count()..]
+        };
+        Command::Header(HeaderPayload {
+            name: cstring(name.as_str()),
+            value: cstring(value),
+        })
+    });
+    let total = mail.headers.len();
+    let whole = format!("{total} header fields");
+    let sent = |n| format!("{n} of {total} header fields");
+    send_parts(p, Stage::Header, at, fields, whole, sent).await
 }
 
-/// The body in chunks as one exchange: the answer is the last one (a final one stops).
+/// The body in chunks, as one exchange.
 async fn send_body<S: AsyncRead + AsyncWrite + Unpin>(
     p: &mut Player<'_, S>,
     mail: &Mail,
     at: Option<usize>,
 ) -> Result<Answer, ClientError> {
-    let mut answer = Answer::NotSent;
-    let mut chunks = 0;
-    if !p.conn.opts.contains(ProtoOpts::NO_BODY) {
-        for chunk in mail.body.chunks(CHUNK_SIZE) {
-            chunks += 1;
-            let cmd = Command::BodyChunk(Bytes::copy_from_slice(chunk));
-            answer = match p.conn.event(Stage::Body, None, cmd).await? {
-                Some(reply) => Answer::from_reply(reply, Stage::Body)?,
-                None => Answer::NoReply,
-            };
-            if answer.verdict().is_some() || answer == Answer::Skip {
-                break;
-            }
-        }
-    }
-    let summary = match answer {
-        Answer::NotSent => format!("{} bytes", mail.body.len()),
-        _ => format!("{} bytes in {chunks} chunk(s)", mail.body.len()),
-    };
-    p.record(Stage::Body, summary, at, answer.clone());
-    Ok(answer)
+    let chunks = mail
+        .body
+        .chunks(CHUNK_SIZE)
+        .map(|chunk| Command::BodyChunk(Bytes::copy_from_slice(chunk)));
+    let size = mail.body.len();
+    let sent = |n| format!("{size} bytes in {n} chunk(s)");
+    send_parts(p, Stage::Body, at, chunks, format!("{size} bytes"), sent).await
 }
 
 /// Whether the message ended with `answer` at `stage` (then it is recorded and aborted).
