@@ -214,9 +214,10 @@ pub struct CaseMessage {
     pub expect: Expect,
 }
 
-/// What a connection and its message must get. Stage answers: "pass" (the default: continue,
-/// accept, no reply or not sent), "continue", "accept", "discard", "reject", "tempfail", or
-/// the start of the SMTP reply (`*` matches any text).
+/// What a connection and its message must get. Stage answers: "pass" (continue, accept, no
+/// reply or not sent: what a stage without an expectation must get, unless `result` is
+/// expected), "continue", "accept", "discard", "reject", "tempfail", or the start of the SMTP
+/// reply (`*` matches any text).
 #[derive(Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Expect {
@@ -661,8 +662,11 @@ pub fn glob(pattern: &str, text: &str) -> bool {
 }
 
 /// Whether `answer` meets `expected`; the mismatch otherwise.
+/// `None` checks nothing.
 fn check(at: &str, expected: Option<&str>, answer: &Answer) -> Result<(), String> {
-    let expected = expected.unwrap_or("pass");
+    let Some(expected) = expected else {
+        return Ok(());
+    };
     let verdict = answer.verdict().map(|v| v.name());
     let ok = match expected {
         "pass" => matches!(verdict, None | Some("accept")),
@@ -689,13 +693,20 @@ fn answer_at(t: &Transcript, mail: Option<usize>, stage: &str) -> Answer {
 }
 
 /// Checks a transcript against the case's expectations.
+/// What a stage nobody wrote an expectation for must get: "pass", unless the expectation is
+/// about the result (then the stages on the way do not matter).
+fn unwritten(e: &Expect) -> Option<&'static str> {
+    e.result.is_none().then_some("pass")
+}
+
 fn check_case(case: &Case, t: &Transcript) -> Result<(), String> {
+    let default = unwritten(&case.expect);
     for stage in ["connect", "helo"] {
         let expected = match stage {
             "connect" => case.expect.connect.as_deref(),
             _ => case.expect.helo.as_deref(),
         };
-        check(stage, expected, &answer_at(t, None, stage))?;
+        check(stage, expected.or(default), &answer_at(t, None, stage))?;
     }
     let mut expects = Vec::new();
     if case.single.mail.is_some() {
@@ -724,9 +735,14 @@ fn check_message(
     e: &Expect,
 ) -> Result<(), String> {
     let at = Some(index);
-    check("mail", e.mail.as_deref(), &answer_at(t, at, "mail"))?;
+    let default = unwritten(e);
+    check(
+        "mail",
+        e.mail.as_deref().or(default),
+        &answer_at(t, at, "mail"),
+    )?;
     for (i, rcpt) in mail.recipients.iter().enumerate() {
-        let expected = e.rcpt.get(i).map(String::as_str);
+        let expected = e.rcpt.get(i).map(String::as_str).or(default);
         check(&format!("rcpt {}", rcpt.address), expected, &rcpt.answer)?;
     }
     let stages = [
@@ -737,7 +753,11 @@ fn check_message(
         ("eom", &e.eom),
     ];
     for (stage, expected) in stages {
-        check(stage, expected.as_deref(), &answer_at(t, at, stage))?;
+        check(
+            stage,
+            expected.as_deref().or(default),
+            &answer_at(t, at, stage),
+        )?;
     }
     let ending = t.connection.as_ref().or(mail.ending.as_ref());
     if let Some(expected) = &e.result {

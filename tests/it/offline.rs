@@ -524,3 +524,97 @@ fn the_readme_quick_start_test_step_runs_as_written() {
     assert_eq!(code(&out), 3, "{}", stdout(&out));
     assert!(stdout(&out).contains("decided by first: reject 550 5.7.1 Sender blocked"));
 }
+
+#[test]
+fn case_files_preload_the_store_read_eml_files_and_report_failures() {
+    let policy = r#"
+local milter = require "milter"
+local store = require "milter.store"
+local dns = require "milter.dns"
+return {
+  mail = function(ctx, sender)
+    if store.listed("whitelist", sender) then return milter.accept() end
+    if store.banned("ip", ctx.client.ip) then
+      return milter.reject{ code = 550, xcode = "5.7.1", text = "banned" }
+    end
+    local limit = store.get("limit")
+    if limit and limit.max == 0 then return milter.tempfail{ code = 451, text = "closed" } end
+    if not dns.a("mx." .. sender:match("@(.+)$")) then
+      return milter.reject{ code = 550, text = "no mx host" }
+    end
+  end,
+}
+"#;
+    let dir = site(&[("gate", policy)]);
+    let cases = dir.path().join("cases");
+    std::fs::create_dir(&cases).unwrap();
+    std::fs::copy(message("lf.eml"), cases.join("lunch.eml")).unwrap();
+    std::fs::write(
+        cases.join("gate.toml"),
+        r#"
+chain = ["gate"]
+zone = '''
+mx.example.com A 192.0.2.25
+'''
+[preload]
+whitelist = ["friend@elsewhere.example"]
+ban_ip = ["203.0.113.66"]
+
+[[case]]
+name = "a whitelisted sender is accepted at MAIL"
+mail = "<friend@elsewhere.example>"
+rcpt = ["<bob@example.org>"]
+expect.result = "accept"
+expect.policy = "gate"
+
+[[case]]
+name = "a banned client is refused"
+ip = "203.0.113.66"
+mail = "<alice@example.com>"
+rcpt = ["<bob@example.org>"]
+expect.mail = "550 5.7.1 banned"
+
+[[case]]
+name = "a message from a file goes through"
+mail = "<alice@example.com>"
+rcpt = ["<bob@example.org>"]
+eml = "lunch.eml"
+expect.result = "accept"
+expect.policy = "-"
+
+[[case]]
+name = "a preloaded value counts from its case on"
+preload = { values = { limit = { max = 0 } } }
+mail = "<alice@example.com>"
+rcpt = ["<bob@example.org>"]
+expect.result = "451 closed"
+
+[[case]]
+name = "this expectation is wrong"
+mail = "<alice@nowhere.example>"
+rcpt = ["<bob@example.org>"]
+expect.result = "accept"
+"#,
+    )
+    .unwrap();
+    let out = test(&dir, &["--cases", path(&cases)]);
+    let text = stdout(&out);
+    assert_eq!(code(&out), 1, "{text}");
+    assert!(text.ends_with("4 passed, 1 failed, 0 skipped\n"), "{text}");
+    assert!(
+        text.contains("  FAIL  this expectation is wrong: message 1 (<alice@nowhere.example>): expected the result \"accept\", got tempfail at mail by gate: 451 closed"),
+        "{text}"
+    );
+    // The failed case's conversation follows it.
+    assert!(
+        text.contains("        mail     <alice@nowhere.example>  -> tempfail 451 closed"),
+        "{text}"
+    );
+    let out = test(&dir, &["--json", "--cases", path(&cases)]);
+    let results = json(&out);
+    assert_eq!(
+        results[0]["cases"][4]["transcript"]["mails"][0]["ending"]["verdict"],
+        "tempfail"
+    );
+    assert!(results[0]["cases"][0]["transcript"].is_null());
+}
