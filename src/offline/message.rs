@@ -68,11 +68,14 @@ impl Message {
         }
         let (all, line_ends) = lines(bytes);
         let mut rest: &[&[u8]] = &all;
+        // Lines of the file before `rest` (an mbox "From " line), for line numbers in notes.
+        let mut skipped = 0;
         // Whether the last line kept has no line end (the file's last line, unterminated).
         let mut unterminated = !bytes.is_empty() && !bytes.ends_with(b"\n");
         if rest.first().is_some_and(|l| l.starts_with(b"From ")) {
             notes.push("mbox \"From \" line skipped".into());
             rest = &rest[1..];
+            skipped = 1;
             // Another "From " line after an empty line starts the next message of the mbox.
             if let Some(at) =
                 (1..rest.len()).find(|&i| rest[i].starts_with(b"From ") && rest[i - 1].is_empty())
@@ -108,7 +111,7 @@ impl Message {
             }
             notes.push(format!(
                 "line {} is not a header field: the body starts there (no empty line after the header)",
-                index + 1
+                index + skipped + 1
             ));
             break;
         }
