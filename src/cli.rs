@@ -104,6 +104,14 @@ enum Command {
         #[command(subcommand)]
         command: CtlCommand,
     },
+    /// Write the editor stubs (lua-language-server annotations of the Lua API) into DIR.
+    ///
+    /// Also writes DIR/.luarc.json, which points lua-language-server at them; files written
+    /// earlier are replaced. See docs/editor.md.
+    Stubs {
+        /// Directory to write into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone, Copy)]
@@ -145,6 +153,7 @@ pub fn main() -> ExitCode {
             socket,
             command,
         } => ctl(config, socket, command),
+        Command::Stubs { dir } => stubs(&dir),
     }
 }
 
@@ -320,6 +329,27 @@ fn why(path: Option<PathBuf>, query: WhyQuery, json: bool) -> ExitCode {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn stubs(dir: &std::path::Path) -> ExitCode {
+    match crate::lua_api::stubs::write(dir) {
+        Ok(written) => {
+            for path in &written {
+                println!("wrote {}", path.display());
+            }
+            if let Some(luarc) = written.last() {
+                println!(
+                    "copy {} into your policy directory (see docs/editor.md)",
+                    luarc.display()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("luamilter stubs: {}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn bench(args: luamilter_loadgen::BenchArgs) -> ExitCode {

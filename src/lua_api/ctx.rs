@@ -101,7 +101,7 @@ fn stage_name(stage: Option<Stage>) -> &'static str {
 }
 
 /// `ctx.client`: the connecting client, a view of the session's client facts.
-struct Client(SharedSession);
+pub(crate) struct Client(SharedSession);
 
 impl UserData for Client {
     fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {

@@ -3,7 +3,8 @@
 //! (`milter.dns`), [`spf`] (`milter.spf`), [`net`] (`milter.net`), [`store`]
 //! (`milter.store`), [`site`] (`milter.site`), [`access`] (`milter.access`) and [`mime`]
 //! (`milter.mime`), each a thin Lua face over a service of [`crate::services`]; `args`
-//! converts the arguments they share.
+//! converts the arguments they share. [`stubs`] holds the editor stubs (LuaLS annotations) of all
+//! of it, checked against what these modules register.
 
 pub mod access;
 mod args;
@@ -16,6 +17,7 @@ pub mod net;
 pub mod site;
 pub mod spf;
 pub mod store;
+pub mod stubs;
 pub mod verdict;
 
 use crate::services::{Services, site::Site};

@@ -24,4 +24,5 @@ mod session;
 mod site;
 mod spf;
 mod store;
+mod stubs;
 mod trace;
