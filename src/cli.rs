@@ -90,6 +90,9 @@ enum Command {
     },
     /// Load-test a milter the way Postfix talks to it (see BENCHMARKS.md).
     Bench(luamilter_loadgen::BenchArgs),
+    /// Run a message through the configured policies in-process (no MTA, no socket), or case
+    /// files (--cases); exit 0 accept, 3 reject, 4 tempfail, 5 discard (see docs/testing.md).
+    Test(crate::offline::TestArgs),
     /// Talk to a running daemon through its control socket.
     Ctl {
         /// Configuration file, to find the control socket (default: built-in).
@@ -126,6 +129,7 @@ pub fn main() -> ExitCode {
         Command::Run { config } => run(config),
         Command::Check { config } => check(config),
         Command::Bench(args) => bench(args),
+        Command::Test(args) => crate::offline::command::run(args),
         Command::Db { config, command } => db(config, command),
         Command::Why {
             config,

@@ -13,6 +13,7 @@
 //! | [`reload`] | file watching, rebuilding a generation, swapping it in |
 //! | [`config`], [`duration`], [`listen`], [`logging`], [`stock`] | the config file, durations, listening sockets, log output, the embedded stock pack |
 //! | [`cli`], [`control`], [`db_cli`] | subcommands, the control socket (`ctl`), store administration (`db`) |
+//! | [`offline`] | `luamilter test`: a message or case files through the policies in-process, over the server's own callbacks |
 //!
 //! The vocabulary shared with the load generator ([`stage`], listen addresses, verdict kinds)
 //! lives in the `luamilter-vocab` crate; the load generator behind `luamilter bench` in
@@ -44,6 +45,7 @@ pub mod engine;
 pub mod listen;
 pub mod logging;
 pub mod lua_api;
+pub mod offline;
 pub mod reload;
 pub mod server;
 pub mod services;

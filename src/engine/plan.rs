@@ -145,7 +145,8 @@ impl Plan {
     }
 }
 
-fn macro_stage(stage: Stage) -> MacroStage {
+/// The macro set an MTA sends before `stage` (end of message for the stages without one).
+pub(crate) fn macro_stage(stage: Stage) -> MacroStage {
     match stage {
         Stage::Connect => MacroStage::Connect,
         Stage::Helo => MacroStage::Helo,

@@ -17,6 +17,8 @@ use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use serde::Deserialize;
 
+use super::dns_zone::Zones;
+
 /// How many PTR names [`Resolver::fcrdns`] checks at most (as RFC 7208 §5.5 does for `ptr`).
 const MAX_PTR_NAMES: usize = 10;
 
@@ -136,10 +138,19 @@ pub struct Listing {
     pub reason: Option<String>,
 }
 
-/// The process-wide DNS resolver: one hickory `TokioResolver` with its cache.
+/// The process-wide DNS resolver: one hickory `TokioResolver` with its cache, or (for
+/// `luamilter test`) static answers from zone files.
 #[derive(Clone)]
 pub struct Resolver {
-    inner: TokioResolver,
+    inner: Backend,
+}
+
+// One per process, behind an Arc: the size of the live variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+enum Backend {
+    Live(TokioResolver),
+    Static(std::sync::Arc<Zones>),
 }
 
 impl Resolver {
@@ -174,16 +185,27 @@ impl Resolver {
         options.ndots = 0;
         options.preserve_intermediates = false;
         Ok(Self {
-            inner: builder.build()?,
+            inner: Backend::Live(builder.build()?),
         })
+    }
+
+    /// A resolver that answers from `zones` only and never touches the network.
+    pub fn from_zones(zones: Zones) -> Self {
+        Self {
+            inner: Backend::Static(std::sync::Arc::new(zones)),
+        }
     }
 
     /// Runs one query and returns the answer data of the asked type (never empty).
     async fn query(&self, name: &str, rtype: RecordType) -> Result<Vec<RData>, DnsError> {
         super::calls::note(super::calls::Service::Dns);
+        let inner = match &self.inner {
+            Backend::Live(inner) => inner,
+            Backend::Static(zones) => return zones.answer(name, rtype),
+        };
         let mut name = Name::from_utf8(name).map_err(|_| DnsError::NxDomain)?;
         name.set_fqdn(true);
-        let lookup = self.inner.lookup(name, rtype).await?;
+        let lookup = inner.lookup(name, rtype).await?;
         let data: Vec<RData> = lookup
             .answers()
             .iter()

@@ -2,7 +2,8 @@
 //!
 //! [`Services`] holds the process-wide ones: one DNS resolver (and its cache), SPF over that
 //! resolver, and the store, built once at start and shared by every generation and Lua state.
-//! The modules beside it are the services themselves: [`dns`] and [`dns_lists`] (several list
+//! The modules beside it are the services themselves: [`dns`] (with [`dns_zone`], static answers
+//! from zone files for `luamilter test`) and [`dns_lists`] (several list
 //! queries at once, over `dns`), [`spf`], [`store`], [`net`] (IP sets, envelope addresses, the
 //! dynamic-PTR heuristic), [`mime`] (header decoding), and the per-generation [`site`] facts
 //! with their [`access`] map. [`calls`] counts the calls a piece of work makes of them.
@@ -11,6 +12,7 @@ pub mod access;
 pub mod calls;
 pub mod dns;
 pub mod dns_lists;
+pub mod dns_zone;
 pub mod mime;
 pub mod net;
 pub mod site;
@@ -60,6 +62,16 @@ impl Services {
         clock: store::Clock,
     ) -> Result<Services, ServicesError> {
         let resolver = Arc::new(Resolver::new(&config.dns)?);
+        Services::start_with(config, clock, resolver)
+    }
+
+    /// [`Services::start_with_clock`] over a resolver of the caller's (`luamilter test`
+    /// answers from zone files).
+    pub fn start_with(
+        config: &Config,
+        clock: store::Clock,
+        resolver: Arc<Resolver>,
+    ) -> Result<Services, ServicesError> {
         let spf = Arc::new(Spf::new(Arc::clone(&resolver), &config.spf)?);
         let mut store_config = config.store.clone();
         if store_config.path.is_relative() {

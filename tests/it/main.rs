@@ -14,6 +14,7 @@ mod docs;
 mod faults;
 mod loadgen;
 mod negotiation;
+mod offline;
 mod pack_bench;
 mod postfix_e2e;
 mod redis_server;

@@ -1,7 +1,10 @@
 //! The MTA side of one milter connection: framing, option negotiation, and
 //! buffered writes that are flushed only when a reply is awaited, as Postfix's
 //! buffered stream does (commands whose replies were negotiated away travel
-//! together with the next command that expects one).
+//! together with the next command that expects one). [`Connection::event`]
+//! sends one stage the way Postfix's `milter8_event` does; it works over any
+//! byte stream ([`Connection::negotiate`]), so an in-process milter can be
+//! driven too (`luamilter test`).
 
 use super::endpoint::{self, MilterStream};
 use indymilter::{
@@ -12,10 +15,10 @@ use indymilter::{
         reply::Reply,
     },
 };
-use luamilter_vocab::ListenAddr;
+use luamilter_vocab::{ListenAddr, Stage};
 use std::{io, time::Duration};
 use tokio::{
-    io::{AsyncWriteExt, BufStream},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream},
     time::timeout,
 };
 
@@ -47,9 +50,10 @@ pub enum ClientError {
     Negotiation(String),
 }
 
-/// An open, negotiated milter connection.
-pub struct Connection {
-    stream: BufStream<MilterStream>,
+/// An open, negotiated milter connection over a socket (`MilterStream`) or any
+/// other byte stream.
+pub struct Connection<S = MilterStream> {
+    stream: BufStream<S>,
     timeout: Duration,
     /// Actions the milter asked for.
     pub actions: Actions,
@@ -65,6 +69,14 @@ impl Connection {
             .await
             .map_err(|_| ClientError::Timeout)?
             .map_err(ClientError::Connect)?;
+        Self::negotiate(stream, wait).await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// Negotiates like Postfix on an open stream: protocol 6, every action and
+    /// every protocol option offered. `wait` bounds every later reply.
+    pub async fn negotiate(stream: S, wait: Duration) -> Result<Self, ClientError> {
         let mut conn = Self {
             stream: BufStream::with_capacity(READ_BUFFER, WRITE_BUFFER, stream),
             timeout: wait,
@@ -128,11 +140,52 @@ impl Connection {
             .map_err(|_| ClientError::Timeout)?
     }
 
+    /// Sends one event the way Postfix's `milter8_event` does: the stage's
+    /// macros first (even for a stage the milter negotiated away), then the
+    /// command unless the stage is skipped, and waits for the reply unless the
+    /// stage was negotiated NOREPLY. `None` when no reply is due.
+    pub async fn event(
+        &mut self,
+        stage: Stage,
+        macros: Option<Command>,
+        cmd: Command,
+    ) -> Result<Option<Reply>, ClientError> {
+        let (skipped, noreply) = stage.protocol_flags();
+        if let Some(macros) = macros {
+            self.send(macros).await?;
+        }
+        if self.opts.contains(skipped) {
+            return Ok(None);
+        }
+        self.send(cmd).await?;
+        if self.opts.contains(noreply) {
+            return Ok(None);
+        }
+        self.reply().await.map(Some)
+    }
+
     /// Sends QUIT and closes the connection.
     pub async fn quit(mut self) -> Result<(), ClientError> {
         self.send(Command::Quit).await?;
         self.stream.flush().await?;
         self.stream.shutdown().await?;
+        Ok(())
+    }
+
+    /// Sends QUIT and waits (at most the reply timeout) until the milter has
+    /// closed its side, that is, until it has finished with the connection.
+    pub async fn quit_and_wait(&mut self) -> Result<(), ClientError> {
+        self.send(Command::Quit).await?;
+        let wait = self.timeout;
+        let drained = async {
+            self.stream.flush().await?;
+            let mut sink = [0u8; 512];
+            while self.stream.read(&mut sink).await? > 0 {}
+            Ok::<(), io::Error>(())
+        };
+        timeout(wait, drained)
+            .await
+            .map_err(|_| ClientError::Timeout)??;
         Ok(())
     }
 }

@@ -350,18 +350,9 @@ impl Session {
         macros: Option<Command>,
         cmd: Command,
     ) -> Result<Answer, ClientError> {
-        let (skipped, noreply) = stage.protocol_flags();
-        if let Some(macros) = macros {
-            self.conn.send(macros).await?;
-        }
-        if self.conn.opts.contains(skipped) {
+        let Some(reply) = self.conn.event(stage, macros, cmd).await? else {
             return Ok(Answer::Continue);
-        }
-        self.conn.send(cmd).await?;
-        if self.conn.opts.contains(noreply) {
-            return Ok(Answer::Continue);
-        }
-        let reply = self.conn.reply().await?;
+        };
         Ok(match reply {
             Reply::Continue => Answer::Continue,
             Reply::Skip => Answer::Skip,

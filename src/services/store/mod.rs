@@ -33,6 +33,39 @@ pub fn system_clock() -> Clock {
     })
 }
 
+/// A clock that stands still until moved: case files move it (`advance = "10m"`), and so do
+/// tests. It starts at the wall clock's time, so Redis' own expiry (which follows real time) is
+/// never earlier than the store's.
+#[derive(Clone)]
+pub struct ManualClock(Arc<std::sync::atomic::AtomicI64>);
+
+impl Default for ManualClock {
+    fn default() -> ManualClock {
+        ManualClock(Arc::new(
+            std::sync::atomic::AtomicI64::new(system_clock()()),
+        ))
+    }
+}
+
+impl ManualClock {
+    /// A clock at the current time.
+    pub fn new() -> ManualClock {
+        ManualClock::default()
+    }
+
+    /// The store clock reading this one.
+    pub fn clock(&self) -> Clock {
+        let t = Arc::clone(&self.0);
+        Arc::new(move || t.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, by: Duration) {
+        let by = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.0.fetch_add(by, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Why a store call failed. Policies see [`StoreError::code`].
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
