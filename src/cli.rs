@@ -407,6 +407,9 @@ fn check(path: Option<PathBuf>) -> ExitCode {
                 };
                 println!("  source:  {}{origin}", decl.path.display());
                 println!("  stages:  {}", stages.join(", "));
+                if decl.shadow {
+                    println!("  mode:    shadow (verdicts logged and counted, not enforced)");
+                }
                 for (key, value) in &decl.options {
                     println!("  option:  {key} = {value}");
                 }

@@ -49,7 +49,7 @@ fn check_prints_state_source_and_options() {
             "good",
             "return { options = { n = 1, words = {'a'} }, mail = function() end, eom = function() end }",
         )],
-        "[policy.good]\nn = \"5m\"\nadd_words = [\"b\"]\n",
+        "[policy.good]\nn = \"5m\"\nadd_words = [\"b\"]\nmode = \"shadow\"\n",
     );
     let out = luamilter()
         .args(["check", "--config"])
@@ -62,6 +62,8 @@ fn check_prints_state_source_and_options() {
     assert!(stdout.contains("good.lua"), "{stdout}");
     assert!(stdout.contains("stages:  mail, eom"), "{stdout}");
     assert!(stdout.contains("option:  n = 300"), "{stdout}");
+    assert!(stdout.contains("mode:    shadow"), "{stdout}");
+    assert!(!stdout.contains("option:  mode"), "{stdout}");
     assert!(
         stdout.contains("option:  words = [\"a\", \"b\"]"),
         "{stdout}"
