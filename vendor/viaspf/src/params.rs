@@ -122,6 +122,23 @@ impl Sender {
         Self::new(s)
     }
 
+    /// Creates a new `Sender` from a local-part, taken as is, and a domain.
+    ///
+    /// RFC 7208 requires only the domain to be well-formed (§4.3); the
+    /// local-part serves macro expansion (`l`, `s`) alone. This constructor
+    /// keeps a local-part that the SMTP server accepted even where it is not
+    /// RFC 5321 syntax (say, an unquoted space), so that `%{l}` expands to it
+    /// as sent. An empty local-part becomes `postmaster`, as §4.3 says:
+    /// ‘If the <sender> has no local-part, substitute the string "postmaster"
+    /// for the local-part.’ (luamilter patch, see PATCHES.md)
+    pub fn from_parts(local_part: &str, domain: DomainName) -> Self {
+        let local_part = if local_part.is_empty() { "postmaster" } else { local_part };
+        Self {
+            local_part: local_part.into(),
+            domain_part: domain,
+        }
+    }
+
     /// Converts this sender into a tuple with its constituent parts.
     pub fn into_parts(self) -> (String, DomainName) {
         (self.local_part, self.domain_part)
@@ -322,6 +339,15 @@ mod tests {
         let sender = Sender::from_domain("mail.example.org").unwrap();
         assert_eq!(sender.local_part(), "postmaster");
         assert_eq!(sender.domain().to_string(), "mail.example.org");
+    }
+
+    #[test]
+    fn sender_from_parts() {
+        let domain = DomainName::new("example.org").unwrap();
+        let sender = Sender::from_parts("amy lee", domain.clone());
+        assert_eq!(sender.local_part(), "amy lee");
+        assert_eq!(sender.to_string(), "amy lee@example.org");
+        assert_eq!(Sender::from_parts("", domain).to_string(), "postmaster@example.org");
     }
 
     #[test]

@@ -106,3 +106,28 @@ async fn lookup_count_reset_before_exp_evaluation() {
         SpfResult::Fail(ExplanationString::External("failure".into()))
     );
 }
+
+// RFC 7208 test suite, "exp-only-macro-char": c, r and t are allowed only in
+// the explain-string, not in the exp= domain-spec (luamilter patch, see
+// PATCHES.md).
+#[tokio::test]
+async fn exp_only_macro_in_exp_domain_spec() {
+    let lookup = MockLookup::new()
+        .with_lookup_txt(|name| match name.as_str() {
+            "example.com." => Ok(vec!["v=spf1 -all exp=%{r}.example.com".into()]),
+            "unknown.example.com." => Ok(vec!["not reached".into()]),
+            _ => Err(LookupError::NoRecords),
+        });
+
+    let result = evaluate_sender(
+        &lookup,
+        &Default::default(),
+        IpAddr::from([12, 34, 56, 78]),
+        &"amy@example.com".parse().unwrap(),
+        None,
+    )
+    .await;
+
+    assert_eq!(result.spf_result, SpfResult::Permerror);
+    assert_eq!(result.cause, Some(SpfResultCause::Error(ErrorCause::InvalidSpfRecordSyntax)));
+}

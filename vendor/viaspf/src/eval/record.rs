@@ -19,7 +19,10 @@ use crate::{
         query::{Query, Resolver},
         EvalError, Evaluate, EvaluateMatch, EvaluateToString, MatchResult,
     },
-    record::{Explanation, Modifier, Qualifier, Redirect, SpfRecord},
+    record::{
+        DomainSpec, Explanation, MacroExpand, MacroKind, MacroStringSegment, Modifier, Qualifier,
+        Redirect, SpfRecord,
+    },
     result::{ErrorCause, ExplanationString, SpfResult},
     trace::Tracepoint,
 };
@@ -49,6 +52,18 @@ impl Evaluate for SpfRecord {
                 return SpfResult::Permerror;
             }
         };
+
+        // §7.2: ‘The following macro letters are allowed only in "exp" text’:
+        // c, r and t. The exp= domain-spec is not exp text (the explain-string
+        // it points at is), so such a record is in error, and by §4.6 ‘if there
+        // are any syntax errors anywhere in the record, check_host() returns
+        // immediately with the result "permerror"’ (luamilter patch, see
+        // PATCHES.md).
+        if matches!(explanation, Some(e) if uses_exp_only_macro(&e.domain_spec)) {
+            trace!(query, Tracepoint::InvalidSpfRecordSyntax(self.to_string()));
+            query.result_cause = Some(ErrorCause::InvalidSpfRecordSyntax.into());
+            return SpfResult::Permerror;
+        }
 
         // §4.6.2: ‘Each mechanism is considered in turn from left to right.’
         for directive in self.directives() {
@@ -165,6 +180,16 @@ fn get_explanation(record: &SpfRecord) -> Result<Option<&Explanation>, Vec<Expla
     }
 }
 
+fn uses_exp_only_macro(domain_spec: &DomainSpec) -> bool {
+    domain_spec.as_ref().segments.iter().any(|segment| {
+        matches!(
+            segment,
+            MacroStringSegment::MacroExpand(MacroExpand::Macro(m))
+                if matches!(m.kind(), MacroKind::PrettyIp | MacroKind::Receiver | MacroKind::Timestamp)
+        )
+    })
+}
+
 async fn compute_explanation(
     explanation: Option<&Explanation>,
     query: &mut Query<'_>,
@@ -206,6 +231,21 @@ async fn compute_explanation(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::MacroString;
+
+    #[test]
+    fn uses_exp_only_macro_ok() {
+        for (domain_spec, expected) in [
+            ("%{d}.example.com", false),
+            ("%{ir}.%{v}.example.com", false),
+            ("%{r}.example.com", true),
+            ("x.%{C}.example.com", true),
+            ("%{t}", true),
+        ] {
+            let domain_spec = DomainSpec::new(domain_spec.parse::<MacroString>().unwrap()).unwrap();
+            assert_eq!(uses_exp_only_macro(&domain_spec), expected, "{domain_spec}");
+        }
+    }
 
     #[test]
     fn get_sole_redirect_ok() {

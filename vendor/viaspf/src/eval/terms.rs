@@ -304,8 +304,10 @@ where
                 // ‘If a CIDR prefix length is specified, then only the
                 // specified number of high-order bits of <ip> and the IP
                 // address are compared for equality.’
+                // A /0 prefix compares no bits: shifting by the full width of
+                // the type is an overflow (luamilter patch, see PATCHES.md).
                 Some(len) => {
-                    let mask = u32::MAX << (32 - len.get());
+                    let mask = u32::MAX.checked_shl((32 - len.get()).into()).unwrap_or(0);
                     (u32::from(network_addr) & mask) == (u32::from(ip) & mask)
                 }
             }
@@ -314,7 +316,7 @@ where
             match prefix_len.and_then(|l| l.into().ip6()) {
                 None => network_addr == ip,
                 Some(len) => {
-                    let mask = u128::MAX << (128 - len.get());
+                    let mask = u128::MAX.checked_shl((128 - len.get()).into()).unwrap_or(0);
                     (u128::from(network_addr) & mask) == (u128::from(ip) & mask)
                 }
             }
@@ -604,7 +606,7 @@ pub fn to_eval_result<T>(result: LookupResult<Vec<T>>) -> EvalResult<Vec<T>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Ip4CidrLength;
+    use crate::record::{Ip4CidrLength, Ip6CidrLength};
 
     #[test]
     fn is_in_network_ok() {
@@ -612,6 +614,25 @@ mod tests {
             IpAddr::from([123, 12, 12, 12]),
             Some(Ip4CidrLength::new(24).unwrap()),
             IpAddr::from([123, 12, 12, 98]),
+        ));
+    }
+
+    #[test]
+    fn is_in_network_zero_prefix_matches_all() {
+        assert!(is_in_network(
+            IpAddr::from([1, 1, 1, 1]),
+            Some(Ip4CidrLength::new(0).unwrap()),
+            IpAddr::from([203, 0, 113, 7]),
+        ));
+        assert!(is_in_network(
+            IpAddr::from([0; 16]),
+            Some(Ip6CidrLength::new(0).unwrap()),
+            IpAddr::from([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+        ));
+        assert!(!is_in_network(
+            IpAddr::from([1, 1, 1, 1]),
+            Some(Ip4CidrLength::new(0).unwrap()),
+            IpAddr::from([0; 16]),
         ));
     }
 
