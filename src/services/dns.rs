@@ -3,8 +3,9 @@
 //!
 //! Every failure is a [`DnsError`] with a short stable code (`"nxdomain"`, `"timeout"`, ...) that
 //! the `milter.dns` Lua module (in `lua_api`) hands to policies as `nil, code`. Names given to
-//! lookups are always treated as fully qualified (no search list), and names returned have no
-//! trailing root dot, so they compare equal to HELO names and mail domains.
+//! lookups are always treated as fully qualified (no search list), ASCII ones sent byte for byte
+//! (SPF names need not be host names), and names returned have no trailing root dot, so they
+//! compare equal to HELO names and mail domains.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -203,8 +204,7 @@ impl Resolver {
             Backend::Live(inner) => inner,
             Backend::Static(zones) => return zones.answer(name, rtype),
         };
-        let mut name = Name::from_utf8(name).map_err(|_| DnsError::NxDomain)?;
-        name.set_fqdn(true);
+        let name = query_name(name).ok_or(DnsError::NxDomain)?;
         let lookup = inner.lookup(name, rtype).await?;
         let data: Vec<RData> = lookup
             .answers()
@@ -362,13 +362,40 @@ impl Resolver {
     }
 }
 
-/// A name as policies see it: ASCII (A-labels), without the trailing root dot.
-fn name_text(name: &Name) -> String {
-    let text = name.to_ascii();
-    match text.strip_suffix('.') {
-        Some(stripped) if !stripped.is_empty() => stripped.to_owned(),
-        _ => text,
+/// The name to query for `text` (always fully qualified; one trailing dot is optional).
+///
+/// ASCII text is taken byte for byte, one label between dots: the DNS allows any octet in a label
+/// (RFC 2181 §11), and SPF names are such text: `a:foo:bar/baz.example.com`, or what a macro
+/// expands to (`%%`, `%_`: a `%` or a space, RFC 7208 §7.1). They are queried as written, not
+/// refused by hostname rules. Other text goes through IDNA, so `bücher.example` is looked up by
+/// its A-labels. `None` when no name can stand for `text`: an empty label, a label over 63 octets,
+/// a name over 255, text IDNA refuses.
+fn query_name(text: &str) -> Option<Name> {
+    if !text.is_ascii() {
+        let mut name = Name::from_utf8(text).ok()?;
+        name.set_fqdn(true);
+        return Some(name);
     }
+    let text = text.strip_suffix('.').unwrap_or(text);
+    if text.is_empty() {
+        return Some(Name::root());
+    }
+    Name::from_labels(text.split('.').map(str::as_bytes)).ok()
+}
+
+/// A name as policies see it: its labels as they are (A-labels stay A-labels) joined by dots,
+/// without the trailing root dot; the root is `"."`. No escapes, so a name read from an answer
+/// (an MX host, a PTR name) is queried again as the same name by [`query_name`] (all but a label
+/// holding a dot, which reads as two).
+fn name_text(name: &Name) -> String {
+    if name.is_root() {
+        return ".".to_owned();
+    }
+    let labels: Vec<String> = name
+        .iter()
+        .map(|label| String::from_utf8_lossy(label).into_owned())
+        .collect();
+    labels.join(".")
 }
 
 /// The DNSBL query label for `ip`: `4.3.2.1` for 1.2.3.4, 32 reversed nibbles for IPv6.
@@ -397,6 +424,50 @@ mod tests {
             reversed_ip("2001:db8::1".parse().unwrap()),
             "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2"
         );
+    }
+
+    #[test]
+    fn query_names_keep_every_ascii_octet() {
+        let labels = |text: &str| -> Option<Vec<Vec<u8>>> {
+            query_name(text).map(|name| {
+                assert!(name.is_fqdn(), "{text}");
+                name.iter().map(<[u8]>::to_vec).collect()
+            })
+        };
+        let bytes = |list: &[&str]| Some(list.iter().map(|l| l.as_bytes().to_vec()).collect());
+        assert_eq!(
+            labels("foo:bar/baz.Example.com"),
+            bytes(&["foo:bar/baz", "Example", "com"])
+        );
+        assert_eq!(
+            labels("macro%percent  space%20url-space.example.com."),
+            bytes(&["macro%percent  space%20url-space", "example", "com"])
+        );
+        assert_eq!(
+            labels("_spf.example.com"),
+            bytes(&["_spf", "example", "com"])
+        );
+        assert_eq!(
+            labels("bücher.example"),
+            bytes(&["xn--bcher-kva", "example"])
+        );
+        assert_eq!(labels("."), bytes(&[]));
+        for invalid in ["not a name..", "a..b", ".a", &"x".repeat(64)] {
+            assert_eq!(labels(invalid), None, "{invalid}");
+        }
+    }
+
+    #[test]
+    fn name_text_round_trips_through_query_name() {
+        for text in [
+            "mx1.example.test",
+            "foo:bar/baz.example.com",
+            "a b.users.example",
+            ".",
+        ] {
+            assert_eq!(name_text(&query_name(text).unwrap()), text);
+        }
+        assert_eq!(name_text(&query_name("Mixed.Case.").unwrap()), "Mixed.Case");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use viaspf::record::SpfRecord;
 use viaspf::{DomainName, ExplanationString, QueryResult, Sender, SpfResult, SpfResultCause};
 
 use crate::services::dns::{DnsError, Resolver};
-use crate::services::net::{dot_atom_or_quoted, parse_address};
+use crate::services::net::{dot_atom_or_quoted, parse_address, split};
 
 /// SPF settings (`[spf]` in the config file).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -197,8 +197,8 @@ impl Spf {
         self.outcome(ip, &checked, result, lookup.guessed.load(Ordering::Relaxed))
     }
 
-    /// Evaluates the MAIL FROM identity; the result is `None` when `sender` is not a valid
-    /// address (RFC 7208 §4.3: the result is then `none`).
+    /// Evaluates the MAIL FROM identity; the result is `None` when `sender` has no valid domain
+    /// (RFC 7208 §4.3: the result is then `none`).
     async fn evaluate_mail_from<'h>(
         &self,
         lookup: &impl Lookup,
@@ -206,31 +206,21 @@ impl Spf {
         sender: &str,
         helo: &'h str,
     ) -> (Checked<'h>, Option<QueryResult>) {
-        let (identity, envelope_from) = match parse_address(sender) {
-            Ok(address) if address.is_null() => (format!("postmaster@{helo}"), String::new()),
-            Ok(address) => (address.address(), address.address()),
-            Err(_) => (sender.to_owned(), sender.to_owned()),
-        };
-        let result = match Sender::from_address(&identity) {
-            Ok(sender) => {
+        let mail_from = MailFrom::new(sender, helo);
+        let result = match &mail_from.sender {
+            Some(sender) => {
                 let helo_domain = DomainName::new(helo).ok();
                 Some(
-                    viaspf::evaluate_sender(
-                        lookup,
-                        &self.config,
-                        ip,
-                        &sender,
-                        helo_domain.as_ref(),
-                    )
-                    .await,
+                    viaspf::evaluate_sender(lookup, &self.config, ip, sender, helo_domain.as_ref())
+                        .await,
                 )
             }
-            Err(_) => None,
+            None => None,
         };
         let checked = Checked {
             kind: "mailfrom",
-            identity,
-            envelope_from: Some(envelope_from),
+            identity: mail_from.identity,
+            envelope_from: Some(mail_from.envelope_from),
             helo,
         };
         (checked, result)
@@ -378,6 +368,74 @@ impl Spf {
     }
 }
 
+/// The MAIL FROM identity of one check.
+struct MailFrom {
+    /// `local@domain` as checked, or the text given when there is no domain to check.
+    identity: String,
+    /// The address as the MTA sent it, without brackets (`""` for the null sender).
+    envelope_from: String,
+    /// What viaspf evaluates; `None` without a valid domain (RFC 7208 §4.3: `none`).
+    sender: Option<Sender>,
+}
+
+impl MailFrom {
+    /// The identity of the envelope sender `text` (any form the MTA passes).
+    ///
+    /// The null sender is `postmaster@<helo>` (RFC 7208 §2.4). Otherwise only the domain must be
+    /// valid (§4.3: ‘If the <domain> is malformed […] check_host() immediately returns the result
+    /// "none"’). The local part serves `%{l}` and `%{s}` alone, so it is kept as the MTA sent it,
+    /// even where it is not RFC 5321 syntax (an unquoted space); an empty one (`<@example.net>`)
+    /// is `postmaster` (§4.3: ‘If the <sender> has no local-part, substitute the string
+    /// "postmaster" for the local-part.’).
+    fn new(text: &str, helo: &str) -> Self {
+        let (local, domain, envelope_from) = match parse_address(text) {
+            Ok(address) if address.is_null() => {
+                (String::new(), Some(helo.to_owned()), String::new())
+            }
+            Ok(address) if address.domain.is_some() => (
+                dot_atom_or_quoted(&address.local),
+                address.domain.clone(),
+                address.address(),
+            ),
+            // Not an address the parser takes (`<@example.net>`, `<a b@example.net>`) or one
+            // without a domain: the text as sent, split at its last `@`, without a source route.
+            _ => {
+                let trimmed = text.trim();
+                let inner = trimmed
+                    .strip_prefix('<')
+                    .and_then(|rest| rest.strip_suffix('>'))
+                    .unwrap_or(trimmed);
+                let (local, domain) = split(inner);
+                let local = match local.strip_prefix('@').and_then(|r| r.split_once(':')) {
+                    Some((_route, local)) => local,
+                    None => local,
+                };
+                (local.to_owned(), domain, inner.to_owned())
+            }
+        };
+        let local = if local.is_empty() {
+            "postmaster"
+        } else {
+            &local
+        };
+        let Some(domain) = domain else {
+            return Self {
+                identity: envelope_from.clone(),
+                envelope_from,
+                sender: None,
+            };
+        };
+        let sender = DomainName::new(&domain)
+            .ok()
+            .map(|name| Sender::from_parts(local, name));
+        Self {
+            identity: format!("{local}@{domain}"),
+            envelope_from,
+            sender,
+        }
+    }
+}
+
 /// Text made safe inside a header comment: parentheses and backslashes escaped, control
 /// characters replaced by spaces.
 fn comment_text(text: &str) -> String {
@@ -428,9 +486,17 @@ impl Lookup for DnsLookup {
         self.0.aaaa(name.as_str()).await.map_err(lookup_error)
     }
 
+    /// A null MX (`0 .`, RFC 7505) names no host: the root is left out, so `mx` does not match
+    /// for it (the RFC 7208 test suite's `mx-empty`: neutral). An answer of the null MX alone
+    /// then counts as a void lookup, as the address lookup of the root would have.
     async fn lookup_mx<'lookup, 'a>(&'lookup self, name: &'a Name) -> LookupResult<Vec<Name>> {
         let mx = self.0.mx(name.as_str()).await.map_err(lookup_error)?;
-        to_names(mx.into_iter().map(|(_, exchange)| exchange).collect())
+        to_names(
+            mx.into_iter()
+                .map(|(_, exchange)| exchange)
+                .filter(|exchange| exchange != ".")
+                .collect(),
+        )
     }
 
     async fn lookup_txt<'lookup, 'a>(&'lookup self, name: &'a Name) -> LookupResult<Vec<String>> {

@@ -3,7 +3,8 @@
 //!
 //! Besides the zones it answers SERVFAIL for every name under `servfail.test.` and REFUSED for
 //! names outside its zones (e.g. `outside.nowhere.`). [`TestDns::with_delay`] holds every answer
-//! back; [`TestDns::silent`] binds a socket that never answers (for timeouts).
+//! back; [`TestDns::silent`] binds a socket that never answers (for timeouts);
+//! [`TestDns::with_records`] adds records whose names no zone file can spell.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use std::time::Duration;
 use hickory_server::Server;
 use hickory_server::net::runtime::{Time, TokioRuntimeProvider};
 use hickory_server::proto::op::ResponseCode;
-use hickory_server::proto::rr::{LowerName, Name};
+use hickory_server::proto::rr::{LowerName, Name, Record};
 use hickory_server::proto::serialize::txt::Parser;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
@@ -44,8 +45,19 @@ impl TestDns {
 
     /// Starts a server that waits `delay` before each answer (concurrently per query).
     pub async fn with_delay(delay: Duration) -> TestDns {
+        Self::serve(delay, Vec::new()).await
+    }
+
+    /// Starts a server that answers at once and also serves `records`, each in the fixture zone
+    /// its name falls in: for names a zone file cannot spell (the zone parser reads owner names
+    /// through IDNA, which refuses `:`, `/`, `%` and spaces, however escaped).
+    pub async fn with_records(records: Vec<Record>) -> TestDns {
+        Self::serve(Duration::ZERO, records).await
+    }
+
+    async fn serve(delay: Duration, records: Vec<Record>) -> TestDns {
         let handler = TestHandler {
-            catalog: load_catalog(&zones_dir()),
+            catalog: load_catalog(&zones_dir(), records),
             delay,
         };
         let (udp, tcp) = bind_udp_and_tcp().await;
@@ -116,8 +128,8 @@ fn zones_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/zones")
 }
 
-/// Loads every `<origin>.zone` file of `dir` into a catalog.
-fn load_catalog(dir: &Path) -> Catalog {
+/// Loads every `<origin>.zone` file of `dir` into a catalog, with the `extra` records of each.
+fn load_catalog(dir: &Path, mut extra: Vec<Record>) -> Catalog {
     let mut catalog = Catalog::new();
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .expect("zone directory")
@@ -135,17 +147,22 @@ fn load_catalog(dir: &Path) -> Catalog {
         let (origin, records) = Parser::new(text, Some(path.clone()), Some(origin))
             .parse()
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let zone: Arc<dyn ZoneHandler> = Arc::new(
-            InMemoryZoneHandler::<TokioRuntimeProvider>::new(
-                origin.clone(),
-                records,
-                ZoneType::Primary,
-                AxfrPolicy::Deny,
-            )
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-        );
+        let mut zone = InMemoryZoneHandler::<TokioRuntimeProvider>::new(
+            origin.clone(),
+            records,
+            ZoneType::Primary,
+            AxfrPolicy::Deny,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (inside, outside) = extra.into_iter().partition(|r| origin.zone_of(&r.name));
+        extra = outside;
+        for record in inside {
+            zone.upsert_mut(record, 1);
+        }
+        let zone: Arc<dyn ZoneHandler> = Arc::new(zone);
         catalog.upsert(LowerName::from(origin), vec![zone]);
     }
+    assert!(extra.is_empty(), "records outside every zone: {extra:?}");
     catalog
 }
 

@@ -23,6 +23,7 @@ mod services;
 mod session;
 mod site;
 mod spf;
+mod spf_conformance;
 mod store;
 mod stubs;
 mod trace;

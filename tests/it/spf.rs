@@ -16,7 +16,7 @@ fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
 }
 
-fn service(server: &TestDns) -> Spf {
+pub(crate) fn service(server: &TestDns) -> Spf {
     let config = SpfConfig {
         receiver: Some("mx.receiver.test".into()),
         ..SpfConfig::default()
@@ -24,7 +24,7 @@ fn service(server: &TestDns) -> Spf {
     Spf::new(server.resolver(), &config).unwrap()
 }
 
-async fn check(spf: &Spf, client: &str, sender: &str) -> SpfOutcome {
+pub(crate) async fn check(spf: &Spf, client: &str, sender: &str) -> SpfOutcome {
     spf.check_host(ip(client), sender, "client.example.test")
         .await
 }
