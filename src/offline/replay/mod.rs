@@ -445,7 +445,12 @@ fn load_zones(paths: &[PathBuf]) -> Result<Option<Zones>, String> {
 
 /// Reads the corpus on one thread, replays on `workers`, and counts here; says why nothing
 /// could run, if so.
-fn replay(corpus: Corpus, setup: &Arc<Setup>, workers: usize, summary: &mut Summary) -> Option<String> {
+fn replay(
+    corpus: Corpus,
+    setup: &Arc<Setup>,
+    workers: usize,
+    summary: &mut Summary,
+) -> Option<String> {
     let (items, queue) = mpsc::sync_channel::<Item>(workers * 2);
     let queue = Arc::new(Mutex::new(queue));
     let (results, done) = mpsc::sync_channel::<Done>(workers * 4);
