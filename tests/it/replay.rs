@@ -275,3 +275,65 @@ fn bad_configurations_and_corpora() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("broken"));
 }
+
+/// The worked example of docs/replay.md, as written: the README's quick start as the
+/// configuration in service, a copy with the page's first.lua as the new one, the page's corpus.
+#[test]
+fn the_worked_example_of_docs_replay_runs_as_written() {
+    use super::offline::marked_files;
+    let dir = tempfile::TempDir::new().unwrap();
+    let (old, new, corpus) = (
+        dir.path().join("luamilter"),
+        dir.path().join("luamilter.new"),
+        dir.path().join("corpus"),
+    );
+    let write = |path: PathBuf, body: &str| {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, body).unwrap();
+    };
+    for (name, body) in marked_files("README.md") {
+        if let Some(rest) = name.strip_prefix("/etc/luamilter/") {
+            write(old.join(rest), &body);
+            write(new.join(rest), &body);
+        }
+    }
+    let page = marked_files("docs/replay.md");
+    let mut expected = None;
+    for (name, body) in page {
+        if let Some(rest) = name.strip_prefix("/etc/luamilter.new/") {
+            write(new.join(rest), &body);
+        } else if let Some(rest) = name.strip_prefix("/tmp/corpus/") {
+            write(corpus.join(rest), &body);
+        } else if name == "expected output" {
+            expected = Some(body);
+        }
+    }
+    let expected = expected.expect("docs/replay.md marks the expected output");
+    assert!(
+        corpus.join("3.eml").exists(),
+        "docs/replay.md marks the corpus"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_luamilter"))
+        .arg("replay")
+        .arg(&corpus)
+        .arg("--config")
+        .arg(new.join("luamilter.toml"))
+        .arg("--against")
+        .arg(old.join("luamilter.toml"))
+        .output()
+        .unwrap();
+    let root = dir.path().display().to_string();
+    let got = String::from_utf8_lossy(&out.stdout)
+        .replace(&format!("{root}/corpus"), "/tmp/corpus")
+        .replace(&root, "/etc");
+    let rate = regex::Regex::new(r"skipped, [0-9.]+ s, \d+ msg/s").unwrap();
+    let got = rate.replace_all(&got, "skipped, T");
+    let expected = rate.replace_all(&expected, "skipped, T");
+    assert_eq!(
+        got.trim_end(),
+        expected.trim_end(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1));
+}

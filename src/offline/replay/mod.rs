@@ -204,7 +204,8 @@ fn difference(old: &[String], new: &[String], out: &mut Vec<String>) {
 }
 
 /// The kind of change from `old` to `new` (the first that applies: verdict, reply text, stage,
-/// recipients, edits), and the differences in recipients and edits; `None` when nothing
+/// recipients, edits), and the differences in recipients (and in edits, when the verdict is the
+/// same); `None` when nothing
 /// changed (the deciding policy alone does not count).
 fn change(old: &Outcome, new: &Outcome) -> Option<(String, Vec<String>)> {
     let kind = if old.verdict != new.verdict {
@@ -222,7 +223,10 @@ fn change(old: &Outcome, new: &Outcome) -> Option<(String, Vec<String>)> {
     };
     let mut details = Vec::new();
     difference(&old.recipients, &new.recipients, &mut details);
-    difference(&old.edits, &new.edits, &mut details);
+    // Edits come with an accepted message: a message accepted on one side only has them there.
+    if old.verdict == new.verdict {
+        difference(&old.edits, &new.edits, &mut details);
+    }
     Some((kind, details))
 }
 
