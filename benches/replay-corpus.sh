@@ -1,11 +1,14 @@
 #!/bin/sh
 # Writes a corpus of N small messages (default 100000) for measuring `luamilter replay`:
 # a directory of .eml files, 1000 per subdirectory, each with a Received header (the client),
-# Return-Path and To (the envelope). Usage: benches/replay-corpus.sh DIR [N]
+# Return-Path and To (the envelope); and examples/replay-new.toml (delete it after),
+# the stock pack with one more keyword, so that 1 message in 10,000 changes.
+# Usage, from the repository root:
 #   benches/replay-corpus.sh /tmp/corpus 100000
 #   /usr/bin/time -v target/release/luamilter replay /tmp/corpus \
-#       --config examples/stock-pack.toml --against examples/stock-pack.toml \
+#       --config examples/replay-new.toml --against examples/stock-pack.toml \
 #       --store empty --dns-zone benches/replay-empty.zone
+#   rm examples/replay-new.toml
 set -eu
 dir=$1
 n=${2:-100000}
@@ -28,4 +31,7 @@ awk -v dir="$dir" -v n="$n" 'BEGIN {
     close(f)
   }
 }'
-echo "$n messages in $dir"
+# The new configuration must sit beside the stock pack (its paths are relative to its file).
+sed 's/^from_words = \["Detox"\]/from_words = ["Detox", "User 4242"]/' \
+    examples/stock-pack.toml > examples/replay-new.toml
+echo "$n messages in $dir; the new configuration in examples/replay-new.toml"
