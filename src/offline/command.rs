@@ -131,7 +131,7 @@ pub fn run(args: TestArgs) -> ExitCode {
 }
 
 /// The zone files given, or `None` for the configured resolver.
-fn load_zones(paths: &[PathBuf]) -> Result<Option<Zones>, String> {
+pub fn load_zones(paths: &[PathBuf]) -> Result<Option<Zones>, String> {
     if paths.is_empty() {
         return Ok(None);
     }

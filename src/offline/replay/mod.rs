@@ -19,7 +19,7 @@ pub mod corpus;
 use super::{
     StoreMode,
     capture::Capture,
-    command::{self, Given},
+    command::{self, Given, load_zones},
     message::Message,
     milter::Milter,
     mta::{self, StageMacros, Transcript},
@@ -27,11 +27,7 @@ use super::{
     report::{Envelope, describe},
     resolver, runtime,
 };
-use crate::{
-    cli::EX_CONFIG,
-    config::Config,
-    services::{dns_zone::Zones, store},
-};
+use crate::{cli::EX_CONFIG, config::Config, services::store};
 use corpus::{Corpus, Item};
 use serde::{Deserialize, Serialize};
 use std::{
@@ -433,18 +429,6 @@ pub fn run(args: ReplayArgs) -> ExitCode {
     } else {
         EXIT_SAME
     })
-}
-
-/// The zone files given, or `None` for the configured resolver.
-fn load_zones(paths: &[PathBuf]) -> Result<Option<Zones>, String> {
-    if paths.is_empty() {
-        return Ok(None);
-    }
-    let mut zones = Zones::new();
-    for path in paths {
-        zones.load(path).map_err(|e| e.to_string())?;
-    }
-    Ok(Some(zones))
 }
 
 /// Reads the corpus on one thread, replays on `workers`, and counts here; says why nothing
