@@ -93,6 +93,9 @@ enum Command {
     /// Run a message through the configured policies in-process (no MTA, no socket), or case
     /// files (--cases); exit 0 accept, 3 reject, 4 tempfail, 5 discard (see docs/testing.md).
     Test(crate::offline::TestArgs),
+    /// Replay a corpus (directory of .eml, Maildir, mbox) through a new and an old
+    /// configuration and print what changed; exit 0 no change, 1 changes (see docs/replay.md).
+    Replay(crate::offline::replay::ReplayArgs),
     /// Talk to a running daemon through its control socket.
     Ctl {
         /// Configuration file, to find the control socket (default: built-in).
@@ -130,6 +133,7 @@ pub fn main() -> ExitCode {
         Command::Check { config } => check(config),
         Command::Bench(args) => bench(args),
         Command::Test(args) => crate::offline::command::run(args),
+        Command::Replay(args) => crate::offline::replay::run(args),
         Command::Db { config, command } => db(config, command),
         Command::Why {
             config,

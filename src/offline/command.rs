@@ -131,7 +131,7 @@ pub fn run(args: TestArgs) -> ExitCode {
 }
 
 /// The zone files given, or `None` for the configured resolver.
-fn load_zones(paths: &[PathBuf]) -> Result<Option<Zones>, String> {
+pub fn load_zones(paths: &[PathBuf]) -> Result<Option<Zones>, String> {
     if paths.is_empty() {
         return Ok(None);
     }
@@ -169,8 +169,34 @@ fn bare(address: &str) -> String {
         .to_string()
 }
 
+/// The parts of an envelope given on the command line (or in a replay sidecar file); what is
+/// not given comes from the message's headers.
+#[derive(Clone, Debug, Default)]
+pub struct Given {
+    pub client: Option<IpAddr>,
+    pub client_name: Option<String>,
+    pub helo: Option<String>,
+    /// MAIL FROM, "" or "<>" for the null sender.
+    pub from: Option<String>,
+    pub rcpt: Vec<String>,
+    pub auth: Option<String>,
+}
+
+impl TestArgs {
+    fn given(&self) -> Given {
+        Given {
+            client: self.client,
+            client_name: self.client_name.clone(),
+            helo: self.helo.clone(),
+            from: self.from.clone(),
+            rcpt: self.rcpt.clone(),
+            auth: self.auth.clone(),
+        }
+    }
+}
+
 /// The envelope: what was given, else what the message suggests.
-fn envelope(args: &TestArgs, message: &Message) -> Result<Envelope, String> {
+pub fn envelope(args: &Given, message: &Message) -> Result<Envelope, String> {
     let hints = message.envelope_hints();
     let mut sources = BTreeMap::new();
     let mut note = |key: &str, source: &str| {
@@ -247,6 +273,45 @@ fn envelope(args: &TestArgs, message: &Message) -> Result<Envelope, String> {
     })
 }
 
+/// The connection that delivers `message` with `envelope`: one message, the AUTH macros when
+/// the envelope has a user.
+pub fn smtp(
+    envelope: &Envelope,
+    message: &Message,
+    receiver: String,
+    macros: StageMacros,
+    queue_id: &str,
+) -> Result<Smtp, String> {
+    let mut mail_macros = StageMacros::new();
+    if let Some(user) = &envelope.auth {
+        let mail = mail_macros.entry("mail".into()).or_default();
+        mail.insert("{auth_authen}".into(), user.clone());
+        mail.insert("{auth_type}".into(), "PLAIN".into());
+    }
+    Ok(Smtp {
+        ip: envelope
+            .client
+            .parse()
+            .map_err(|_| "bad client address".to_string())?,
+        name: envelope.client_name.clone(),
+        helo: envelope.helo.clone(),
+        receiver,
+        macros,
+        mails: vec![Mail {
+            sender: format!("<{}>", envelope.sender),
+            recipients: envelope
+                .recipients
+                .iter()
+                .map(|r| format!("<{r}>"))
+                .collect(),
+            headers: message.headers.clone(),
+            body: message.body.clone(),
+            macros: mail_macros,
+            queue_id: queue_id.into(),
+        }],
+    })
+}
+
 /// Runs one message file; on failure, the exit status and why.
 fn test_message(
     args: &TestArgs,
@@ -257,17 +322,11 @@ fn test_message(
     let bytes = std::fs::read(path)
         .map_err(|e| (EXIT_ERROR, format!("{}: cannot read: {e}", path.display())))?;
     let message = Message::parse(&bytes);
-    let envelope = envelope(args, &message).map_err(|e| (EXIT_USAGE, e))?;
+    let envelope = envelope(&args.given(), &message).map_err(|e| (EXIT_USAGE, e))?;
     let mut macros = StageMacros::new();
     for text in &args.macros {
         let (stage, name, value) = parse_macro(text).map_err(|e| (EXIT_USAGE, e))?;
         macros.entry(stage).or_default().insert(name, value);
-    }
-    let mut mail_macros = StageMacros::new();
-    if let Some(user) = &envelope.auth {
-        let mail = mail_macros.entry("mail".into()).or_default();
-        mail.insert("{auth_authen}".into(), user.clone());
-        mail.insert("{auth_type}".into(), "PLAIN".into());
     }
     let scratch = tempfile::TempDir::new().map_err(|e| {
         (
@@ -281,28 +340,8 @@ fn test_message(
         scratch.path(),
     )
     .map_err(|e| (EXIT_ERROR, e))?;
-    let smtp = Smtp {
-        ip: envelope
-            .client
-            .parse()
-            .map_err(|_| (EXIT_USAGE, "bad client address".to_string()))?,
-        name: envelope.client_name.clone(),
-        helo: envelope.helo.clone(),
-        receiver: receiver(&config),
-        macros,
-        mails: vec![Mail {
-            sender: format!("<{}>", envelope.sender),
-            recipients: envelope
-                .recipients
-                .iter()
-                .map(|r| format!("<{r}>"))
-                .collect(),
-            headers: message.headers.clone(),
-            body: message.body.clone(),
-            macros: mail_macros,
-            queue_id: "TEST000001".into(),
-        }],
-    };
+    let smtp = smtp(&envelope, &message, receiver(&config), macros, "TEST000001")
+        .map_err(|e| (EXIT_USAGE, e))?;
     let runtime = runtime().map_err(|e| (EXIT_ERROR, format!("cannot start the runtime: {e}")))?;
     let capture = Capture::default();
     let _caught = capture.install();

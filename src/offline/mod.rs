@@ -10,6 +10,7 @@
 //! - [`message`]: a message file (`.eml`, mbox) as the MTA would pass it, and the envelope its
 //!   headers suggest;
 //! - [`command`]: `luamilter test MESSAGE` (report in [`report`]) and `luamilter test --cases`;
+//! - [`replay`]: `luamilter replay`, a corpus through two configurations and what changed;
 //! - [`cases`]: case files, the format the stock pack's tests use (tests/cases), run by
 //!   `luamilter test --cases` and by the test suite.
 //!
@@ -22,6 +23,7 @@ pub mod command;
 pub mod message;
 pub mod milter;
 pub mod mta;
+pub mod replay;
 pub mod report;
 
 pub use command::TestArgs;

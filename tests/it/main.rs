@@ -19,6 +19,7 @@ mod pack_bench;
 mod postfix_e2e;
 mod redis_server;
 mod reload;
+mod replay;
 mod services;
 mod session;
 mod site;

@@ -406,7 +406,7 @@ return {
 }
 
 /// The fenced blocks of a page marked `<!-- file: PATH -->` on the line above, by path.
-fn marked_files(page: &str) -> Vec<(String, String)> {
+pub fn marked_files(page: &str) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(page)).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     let mut files = Vec::new();
