@@ -618,3 +618,28 @@ expect.result = "accept"
     );
     assert!(results[0]["cases"][0]["transcript"].is_null());
 }
+
+/// Shadow mode in `luamilter test`: the message is accepted, and the report says what the
+/// shadowed policy would have done (the log line the daemon writes, caught by the report).
+#[test]
+fn a_shadowed_policy_is_reported_as_what_it_would_do() {
+    let refuse = r#"
+local milter = require "milter"
+return {
+  mail = function(ctx, sender)
+    return milter.reject{ code = 550, xcode = "5.7.1", text = "Not from " .. sender }
+  end,
+}
+"#;
+    let dir = site(&[("refuse", refuse)]);
+    let config = dir.path().join("luamilter.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text + "[policy.refuse]\nmode = \"shadow\"\n").unwrap();
+    let out = test(&dir, &[path(&message("crlf.eml"))]);
+    let report = stdout(&out);
+    assert_eq!(code(&out), 0, "accepted: {report}");
+    assert!(
+        report.contains("would reject 550 5.7.1 Not from alice@example.com"),
+        "{report}"
+    );
+}
