@@ -22,6 +22,8 @@ mod reload;
 mod services;
 mod session;
 mod site;
+mod smtp;
+mod smtp_server;
 mod spf;
 mod store;
 mod stubs;
