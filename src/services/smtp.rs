@@ -311,10 +311,10 @@ impl Default for VerifyOptions {
 /// Counters of what [`Smtp::verify`] did since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SmtpStats {
-    /// Answers taken from the cache.
+    /// Calls of [`Smtp::verify`].
+    pub verifies: u64,
+    /// Calls answered from the cache (at once, or after waiting for a slot).
     pub cache_hits: u64,
-    /// Looks at the cache that found nothing.
-    pub cache_misses: u64,
     /// TCP connections opened.
     pub connections: u64,
     /// Calls refused by the rate limit or for want of a slot.
@@ -323,8 +323,8 @@ pub struct SmtpStats {
 
 #[derive(Default)]
 struct Counters {
+    verifies: AtomicU64,
     cache_hits: AtomicU64,
-    cache_misses: AtomicU64,
     connections: AtomicU64,
     limited: AtomicU64,
 }
@@ -398,8 +398,8 @@ impl Smtp {
     pub fn stats(&self) -> SmtpStats {
         let c = &self.counters;
         SmtpStats {
+            verifies: c.verifies.load(Ordering::Relaxed),
             cache_hits: c.cache_hits.load(Ordering::Relaxed),
-            cache_misses: c.cache_misses.load(Ordering::Relaxed),
             connections: c.connections.load(Ordering::Relaxed),
             limited: c.limited.load(Ordering::Relaxed),
         }
@@ -408,6 +408,7 @@ impl Smtp {
     /// Asks `address`'s mail exchanger whether it takes mail for it (see the module doc).
     pub async fn verify(&self, address: &str, opts: VerifyOptions) -> Result<Verified, SmtpError> {
         calls::note(Service::Smtp);
+        self.counters.verifies.fetch_add(1, Ordering::Relaxed);
         let (local, domain) = split_address(address)?;
         let address = format!("{local}@{domain}");
         let key = format!("{CACHE_PREFIX}{}", address.to_lowercase());
@@ -484,11 +485,9 @@ impl Smtp {
                 None
             }
         };
-        let counter = match found {
-            Some(_) => &self.counters.cache_hits,
-            None => &self.counters.cache_misses,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if found.is_some() {
+            self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+        }
         found
     }
 
