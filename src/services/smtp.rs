@@ -786,7 +786,7 @@ mod tests {
             "@example.com",
             "x@",
             "a b@example.com",
-            "x@a\r\n",
+            "x@a\r\nDATA",
         ] {
             assert!(split_address(bad).is_err(), "{bad:?}");
         }
