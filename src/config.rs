@@ -37,6 +37,9 @@ pub struct Config {
     /// Persistent state: embedded SQLite or shared Redis.
     #[serde(default)]
     pub store: crate::services::store::StoreConfig,
+    /// Outbound SMTP call-backs (`milter.smtp`).
+    #[serde(default)]
+    pub smtp: crate::services::smtp::SmtpConfig,
     /// Facts about the site: internal networks, trusted relays, own domains, access map.
     #[serde(default)]
     pub site: crate::services::site::SiteConfig,

@@ -1,8 +1,8 @@
 //! What policy scripts see: `ctx`, verdicts, and the built-in modules that `require` serves,
 //! one file per module: [`milter`] (`milter`), [`log`] (`milter.log`), [`dns`]
 //! (`milter.dns`), [`spf`] (`milter.spf`), [`net`] (`milter.net`), [`store`]
-//! (`milter.store`), [`site`] (`milter.site`), [`access`] (`milter.access`) and [`mime`]
-//! (`milter.mime`), each a thin Lua face over a service of [`crate::services`]; `args`
+//! (`milter.store`), [`site`] (`milter.site`), [`access`] (`milter.access`), [`mime`]
+//! (`milter.mime`) and [`smtp`] (`milter.smtp`), each a thin Lua face over a service of [`crate::services`]; `args`
 //! converts the arguments they share. [`stubs`] holds the editor stubs (LuaLS annotations) of all
 //! of it, checked against what these modules register.
 
@@ -15,6 +15,7 @@ pub mod milter;
 pub mod mime;
 pub mod net;
 pub mod site;
+pub mod smtp;
 pub mod spf;
 pub mod store;
 pub mod stubs;
@@ -35,6 +36,7 @@ pub const BUILTIN_MODULES: &[&str] = &[
     "milter.site",
     "milter.access",
     "milter.mime",
+    "milter.smtp",
 ];
 
 /// Builds a built-in module by name, or `None` when `name` is not built in.
@@ -54,6 +56,7 @@ pub fn builtin_module(
         "milter.site" => site::module(lua, Arc::clone(site)),
         "milter.access" => access::module(lua, Arc::clone(site)),
         "milter.mime" => mime::module(lua),
+        "milter.smtp" => smtp::module(lua, Arc::clone(&services.smtp)),
         _ => return None,
     };
     Some(module.map(Value::Table))

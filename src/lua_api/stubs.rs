@@ -45,6 +45,7 @@ pub const FILES: &[StubFile] = &[
     stub!("milter/site.lua"),
     stub!("milter/access.lua"),
     stub!("milter/mime.lua"),
+    stub!("milter/smtp.lua"),
     stub!("luamilter/ctx.lua"),
     stub!("luamilter/policy.lua"),
 ];

@@ -19,6 +19,7 @@ tokio::task_local! {
 struct Counters {
     dns: AtomicU32,
     store: AtomicU32,
+    smtp: AtomicU32,
 }
 
 /// A service whose calls are counted.
@@ -28,6 +29,8 @@ pub enum Service {
     Dns,
     /// A store operation.
     Store,
+    /// An SMTP call-back asked for (answered from the cache or not).
+    Smtp,
 }
 
 /// Calls made by one piece of work.
@@ -37,12 +40,19 @@ pub struct CallCount {
     pub dns: u32,
     /// Store operations.
     pub store: u32,
+    /// SMTP call-backs asked for.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub smtp: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl CallCount {
     /// Whether no call was made.
     pub fn is_empty(&self) -> bool {
-        self.dns == 0 && self.store == 0
+        self.dns == 0 && self.store == 0 && self.smtp == 0
     }
 }
 
@@ -52,6 +62,7 @@ pub fn note(service: Service) {
         let counter = match service {
             Service::Dns => &c.dns,
             Service::Store => &c.store,
+            Service::Smtp => &c.smtp,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     });
@@ -64,6 +75,7 @@ pub async fn counted<F: Future>(work: F) -> (F::Output, CallCount) {
     let count = CallCount {
         dns: counters.dns.load(Ordering::Relaxed),
         store: counters.store.load(Ordering::Relaxed),
+        smtp: counters.smtp.load(Ordering::Relaxed),
     };
     (output, count)
 }
@@ -80,8 +92,16 @@ mod tests {
             tokio::task::yield_now().await;
             note(Service::Store);
             note(Service::Dns);
+            note(Service::Smtp);
         })
         .await;
-        assert_eq!(count, CallCount { dns: 2, store: 1 });
+        assert_eq!(
+            count,
+            CallCount {
+                dns: 2,
+                store: 1,
+                smtp: 1
+            }
+        );
     }
 }

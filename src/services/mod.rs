@@ -4,7 +4,7 @@
 //! resolver, and the store, built once at start and shared by every generation and Lua state.
 //! The modules beside it are the services themselves: [`dns`] (with [`dns_zone`], static answers
 //! from zone files for `luamilter test`) and [`dns_lists`] (several list
-//! queries at once, over `dns`), [`spf`], [`store`], [`net`] (IP sets, envelope addresses, the
+//! queries at once, over `dns`), [`spf`], [`smtp`] (call-backs to a sender's mail exchanger), [`store`], [`net`] (IP sets, envelope addresses, the
 //! dynamic-PTR heuristic), [`mime`] (header decoding), and the per-generation [`site`] facts
 //! with their [`access`] map. [`calls`] counts the calls a piece of work makes of them.
 
@@ -16,11 +16,13 @@ pub mod dns_zone;
 pub mod mime;
 pub mod net;
 pub mod site;
+pub mod smtp;
 pub mod spf;
 pub mod store;
 
 use crate::config::Config;
 use dns::{Resolver, SetupError};
+use smtp::Smtp;
 use spf::{Spf, SpfError};
 use std::sync::Arc;
 use store::{Store, StoreError};
@@ -37,6 +39,9 @@ pub enum ServicesError {
     /// The store (`[store]`).
     #[error("[store]: {0}")]
     Store(#[from] StoreError),
+    /// SMTP call-backs (`[smtp]`).
+    #[error("[smtp]: {0}")]
+    Smtp(String),
 }
 
 /// Shared services.
@@ -47,6 +52,8 @@ pub struct Services {
     pub spf: Arc<Spf>,
     /// Persistent state.
     pub store: Arc<dyn Store>,
+    /// SMTP call-backs over `resolver`, remembering results in `store`.
+    pub smtp: Arc<Smtp>,
 }
 
 impl Services {
@@ -78,10 +85,22 @@ impl Services {
             store_config.path = config.source.base_dir().join(&store_config.path);
         }
         let store = store::open(&store_config, clock)?;
+        let helo = (config.site.hostname.clone())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(site::system_hostname);
+        let smtp = Smtp::new(
+            Arc::clone(&resolver),
+            Arc::clone(&store),
+            &config.smtp,
+            helo,
+        )
+        .map(Arc::new)
+        .map_err(ServicesError::Smtp)?;
         Ok(Services {
             resolver,
             spf,
             store,
+            smtp,
         })
     }
 }

@@ -60,6 +60,9 @@ impl fmt::Display for Step {
         if self.calls.store > 0 {
             write!(f, " store={}", self.calls.store)?;
         }
+        if self.calls.smtp > 0 {
+            write!(f, " smtp={}", self.calls.smtp)?;
+        }
         f.write_str(")")
     }
 }
@@ -123,7 +126,11 @@ mod tests {
             "tempfail 451 4.7.1 Greylisted".into(),
             Duration::from_micros(2100),
         );
-        step.calls = CallCount { dns: 0, store: 2 };
+        step.calls = CallCount {
+            dns: 0,
+            store: 2,
+            smtp: 1,
+        };
         trace.push(step);
         let mut shadow = Step::new(
             "mail",
@@ -135,7 +142,7 @@ mod tests {
         trace.push(shadow);
         assert_eq!(
             trace.to_string(),
-            "rcpt:greylist=tempfail 451 4.7.1 Greylisted (2.1ms store=2); \
+            "rcpt:greylist=tempfail 451 4.7.1 Greylisted (2.1ms store=2 smtp=1); \
              mail:spf=would reject 550 5.7.1 SPF fail (0.0ms)"
         );
         for _ in 0..MAX_STEPS {

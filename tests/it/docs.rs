@@ -68,6 +68,20 @@ fn sample_config_lists_every_key_with_its_default() {
             ][..],
         ),
         ("trace", &["keep"][..]),
+        (
+            "smtp",
+            &[
+                "port",
+                "connect_timeout",
+                "command_timeout",
+                "timeout",
+                "per_domain",
+                "rate",
+                "global",
+                "cache_ok",
+                "cache_fail",
+            ][..],
+        ),
     ] {
         let table = raw[section].as_table().unwrap();
         let mut written: Vec<&str> = table.keys().map(String::as_str).collect();
@@ -109,6 +123,7 @@ fn sample_config_lists_every_key_with_its_default() {
     assert_eq!(sample.spf, default.spf);
     assert_eq!(sample.store, default.store);
     assert_eq!(sample.trace, default.trace);
+    assert_eq!(sample.smtp, default.smtp);
     // The one documented difference: the sample sits in examples/, the default dir's target.
     assert_eq!(default.policies.dirs, [Path::new("examples")]);
     assert_eq!(

@@ -23,6 +23,8 @@ mod replay;
 mod services;
 mod session;
 mod site;
+mod smtp;
+mod smtp_server;
 mod spf;
 mod spf_conformance;
 mod store;

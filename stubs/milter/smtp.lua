@@ -1,0 +1,32 @@
+---@meta
+-- luamilter editor stubs: `require "milter.smtp"`. Reference: docs/lua-api/smtp.md.
+
+---Why a call-back has no SMTP answer: the second value when `verify` returned nil.
+---@alias luamilter.SmtpError "invalid"|"nomx"|"dns"|"timeout"|"refused"|"closed"|"tls"|"limited"
+
+---A refusal by the sender's mail exchanger.
+---@class luamilter.SmtpReply
+---@field code integer 550, 451, ...
+---@field text string the reply text, enhanced status code first ("5.1.1 User unknown")
+---@field permanent boolean true for a 5xx reply
+---@field stage "connect"|"helo"|"mail"|"rcpt" the command that was refused
+
+---Options of `smtp.verify`.
+---@class luamilter.VerifyOptions
+---@field timeout? string|number the whole call-back's deadline (default `[smtp] timeout`)
+---@field cache? boolean read and write the result cache (default true)
+
+---Outbound SMTP call-backs that suspend only the calling session.
+---@class milter.smtp
+local smtp = {}
+
+---Asks `address`'s mail exchanger (MX, else the domain's A/AAAA) whether it takes mail for
+---it: EHLO, STARTTLS when offered, `MAIL FROM:<>`, `RCPT TO:<address>`, QUIT. Returns "ok",
+---a refusal table, or nil and why. Accepted and permanently refused addresses are remembered.
+---@param address string
+---@param opts? luamilter.VerifyOptions
+---@return "ok"|luamilter.SmtpReply|nil result
+---@return luamilter.SmtpError|nil err
+function smtp.verify(address, opts) end
+
+return smtp
