@@ -13,9 +13,9 @@ mod trace;
 
 pub use client::ClientInfo;
 pub use edit::Edit;
-pub use trace::{MAX_STEPS, Step, Trace};
+pub use trace::{Step, Trace};
 
-use crate::{lua_api::verdict::Verdict, stage::Stage, stage::StageMap};
+use crate::{lua_api::verdict::Verdict, stage::Stage};
 use indymilter::{Actions, ProtoOpts};
 use std::{
     collections::HashMap,
@@ -61,11 +61,6 @@ impl Negotiated {
     pub fn no_reply(&self, stage: Stage) -> bool {
         let (_, no_reply) = stage.protocol_flags();
         !no_reply.is_empty() && self.opts.contains(no_reply)
-    }
-
-    /// Per stage, whether the MTA sends it.
-    pub fn stages_sent(&self) -> StageMap<bool> {
-        StageMap::from_fn(|s| self.sends(s))
     }
 }
 

@@ -90,11 +90,6 @@ impl Trace {
             self.dropped = self.dropped.saturating_add(1);
         }
     }
-
-    /// Whether nothing was recorded.
-    pub fn is_empty(&self) -> bool {
-        self.steps.is_empty() && self.dropped == 0
-    }
 }
 
 impl fmt::Display for Trace {
