@@ -1,5 +1,5 @@
 //! `milter.smtp`: `verify(address, opts)`, a call-back to the address's mail exchanger over the
-//! SMTP service. See `docs/lua-api/smtp.md`.
+//! SMTP service, and `cached(address)`, its remembered answer. See `docs/lua-api/smtp.md`.
 //!
 //! It returns `"ok"` when `RCPT TO` is accepted, `{ code, text, permanent, stage }` when the
 //! exchanger refuses, and `nil, code` when there is no answer (see [`SmtpError::code`]). A
@@ -62,14 +62,29 @@ fn outcome_value(
 /// Builds the `milter.smtp` module over `smtp`.
 pub fn module(lua: &Lua, smtp: Arc<Smtp>) -> mlua::Result<Table> {
     let module = lua.create_table()?;
+    let verifier = Arc::clone(&smtp);
     module.set(
         "verify",
         lua.create_async_function(move |lua, (address, opts): (String, Option<Table>)| {
-            let smtp = Arc::clone(&smtp);
+            let smtp = Arc::clone(&verifier);
             async move {
                 let opts = options(opts)?;
                 let result = smtp.verify(&address, opts).await.map(|v| v.outcome);
                 outcome_value(&lua, result)
+            }
+        })?,
+    )?;
+    let cache = Arc::clone(&smtp);
+    module.set(
+        "cached",
+        lua.create_async_function(move |lua, address: String| {
+            let smtp = Arc::clone(&cache);
+            async move {
+                match smtp.cached_outcome(&address).await {
+                    Ok(Some(outcome)) => outcome_value(&lua, Ok(outcome)),
+                    Ok(None) => Ok((Value::Nil, None)),
+                    Err(error) => outcome_value(&lua, Err(error)),
+                }
             }
         })?,
     )?;

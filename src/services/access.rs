@@ -11,8 +11,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// The values the stock policies understand.
-const VALUES: &[&str] = &["OK", "WHITELIST", "REJECT", "BAN", "TEMPFAIL"];
+/// The values the stock policies understand. `CBV` and `DSN` ask for a call-back
+/// verification of the sender at end of message (the `cbv` stock policy).
+const VALUES: &[&str] = &["OK", "WHITELIST", "REJECT", "BAN", "TEMPFAIL", "CBV", "DSN"];
 
 /// Tags whose values luamilter's stock policies act on, and so are checked at load. Other tags
 /// (sendmail's own `Connect:`, `From:`, `To:` with `RELAY` and the like, or a site policy's own
@@ -34,11 +35,9 @@ pub enum EntryError {
         /// The entry's key.
         key: String,
     },
-    /// `CBV` or `DSN`, which need call-back verification.
-    #[error(
-        "{key:?}: {value} needs call-back verification, which luamilter does not have yet; use REJECT, TEMPFAIL or OK"
-    )]
-    NeedsCallBack {
+    /// `CBV` or `DSN` for a tag other than `SPF-*` and `HELO-*`.
+    #[error("{key:?}: {value} (a call-back) applies to SPF-* and HELO-* entries only")]
+    CallBackTag {
         /// The entry's key.
         key: String,
         /// The value given.
@@ -136,8 +135,9 @@ impl AccessMap {
             return Err(EntryError::NoValue { key: key.into() });
         }
         if checked_tag(key) {
-            if matches!(value, "CBV" | "DSN") {
-                return Err(EntryError::NeedsCallBack {
+            let tag = key.split(':').next().unwrap_or("").to_ascii_lowercase();
+            if matches!(value, "CBV" | "DSN") && tag == "smtp-auth" {
+                return Err(EntryError::CallBackTag {
                     key: key.into(),
                     value: value.into(),
                 });
@@ -205,7 +205,7 @@ fn normalise_identity(identity: &str) -> String {
 mod tests {
     use super::*;
 
-    /// The classic milter's test access file (milter-app.md 4.2), with CBV-free values.
+    /// The classic milter's test access file (milter-app.md 4.2).
     const ACCESS: &str = "\
 # test access file
 SPF-Pass:example.com\tOK
@@ -279,6 +279,25 @@ SMTP-Test:.baz.com      WHITELIST
     }
 
     #[test]
+    fn call_back_values_load_for_spf_and_helo_tags() {
+        let mut m = AccessMap::default();
+        m.add_text(
+            "access",
+            "SPF-Neutral:\tCBV\nSPF-Softfail: DSN\nSPF-Fail:abeb@adelphia.net DSN\nHELO-Fail:.example.net CBV\n",
+        )
+        .unwrap();
+        assert_eq!(m.lookup("SPF-Neutral", "x@aol.com"), Some("CBV"));
+        assert_eq!(m.lookup("spf-softfail", "x@ebay.com"), Some("DSN"));
+        assert_eq!(m.lookup("SPF-Fail", "abeb@adelphia.net"), Some("DSN"));
+        assert_eq!(m.lookup("SPF-Fail", "other@adelphia.net"), None);
+        assert_eq!(m.lookup("HELO-Fail", "mx.example.net"), Some("CBV"));
+        assert_eq!(
+            m.insert("SMTP-Auth:x@y.z", "DSN").unwrap_err().to_string(),
+            "\"SMTP-Auth:x@y.z\": DSN (a call-back) applies to SPF-* and HELO-* entries only"
+        );
+    }
+
+    #[test]
     fn an_unreadable_file_is_named() {
         let errs = AccessMap::default()
             .add_file(Path::new("/nonexistent/access"))
@@ -299,14 +318,14 @@ SMTP-Test:.baz.com      WHITELIST
         let errs = m
             .add_text(
                 "access",
-                "SPF-Pass:a.com OK\nSPF-Neutral:b.com\nSPF-Fail:c.com CBV\nHELO-Fail:y reject\n",
+                "SPF-Pass:a.com OK\nSPF-Neutral:b.com\nSPF-Fail:c.com cbv\nHELO-Fail:y reject\n",
             )
             .unwrap_err();
         assert!(matches!(
             errs[1],
             AccessError::Line {
                 line: 3,
-                error: EntryError::NeedsCallBack { .. },
+                error: EntryError::UnknownValue { .. },
                 ..
             }
         ));
@@ -317,7 +336,7 @@ SMTP-Test:.baz.com      WHITELIST
             "{errs:?}"
         );
         assert!(
-            errs[1].starts_with("access:3: ") && errs[1].contains("call-back verification"),
+            errs[1].starts_with("access:3: ") && errs[1].contains("unknown value \"cbv\""),
             "{errs:?}"
         );
         assert!(

@@ -470,6 +470,14 @@ impl Smtp {
         })
     }
 
+    /// The remembered outcome of a call-back to `address` (accepted or refused permanently),
+    /// without calling back; `None` when nothing is remembered.
+    pub async fn cached_outcome(&self, address: &str) -> Result<Option<Outcome>, SmtpError> {
+        let (local, domain) = split_address(address)?;
+        let key = format!("{CACHE_PREFIX}{}", format!("{local}@{domain}").to_lowercase());
+        Ok(self.cached(&key).await)
+    }
+
     fn limited(&self, why: &'static str) -> SmtpError {
         self.counters.limited.fetch_add(1, Ordering::Relaxed);
         SmtpError::Limited(why)

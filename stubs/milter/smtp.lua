@@ -29,4 +29,11 @@ local smtp = {}
 ---@return luamilter.SmtpError|nil err
 function smtp.verify(address, opts) end
 
+---The remembered answer of an earlier call-back to `address`, without calling back: "ok", a
+---permanent refusal, or nil when nothing is remembered (nil, "invalid" for a malformed address).
+---@param address string
+---@return "ok"|luamilter.SmtpReply|nil result
+---@return "invalid"|nil err
+function smtp.cached(address) end
+
 return smtp

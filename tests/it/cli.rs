@@ -71,6 +71,43 @@ fn check_prints_state_source_and_options() {
 }
 
 #[test]
+fn check_accepts_call_back_access_values_and_names_misplaced_ones() {
+    let dir = tempfile::TempDir::new().unwrap();
+    std::fs::write(
+        dir.path().join("access"),
+        "SPF-Neutral:\tCBV\nSPF-Softfail:ebay.com DSN\nHELO-Fail: CBV\n",
+    )
+    .unwrap();
+    let policy = [("good", "return { mail = function() end }")];
+    let good = write_config(
+        &dir,
+        "inet:0@127.0.0.1",
+        &policy,
+        "[site]\naccess_file = \"access\"\n[site.access]\n\"SPF-Fail:abeb@adelphia.net\" = \"DSN\"\n",
+    );
+    let out = luamilter()
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+
+    std::fs::write(dir.path().join("access"), "SMTP-Auth:example.com CBV\n").unwrap();
+    let out = luamilter()
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(78), "{stdout}");
+    assert!(
+        stdout.contains("access:1: \"SMTP-Auth:example.com\": CBV (a call-back) applies to SPF-* and HELO-* entries only"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn check_of_the_built_in_default_uses_the_examples() {
     let out = luamilter()
         .arg("check")
