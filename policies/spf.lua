@@ -11,7 +11,8 @@
 --   6. three strikes: dynamic or no PTR, no SPF record, no pass for MAIL FROM or HELO →
 --      `SPF-None` policy;
 --   7. the `SPF-<Result>` policy of the effective result (access map, else program defaults).
--- Publishes ctx.msg.spf; at eom inserts Received-SPF and Authentication-Results at the top.
+-- CBV and DSN policy values queue a call-back for the cbv policy (ctx.msg.cbv, cbv_template,
+-- cbv_target). Publishes ctx.msg.spf; at eom inserts Received-SPF and Authentication-Results at the top.
 -- Every default and reply is documented in docs/policies/spf.md.
 local milter = require "milter"
 local spf = require "milter.spf"
@@ -77,12 +78,24 @@ local function ban_client(ctx, reason, opts)
   if not ok then milter.log.warn("spf: cannot ban " .. client.ip .. ": " .. tostring(err)) end
 end
 
--- Applies an access-map action: nil for OK and WHITELIST (the check passes), else the reply
+-- Queues a call-back for the cbv policy (docs/policies/cbv.md): the first one queued counts,
+-- and the null sender is never called back.
+local function queue_cbv(ctx, action, template, target)
+  if ctx.msg.cbv or ctx.sender == "" then return end
+  ctx.msg.cbv, ctx.msg.cbv_template, ctx.msg.cbv_target = action, template, target
+end
+
+-- Applies an access-map action: nil for OK, WHITELIST, CBV and DSN (the check passes; CBV and
+-- DSN queue a call-back with `reply.template`), else the reply
 -- `reply` = { code, xcode, lines, immediate } as a reject (a tempfail for TEMPFAIL, or when the
 -- reply is a 4xx one).
 local function act(ctx, state, action, reply, reason, opts)
   state.policy = action
   if action == "OK" then return nil end
+  if action == "CBV" or action == "DSN" then
+    queue_cbv(ctx, action, reply.template, reply.target)
+    return nil
+  end
   if action == "WHITELIST" then
     state.whitelist, ctx.msg.listed = true, "WHITELIST"
     return nil
@@ -281,8 +294,9 @@ return {
       sender = null and "<>" or state.identity, ip = ip, helo = helo,
       domain = state.domain or state.identity, explanation = official.explanation,
     }
-    local function reply(template, code, xcode, immediate)
-      return { code = code, xcode = xcode, lines = lines(template, values), immediate = immediate }
+    local function reply(template, code, xcode, immediate, dsn)
+      return { code = code, xcode = xcode, lines = lines(template, values), immediate = immediate,
+        template = dsn }
     end
     local function policy(result)
       return access.lookup("SPF-" .. TAG[result], state.identity)
@@ -290,6 +304,8 @@ return {
 
     if state.effective == "temperror" then
       local action = policy("temperror") or "REJECT"
+      -- A call-back cannot help while the sender's DNS is failing: read as none.
+      if action == "CBV" or action == "DSN" then action = "OK" end
       local verdict = act(ctx, state, action, reply(opts.temperror_reply, 451, "4.4.3", true),
         "SPF temperror for " .. state.identity, opts)
       if verdict then return verdict end
@@ -309,7 +325,8 @@ return {
         end
         local helo_values = setmetatable({ explanation = h.explanation }, { __index = values })
         local verdict = act(ctx, state, action,
-          { code = 550, xcode = "5.7.1", lines = lines(opts.helo_reply, helo_values) },
+          { code = 550, xcode = "5.7.1", lines = lines(opts.helo_reply, helo_values),
+            template = "heloerror", target = "postmaster@" .. helo },
           "HELO " .. helo .. " SPF " .. h.result, opts)
         if verdict then return verdict end
         if h.result == "none" and opts.best_guess and not net.looks_dynamic(helo, ip) then
@@ -337,8 +354,13 @@ return {
       if dynamic and official.result == "none" and state.effective ~= "pass"
           and state.helo ~= "pass" then
         state.effective, state.three_strikes = "none", true
-        local action = policy("none") or (opts.reject_noptr and "REJECT" or "OK")
-        local verdict = act(ctx, state, action, reply(opts.none_reply, 550, "5.7.1"),
+        local action = policy("none") or (opts.reject_noptr and "REJECT" or "CBV")
+        if action == "CBV" or action == "DSN" then
+          -- A later bad recipient then bans the client (the classic offense count of 2).
+          if ctx.demerits < 2 then ctx:demerit(2 - ctx.demerits, "spf: three strikes") end
+        end
+        local verdict = act(ctx, state, action,
+          reply(opts.none_reply, 550, "5.7.1", false, "strike3"),
           "no PTR, HELO or SPF for " .. state.identity, opts)
         if verdict then
           ctx:demerit(1, "spf: no PTR, HELO or SPF")
@@ -358,19 +380,24 @@ return {
           { email_providers = opts.email_providers })
         milter.log.info("spf: SPF-Pass BAN: " .. tostring(kind) .. " " .. tostring(what))
       end
-      return act(ctx, state, action, reply(opts.pass_reply, 550, "5.7.1", true), reason, opts)
+      return act(ctx, state, action, reply(opts.pass_reply, 550, "5.7.1", true, "pass"), reason,
+        opts)
     elseif result == "fail" then
-      local verdict = act(ctx, state, action, reply(opts.fail_reply, 550, "5.7.1"), reason, opts)
+      local verdict = act(ctx, state, action, reply(opts.fail_reply, 550, "5.7.1", false, "fail"),
+        reason, opts)
       if verdict and state.domain and site.hello_blacklisted(state.domain) then
         ctx:demerit(4, "spf: fail for our own name " .. state.domain)
       end
       return verdict
     elseif result == "softfail" then
-      return act(ctx, state, action, reply(opts.softfail_reply, 550, "5.7.1"), reason, opts)
+      return act(ctx, state, action,
+        reply(opts.softfail_reply, 550, "5.7.1", false, "softfail"), reason, opts)
     elseif result == "neutral" then
-      return act(ctx, state, action, reply(opts.neutral_reply, 550, "5.7.1"), reason, opts)
+      return act(ctx, state, action,
+        reply(opts.neutral_reply, 550, "5.7.1", false, "neutral"), reason, opts)
     elseif result == "permerror" then
-      return act(ctx, state, action, reply(opts.permerror_reply, 550, "5.5.2"), reason, opts)
+      return act(ctx, state, action,
+        reply(opts.permerror_reply, 550, "5.5.2", false, "permerror"), reason, opts)
     end
   end,
 
