@@ -58,9 +58,14 @@ return {
     blacklist_cached = true,
     blacklist_demerits = 2,
     blacklist_reply = { "CBV: {code} {text}" },
+    strike3_demerits = 2,
   },
 
   mail = function(ctx, sender, args, opts)
+    if ctx.msg.cbv_template == "strike3" and ctx.demerits < opts.strike3_demerits then
+      -- Three strikes: a later bad recipient then bans the client (the classic offense count).
+      ctx:demerit(opts.strike3_demerits - ctx.demerits, "cbv: three strikes")
+    end
     if not opts.blacklist_cached or ctx.sender == "" or exempt(ctx.client) or whitelisted(ctx) then
       return
     end

@@ -355,10 +355,6 @@ return {
           and state.helo ~= "pass" then
         state.effective, state.three_strikes = "none", true
         local action = policy("none") or (opts.reject_noptr and "REJECT" or "CBV")
-        if action == "CBV" or action == "DSN" then
-          -- A later bad recipient then bans the client (the classic offense count of 2).
-          if ctx.demerits < 2 then ctx:demerit(2 - ctx.demerits, "spf: three strikes") end
-        end
         local verdict = act(ctx, state, action,
           reply(opts.none_reply, 550, "5.7.1", false, "strike3"),
           "no PTR, HELO or SPF for " .. state.identity, opts)
