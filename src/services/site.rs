@@ -380,9 +380,10 @@ hello_blacklist = ["Mail.Example.org"]"#,
 
     #[test]
     fn bad_entries_are_reported() {
-        let errs =
-            site("internal_networks = [\"10.0.0.0/33\"]\n[access]\n\"SPF-Fail:x.com\" = \"MAYBE\"\n")
-                .unwrap_err();
+        let errs = site(
+            "internal_networks = [\"10.0.0.0/33\"]\n[access]\n\"SPF-Fail:x.com\" = \"MAYBE\"\n",
+        )
+        .unwrap_err();
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(
             errs.iter().any(|e| e.contains("internal_networks")),

@@ -474,7 +474,10 @@ impl Smtp {
     /// without calling back; `None` when nothing is remembered.
     pub async fn cached_outcome(&self, address: &str) -> Result<Option<Outcome>, SmtpError> {
         let (local, domain) = split_address(address)?;
-        let key = format!("{CACHE_PREFIX}{}", format!("{local}@{domain}").to_lowercase());
+        let key = format!(
+            "{CACHE_PREFIX}{}",
+            format!("{local}@{domain}").to_lowercase()
+        );
         Ok(self.cached(&key).await)
     }
 
