@@ -16,16 +16,16 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const HELO: &str = "verifier.test";
+pub(crate) const HELO: &str = "verifier.test";
 
 /// A call-back service over the test DNS server and a fresh SQLite store, calling port `port`.
-struct Fixture {
-    smtp: Arc<Smtp>,
+pub(crate) struct Fixture {
+    pub(crate) smtp: Arc<Smtp>,
     clock: TestClock,
     _dir: tempfile::TempDir,
 }
 
-fn config(port: u16) -> SmtpConfig {
+pub(crate) fn config(port: u16) -> SmtpConfig {
     SmtpConfig {
         helo: Some(HELO.into()),
         port,
@@ -36,7 +36,7 @@ fn config(port: u16) -> SmtpConfig {
     }
 }
 
-fn fixture(dns: &TestDns, config: SmtpConfig) -> Fixture {
+pub(crate) fn fixture(dns: &TestDns, config: SmtpConfig) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let clock = TestClock::new();
     let store = store::open(
