@@ -289,7 +289,10 @@ impl Dsn {
         let status = self.delivery_status(reporting, &now.to_rfc822());
         let headers = header_block(&self.headers);
         let headers_encoding = if headers.is_ascii() { "7bit" } else { "8bit" };
-        let mut text = cut(&self.text, MAX_TEXT).to_string();
+        let mut text = cut(&self.text, MAX_TEXT)
+            .replace("\r\n", "\n")
+            .replace('\r', "\n")
+            .replace('\n', "\r\n");
         if text.is_empty() {
             text = format!(
                 "This is the mail system at {reporting}.\r\n\r\nYour message to the recipients \

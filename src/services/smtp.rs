@@ -20,6 +20,11 @@
 //! for a per-domain slot looks at the cache again before calling, so several sessions verifying
 //! the same address at once make one call-back.
 //!
+//! [`Smtp::send_dsn`] submits a DSN (built by [`super::dsn`]) to `[smtp] relay` over the same
+//! client and dialogue: `MAIL FROM:<>`, else — when the relay refuses the null sender with a
+//! 5xx — `MAIL FROM:<postmaster@reporting MTA>` (the classic milter's retry), `RCPT TO`, `DATA`;
+//! at most `send_global` submissions at once, each under one deadline.
+//!
 //! Failures without an SMTP answer are [`SmtpError`]s with short stable words for Lua
 //! ([`SmtpError::code`]).
 
@@ -969,5 +974,10 @@ mod tests {
         assert_eq!(config.cache_ok, SmtpConfig::default().cache_ok);
         assert!(toml::from_str::<SmtpConfig>("rate = \"fast\"").is_err());
         assert!(toml::from_str::<SmtpConfig>("ports = 1").is_err());
+        let config: SmtpConfig = toml::from_str("relay = \"[::1]:2525\"").unwrap();
+        assert_eq!(
+            (config.relay.as_str(), config.send_global),
+            ("[::1]:2525", 4)
+        );
     }
 }
