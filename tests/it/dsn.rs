@@ -4,7 +4,7 @@
 //! the original header — and the envelope the relay saw.
 
 use crate::dns_server::TestDns;
-use crate::smtp::{HELO, config, fixture};
+use crate::smtp::{HELO, config, fixture, session};
 use crate::smtp_server::TestMx;
 use crate::support::{TestDaemon, reply_text};
 use indymilter_test::Status;
@@ -12,7 +12,7 @@ use luamilter::services::dsn::{Action, Dsn};
 use luamilter::services::smtp::{SmtpConfig, SmtpError, Stage};
 use mailparse::{MailHeaderMap, ParsedMail, parse_headers, parse_mail};
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 
 fn relay_config(relay: SocketAddr) -> SmtpConfig {
     SmtpConfig {
@@ -251,13 +251,12 @@ async fn relay_down_refusing_or_bad_input_are_errors() {
     assert!(relay.messages().is_empty());
 }
 
+/// The call-back tests' daemon config (its `[smtp]` last) with the relay and a site name.
 fn daemon_config(dns: &TestDns, relay: &TestMx) -> String {
     format!(
-        "[dns]\nnameservers = [\"{}\"]\ntimeout = \"2s\"\nattempts = 1\n\
-         [site]\nhostname = \"mx.receiver.test\"\n\
-         [smtp]\nhelo = \"{HELO}\"\nrelay = \"{}\"\nconnect_timeout = \"300ms\"\n\
-         command_timeout = \"300ms\"\n",
-        dns.addr, relay.addr
+        "{}relay = \"{}\"\n[site]\nhostname = \"mx.receiver.test\"\n",
+        crate::smtp::daemon_config(dns, relay),
+        relay.addr
     )
 }
 
@@ -297,11 +296,7 @@ async fn a_policy_sends_a_dsn_at_eom_through_milter_smtp() {
     let message = |sender: &'static str| {
         let d = &d;
         async move {
-            let mut c = d.client().await;
-            c.connect("client.test", Ipv4Addr::new(192, 0, 2, 1))
-                .await
-                .unwrap();
-            c.helo("client.test").await.unwrap();
+            let mut c = session(d).await;
             c.mail([sender]).await.unwrap();
             c.rcpt(["<alice@receiver.test>"]).await.unwrap();
             c.header("From", "Sender <sender@origin.test>")
