@@ -13,6 +13,7 @@ use luamilter::services::smtp::{SmtpConfig, SmtpError, Stage};
 use mailparse::{MailHeaderMap, ParsedMail, parse_headers, parse_mail};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 fn relay_config(relay: SocketAddr) -> SmtpConfig {
     SmtpConfig {
@@ -26,7 +27,8 @@ fn sample() -> Dsn {
         to: "sender@origin.test".into(),
         reporting: Some("mx.receiver.test".into()),
         subject: Some("SPF fail (EMAIL FORGERY)".into()),
-        text: "THIS IS A WARNING MESSAGE ONLY.\nDelivery has been delayed.\n".into(),
+        text: "THIS IS A WARNING MESSAGE ONLY.\nDelivery has been delayed.\n.\nafter a dot line\n"
+            .into(),
         recipients: vec!["alice@receiver.test".into(), "bob@receiver.test".into()],
         action: Action::Delayed,
         status: Some("4.7.1".into()),
@@ -116,7 +118,13 @@ async fn a_dsn_is_a_multipart_report_with_the_status_and_the_original_header() {
     assert!(h.get_first_value("Date").is_some());
 
     let [text, status, original] = report_parts(&dsn);
-    assert!(text.get_body().unwrap().contains("WARNING MESSAGE ONLY"));
+    let text = text.get_body().unwrap();
+    assert!(text.contains("WARNING MESSAGE ONLY"));
+    // a line holding a dot went through DATA (dot-stuffed) without ending the message
+    assert!(
+        text.contains("delayed.\r\n.\r\nafter a dot line"),
+        "{text:?}"
+    );
 
     let blocks = status_blocks(&status.get_body_raw().unwrap());
     assert_eq!(blocks.len(), 3, "{blocks:?}");
@@ -205,6 +213,37 @@ async fn a_relay_refusing_the_null_sender_gets_the_dsn_from_postmaster() {
         ["MAIL FROM:<>", "MAIL FROM:<postmaster@mx.receiver.test>"]
     );
     assert_eq!(relay.messages().len(), 1);
+}
+
+#[tokio::test]
+async fn at_most_send_global_dsns_are_submitted_at_once() {
+    let dns = TestDns::start().await;
+    // the relay waits before each RCPT answer, so submissions overlap unless limited
+    let relay = TestMx::holding(Duration::from_millis(150)).await;
+    let f = fixture(
+        &dns,
+        SmtpConfig {
+            send_global: 1,
+            ..relay_config(relay.addr)
+        },
+    );
+    let dsn = sample();
+    let started = Instant::now();
+    let sends = (0..3).map(|_| f.smtp.send_dsn(&dsn, Some(Duration::from_secs(3))));
+    for result in futures_util::future::join_all(sends).await {
+        result.unwrap();
+    }
+    assert_eq!(relay.messages().len(), 3);
+    assert_eq!(relay.max_open(), 1, "one submission at a time");
+    assert!(started.elapsed() >= Duration::from_millis(450));
+
+    // a deadline shorter than the wait for the slot gives "timeout"
+    let (first, second) = tokio::join!(
+        f.smtp.send_dsn(&dsn, None),
+        f.smtp.send_dsn(&dsn, Some(Duration::from_millis(50)))
+    );
+    first.unwrap();
+    assert_eq!(second.unwrap_err().code(), "timeout");
 }
 
 #[tokio::test]
