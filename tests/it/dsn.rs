@@ -308,6 +308,8 @@ return {
     assert(not ok and tostring(raised):find("status"), tostring(raised))
     ok, raised = pcall(smtp.send, { to = ctx.sender, colour = "red" })
     assert(not ok and tostring(raised):find("unknown field"), tostring(raised))
+    local none, why = smtp.send({ to = "no address", headers = { { "Subject", "pairs" } } })
+    assert(none == nil and why == "invalid", tostring(why))
     local sent, err, reply = smtp.send({
       to = ctx.sender,
       reporting = ctx.receiver,
