@@ -13,6 +13,7 @@ pub mod calls;
 pub mod dns;
 pub mod dns_lists;
 pub mod dns_zone;
+pub mod dsn;
 pub mod mime;
 pub mod net;
 pub mod site;

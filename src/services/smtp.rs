@@ -20,6 +20,11 @@
 //! for a per-domain slot looks at the cache again before calling, so several sessions verifying
 //! the same address at once make one call-back.
 //!
+//! [`Smtp::send_dsn`] submits a DSN (built by [`super::dsn`]) to `[smtp] relay` over the same
+//! client and dialogue: `MAIL FROM:<>`, else — when the relay refuses the null sender with a
+//! 5xx — `MAIL FROM:<postmaster@reporting MTA>` (the classic milter's retry), `RCPT TO`, `DATA`;
+//! at most `send_global` submissions at once, each under one deadline.
+//!
 //! Failures without an SMTP answer are [`SmtpError`]s with short stable words for Lua
 //! ([`SmtpError::code`]).
 
@@ -38,6 +43,7 @@ use tokio::time::Instant;
 
 use super::calls::{self, Service};
 use super::dns::{DnsError, Resolver};
+use super::dsn::{Dsn, DsnError};
 use super::store::{Scalar, Store, Value};
 use crate::duration::{parse_duration, serde_duration};
 
@@ -79,6 +85,10 @@ pub struct SmtpConfig {
     /// How long a permanent (5xx) refusal is remembered.
     #[serde(deserialize_with = "serde_duration::deserialize")]
     pub cache_fail: Duration,
+    /// Where [`Smtp::send_dsn`] submits DSNs: `host:port` of a relay (the local MTA).
+    pub relay: String,
+    /// DSN submissions at once in the whole process; more wait for a slot.
+    pub send_global: usize,
 }
 
 impl Default for SmtpConfig {
@@ -97,6 +107,8 @@ impl Default for SmtpConfig {
             global: 20,
             cache_ok: Duration::from_secs(7 * 86400),
             cache_fail: Duration::from_secs(30 * 86400),
+            relay: "127.0.0.1:25".into(),
+            send_global: 4,
         }
     }
 }
@@ -151,6 +163,8 @@ pub enum Stage {
     Mail,
     /// `RCPT TO:<address>`.
     Rcpt,
+    /// `DATA` and the message (DSN submission only).
+    Data,
 }
 
 impl Stage {
@@ -161,6 +175,7 @@ impl Stage {
             Stage::Helo => "helo",
             Stage::Mail => "mail",
             Stage::Rcpt => "rcpt",
+            Stage::Data => "data",
         }
     }
 
@@ -169,6 +184,7 @@ impl Stage {
             "connect" => Stage::Connect,
             "helo" => Stage::Helo,
             "mail" => Stage::Mail,
+            "data" => Stage::Data,
             _ => Stage::Rcpt,
         }
     }
@@ -251,6 +267,9 @@ pub enum SmtpError {
     /// A limit said no: the domain's rate, or no slot came free before the deadline.
     #[error("limited: {0}")]
     Limited(&'static str),
+    /// The relay refused the DSN ([`Smtp::send_dsn`] only).
+    #[error("rejected: {} {}", .0.code, .0.text)]
+    Rejected(Reply),
 }
 
 impl SmtpError {
@@ -265,6 +284,7 @@ impl SmtpError {
             SmtpError::Closed(_) => "closed",
             SmtpError::Tls(_) => "tls",
             SmtpError::Limited(_) => "limited",
+            SmtpError::Rejected(_) => "rejected",
         }
     }
 
@@ -319,6 +339,8 @@ pub struct SmtpStats {
     pub connections: u64,
     /// Calls refused by the rate limit or for want of a slot.
     pub limited: u64,
+    /// DSNs the relay accepted.
+    pub dsns_sent: u64,
 }
 
 #[derive(Default)]
@@ -327,6 +349,7 @@ struct Counters {
     cache_hits: AtomicU64,
     connections: AtomicU64,
     limited: AtomicU64,
+    dsns_sent: AtomicU64,
 }
 
 /// One domain's limiter: its concurrency slots and its token bucket.
@@ -344,6 +367,7 @@ pub struct Smtp {
     helo: String,
     tls: tokio_rustls::TlsConnector,
     global: Semaphore,
+    send_global: Semaphore,
     domains: Mutex<HashMap<String, Domain>>,
     counters: Counters,
 }
@@ -369,8 +393,15 @@ impl Smtp {
         config: &SmtpConfig,
         helo: String,
     ) -> Result<Smtp, String> {
-        if config.per_domain == 0 || config.global == 0 {
-            return Err("per_domain and global must be at least 1".into());
+        if config.per_domain == 0 || config.global == 0 || config.send_global == 0 {
+            return Err("per_domain, global and send_global must be at least 1".into());
+        }
+        if config
+            .relay
+            .rsplit_once(':')
+            .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+        {
+            return Err(format!("relay {:?} is not host:port", config.relay));
         }
         let tls = mail_send::smtp::tls::build_tls_connector(true)?;
         Ok(Smtp {
@@ -384,6 +415,7 @@ impl Smtp {
             config: config.clone(),
             tls,
             global: Semaphore::new(config.global),
+            send_global: Semaphore::new(config.send_global),
             domains: Mutex::new(HashMap::new()),
             counters: Counters::default(),
         })
@@ -402,6 +434,7 @@ impl Smtp {
             cache_hits: c.cache_hits.load(Ordering::Relaxed),
             connections: c.connections.load(Ordering::Relaxed),
             limited: c.limited.load(Ordering::Relaxed),
+            dsns_sent: c.dsns_sent.load(Ordering::Relaxed),
         }
     }
 
@@ -602,7 +635,7 @@ impl Smtp {
         let mut last = SmtpError::NoMx(domain.to_string());
         for (host, ip) in self.exchangers(domain).await? {
             let target = SocketAddr::new(ip, self.config.port);
-            match self.dialogue(target, &host, address).await {
+            match self.dialogue(target, &host, &Job::Verify(address)).await {
                 Ok(outcome) => return Ok(outcome),
                 Err(Attempt::Unreachable(error)) => {
                     tracing::debug!(%error, %target, "smtp call-back: next exchanger");
@@ -620,7 +653,7 @@ impl Smtp {
         &self,
         target: SocketAddr,
         host: &str,
-        address: &str,
+        job: &Job<'_>,
     ) -> Result<Outcome, Attempt> {
         let unreachable = |e| Attempt::Unreachable(SmtpError::from_client(e));
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
@@ -644,7 +677,7 @@ impl Smtp {
             Err(reply) => return Ok(Outcome::Refused(reply)),
         };
         if !starttls {
-            return envelope(client, address).await.map_err(failed);
+            return job.run(client).await.map_err(failed);
         }
         let mut client = client
             .start_tls(&self.tls, host)
@@ -660,7 +693,98 @@ impl Smtp {
         if let Err(reply) = hello(&mut client, &self.helo).await.map_err(failed)? {
             return Ok(Outcome::Refused(reply));
         }
-        envelope(client, address).await.map_err(failed)
+        job.run(client).await.map_err(failed)
+    }
+
+    /// Submits `dsn` to `[smtp] relay` (see `docs/lua-api/smtp.md`): EHLO, STARTTLS when
+    /// offered, `MAIL FROM:<>` — when the relay refuses the null sender with a 5xx, once more
+    /// from `postmaster@<reporting MTA>`, as the classic milter did — `RCPT TO:<dsn.to>`, `DATA`,
+    /// `QUIT`. At most `send_global` submissions at once; the whole submission, waiting for a
+    /// slot included, within `timeout` (default `[smtp] timeout`). A refusal is
+    /// [`SmtpError::Rejected`].
+    pub async fn send_dsn(&self, dsn: &Dsn, timeout: Option<Duration>) -> Result<(), SmtpError> {
+        calls::note(Service::Smtp);
+        dsn.check(&self.helo).map_err(|error| match error {
+            DsnError::Invalid("address", address) => SmtpError::Invalid(address),
+            other => SmtpError::Invalid(other.to_string()),
+        })?;
+        let reporting = dsn.reporting.as_deref().unwrap_or(&self.helo);
+        let message = dsn.build(&self.helo);
+        let job = Job::Send {
+            postmaster: format!("postmaster@{reporting}"),
+            to: &dsn.to,
+            message: &message,
+        };
+        let submission = async {
+            let _slot = self
+                .send_global
+                .acquire()
+                .await
+                .map_err(|_| self.limited("closed"))?;
+            self.submit(&job).await
+        };
+        let limit = timeout.unwrap_or(self.config.timeout);
+        let outcome = tokio::time::timeout(limit, submission)
+            .await
+            .unwrap_or(Err(SmtpError::Timeout))?;
+        match outcome {
+            Outcome::Accepted => {
+                self.counters.dsns_sent.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(to = dsn.to, relay = self.config.relay, "DSN sent");
+                Ok(())
+            }
+            Outcome::Refused(reply) => Err(SmtpError::Rejected(reply)),
+        }
+    }
+
+    /// The relay's addresses in turn until one greets us.
+    async fn submit(&self, job: &Job<'_>) -> Result<Outcome, SmtpError> {
+        let relay = self.config.relay.as_str();
+        let host = relay.rsplit_once(':').map_or(relay, |(host, _)| host);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let targets = tokio::net::lookup_host(relay)
+            .await
+            .map_err(|e| SmtpError::Refused(format!("{relay}: {e}")))?;
+        let mut last = SmtpError::Refused(format!("{relay}: no address"));
+        for target in targets.take(MAX_ADDRESSES) {
+            match self.dialogue(target, host, job).await {
+                Ok(outcome) => return Ok(outcome),
+                Err(Attempt::Unreachable(error)) => {
+                    tracing::debug!(%error, %target, "DSN relay: next address");
+                    last = error;
+                }
+                Err(Attempt::Failed(error)) => return Err(error),
+            }
+        }
+        Err(last)
+    }
+}
+
+/// What a connection is for, once the greeting and EHLO are done.
+enum Job<'a> {
+    /// A call-back: `MAIL FROM:<>`, `RCPT TO:<address>`.
+    Verify(&'a str),
+    /// A DSN submission: `MAIL FROM:<>` (else from `postmaster`), `RCPT TO:<to>`, `DATA`.
+    Send {
+        postmaster: String,
+        to: &'a str,
+        message: &'a [u8],
+    },
+}
+
+impl Job<'_> {
+    async fn run<T: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        client: SmtpClient<T>,
+    ) -> mail_send::Result<Outcome> {
+        match self {
+            Job::Verify(address) => envelope(client, address).await,
+            Job::Send {
+                postmaster,
+                to,
+                message,
+            } => deliver(client, postmaster, to, message).await,
+        }
     }
 }
 
@@ -699,20 +823,55 @@ async fn envelope<T: AsyncRead + AsyncWrite + Unpin>(
     address: &str,
 ) -> mail_send::Result<Outcome> {
     let params = mail_send::smtp::message::Parameters::new();
-    let refused = |stage| {
-        move |e| match e {
-            mail_send::Error::UnexpectedReply(r) => {
-                Ok(Outcome::Refused(Reply::from_response(r, stage)))
-            }
-            other => Err(other),
-        }
-    };
     let outcome = match client.mail_from("", &params).await {
         Ok(()) => match client.rcpt_to(address, &params).await {
             Ok(()) => Outcome::Accepted,
-            Err(e) => refused(Stage::Rcpt)(e)?,
+            Err(e) => refusal(Stage::Rcpt)(e)?,
         },
-        Err(e) => refused(Stage::Mail)(e)?,
+        Err(e) => refusal(Stage::Mail)(e)?,
+    };
+    let _ = client.quit().await;
+    Ok(outcome)
+}
+
+/// An SMTP refusal as an outcome; other errors stay errors.
+fn refusal(stage: Stage) -> impl Fn(mail_send::Error) -> mail_send::Result<Outcome> {
+    move |e| match e {
+        mail_send::Error::UnexpectedReply(r) => {
+            Ok(Outcome::Refused(Reply::from_response(r, stage)))
+        }
+        other => Err(other),
+    }
+}
+
+/// `MAIL FROM:<>` (a 5xx to it: `MAIL FROM:<postmaster>`), `RCPT TO:<to>`, `DATA`, `QUIT`.
+async fn deliver<T: AsyncRead + AsyncWrite + Unpin>(
+    mut client: SmtpClient<T>,
+    postmaster: &str,
+    to: &str,
+    message: &[u8],
+) -> mail_send::Result<Outcome> {
+    let params = mail_send::smtp::message::Parameters::new();
+    let mut from = client.mail_from("", &params).await;
+    if let Err(mail_send::Error::UnexpectedReply(r)) = &from
+        && r.code >= 500
+    {
+        tracing::debug!(
+            code = r.code,
+            text = r.message,
+            "DSN relay refused <>, trying {postmaster}"
+        );
+        from = client.mail_from(postmaster, &params).await;
+    }
+    let outcome = match from {
+        Ok(()) => match client.rcpt_to(to, &params).await {
+            Ok(()) => match client.data(message).await {
+                Ok(_) => Outcome::Accepted,
+                Err(e) => refusal(Stage::Data)(e)?,
+            },
+            Err(e) => refusal(Stage::Rcpt)(e)?,
+        },
+        Err(e) => refusal(Stage::Mail)(e)?,
     };
     let _ = client.quit().await;
     Ok(outcome)
@@ -826,5 +985,10 @@ mod tests {
         assert_eq!(config.cache_ok, SmtpConfig::default().cache_ok);
         assert!(toml::from_str::<SmtpConfig>("rate = \"fast\"").is_err());
         assert!(toml::from_str::<SmtpConfig>("ports = 1").is_err());
+        let config: SmtpConfig = toml::from_str("relay = \"[::1]:2525\"").unwrap();
+        assert_eq!(
+            (config.relay.as_str(), config.send_global),
+            ("[::1]:2525", 4)
+        );
     }
 }

@@ -80,6 +80,8 @@ fn sample_config_lists_every_key_with_its_default() {
                 "global",
                 "cache_ok",
                 "cache_fail",
+                "relay",
+                "send_global",
             ][..],
         ),
     ] {

@@ -11,6 +11,7 @@ mod dns_lists;
 mod dns_server;
 mod doc_examples;
 mod docs;
+mod dsn;
 mod faults;
 mod loadgen;
 mod negotiation;

@@ -6,7 +6,7 @@
 use crate::dns_server::TestDns;
 use crate::redis_server::RedisServer;
 use crate::smtp_server::TestMx;
-use crate::support::{TestClock, TestDaemon, reply_text};
+use crate::support::{Mta, TestClock, TestDaemon, reply_text};
 use indymilter_test::Status;
 use luamilter::services::smtp::{
     Outcome, Rate, Reply, Smtp, SmtpConfig, SmtpError, SmtpStats, Stage, VerifyOptions,
@@ -16,16 +16,16 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const HELO: &str = "verifier.test";
+pub(crate) const HELO: &str = "verifier.test";
 
 /// A call-back service over the test DNS server and a fresh SQLite store, calling port `port`.
-struct Fixture {
-    smtp: Arc<Smtp>,
+pub(crate) struct Fixture {
+    pub(crate) smtp: Arc<Smtp>,
     clock: TestClock,
     _dir: tempfile::TempDir,
 }
 
-fn config(port: u16) -> SmtpConfig {
+pub(crate) fn config(port: u16) -> SmtpConfig {
     SmtpConfig {
         helo: Some(HELO.into()),
         port,
@@ -36,7 +36,7 @@ fn config(port: u16) -> SmtpConfig {
     }
 }
 
-fn fixture(dns: &TestDns, config: SmtpConfig) -> Fixture {
+pub(crate) fn fixture(dns: &TestDns, config: SmtpConfig) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let clock = TestClock::new();
     let store = store::open(
@@ -392,7 +392,7 @@ async fn two_mx_hosts_share_the_cache_through_redis() {
     report("redis second host", second.stats());
 }
 
-fn daemon_config(dns: &TestDns, mx: &TestMx) -> String {
+pub(crate) fn daemon_config(dns: &TestDns, mx: &TestMx) -> String {
     format!(
         "[dns]\nnameservers = [\"{}\"]\ntimeout = \"2s\"\nattempts = 1\n\
          [smtp]\nhelo = \"{HELO}\"\nport = {}\nconnect_timeout = \"300ms\"\n\
@@ -400,6 +400,16 @@ fn daemon_config(dns: &TestDns, mx: &TestMx) -> String {
         dns.addr,
         mx.addr.port()
     )
+}
+
+/// A milter client to `d`, connected from 192.0.2.1 and past HELO.
+pub(crate) async fn session(d: &TestDaemon) -> Mta {
+    let mut c = d.client().await;
+    c.connect("client.test", Ipv4Addr::new(192, 0, 2, 1))
+        .await
+        .unwrap();
+    c.helo("client.test").await.unwrap();
+    c
 }
 
 const VERIFY_POLICY: &str = r#"
@@ -427,14 +437,7 @@ async fn a_policy_verifies_senders_through_milter_smtp() {
     let d = TestDaemon::start(&[("cbv", VERIFY_POLICY)], &daemon_config(&dns, &mx)).await;
     let mail = |sender: &'static str| {
         let d = &d;
-        async move {
-            let mut c = d.client().await;
-            c.connect("client.test", Ipv4Addr::new(192, 0, 2, 1))
-                .await
-                .unwrap();
-            c.helo("client.test").await.unwrap();
-            c.mail([sender]).await.unwrap()
-        }
+        async move { session(d).await.mail([sender]).await.unwrap() }
     };
     assert_eq!(mail("<ok@good.cbv.test>").await, Status::Continue);
     assert_eq!(

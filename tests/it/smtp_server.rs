@@ -6,6 +6,9 @@
 //! `RCPT TO:<drop…>` it closes the connection. [`TestMx::mute`] accepts connections and never
 //! greets. It never speaks TLS; [`TestMx::offering_starttls`] offers STARTTLS, says 220 to it
 //! and then sends bytes that are no TLS handshake.
+//!
+//! As a relay for DSNs it takes `DATA` and keeps each message ([`TestMx::messages`]);
+//! [`TestMx::refusing_null_sender`] answers `MAIL FROM:<>` with 550 5.7.1.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,6 +24,7 @@ enum Mode {
     Scripted,
     Mute,
     BadTls,
+    RefuseNull,
 }
 
 #[derive(Default)]
@@ -29,6 +33,7 @@ struct Seen {
     open: AtomicUsize,
     max_open: AtomicUsize,
     commands: Mutex<Vec<String>>,
+    messages: Mutex<Vec<String>>,
 }
 
 /// A running test MX; it stops when dropped.
@@ -59,6 +64,16 @@ impl TestMx {
     /// A scripted MX that offers STARTTLS and then botches the handshake.
     pub async fn offering_starttls() -> TestMx {
         Self::bind("127.0.0.1:0".parse().unwrap(), Mode::BadTls, Duration::ZERO).await
+    }
+
+    /// A scripted relay on 127.0.0.1 that refuses the null sender (`MAIL FROM:<>`) with 550.
+    pub async fn refusing_null_sender() -> TestMx {
+        Self::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Mode::RefuseNull,
+            Duration::ZERO,
+        )
+        .await
     }
 
     /// An MX on `ip:port` that accepts connections and never says a word.
@@ -100,6 +115,11 @@ impl TestMx {
     pub fn commands(&self) -> Vec<String> {
         self.seen.commands.lock().unwrap().clone()
     }
+
+    /// Every message received with `DATA`, dot-unstuffed, lines ending in CRLF.
+    pub fn messages(&self) -> Vec<String> {
+        self.seen.messages.lock().unwrap().clone()
+    }
 }
 
 impl Drop for TestMx {
@@ -132,8 +152,24 @@ async fn serve(stream: TcpStream, mode: Mode, hold: Duration, seen: &Seen) -> st
                 .write_all(b"this is not a TLS server hello\r\n")
                 .await?;
             return Ok(());
+        } else if upper == "MAIL FROM:<>" && mode == Mode::RefuseNull {
+            b"550 5.7.1 Null sender not accepted here\r\n"
         } else if upper.starts_with("MAIL FROM:") {
             b"250 2.1.0 Ok\r\n"
+        } else if upper == "DATA" {
+            write
+                .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                .await?;
+            let mut message = String::new();
+            while let Some(line) = lines.next_line().await? {
+                if line == "." {
+                    break;
+                }
+                message.push_str(line.strip_prefix('.').unwrap_or(&line));
+                message.push_str("\r\n");
+            }
+            seen.messages.lock().unwrap().push(message);
+            b"250 2.0.0 Ok: queued\r\n"
         } else if let Some(rest) = upper.strip_prefix("RCPT TO:<") {
             tokio::time::sleep(hold).await;
             if rest.starts_with("UNKNOWN") {
