@@ -106,6 +106,9 @@ pub struct MilterConfig {
     /// The control socket for `luamilter ctl` (owner-only). Default: the milter socket path
     /// plus `.ctl` for a unix socket, `/run/luamilter/luamilter.ctl` for TCP.
     pub control_socket: Option<PathBuf>,
+    /// Serve the socket systemd passed (`LISTEN_FDS`, a `.socket` unit) instead of binding
+    /// `listen`; `listen` then only names the control socket's default.
+    pub socket_activation: bool,
 }
 
 impl MilterConfig {
@@ -131,6 +134,7 @@ impl Default for MilterConfig {
             max_connections: 4096,
             connection_timeout: Duration::from_secs(7210),
             control_socket: None,
+            socket_activation: false,
         }
     }
 }

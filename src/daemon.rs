@@ -16,6 +16,7 @@ use crate::{
     reload::{self, Reloader},
     server,
     services::{Services, ServicesError, store},
+    systemd,
 };
 use std::{sync::Arc, thread::JoinHandle, time::Duration};
 use tokio::sync::watch;
@@ -37,6 +38,9 @@ pub enum StartError {
         /// The cause.
         source: std::io::Error,
     },
+    /// `socket_activation` is on but systemd passed no usable socket.
+    #[error("cannot use the socket systemd passed: {0}")]
+    SocketActivation(std::io::Error),
     /// A worker thread could not be started.
     #[error("cannot start a worker thread: {0}")]
     Worker(std::io::Error),
@@ -53,6 +57,7 @@ pub struct Daemon {
     shutdown: watch::Sender<bool>,
     workers: Vec<JoinHandle<()>>,
     watcher: Option<tokio::task::JoinHandle<()>>,
+    watchdog: Option<tokio::task::JoinHandle<()>>,
     _control: Option<ControlSocket>,
     _socket_file: SocketFileGuard,
 }
@@ -97,12 +102,16 @@ impl Daemon {
             workers,
         ));
         let addr = &config.milter.listen;
-        let bound = BoundSocket::bind(addr, config.milter.socket_mode)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: addr.clone(),
-                source,
-            })?;
+        let bound = if config.milter.socket_activation {
+            systemd::passed_socket().map_err(StartError::SocketActivation)?
+        } else {
+            BoundSocket::bind(addr, config.milter.socket_mode)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?
+        };
         let bound = Arc::new(bound);
         let local = bound.local.clone();
         let milter_config = indymilter::Config {
@@ -112,12 +121,15 @@ impl Daemon {
             ..Default::default()
         };
         let (shutdown, stop) = watch::channel(false);
+        let watchdog_interval = systemd::watchdog_interval();
+        let heartbeats = systemd::Heartbeats::new(workers);
         let mut threads = Vec::with_capacity(workers);
         for index in 0..workers {
             let engine = Arc::clone(&engine);
             let bound = Arc::clone(&bound);
             let milter_config = milter_config.clone();
             let mut stop = stop.clone();
+            let heartbeats = Arc::clone(&heartbeats);
             let thread = std::thread::Builder::new()
                 .name(format!("milter-{index}"))
                 .spawn(move || {
@@ -129,6 +141,10 @@ impl Daemon {
                         }
                     };
                     runtime.block_on(async move {
+                        if let Some(interval) = watchdog_interval {
+                            // On this thread's runtime: a stuck thread stops its heartbeat.
+                            tokio::spawn(heartbeats.beat(index, interval));
+                        }
                         let listener = match bound.adopt() {
                             Ok(l) => l,
                             Err(e) => {
@@ -161,6 +177,11 @@ impl Daemon {
                 None
             }
         };
+        systemd::ready(engine.current().id);
+        let watchdog = watchdog_interval.map(|interval| {
+            tracing::info!(?interval, "feeding the systemd watchdog");
+            tokio::spawn(heartbeats.feed(interval))
+        });
         let watcher = config
             .policies
             .watch
@@ -172,6 +193,7 @@ impl Daemon {
             shutdown,
             workers: threads,
             watcher,
+            watchdog,
             _control: control,
             _socket_file: bound.guard(),
         })
@@ -180,8 +202,12 @@ impl Daemon {
     /// Stops accepting, lets every connection finish its current command, and waits (at most
     /// `grace`) for the sessions to end.
     pub async fn stop(self, grace: Duration) {
+        systemd::stopping();
         if let Some(watcher) = &self.watcher {
             watcher.abort();
+        }
+        if let Some(watchdog) = &self.watchdog {
+            watchdog.abort();
         }
         let _ = self.shutdown.send(true);
         let workers = self.workers;

@@ -51,6 +51,7 @@ pub mod server;
 pub mod services;
 pub mod session;
 pub mod stock;
+pub mod systemd;
 
 // The vocabulary shared with the load generator (crates/vocab), at its old paths.
 pub use luamilter_vocab::stage;

@@ -76,6 +76,35 @@ impl BoundSocket {
         }
     }
 
+    /// A socket bound by someone else (systemd socket activation): a TCP or unix stream
+    /// listener. Its socket file, if any, belongs to whoever bound it and is left in place.
+    pub fn from_listener(fd: std::os::fd::OwnedFd) -> io::Result<BoundSocket> {
+        let tcp = std::net::TcpListener::from(fd);
+        let (socket, local) = match tcp.local_addr() {
+            Ok(addr) => (StdSocket::Tcp(tcp), ListenAddr::Inet(addr)),
+            Err(_) => {
+                let unix = std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(tcp));
+                let path = unix.local_addr()?.as_pathname().map(Path::to_path_buf);
+                let path = path.ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "the passed socket is neither TCP nor a unix socket with a path",
+                    )
+                })?;
+                (StdSocket::Unix(unix), ListenAddr::Unix(path))
+            }
+        };
+        match &socket {
+            StdSocket::Tcp(s) => s.set_nonblocking(true)?,
+            StdSocket::Unix(s) => s.set_nonblocking(true)?,
+        }
+        Ok(BoundSocket {
+            socket,
+            local,
+            unix_path: None,
+        })
+    }
+
     /// A listener on this socket for the current tokio runtime (call it inside the runtime
     /// that will accept on it). Several runtimes may each adopt one: the kernel hands every
     /// new connection to one of them.

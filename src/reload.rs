@@ -131,6 +131,7 @@ impl Reloader {
     /// off the async threads and installs it if everything loaded. `trigger` is logged.
     pub async fn reload(&self, trigger: &str) -> ReloadReport {
         let _one_at_a_time = self.serial.lock().await;
+        crate::systemd::reloading();
         let boot = Arc::clone(&self.boot);
         let services = Arc::clone(&self.services);
         let vms = self.default_vms;
@@ -169,6 +170,7 @@ impl Reloader {
                 }
             }
         };
+        crate::systemd::reloaded(report.generation, report.applied);
         if report.applied {
             tracing::info!(trigger, generation = report.generation, "reloaded");
             if !report.restart_needed.is_empty() {
@@ -219,6 +221,7 @@ fn pin_boot_settings(config: &mut Config, boot: &Config) -> Vec<String> {
     pin!(milter.max_connections, "milter.max_connections");
     pin!(milter.connection_timeout, "milter.connection_timeout");
     pin!(milter.control_socket, "milter.control_socket");
+    pin!(milter.socket_activation, "milter.socket_activation");
     pin!(engine.worker_threads, "engine.worker_threads");
     pin!(policies.watch, "policies.watch");
     pin!(dns, "dns");
