@@ -184,6 +184,9 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         Err(code) => return code,
     };
     runtime.block_on(async move {
+        // Signals are handled before the daemon reports READY=1: a reload right after it
+        // (SIGHUP's default action ends the process) must reload, not kill.
+        let signals = Signals::install();
         let daemon = match Daemon::start(config).await {
             Ok(d) => d,
             Err(e) => {
@@ -192,21 +195,33 @@ fn run(path: Option<PathBuf>) -> ExitCode {
                 return ExitCode::from(EX_CONFIG);
             }
         };
-        wait_for_termination(&daemon).await;
+        wait_for_termination(&daemon, signals).await;
         tracing::info!("shutting down");
         daemon.stop(Duration::from_secs(30)).await;
         ExitCode::SUCCESS
     })
 }
 
+/// SIGTERM, SIGINT and SIGHUP, caught from the moment this is made (None if not possible).
+struct Signals(Option<[tokio::signal::unix::Signal; 3]>);
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => Signals(Some([term, int, hup])),
+            _ => Signals(None),
+        }
+    }
+}
+
 /// Serves SIGHUP as a reload until SIGTERM or SIGINT arrives.
-async fn wait_for_termination(daemon: &Daemon) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
+async fn wait_for_termination(daemon: &Daemon, signals: Signals) {
+    let Signals(Some([mut term, mut int, mut hup])) = signals else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };

@@ -33,6 +33,7 @@ fn sample_config_lists_every_key_with_its_default() {
                 "socket_mode",
                 "max_connections",
                 "connection_timeout",
+                "socket_activation",
             ][..],
         ),
         (
@@ -121,6 +122,10 @@ fn sample_config_lists_every_key_with_its_default() {
     assert_eq!(sample.policies.chain, default.policies.chain);
     assert_eq!(sample.policies.watch, default.policies.watch);
     assert_eq!(sample.milter.control_socket, default.milter.control_socket);
+    assert_eq!(
+        sample.milter.socket_activation,
+        default.milter.socket_activation
+    );
     assert_eq!(sample.dns, default.dns);
     assert_eq!(sample.spf, default.spf);
     assert_eq!(sample.store, default.store);

@@ -30,4 +30,5 @@ mod spf;
 mod spf_conformance;
 mod store;
 mod stubs;
+mod systemd;
 mod trace;
