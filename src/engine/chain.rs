@@ -94,7 +94,8 @@ impl VmLease {
         for &index in chain {
             let decl = &generation.policies[index];
             let span = tracing::info_span!("policy", policy = %decl.name, stage = stage.name());
-            let edits_before = session.lock().message.edits.len();
+            // A shadow policy runs, but queues no edits: what it queues is dropped after it.
+            let edits_before = decl.shadow.then(|| session.lock().message.edits.len());
             let started = Instant::now();
             let (result, calls) = counted(
                 self.call_handler(index, stage, session, ctx, &args, deadline)
@@ -107,9 +108,8 @@ impl VmLease {
                 step.shadow = decl.shadow;
                 step
             };
-            if decl.shadow {
-                // A shadow policy runs, but queues no edits.
-                session.lock().message.edits.truncate(edits_before);
+            if let Some(before) = edits_before {
+                session.lock().message.edits.truncate(before);
             }
             match result {
                 Ok(Verdict::Continue) => {

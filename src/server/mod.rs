@@ -9,7 +9,7 @@ mod reply;
 use crate::{
     engine::{Engine, Outcome, StageArgs, VmLease},
     lua_api::verdict::Verdict,
-    session::{ClientInfo, SharedSession, Step},
+    session::{ClientInfo, Line, SharedSession, Step},
     stage::Stage,
 };
 use indymilter::{
@@ -313,12 +313,10 @@ async fn decide(
 
 fn log_decision(conn: &Conn, macros: &Macros, stage: Stage, policy: &str, verdict: &Verdict) {
     let queue_id = macros.get(c"i").map(lossy).unwrap_or_default();
-    let (client, trace) = {
-        let session = conn.session.lock();
-        (session.client.label(), session.message_trace())
-    };
+    let session = conn.session.lock();
+    let trace = Line(&[&session.connection_trace, &session.message.trace]);
     tracing::info!(
-        %client,
+        client = %session.client.label(),
         %queue_id,
         stage = stage.name(),
         policy,

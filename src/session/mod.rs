@@ -13,7 +13,7 @@ mod trace;
 
 pub use client::ClientInfo;
 pub use edit::Edit;
-pub use trace::{Step, Trace};
+pub use trace::{Line, Step, Trace};
 
 use crate::{lua_api::verdict::Verdict, stage::Stage};
 use indymilter::{Actions, ProtoOpts};

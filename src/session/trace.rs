@@ -95,14 +95,25 @@ impl Trace {
 impl fmt::Display for Trace {
     /// One line: the steps separated by "; ".
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, step) in self.steps.iter().enumerate() {
+        Line(&[self]).fmt(f)
+    }
+}
+
+/// Several traces written as one line, in order, without copying their steps.
+pub struct Line<'a>(pub &'a [&'a Trace]);
+
+impl fmt::Display for Line<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let steps = self.0.iter().flat_map(|t| t.steps.iter());
+        for (i, step) in steps.enumerate() {
             if i > 0 {
                 f.write_str("; ")?;
             }
             write!(f, "{step}")?;
         }
-        if self.dropped > 0 {
-            write!(f, "; (+{} more)", self.dropped)?;
+        let dropped: u32 = self.0.iter().map(|t| t.dropped).sum();
+        if dropped > 0 {
+            write!(f, "; (+{dropped} more)")?;
         }
         Ok(())
     }
