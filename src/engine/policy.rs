@@ -20,7 +20,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-const DECLARATION_KEYS: &[&str] = &[
+/// The keys of a policy table other than its stage handlers.
+pub const DECLARATION_KEYS: &[&str] = &[
     "name",
     "description",
     "options",

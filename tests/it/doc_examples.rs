@@ -80,6 +80,7 @@
 use crate::{dns_server::TestDns, support::TestDaemon};
 use indymilter::MacroStage;
 use indymilter_test::{EomAction, EomActions, Status};
+use luamilter::{engine::policy::DECLARATION_KEYS, stage::Stage};
 use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
@@ -276,19 +277,10 @@ const MESSAGE_KEYS: &[&str] = &[
     "hostname", "ip", "helo", "sender", "args", "rcpt", "header", "body", "macro", "expect",
     "reply", "edit",
 ];
-const STAGES: &[&str] = &[
-    "connect", "helo", "mail", "rcpt", "data", "header", "eoh", "body", "eom", "abort", "close",
-    "unknown",
-];
-const DECLARATIONS: &[&str] = &[
-    "name",
-    "description",
-    "options",
-    "needs",
-    "noreply",
-    "macros",
-    "setup",
-];
+/// Whether `name` is a milter stage name.
+fn is_stage(name: &str) -> bool {
+    Stage::from_name(name).is_some()
+}
 const VERDICTS: &[&str] = &["continue", "accept", "reject", "tempfail", "discard"];
 
 /// What a block needs, merged from all its annotations.
@@ -382,7 +374,7 @@ fn read_notes(block: &Block, lua: bool) -> Result<(Setup, Vec<Message>), String>
                     once(&mut setup.kind)?
                 }
                 "stage" => {
-                    if !STAGES.contains(&value.as_str()) {
+                    if !is_stage(value) {
                         return Err(format!("annotation: unknown stage {value:?}"));
                     }
                     once(&mut setup.stage)?
@@ -427,7 +419,7 @@ fn read_notes(block: &Block, lua: bool) -> Result<(Setup, Vec<Message>), String>
                         Some((s, v)) => (Some(s.to_string()), v.to_string()),
                         None => (None, value.clone()),
                     };
-                    if stage.as_deref().is_some_and(|s| !STAGES.contains(&s))
+                    if stage.as_deref().is_some_and(|s| !is_stage(s))
                         || !VERDICTS.contains(&verdict.as_str())
                     {
                         return Err(format!(
@@ -541,7 +533,7 @@ fn entry_key(line: &str) -> Option<&str> {
     let (key, rest) = line.split_at(end);
     let rest = rest.trim_start();
     let assigns = rest.starts_with('=') && !rest.starts_with("==");
-    (assigns && (STAGES.contains(&key) || DECLARATIONS.contains(&key))).then_some(key)
+    (assigns && (is_stage(key) || DECLARATION_KEYS.contains(&key))).then_some(key)
 }
 
 fn compiles(text: &str) -> Result<(), String> {
