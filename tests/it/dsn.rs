@@ -46,7 +46,7 @@ fn sample() -> Dsn {
 
 /// The blocks of a `message/delivery-status` body, each parsed as header fields: the
 /// per-message block first, then one per recipient.
-fn status_blocks(body: &[u8]) -> Vec<HashMap<String, String>> {
+pub(crate) fn status_blocks(body: &[u8]) -> Vec<HashMap<String, String>> {
     let mut blocks = Vec::new();
     let mut rest = body;
     while !rest.iter().all(|b| b.is_ascii_whitespace()) {
@@ -64,7 +64,7 @@ fn status_blocks(body: &[u8]) -> Vec<HashMap<String, String>> {
 }
 
 /// Checks the structure every DSN has and returns its three parts.
-fn report_parts<'a>(dsn: &'a ParsedMail<'a>) -> [&'a ParsedMail<'a>; 3] {
+pub(crate) fn report_parts<'a>(dsn: &'a ParsedMail<'a>) -> [&'a ParsedMail<'a>; 3] {
     assert_eq!(dsn.ctype.mimetype, "multipart/report");
     assert_eq!(
         dsn.ctype.params.get("report-type").map(String::as_str),
