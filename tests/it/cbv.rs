@@ -185,11 +185,12 @@ async fn a_dsn_the_relay_refuses_is_answered_like_a_call_back() {
     )
     .await;
 
+    // On the milter wire a `%` is doubled (the MTA reads `%%` as `%`).
     let (_, refused) = message(&d, "unknown@good.cbv.test", &["<a@receiver.test>"]).await;
     assert_eq!(
         reply_text(&refused),
         "550-5.7.1 https://errors.example.test/dsnrefused?mfrom=unknown@good.cbv.test\
-         &msg=550+5.1.1+%3Crecipient%3E+User+unknown\r\n\
+         &msg=550+5.1.1+%%3Crecipient%%3E+User+unknown\r\n\
          550 5.7.1 CBV: 550 5.1.1 <recipient> User unknown"
     );
     let (_, busy) = message(&d, "busy@good.cbv.test", &["<a@receiver.test>"]).await;

@@ -357,3 +357,144 @@ fn noreply_over_tcp_with_postfix() {
         );
     }
 }
+
+/// The stock spf and cbv policies behind Postfix, the sender's side on loopback: the test DNS
+/// server's `cbv.test` zone (SPF neutral for `good.cbv.test`, whose exchanger is 127.0.0.1),
+/// the scripted test MX as that exchanger (call-backs go to its port), and Postfix as the DSN
+/// relay, which delivers mail for `good.cbv.test` to the same test MX. The access map says
+/// `access` for SPF neutral. Messages come from 192.0.2.1 through XCLIENT (luamilter does not
+/// call back loopback clients).
+struct SenderSide {
+    runtime: tokio::runtime::Runtime,
+    mx: crate::smtp_server::TestMx,
+    _dns: crate::dns_server::TestDns,
+}
+
+impl SenderSide {
+    fn start() -> SenderSide {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dns = runtime.block_on(crate::dns_server::TestDns::start());
+        let mx = runtime.block_on(crate::smtp_server::TestMx::start());
+        SenderSide {
+            runtime,
+            mx,
+            _dns: dns,
+        }
+    }
+
+    /// luamilter and Postfix, luamilter relaying its DSNs through that Postfix.
+    fn start_mta(&self, access: &str, site: &str) -> Option<(Luamilter, Postfix)> {
+        if !e2e_ready() {
+            return None;
+        }
+        let _runtime = self.runtime.enter();
+        let port = crate::support::postfix::free_port().unwrap();
+        let milter = Luamilter::start_with(
+            "inet",
+            &format!(
+                "[policies]\nchain = [\"spf\", \"cbv\"]\n{}relay = \"127.0.0.1:{port}\"\n\
+                 [site]\nhostname = \"mx.{TEST_DOMAIN}\"\n{site}\
+                 [site.access]\n\"SPF-Neutral:\" = {access:?}\n",
+                crate::smtp::daemon_config(&self._dns, &self.mx)
+            ),
+        );
+        let postfix = Postfix::start_on(&milter.socket, port, &[("good.cbv.test", self.mx.addr)])
+            .expect("start private postfix");
+        Some((milter, postfix))
+    }
+}
+
+const FORGED_CLIENT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 1);
+
+#[test]
+fn a_forged_sender_is_refused_with_the_cbv_reply_through_postfix() {
+    let side = SenderSide::start();
+    let site = "errors_url = \"https://errors.example.test/mail\"\n";
+    let Some((_milter, postfix)) = side.start_mta("CBV", site) else {
+        return;
+    };
+    let sent = postfix
+        .send_as(
+            FORGED_CLIENT,
+            "unknown@good.cbv.test",
+            RECIPIENT,
+            &[],
+            "x\n",
+        )
+        .unwrap();
+    let dot = sent.reply(Stage::Dot).expect("a reply to the final dot");
+    assert_eq!(
+        dot.lines,
+        [
+            "550-5.7.1 https://errors.example.test/mail/dsnrefused?mfrom=unknown@good.cbv.test\
+             &msg=550+5.1.1+%3Crecipient%3E+User+unknown",
+            "550 5.7.1 CBV: 550 5.1.1 <recipient> User unknown",
+        ],
+        "{}\n{}",
+        sent.transcript,
+        postfix.maillog()
+    );
+    assert!(
+        side.mx
+            .commands()
+            .contains(&"RCPT TO:<unknown@good.cbv.test>".to_string())
+    );
+    assert_eq!(side.mx.connections(), 1);
+}
+
+#[test]
+fn a_dsn_policy_message_is_delivered_and_the_dsn_reaches_the_senders_mx() {
+    let side = SenderSide::start();
+    let Some((_milter, postfix)) = side.start_mta("DSN", "") else {
+        return;
+    };
+    let marker = "dsn-policy-marker-5150";
+    let sent = postfix
+        .send_as(
+            FORGED_CLIENT,
+            "ok@good.cbv.test",
+            RECIPIENT,
+            &[("Subject", marker)],
+            "hello\n",
+        )
+        .unwrap();
+    assert_eq!(sent.exit_code, 0, "{}", sent.transcript);
+    postfix
+        .wait_delivered(|m| m.contains(marker), WAIT)
+        .unwrap_or_else(|| panic!("not delivered; mail log:\n{}", postfix.maillog()));
+    let deadline = std::time::Instant::now() + WAIT;
+    while side.mx.messages().is_empty() && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let messages = side.mx.messages();
+    assert_eq!(messages.len(), 1, "{}", postfix.maillog());
+    let dsn = mailparse::parse_mail(messages[0].as_bytes()).unwrap();
+    let [text, status, original] = crate::dsn::report_parts(&dsn);
+    assert!(
+        text.get_body()
+            .unwrap()
+            .contains("THIS IS A WARNING MESSAGE ONLY."),
+    );
+    let blocks = crate::dsn::status_blocks(&status.get_body_raw().unwrap());
+    assert_eq!(blocks[1]["final-recipient"], format!("rfc822; {RECIPIENT}"));
+    assert_eq!(blocks[1]["action"], "delayed");
+    let raw = original.get_body_raw().unwrap();
+    let (fields, _) = mailparse::parse_headers(&raw).unwrap();
+    use mailparse::MailHeaderMap;
+    assert_eq!(fields.get_first_value("Subject").unwrap(), marker);
+    // Through the relay: MAIL FROM:<> reached the sender's MX, and no call-back was made.
+    let commands = side.mx.commands();
+    assert!(
+        commands.iter().any(|c| c.starts_with("MAIL FROM:<>")),
+        "{commands:?}"
+    );
+    assert!(
+        !commands.iter().any(|c| c.starts_with("RCPT") && c.contains("ok@")
+            && !commands.iter().any(|d| d == "DATA")),
+        "{commands:?}"
+    );
+}
