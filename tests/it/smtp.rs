@@ -254,6 +254,34 @@ async fn starttls_offered_and_botched_gives_tls() {
     report("starttls", f.smtp.stats());
 }
 
+#[tokio::test]
+async fn starttls_offered_is_used_and_the_call_back_goes_on_over_tls() {
+    let dns = TestDns::start().await;
+    let mx = TestMx::with_tls().await;
+    let f = fixture(&dns, config(mx.addr.port()));
+    assert_eq!(
+        verify(&f.smtp, "ok@good.cbv.test").await,
+        Ok((Outcome::Accepted, false))
+    );
+    assert_eq!(
+        verify(&f.smtp, "unknown@other.cbv.test").await,
+        Ok((refusal(550, "5.1.1 <recipient> User unknown"), false))
+    );
+    assert_eq!(
+        mx.commands()[..6],
+        [
+            format!("EHLO {HELO}"),
+            "STARTTLS".into(),
+            "<TLS>".into(),
+            format!("EHLO {HELO}"),
+            "MAIL FROM:<>".into(),
+            "RCPT TO:<ok@good.cbv.test>".into(),
+        ],
+        "the self-signed certificate is taken: a call-back carries no secret"
+    );
+    report("starttls_ok", f.smtp.stats());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_most_per_domain_call_backs_at_once_and_one_per_address() {
     let dns = TestDns::start().await;
