@@ -70,7 +70,9 @@ pub enum SiteError {
         error: EntryError,
     },
     /// `errors_url` is not an `http://` or `https://` URL without spaces, `?` or `#`.
-    #[error("{at}: [site] errors_url {url:?}: not an http:// or https:// URL without spaces, '?' or '#'")]
+    #[error(
+        "{at}: [site] errors_url {url:?}: not an http:// or https:// URL without spaces, '?' or '#'"
+    )]
     ErrorsUrl {
         /// The config file.
         at: String,

@@ -199,7 +199,10 @@ async fn a_dsn_the_relay_refuses_is_answered_like_a_call_back() {
         "450 4.2.0 CBV: 451 4.3.0 Try again later"
     );
     assert!(relay.messages().is_empty());
-    assert!(called_back(&mx).is_empty(), "the relay's answer is the answer");
+    assert!(
+        called_back(&mx).is_empty(),
+        "the relay's answer is the answer"
+    );
     d.stop().await;
 }
 
@@ -293,12 +296,7 @@ async fn quarantine_tells_an_spf_pass_sender_and_calls_back_the_others() {
     assert!(called_back(&mx).is_empty());
 
     // NOTIFY=NEVER: quarantined, no notice.
-    let (actions, _) = message(
-        &d,
-        "ok2@pass.cbv.test",
-        &["<a@receiver.test> NOTIFY=NEVER"],
-    )
-    .await;
+    let (actions, _) = message(&d, "ok2@pass.cbv.test", &["<a@receiver.test> NOTIFY=NEVER"]).await;
     assert!(actions.has_quarantine("sent to the honeypot"));
     assert_eq!(relay.messages().len(), 1);
 

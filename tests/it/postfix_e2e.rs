@@ -493,7 +493,8 @@ fn a_dsn_policy_message_is_delivered_and_the_dsn_reaches_the_senders_mx() {
         "{commands:?}"
     );
     assert!(
-        !commands.iter().any(|c| c.starts_with("RCPT") && c.contains("ok@")
+        !commands.iter().any(|c| c.starts_with("RCPT")
+            && c.contains("ok@")
             && !commands.iter().any(|d| d == "DATA")),
         "{commands:?}"
     );

@@ -609,7 +609,10 @@ async fn callback_rate_with_the_default_limits() {
         }
     };
     let (first, second) = tokio::time::timeout(Duration::from_secs(60), async {
-        (pass(Arc::clone(&f.smtp)).await, pass(Arc::clone(&f.smtp)).await)
+        (
+            pass(Arc::clone(&f.smtp)).await,
+            pass(Arc::clone(&f.smtp)).await,
+        )
     })
     .await
     .expect("the measurement ends within 60 s");
