@@ -13,28 +13,50 @@ use indymilter_test::{EomActions, Status};
 use mailparse::{MailHeaderMap, parse_headers, parse_mail};
 use tempfile::TempDir;
 
-/// The daemon config: the call-back service over the test DNS and `mx`, DSNs through `relay`,
-/// the access map asking for a DSN on SPF neutral, then `extra`.
-fn config(dns: &TestDns, mx: &TestMx, relay: &TestMx, extra: &str) -> String {
-    format!(
-        "{}relay = \"{}\"\n[site]\nhostname = \"mx.receiver.test\"\n\
-         [site.access]\n\"SPF-Neutral:\" = \"DSN\"\n{extra}",
-        crate::smtp::daemon_config(dns, mx),
-        relay.addr
-    )
-}
+/// The access map of most tests: a DSN for SPF neutral.
+const DSN_ON_NEUTRAL: &str = "[site.access]\n\"SPF-Neutral:\" = \"DSN\"\n";
 
 fn stock(name: &str) -> (&str, &'static str) {
     (name, luamilter::stock::get(name).unwrap())
 }
 
-/// A daemon in `dir` with the stock spf and cbv policies (and `more` after them).
-async fn daemon(dir: TempDir, config: &str, more: &[(&str, &str)]) -> TestDaemon {
-    let mut policies = vec![stock("spf"), stock("cbv")];
-    policies.extend_from_slice(more);
-    TestDaemon::start_in(dir, &policies, config, "inet:0@127.0.0.1")
-        .await
-        .unwrap()
+/// The sender's side and the daemon: the test DNS, the sender's MX, the relay, and a daemon in
+/// `dir` with the stock spf and cbv policies (then `more`), calling back at the MX, relaying
+/// DSNs through the relay, `[site]` with `site` lines, then `extra`. Bind every field (the
+/// test DNS and the MX must live as long as the daemon).
+struct World {
+    mx: TestMx,
+    relay: TestMx,
+    d: TestDaemon,
+    _dns: TestDns,
+}
+
+impl World {
+    async fn start(dir: TempDir, site: &str, extra: &str, more: &[(&str, &str)]) -> World {
+        let dns = TestDns::start().await;
+        let (mx, relay) = (TestMx::start().await, TestMx::start().await);
+        let config = format!(
+            "{}relay = \"{}\"\n[site]\nhostname = \"mx.receiver.test\"\n{site}{extra}",
+            crate::smtp::daemon_config(&dns, &mx),
+            relay.addr
+        );
+        let mut policies = vec![stock("spf"), stock("cbv")];
+        policies.extend_from_slice(more);
+        let d = TestDaemon::start_in(dir, &policies, &config, "inet:0@127.0.0.1")
+            .await
+            .unwrap();
+        World {
+            mx,
+            relay,
+            d,
+            _dns: dns,
+        }
+    }
+
+    /// The usual world: a DSN for SPF neutral, nothing more.
+    async fn dsn_on_neutral() -> World {
+        World::start(TempDir::new().unwrap(), "", DSN_ON_NEUTRAL, &[]).await
+    }
 }
 
 /// One message from `sender` to `rcpts` (with their ESMTP arguments), from 192.0.2.1; the
@@ -69,9 +91,7 @@ fn called_back(mx: &TestMx) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dsn_access_value_sends_the_template_to_the_sender_through_the_relay() {
-    let dns = TestDns::start().await;
-    let (mx, relay) = (TestMx::start().await, TestMx::start().await);
-    let d = daemon(TempDir::new().unwrap(), &config(&dns, &mx, &relay, ""), &[]).await;
+    let World { mx, relay, d, _dns } = World::dsn_on_neutral().await;
 
     let (_, status) = message(
         &d,
@@ -141,9 +161,7 @@ async fn a_dsn_access_value_sends_the_template_to_the_sender_through_the_relay()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_delay_in_notify_the_sender_is_called_back_instead() {
-    let dns = TestDns::start().await;
-    let (mx, relay) = (TestMx::start().await, TestMx::start().await);
-    let d = daemon(TempDir::new().unwrap(), &config(&dns, &mx, &relay, ""), &[]).await;
+    let World { mx, relay, d, _dns } = World::dsn_on_neutral().await;
 
     let (_, status) = message(
         &d,
@@ -175,15 +193,9 @@ async fn without_delay_in_notify_the_sender_is_called_back_instead() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dsn_the_relay_refuses_is_answered_like_a_call_back() {
-    let dns = TestDns::start().await;
-    let (mx, relay) = (TestMx::start().await, TestMx::start().await);
-    let extra = "errors_url = \"https://errors.example.test\"\n";
-    let d = daemon(
-        TempDir::new().unwrap(),
-        &config(&dns, &mx, &relay, "").replace("[site]\n", &format!("[site]\n{extra}")),
-        &[],
-    )
-    .await;
+    let site = "errors_url = \"https://errors.example.test\"\n";
+    let World { mx, relay, d, _dns } =
+        World::start(TempDir::new().unwrap(), site, DSN_ON_NEUTRAL, &[]).await;
 
     // On the milter wire a `%` is doubled (the MTA reads `%%` as `%`).
     let (_, refused) = message(&d, "unknown@good.cbv.test", &["<a@receiver.test>"]).await;
@@ -208,15 +220,8 @@ async fn a_dsn_the_relay_refuses_is_answered_like_a_call_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dsns_to_one_domain_are_rate_limited_then_called_back() {
-    let dns = TestDns::start().await;
-    let (mx, relay) = (TestMx::start().await, TestMx::start().await);
-    let extra = "[policy.cbv]\ndsn_rate = 2\ndsn_window = \"1h\"\n";
-    let d = daemon(
-        TempDir::new().unwrap(),
-        &config(&dns, &mx, &relay, extra),
-        &[],
-    )
-    .await;
+    let extra = format!("{DSN_ON_NEUTRAL}[policy.cbv]\ndsn_rate = 2\ndsn_window = \"1h\"\n");
+    let World { mx, relay, d, _dns } = World::start(TempDir::new().unwrap(), "", &extra, &[]).await;
     for n in 0..4 {
         let sender = format!("ok{n}@other.cbv.test");
         assert_eq!(
@@ -236,8 +241,6 @@ async fn dsns_to_one_domain_are_rate_limited_then_called_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_template_in_a_policy_dir_shadows_the_stock_one() {
-    let dns = TestDns::start().await;
-    let (mx, relay) = (TestMx::start().await, TestMx::start().await);
     let dir = TempDir::new().unwrap();
     std::fs::create_dir(dir.path().join("templates")).unwrap();
     std::fs::write(
@@ -246,7 +249,12 @@ async fn an_admin_template_in_a_policy_dir_shadows_the_stock_one() {
          writing to {rcpt}.\n",
     )
     .unwrap();
-    let d = daemon(dir, &config(&dns, &mx, &relay, ""), &[]).await;
+    let World {
+        relay,
+        d,
+        mx: _mx,
+        _dns,
+    } = World::start(dir, "", DSN_ON_NEUTRAL, &[]).await;
     message(&d, "ok@good.cbv.test", &["<a@receiver.test>"]).await;
     let messages = relay.messages();
     let dsn = parse_mail(messages[0].as_bytes()).unwrap();
@@ -271,14 +279,8 @@ return {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quarantine_tells_an_spf_pass_sender_and_calls_back_the_others() {
-    let dns = TestDns::start().await;
-    let (mx, relay) = (TestMx::start().await, TestMx::start().await);
-    let d = daemon(
-        TempDir::new().unwrap(),
-        &config(&dns, &mx, &relay, "").replace("\"SPF-Neutral:\" = \"DSN\"\n", ""),
-        &[("honeypot", HONEYPOT)],
-    )
-    .await;
+    let World { mx, relay, d, _dns } =
+        World::start(TempDir::new().unwrap(), "", "", &[("honeypot", HONEYPOT)]).await;
 
     // SPF pass: quarantined, and the quarantine notice goes to the sender.
     let (actions, status) = message(&d, "ok@pass.cbv.test", &["<a@receiver.test>"]).await;
