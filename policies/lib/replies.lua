@@ -20,7 +20,7 @@ local function encode(value)
 end
 
 -- The page of `template` with `params`, a list of { name, value } pairs in order; nil when
--- errors_url is not set.
+-- errors_url is not set (milter.site.errors_url is false).
 function M.url(template, params)
   local base = site.errors_url
   if not base then return nil end

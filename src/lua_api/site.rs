@@ -6,7 +6,7 @@ use crate::services::site::{ListError, Site, system_hostname};
 use mlua::{Lua, Table, Value};
 use std::{net::IpAddr, sync::Arc};
 
-/// `milter.site`: `hostname`, `delay_reject`, `errors_url`, `template(name)` (see
+/// `milter.site`: `hostname`, `delay_reject`, `errors_url` (`false` when unset), `template(name)` (see
 /// [`Site::template`]; `nil` when there is none), the predicates `internal(ip)`, `trusted(ip)`,
 /// `internal_mta(ip)`, `internal_domain(domain)`, `hello_blacklisted(name)`, and
 /// `read_list(path)` (see [`Site::read_list`]), which returns the entries or `nil, code` (see
@@ -18,7 +18,10 @@ pub fn module(lua: &Lua, site: Arc<Site>) -> mlua::Result<Table> {
         site.hostname.clone().unwrap_or_else(system_hostname),
     )?;
     m.set("delay_reject", site.delay_reject)?;
-    m.set("errors_url", site.errors_url.clone())?;
+    match &site.errors_url {
+        Some(url) => m.set("errors_url", url.as_str())?,
+        None => m.set("errors_url", false)?,
+    }
     let templates = Arc::clone(&site);
     m.set(
         "template",

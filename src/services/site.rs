@@ -414,6 +414,44 @@ hello_blacklist = ["Mail.Example.org"]"#,
     }
 
     #[test]
+    fn errors_url_is_a_plain_http_url() {
+        let s = site(r#"errors_url = "https://www.example.org/errors/""#).unwrap();
+        assert_eq!(
+            s.errors_url.as_deref(),
+            Some("https://www.example.org/errors")
+        );
+        assert_eq!(site("").unwrap().errors_url, None);
+        for bad in [
+            "ftp://x.example",
+            "https://x.example/a b",
+            "http://x.example/?t=",
+        ] {
+            let errors = site(&format!("errors_url = {bad:?}")).unwrap_err();
+            assert_eq!(errors.len(), 1, "{bad}");
+            assert!(
+                errors[0].starts_with("c.toml: [site] errors_url"),
+                "{errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_template_in_a_policy_dir_shadows_the_stock_one() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("templates")).unwrap();
+        std::fs::write(dir.path().join("templates/neutral.txt"), "ours\n").unwrap();
+        let mut s = site("").unwrap();
+        let stock = s.template("neutral").unwrap();
+        assert!(stock.contains("THIS IS A WARNING MESSAGE ONLY."), "{stock}");
+        s.policy_dirs = vec![dir.path().join("absent"), dir.path().to_path_buf()];
+        assert_eq!(s.template("neutral").as_deref(), Some("ours\n"));
+        assert!(s.template("strike3").unwrap().contains("PTR"));
+        for missing in ["nothing", "../neutral", "", "templates/neutral"] {
+            assert_eq!(s.template(missing), None, "{missing:?}");
+        }
+    }
+
+    #[test]
     fn verified_ptr_ignores_placeholders() {
         assert_eq!(verified_ptr("unknown"), None);
         assert_eq!(verified_ptr("[192.0.2.1]"), None);

@@ -8,7 +8,7 @@
 ---@class milter.site
 ---@field hostname string this receiver's name: `[site] hostname`, else the system host name
 ---@field delay_reject boolean `[site] delay_reject`: rejects at connect, HELO and MAIL are held until DATA
----@field errors_url string|nil `[site] errors_url` without a trailing `/`: the base of templated replies
+---@field errors_url string|false `[site] errors_url` without a trailing `/`: the base of templated replies; false when unset
 local site = {}
 
 ---Whether `ip` is in `[site] internal_networks`. A string that is not an address raises.
