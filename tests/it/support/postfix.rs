@@ -217,12 +217,27 @@ impl Postfix {
             .collect())
     }
 
-    /// The instance's mail log so far (for failure messages).
+    /// Releases a held message as an admin releases quarantined mail: `postsuper -c DIR -H
+    /// QUEUE_ID` (to the deferred queue), then `postqueue -c DIR -i QUEUE_ID` (deliver now).
+    pub fn release(&self, queue_id: &str) -> anyhow::Result<()> {
+        for (tool, flag) in [("postsuper", "-H"), ("postqueue", "-i")] {
+            let mut cmd =
+                Command::new(find_tool(tool).with_context(|| format!("{tool} is not installed"))?);
+            cmd.arg("-c").arg(self.config_dir()).args([flag, queue_id]);
+            let (status, output) = run(&mut cmd)?;
+            if !status.success() {
+                bail!("{tool} {flag} {queue_id} failed ({status}):\n{output}");
+            }
+        }
+        Ok(())
+    }
+
     /// The loopback port the instance's smtpd listens on.
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// The instance's mail log so far (for failure messages).
     pub fn maillog(&self) -> String {
         fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default()
     }
