@@ -14,6 +14,7 @@ local milter = require "milter"
 local store = require "milter.store"
 local site = require "milter.site"
 local net = require "milter.net"
+local replies = require "lib.replies"
 
 local fill = milter.fill
 
@@ -125,7 +126,8 @@ return {
     end
     if entry then
       milter.log.info("banned domain", domain, "by", entry)
-      return refuse(fill(opts.domain_reply, { domain = domain }))
+      return refuse(replies.lines("bandom", { { "domain", domain } },
+        fill(opts.domain_reply, { domain = domain })))
     end
   end,
 

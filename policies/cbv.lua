@@ -5,18 +5,24 @@
 -- access values CBV and DSN and for three strikes), asks the sender's mail exchanger whether
 -- it takes mail for the sender (milter.smtp.verify) and answers:
 --   accepted → continue; 4xx → 450 4.2.0 "CBV: <code> <text>"; 5xx → 550 5.7.1 `refused_reply`
---   (the refusal is remembered); no answer → 450 4.2.0 "CBV: 450 <why>" (`error_action`).
+--   after the errors_url page `dsnrefused` (lib/replies) (the refusal is remembered); no
+--   answer → 450 4.2.0 "CBV: 450 <why>" (`error_action`).
 -- Skipped for the null sender, internal, authenticated, trusted and localhost clients, sender
 -- domains in [site] internal_domains ("Fraudulent MX": we would call ourselves), and
 -- whitelisted senders (ctx.msg.listed) unless SPF said softfail or permerror.
 -- MAIL: a sender whose call-back was refused permanently (remembered by milter.smtp) is
 -- blacklisted: demerits and 550 5.7.1 `blacklist_reply` (held until DATA with delay_reject).
--- DSN: the warning DSN is not sent yet (it needs milter.smtp.send): logged, recorded in
--- ctx.msg.dsn, and a plain call-back is done instead.
+-- DSN (`ctx.msg.cbv = "DSN"`): the sender is sent a warning DSN from the template named by
+-- ctx.msg.cbv_template (templates/<name>.txt, lib/notice) through the relay, when a recipient's
+-- NOTIFY has DELAY, at most `dsn_rate` per domain per `dsn_window` and once per sender per
+-- `dsn_remember`; otherwise (no template, NOTIFY, rate) a plain call-back is done. A relay that
+-- refuses the DSN is answered like a call-back that refuses.
 -- Log lines start with the classic tags `CBV:` and `DSN:`. See docs/policies/cbv.md.
 local milter = require "milter"
 local smtp = require "milter.smtp"
 local site = require "milter.site"
+local notice = require "lib.notice"
+local replies = require "lib.replies"
 
 -- Why there was no SMTP answer, as the classic transport said it (with a 450 code).
 local NO_ANSWER = {
@@ -49,6 +55,45 @@ local function whitelisted(ctx)
   return ctx.msg.listed == "WHITELIST" or ctx.msg.listed == "PROBATION"
 end
 
+-- The call-back's deadline.
+local function timeout(opts)
+  return opts.timeout > 0 and opts.timeout or nil
+end
+
+-- The answer at eom to what the sender's side said (`result, err` as milter.smtp.verify gives
+-- them; a DSN the relay refused gives its reply): the result table of docs/policies/cbv.md.
+local function answer(ctx, target, result, err, values, opts)
+  if result == "ok" then
+    ctx.msg.cbv_result = "ok"
+    milter.log.info("CBV: " .. target .. " ok")
+    return
+  end
+  local code, text
+  if result then
+    code, text = result.code, clean(result.text)
+  elseif err == "invalid" then
+    milter.log.info("CBV: " .. target .. " skipped: not an address")
+    return
+  else
+    code, text = 450, milter.fill(NO_ANSWER[err] or err, values)
+  end
+  local desc = "CBV: " .. code .. " " .. text
+  if result and result.permanent then
+    ctx.msg.cbv_result = "refused"
+    milter.log.info(desc .. " (" .. target .. "): REJECT")
+    values.code, values.text = code, text
+    return milter.reject{ code = 550, xcode = "5.7.1", text = replies.lines("dsnrefused",
+      { { "mfrom", target }, { "msg", code .. " " .. text } }, lines(opts.refused_reply, values)) }
+  end
+  ctx.msg.cbv_result = result and "temporary" or err
+  if not result and opts.error_action == "continue" then
+    milter.log.info(desc .. " (" .. target .. "): continue")
+    return
+  end
+  milter.log.info(desc .. " (" .. target .. "): TEMPFAIL")
+  return milter.tempfail{ code = 450, xcode = "4.2.0", text = desc }
+end
+
 return {
   description = "call-back verification of the sender at end of message (access values CBV and DSN, three strikes); refuses senders whose call-back failed",
   options = {
@@ -59,6 +104,9 @@ return {
     blacklist_demerits = 2,
     blacklist_reply = { "CBV: {code} {text}" },
     strike3_demerits = 2,
+    dsn_rate = 10,
+    dsn_window = "1h",
+    dsn_remember = "7d",
   },
 
   mail = function(ctx, sender, args, opts)
@@ -103,41 +151,38 @@ return {
       return
     end
     local template = ctx.msg.cbv_template
-    if need == "DSN" then
-      ctx.msg.dsn = { template = template, target = target }
-      milter.log.info("DSN: would send " .. tostring(template) .. " to " .. target
-        .. " (not built yet: plain call-back)")
-    end
-
-    local result, err = smtp.verify(target, { timeout = opts.timeout > 0 and opts.timeout or nil })
     local values = { domain = domain, sender = target }
-    if result == "ok" then
-      ctx.msg.cbv_result = "ok"
-      milter.log.info("CBV: " .. target .. " ok")
-      return
+    if need == "DSN" then
+      local remembered = smtp.cached(target)
+      if remembered == "ok" then
+        ctx.msg.cbv_result = "ok"
+        milter.log.info("DSN: " .. target .. " ok (remembered)")
+        return
+      end
+      local sent, err, reply = nil, "notemplate", nil
+      if template then
+        sent, err, reply = notice.send(ctx, template, { target = target,
+          dsn_rate = opts.dsn_rate, dsn_window = opts.dsn_window,
+          dsn_remember = opts.dsn_remember, timeout = timeout(opts) })
+      end
+      ctx.msg.dsn = { template = template, target = target, sent = sent == true,
+        error = err }
+      if sent then
+        ctx.msg.cbv_result = "ok"
+        milter.log.info("DSN: sent " .. template .. " to " .. target)
+        return
+      elseif err == "remembered" then
+        ctx.msg.cbv_result = "ok"
+        milter.log.info("DSN: " .. target .. " was sent " .. template .. " lately")
+        return
+      elseif err == "rejected" then
+        milter.log.info("DSN: " .. template .. " to " .. target .. " rejected by the relay")
+        return answer(ctx, target, reply, nil, values, opts)
+      end
+      milter.log.info("DSN: not sending " .. tostring(template) .. " to " .. target .. ": "
+        .. err .. " (a plain call-back instead)")
     end
-    local code, text
-    if result then
-      code, text = result.code, clean(result.text)
-    elseif err == "invalid" then
-      milter.log.info("CBV: " .. target .. " skipped: not an address")
-      return
-    else
-      code, text = 450, milter.fill(NO_ANSWER[err] or err, values)
-    end
-    local desc = "CBV: " .. code .. " " .. text
-    if result and result.permanent then
-      ctx.msg.cbv_result = "refused"
-      milter.log.info(desc .. " (" .. target .. "): REJECT")
-      values.code, values.text = code, text
-      return milter.reject{ code = 550, xcode = "5.7.1", text = lines(opts.refused_reply, values) }
-    end
-    ctx.msg.cbv_result = result and "temporary" or err
-    if not result and opts.error_action == "continue" then
-      milter.log.info(desc .. " (" .. target .. "): continue")
-      return
-    end
-    milter.log.info(desc .. " (" .. target .. "): TEMPFAIL")
-    return milter.tempfail{ code = 450, xcode = "4.2.0", text = desc }
+    local result, err = smtp.verify(target, { timeout = timeout(opts) })
+    return answer(ctx, target, result, err, values, opts)
   end,
 }

@@ -22,6 +22,7 @@ local site = require "milter.site"
 local access = require "milter.access"
 local store = require "milter.store"
 local domain_ban = require "lib.domain_ban"
+local replies = require "lib.replies"
 
 -- The access-map tag spelling of each result.
 local TAG = {
@@ -116,7 +117,8 @@ end
 -- The program default of `SPF-<result>` when the access map has no entry.
 local function default_action(state, opts, dynamic)
   local result, domain = state.effective, state.domain
-  if result == "fail" or result == "permerror" then return "REJECT" end
+  if result == "fail" then return member(opts.accept_fail, domain) and "CBV" or "REJECT" end
+  if result == "permerror" then return "REJECT" end
   if result == "softfail" then
     if member(opts.accept_softfail, domain) or not dynamic or state.helo == "pass" then
       return "OK"
@@ -215,6 +217,7 @@ return {
     helo_guess_record = "v=spf1 a mx ?all",
     reject_noptr = false,
     accept_softfail = {},
+    accept_fail = {},
     reject_neutral = {},
     helo_ban = { "gmail.com" },
     ban_ttl = milter.duration "7d",
@@ -325,7 +328,9 @@ return {
         end
         local helo_values = setmetatable({ explanation = h.explanation }, { __index = values })
         local verdict = act(ctx, state, action,
-          { code = 550, xcode = "5.7.1", lines = lines(opts.helo_reply, helo_values),
+          { code = 550, xcode = "5.7.1", lines = replies.lines("helofail",
+              { { "mfrom", values.sender }, { "helo", helo }, { "ip", ip } },
+              lines(opts.helo_reply, helo_values)),
             template = "heloerror", target = "postmaster@" .. helo },
           "HELO " .. helo .. " SPF " .. h.result, opts)
         if verdict then return verdict end
@@ -355,8 +360,10 @@ return {
           and state.helo ~= "pass" then
         state.effective, state.three_strikes = "none", true
         local action = policy("none") or (opts.reject_noptr and "REJECT" or "CBV")
-        local verdict = act(ctx, state, action,
-          reply(opts.none_reply, 550, "5.7.1", false, "strike3"),
+        local anon = reply(opts.none_reply, 550, "5.7.1", false, "strike3")
+        anon.lines = replies.lines("anon",
+          { { "mfrom", values.sender }, { "helo", helo }, { "ip", ip } }, anon.lines)
+        local verdict = act(ctx, state, action, anon,
           "no PTR, HELO or SPF for " .. state.identity, opts)
         if verdict then
           ctx:demerit(1, "spf: no PTR, HELO or SPF")

@@ -15,3 +15,11 @@ pub fn get(name: &str) -> Option<&'static str> {
 pub fn policy_names() -> impl Iterator<Item = &'static str> {
     STOCK.iter().map(|(n, _)| *n).filter(|n| !n.contains('/'))
 }
+
+/// The stock message template named `name` (`"neutral"`, `"quarantine"`), if the pack has one.
+pub fn template(name: &str) -> Option<&'static str> {
+    STOCK_TEMPLATES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, text)| *text)
+}

@@ -206,6 +206,15 @@ impl UserData for Ctx {
         field!("recipients", |lua, s| {
             lua.create_sequence_from(s.message.recipients.iter().map(String::as_str))
         });
+        field!("recipient_args", |lua, s| {
+            lua.create_sequence_from(
+                s.message
+                    .recipient_args
+                    .iter()
+                    .map(|args| lua.create_sequence_from(args.iter().map(String::as_str)))
+                    .collect::<mlua::Result<Vec<_>>>()?,
+            )
+        });
         field!("demerits", |_lua, s| Ok(s.demerits));
         field!("receiver", |_lua, s| {
             Ok(s.receiver

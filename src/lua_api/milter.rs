@@ -36,7 +36,7 @@ pub fn module(lua: &Lua, site: &Arc<Site>) -> mlua::Result<Table> {
     Ok(m)
 }
 
-/// `milter.fill(template, values)`: `{key}` placeholders replaced by `values[key]` (an unknown
+/// `milter.fill(template, values)`: `{key}` placeholders (letters, digits, `_`) replaced by `values[key]` (an unknown
 /// key gives ""), for a string or a list of lines. Written in Lua: it runs on policy strings.
 const FILL: &str = r#"
 local function fill(template, values)
@@ -45,7 +45,7 @@ local function fill(template, values)
     for i, line in ipairs(template) do lines[i] = fill(line, values) end
     return lines
   end
-  return (tostring(template):gsub("{(%w+)}", function(key)
+  return (tostring(template):gsub("{([%w_]+)}", function(key)
     local v = values and values[key]
     return v ~= nil and tostring(v) or ""
   end))

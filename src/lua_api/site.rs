@@ -6,7 +6,8 @@ use crate::services::site::{ListError, Site, system_hostname};
 use mlua::{Lua, Table, Value};
 use std::{net::IpAddr, sync::Arc};
 
-/// `milter.site`: `hostname`, `delay_reject`, the predicates `internal(ip)`, `trusted(ip)`,
+/// `milter.site`: `hostname`, `delay_reject`, `errors_url` (`false` when unset), `template(name)` (see
+/// [`Site::template`]; `nil` when there is none), the predicates `internal(ip)`, `trusted(ip)`,
 /// `internal_mta(ip)`, `internal_domain(domain)`, `hello_blacklisted(name)`, and
 /// `read_list(path)` (see [`Site::read_list`]), which returns the entries or `nil, code` (see
 /// [`ListError::code`]) and logs a warning when it refuses a path outside.
@@ -17,6 +18,22 @@ pub fn module(lua: &Lua, site: Arc<Site>) -> mlua::Result<Table> {
         site.hostname.clone().unwrap_or_else(system_hostname),
     )?;
     m.set("delay_reject", site.delay_reject)?;
+    match &site.errors_url {
+        Some(url) => m.set("errors_url", url.as_str())?,
+        None => m.set("errors_url", false)?,
+    }
+    let templates = Arc::clone(&site);
+    m.set(
+        "template",
+        lua.create_async_function(move |_, name: String| {
+            let site = Arc::clone(&templates);
+            async move {
+                tokio::task::spawn_blocking(move || site.template(&name))
+                    .await
+                    .map_err(mlua::Error::external)
+            }
+        })?,
+    )?;
     let by_ip = [
         ("internal", Site::internal as fn(&Site, IpAddr) -> bool),
         ("trusted", Site::trusted),

@@ -93,7 +93,8 @@ impl Answer {
             Reply::Reject => Answer::Reject(None),
             Reply::Tempfail => Answer::Tempfail(None),
             Reply::ReplyCode { reply } => {
-                let text = reply.to_string_lossy().into_owned();
+                // As the SMTP client gets it: the MTA reads `%%` as `%`.
+                let text = reply.to_string_lossy().replace("%%", "%");
                 if text.starts_with('4') {
                     Answer::Tempfail(Some(text))
                 } else {

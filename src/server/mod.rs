@@ -124,7 +124,12 @@ async fn mail(cx: &mut Context<Conn>, args: Vec<CString>) -> Status {
 
 async fn rcpt(cx: &mut Context<Conn>, args: Vec<CString>) -> Status {
     let (rcpt, esmtp) = envelope(args);
-    let status = run(cx, Stage::Rcpt, StageArgs::Envelope(rcpt.clone(), esmtp)).await;
+    let status = run(
+        cx,
+        Stage::Rcpt,
+        StageArgs::Envelope(rcpt.clone(), esmtp.clone()),
+    )
+    .await;
     // A recipient the MTA refused itself (passed on for REJECTED_RCPT) is no recipient.
     let refused_by_mta = cx
         .macros
@@ -134,7 +139,9 @@ async fn rcpt(cx: &mut Context<Conn>, args: Vec<CString>) -> Status {
         && !matches!(status, Status::Reject | Status::Tempfail)
         && !refused_by_mta
     {
-        conn.session.lock().message.recipients.push(rcpt);
+        let mut session = conn.session.lock();
+        session.message.recipients.push(rcpt);
+        session.message.recipient_args.push(esmtp);
     }
     status
 }

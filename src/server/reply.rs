@@ -11,10 +11,11 @@ pub fn answer(reply: &mut SmtpReply, verdict: &Verdict) -> Status {
         Verdict::Discard => Status::Discard,
         Verdict::Reject(r) | Verdict::Tempfail(r) => {
             if let Some(r) = r {
-                let lines: Vec<&str> = if r.lines.is_empty() {
-                    vec![""]
+                // The MTA reads the text as sendmail does: `%%` is a `%` (Postfix drops a lone one).
+                let lines: Vec<String> = if r.lines.is_empty() {
+                    vec![String::new()]
                 } else {
-                    r.lines.iter().map(String::as_str).collect()
+                    r.lines.iter().map(|line| line.replace('%', "%%")).collect()
                 };
                 if let Err(e) = reply.set_error_reply(&r.code, r.xcode.as_deref(), lines) {
                     tracing::error!(error = %e, "invalid SMTP reply; the MTA's default text is used");

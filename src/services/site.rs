@@ -36,6 +36,8 @@ pub struct SiteConfig {
     pub access_file: Option<PathBuf>,
     /// Access-map entries: `"SPF-Neutral:aol.com" = "REJECT"`.
     pub access: BTreeMap<String, String>,
+    /// The base URL of templated replies: their first line is `<errors_url>/<template>?<params>`.
+    pub errors_url: Option<String>,
     /// The policy directories, resolved (not a `[site]` key: [`Config::parse`] copies them
     /// from `[policies] dirs`). List files may be read there and in the config file's
     /// directory.
@@ -67,6 +69,23 @@ pub enum SiteError {
         /// What is wrong with the entry.
         error: EntryError,
     },
+    /// `errors_url` is not an `http://` or `https://` URL without spaces, `?` or `#`.
+    #[error(
+        "{at}: [site] errors_url {url:?}: not an http:// or https:// URL without spaces, '?' or '#'"
+    )]
+    ErrorsUrl {
+        /// The config file.
+        at: String,
+        /// The value.
+        url: String,
+    },
+}
+
+/// `errors_url` without its trailing `/`, if it is a plain http(s) URL.
+fn errors_url(url: &str) -> Option<String> {
+    let plain = (url.starts_with("http://") || url.starts_with("https://"))
+        && !url.contains(|c: char| c.is_whitespace() || c.is_control() || c == '?' || c == '#');
+    plain.then(|| url.trim_end_matches('/').to_string())
 }
 
 /// Every problem [`Site::build`] found.
@@ -130,6 +149,8 @@ pub struct Site {
     hello_blacklist: HashSet<String>,
     /// Whether rejects at connect, HELO and MAIL wait for DATA.
     pub delay_reject: bool,
+    /// The base URL of templated replies, without a trailing `/`.
+    pub errors_url: Option<String>,
     /// The access map.
     pub access: AccessMap,
     /// The directory relative list paths are resolved against: the config file's.
@@ -168,6 +189,16 @@ impl Site {
                 });
             }
         }
+        let errors_url = config.errors_url.as_deref().and_then(|url| {
+            let valid = errors_url(url);
+            if valid.is_none() {
+                errors.push(SiteError::ErrorsUrl {
+                    at: at.to_string(),
+                    url: url.to_string(),
+                });
+            }
+            valid
+        });
         let site = Site {
             hostname: config.hostname.clone().filter(|h| !h.is_empty()),
             internal: ip_set("internal_networks", &config.internal_networks, &mut errors),
@@ -184,6 +215,7 @@ impl Site {
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
             delay_reject: config.delay_reject,
+            errors_url,
             access,
             base_dir: base.to_path_buf(),
             policy_dirs: config.policy_dirs.clone(),
@@ -215,6 +247,30 @@ impl Site {
             Ok(bytes) => Ok(list_entries(&bytes)),
             Err(source) => Err(ListError::Unreadable { path, source }),
         }
+    }
+
+    /// The text of message template `name` (a file name without `.txt`: letters, digits, `_`,
+    /// `-`): `templates/<name>.txt` in the first policy directory that has it, else the stock
+    /// pack's; `None` when neither has it (or `name` is not such a name). A file that exists but
+    /// cannot be read is logged and skipped.
+    pub fn template(&self, name: &str) -> Option<String> {
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid {
+            return None;
+        }
+        let relative = format!("templates/{name}.txt");
+        for dir in &self.policy_dirs {
+            let path = dir.join(&relative);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => return Some(text),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => tracing::warn!("template {}: cannot read: {error}", path.display()),
+            }
+        }
+        crate::stock::template(name).map(str::to_string)
     }
 
     /// The directories list files may be read from: the config file's, then the policy ones.
@@ -355,6 +411,44 @@ hello_blacklist = ["Mail.Example.org"]"#,
         assert!(is_localhost("::1".parse().unwrap()));
         assert!(is_localhost("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!is_localhost("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn errors_url_is_a_plain_http_url() {
+        let s = site(r#"errors_url = "https://www.example.org/errors/""#).unwrap();
+        assert_eq!(
+            s.errors_url.as_deref(),
+            Some("https://www.example.org/errors")
+        );
+        assert_eq!(site("").unwrap().errors_url, None);
+        for bad in [
+            "ftp://x.example",
+            "https://x.example/a b",
+            "http://x.example/?t=",
+        ] {
+            let errors = site(&format!("errors_url = {bad:?}")).unwrap_err();
+            assert_eq!(errors.len(), 1, "{bad}");
+            assert!(
+                errors[0].starts_with("c.toml: [site] errors_url"),
+                "{errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_template_in_a_policy_dir_shadows_the_stock_one() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("templates")).unwrap();
+        std::fs::write(dir.path().join("templates/neutral.txt"), "ours\n").unwrap();
+        let mut s = site("").unwrap();
+        let stock = s.template("neutral").unwrap();
+        assert!(stock.contains("THIS IS A WARNING MESSAGE ONLY."), "{stock}");
+        s.policy_dirs = vec![dir.path().join("absent"), dir.path().to_path_buf()];
+        assert_eq!(s.template("neutral").as_deref(), Some("ours\n"));
+        assert!(s.template("strike3").unwrap().contains("PTR"));
+        for missing in ["nothing", "../neutral", "", "templates/neutral"] {
+            assert_eq!(s.template(missing), None, "{missing:?}");
+        }
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub struct Message {
     pub sender_args: Vec<String>,
     /// Recipients accepted so far.
     pub recipients: Vec<String>,
+    /// The ESMTP arguments of each of `recipients`, in the same order.
+    pub recipient_args: Vec<Vec<String>>,
     /// Headers seen so far, in order.
     pub headers: Vec<(String, String)>,
     /// Edits queued for end of message.

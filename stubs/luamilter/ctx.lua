@@ -32,6 +32,7 @@
 ---@field sender string|nil MAIL FROM without `<>`, "" for the null sender; nil before the first MAIL
 ---@field sender_args string[] MAIL FROM ESMTP parameters, { "SIZE=1234", "BODY=8BITMIME" }
 ---@field recipients string[] the recipients accepted so far, without `<>`, in RCPT order
+---@field recipient_args string[][] the ESMTP parameters of each of `recipients`, same order, { { "NOTIFY=DELAY" }, {} }
 ---@field headers luamilter.Header[] the headers in message order (`header`, `eoh`, `body`, `eom` only; raises when the MTA does not send headers: `needs = { "headers" }`)
 ---@field queue_id string|nil the MTA's queue ID (macro i), nil while unknown
 ---@field auth string|nil the SMTP AUTH login name (macro {auth_authen}), or nil

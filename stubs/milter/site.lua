@@ -8,6 +8,7 @@
 ---@class milter.site
 ---@field hostname string this receiver's name: `[site] hostname`, else the system host name
 ---@field delay_reject boolean `[site] delay_reject`: rejects at connect, HELO and MAIL are held until DATA
+---@field errors_url string|false `[site] errors_url` without a trailing `/`: the base of templated replies; false when unset
 local site = {}
 
 ---Whether `ip` is in `[site] internal_networks`. A string that is not an address raises.
@@ -42,5 +43,11 @@ function site.hello_blacklisted(name) end
 ---@return string[]|nil entries
 ---@return luamilter.ListFileError|nil err
 function site.read_list(path) end
+
+---Handlers only. The text of message template `name` (`"neutral"`): `templates/<name>.txt` in
+---the first policy directory that has it, else the stock one; nil when there is none.
+---@param name string
+---@return string|nil text
+function site.template(name) end
 
 return site

@@ -4,6 +4,7 @@
 mod support;
 
 mod cases;
+mod cbv;
 mod chain;
 mod cli;
 mod dns;

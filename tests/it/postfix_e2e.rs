@@ -357,3 +357,241 @@ fn noreply_over_tcp_with_postfix() {
         );
     }
 }
+
+/// Stock policies behind Postfix, the sender's side on loopback: the test DNS server's
+/// `cbv.test` zone (SPF neutral for `good.cbv.test`, pass from 192.0.2.1 for `pass.cbv.test`,
+/// both with their exchanger on 127.0.0.1), the scripted test MX as that exchanger (call-backs
+/// go to its port), and Postfix as the DSN relay, which delivers mail for both domains to the
+/// same test MX. Messages come from 192.0.2.1 through XCLIENT (luamilter does not call back
+/// loopback clients).
+struct SenderSide {
+    runtime: tokio::runtime::Runtime,
+    mx: crate::smtp_server::TestMx,
+    _dns: crate::dns_server::TestDns,
+}
+
+impl SenderSide {
+    fn start() -> SenderSide {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dns = runtime.block_on(crate::dns_server::TestDns::start());
+        let mx = runtime.block_on(crate::smtp_server::TestMx::start());
+        SenderSide {
+            runtime,
+            mx,
+            _dns: dns,
+        }
+    }
+
+    /// luamilter (`policies`: its `[policies]` table; `site`: more `[site]` lines, then any
+    /// `[site.access]`) and Postfix, luamilter relaying its DSNs through that Postfix.
+    fn start_mta(&self, policies: &str, site: &str) -> Option<(Luamilter, Postfix)> {
+        if !e2e_ready() {
+            return None;
+        }
+        let _runtime = self.runtime.enter();
+        let port = crate::support::postfix::free_port().unwrap();
+        let milter = Luamilter::start_with(
+            "inet",
+            &format!(
+                "{policies}{}relay = \"127.0.0.1:{port}\"\n\
+                 [site]\nhostname = \"mx.{TEST_DOMAIN}\"\n{site}",
+                crate::smtp::daemon_config(&self._dns, &self.mx)
+            ),
+        );
+        let routes = [
+            ("good.cbv.test", self.mx.addr),
+            ("pass.cbv.test", self.mx.addr),
+        ];
+        let postfix =
+            Postfix::start_on(&milter.socket, port, &routes).expect("start private postfix");
+        Some((milter, postfix))
+    }
+
+    /// The messages the sender's MX received, once there is one (or after [`WAIT`]).
+    fn wait_messages(&self) -> Vec<String> {
+        let deadline = std::time::Instant::now() + WAIT;
+        while self.mx.messages().is_empty() && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        self.mx.messages()
+    }
+}
+
+const FORGED_CLIENT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 1);
+
+const SPF_AND_CBV: &str = "[policies]\nchain = [\"spf\", \"cbv\"]\n";
+
+/// `[site.access]` with `value` for SPF neutral.
+fn on_neutral(value: &str) -> String {
+    format!("[site.access]\n\"SPF-Neutral:\" = {value:?}\n")
+}
+
+#[test]
+fn a_forged_sender_is_refused_with_the_cbv_reply_through_postfix() {
+    let side = SenderSide::start();
+    let site = format!(
+        "errors_url = \"https://errors.example.test/mail\"\n{}",
+        on_neutral("CBV")
+    );
+    let Some((_milter, postfix)) = side.start_mta(SPF_AND_CBV, &site) else {
+        return;
+    };
+    let sent = postfix
+        .send_as(
+            FORGED_CLIENT,
+            "unknown@good.cbv.test",
+            RECIPIENT,
+            &[],
+            "x\n",
+        )
+        .unwrap();
+    let dot = sent.reply(Stage::Dot).expect("a reply to the final dot");
+    assert_eq!(
+        dot.lines,
+        [
+            "550-5.7.1 https://errors.example.test/mail/dsnrefused?mfrom=unknown@good.cbv.test\
+             &msg=550+5.1.1+%3Crecipient%3E+User+unknown",
+            "550 5.7.1 CBV: 550 5.1.1 <recipient> User unknown",
+        ],
+        "{}\n{}",
+        sent.transcript,
+        postfix.maillog()
+    );
+    assert!(
+        side.mx
+            .commands()
+            .contains(&"RCPT TO:<unknown@good.cbv.test>".to_string())
+    );
+    assert_eq!(side.mx.connections(), 1);
+}
+
+#[test]
+fn a_dsn_policy_message_is_delivered_and_the_dsn_reaches_the_senders_mx() {
+    let side = SenderSide::start();
+    let Some((_milter, postfix)) = side.start_mta(SPF_AND_CBV, &on_neutral("DSN")) else {
+        return;
+    };
+    let marker = "dsn-policy-marker-5150";
+    let sent = postfix
+        .send_as(
+            FORGED_CLIENT,
+            "ok@good.cbv.test",
+            RECIPIENT,
+            &[("Subject", marker)],
+            "hello\n",
+        )
+        .unwrap();
+    assert_eq!(sent.exit_code, 0, "{}", sent.transcript);
+    postfix
+        .wait_delivered(|m| m.contains(marker), WAIT)
+        .unwrap_or_else(|| panic!("not delivered; mail log:\n{}", postfix.maillog()));
+    let messages = side.wait_messages();
+    assert_eq!(messages.len(), 1, "{}", postfix.maillog());
+    let dsn = mailparse::parse_mail(messages[0].as_bytes()).unwrap();
+    let [text, status, original] = crate::dsn::report_parts(&dsn);
+    assert!(
+        text.get_body()
+            .unwrap()
+            .contains("THIS IS A WARNING MESSAGE ONLY."),
+    );
+    let blocks = crate::dsn::status_blocks(&status.get_body_raw().unwrap());
+    assert_eq!(blocks[1]["final-recipient"], format!("rfc822; {RECIPIENT}"));
+    assert_eq!(blocks[1]["action"], "delayed");
+    assert_eq!(
+        crate::dsn::original_header(original, "Subject").as_deref(),
+        Some(marker)
+    );
+    // Through the relay: MAIL FROM:<> reached the sender's MX, and no call-back was made.
+    let commands = side.mx.commands();
+    assert!(
+        commands.iter().any(|c| c.starts_with("MAIL FROM:<>")),
+        "{commands:?}"
+    );
+    assert!(
+        !commands.iter().any(|c| c.starts_with("RCPT")
+            && c.contains("ok@")
+            && !commands.iter().any(|d| d == "DATA")),
+        "{commands:?}"
+    );
+}
+
+const HONEYPOT: &str = r#"
+local notice = require "lib.notice"
+return {
+  eom = function(ctx)
+    for _, rcpt in ipairs(ctx.recipients) do
+      if rcpt:lower():match("^honeypot@") then
+        return notice.quarantine(ctx, "sent to the honeypot")
+      end
+    end
+  end,
+}"#;
+
+/// As docs/policies/lib/notice.md says: quarantined mail waits in Postfix's hold queue, the
+/// sender (SPF pass) gets the quarantine notice, and `postsuper -H` releases the message.
+#[test]
+fn quarantined_with_a_notice_then_released_with_postsuper() {
+    let side = SenderSide::start();
+    let dir = TempDir::new().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(dir.path().join("honeypot.lua"), HONEYPOT).unwrap();
+    let policies = format!(
+        "[policies]\ndirs = [{:?}]\nchain = [\"spf\", \"honeypot\"]\n",
+        dir.path()
+    );
+    let Some((_milter, postfix)) = side.start_mta(&policies, "") else {
+        return;
+    };
+    let marker = "honeypot-marker-8080";
+    let sent = postfix
+        .send_as(
+            FORGED_CLIENT,
+            "ok@pass.cbv.test",
+            &format!("honeypot@{TEST_DOMAIN}"),
+            &[("Subject", marker)],
+            "cheap pills\n",
+        )
+        .unwrap();
+    assert_eq!(sent.exit_code, 0, "{}", sent.transcript);
+    let queue_id = sent.queue_id().expect("a queue id in the 250 reply");
+    let held = postfix.hold_queue().unwrap();
+    assert!(
+        held.iter().any(|m| m.id == queue_id),
+        "{queue_id} not held: {held:?}\n{}",
+        postfix.maillog()
+    );
+
+    let messages = side.wait_messages();
+    assert_eq!(messages.len(), 1, "{}", postfix.maillog());
+    let notice = mailparse::parse_mail(messages[0].as_bytes()).unwrap();
+    use mailparse::MailHeaderMap;
+    assert_eq!(
+        notice.headers.get_first_value("Subject").as_deref(),
+        Some("DELIVERY STATUS (POSSIBLE SPAM)")
+    );
+    let [text, _, original] = crate::dsn::report_parts(&notice);
+    assert!(
+        text.get_body()
+            .unwrap()
+            .contains("Reason: sent to the honeypot")
+    );
+    assert_eq!(
+        crate::dsn::original_header(original, "Subject").as_deref(),
+        Some(marker)
+    );
+
+    assert!(
+        postfix
+            .wait_delivered(|m| m.contains(marker), Duration::from_millis(500))
+            .is_none()
+    );
+    postfix.release(queue_id).unwrap();
+    postfix
+        .wait_delivered(|m| m.contains(marker), WAIT)
+        .unwrap_or_else(|| panic!("not delivered after release:\n{}", postfix.maillog()));
+    assert!(postfix.hold_queue().unwrap().is_empty());
+}

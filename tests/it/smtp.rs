@@ -254,6 +254,34 @@ async fn starttls_offered_and_botched_gives_tls() {
     report("starttls", f.smtp.stats());
 }
 
+#[tokio::test]
+async fn starttls_offered_is_used_and_the_call_back_goes_on_over_tls() {
+    let dns = TestDns::start().await;
+    let mx = TestMx::with_tls().await;
+    let f = fixture(&dns, config(mx.addr.port()));
+    assert_eq!(
+        verify(&f.smtp, "ok@good.cbv.test").await,
+        Ok((Outcome::Accepted, false))
+    );
+    assert_eq!(
+        verify(&f.smtp, "unknown@other.cbv.test").await,
+        Ok((refusal(550, "5.1.1 <recipient> User unknown"), false))
+    );
+    assert_eq!(
+        mx.commands()[..6],
+        [
+            format!("EHLO {HELO}"),
+            "STARTTLS".into(),
+            "<TLS>".into(),
+            format!("EHLO {HELO}"),
+            "MAIL FROM:<>".into(),
+            "RCPT TO:<ok@good.cbv.test>".into(),
+        ],
+        "the self-signed certificate is taken: a call-back carries no secret"
+    );
+    report("starttls_ok", f.smtp.stats());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_most_per_domain_call_backs_at_once_and_one_per_address() {
     let dns = TestDns::start().await;
@@ -547,4 +575,64 @@ async fn call_backs_per_second_at_the_default_limits() {
         mx.max_open()
     );
     report("throughput", f.smtp.stats());
+}
+
+/// A measurement, not a test: how many call-backs a second one daemon makes with the default
+/// limits (2 per domain at once, 10 per domain per minute, 20 at once in all) against the
+/// scripted MX on loopback, and the cache's hit rate when every address is asked twice.
+/// Bounded: 400 addresses over 40 domains (within each domain's burst of 10), 60 s at most.
+/// `cargo test --release --test it callback_rate -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run it with --ignored --nocapture"]
+async fn callback_rate_with_the_default_limits() {
+    let dns = TestDns::start().await;
+    let mx = TestMx::start().await;
+    let f = fixture(&dns, config(mx.addr.port()));
+    let addresses: Vec<String> = (0..400)
+        .map(|n| format!("ok{}@d{}.many.cbv.test", n / 40, n % 40))
+        .collect();
+    let pass = |smtp: Arc<Smtp>| {
+        let addresses = addresses.clone();
+        async move {
+            let started = Instant::now();
+            let tasks: Vec<_> = addresses
+                .into_iter()
+                .map(|a| {
+                    let smtp = Arc::clone(&smtp);
+                    tokio::spawn(async move { verify(&smtp, &a).await })
+                })
+                .collect();
+            for task in tasks {
+                assert_eq!(task.await.unwrap().map(|v| v.0), Ok(Outcome::Accepted));
+            }
+            started.elapsed()
+        }
+    };
+    let (first, second) = tokio::time::timeout(Duration::from_secs(60), async {
+        (
+            pass(Arc::clone(&f.smtp)).await,
+            pass(Arc::clone(&f.smtp)).await,
+        )
+    })
+    .await
+    .expect("the measurement ends within 60 s");
+    let stats = f.smtp.stats();
+    println!(
+        "call-backs: {} in {:.2} s = {:.0}/s (max {} open at the MX); the same again from the \
+         cache: {:.2} s = {:.0}/s",
+        addresses.len(),
+        first.as_secs_f64(),
+        addresses.len() as f64 / first.as_secs_f64(),
+        mx.max_open(),
+        second.as_secs_f64(),
+        addresses.len() as f64 / second.as_secs_f64()
+    );
+    println!(
+        "cache hit rate: {} of {} verifies = {:.0}%",
+        stats.cache_hits,
+        stats.verifies,
+        100.0 * stats.cache_hits as f64 / stats.verifies as f64
+    );
+    report("callback_rate", stats);
+    assert_eq!(mx.connections(), addresses.len());
 }

@@ -4,8 +4,10 @@
 //! `ok…` (and anything unscripted) is accepted with 250, `unknown…` refused with 550 5.1.1,
 //! `busy…` with 451 4.3.0; after `RCPT TO:<silent…>` it says nothing more, after
 //! `RCPT TO:<drop…>` it closes the connection. [`TestMx::mute`] accepts connections and never
-//! greets. It never speaks TLS; [`TestMx::offering_starttls`] offers STARTTLS, says 220 to it
-//! and then sends bytes that are no TLS handshake.
+//! greets. [`TestMx::offering_starttls`] offers STARTTLS, says 220 to it and then sends bytes
+//! that are no TLS handshake; [`TestMx::with_tls`] offers it and speaks TLS (a self-signed
+//! certificate made with `rcgen` for the test), then goes on as the scripted MX, recording
+//! `<TLS>` among the commands when the handshake is done.
 //!
 //! As a relay for DSNs it takes `DATA` and keeps each message ([`TestMx::messages`]);
 //! [`TestMx::refusing_null_sender`] answers `MAIL FROM:<>` with 550 5.7.1.
@@ -15,16 +17,34 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::{self, pki_types::PrivateKeyDer};
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone)]
 enum Mode {
     Scripted,
     Mute,
     BadTls,
+    Tls(Arc<rustls::ServerConfig>),
     RefuseNull,
+}
+
+/// A TLS server configuration with a fresh self-signed certificate for `mx.cbv.test`.
+fn tls_config() -> Arc<rustls::ServerConfig> {
+    let cert = rcgen::generate_simple_self_signed(vec!["mx.cbv.test".to_string()]).unwrap();
+    let key = PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.cert.der().clone()], key)
+    .unwrap();
+    Arc::new(config)
 }
 
 #[derive(Default)]
@@ -66,6 +86,16 @@ impl TestMx {
         Self::bind("127.0.0.1:0".parse().unwrap(), Mode::BadTls, Duration::ZERO).await
     }
 
+    /// A scripted MX on 127.0.0.1 that offers STARTTLS and speaks TLS after it.
+    pub async fn with_tls() -> TestMx {
+        Self::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Mode::Tls(tls_config()),
+            Duration::ZERO,
+        )
+        .await
+    }
+
     /// A scripted relay on 127.0.0.1 that refuses the null sender (`MAIL FROM:<>`) with 550.
     pub async fn refusing_null_sender() -> TestMx {
         Self::bind(
@@ -89,11 +119,12 @@ impl TestMx {
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let seen = Arc::clone(&shared);
+                let mode = mode.clone();
                 seen.connections.fetch_add(1, Ordering::SeqCst);
                 let open = seen.open.fetch_add(1, Ordering::SeqCst) + 1;
                 seen.max_open.fetch_max(open, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let _ = serve(stream, mode, hold, &seen).await;
+                    let _ = serve(Box::new(stream), mode, hold, &seen, true).await;
                     seen.open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
@@ -128,31 +159,50 @@ impl Drop for TestMx {
     }
 }
 
-async fn serve(stream: TcpStream, mode: Mode, hold: Duration, seen: &Seen) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    if mode == Mode::Mute {
+/// A connection, plain or TLS.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// One SMTP session on `stream`; `greet`: say 220 first (not after STARTTLS).
+async fn serve(
+    stream: Box<dyn Io>,
+    mode: Mode,
+    hold: Duration,
+    seen: &Seen,
+    greet: bool,
+) -> std::io::Result<()> {
+    let (read, mut write) = tokio::io::split(stream);
+    if matches!(mode, Mode::Mute) {
         let mut lines = BufReader::new(read).lines();
         while lines.next_line().await?.is_some() {}
         return Ok(());
     }
-    write.write_all(b"220 mx.cbv.test ESMTP test\r\n").await?;
+    if greet {
+        write.write_all(b"220 mx.cbv.test ESMTP test\r\n").await?;
+    }
     let mut lines = BufReader::new(read).lines();
     while let Some(line) = lines.next_line().await? {
         seen.commands.lock().unwrap().push(line.clone());
         let upper = line.to_ascii_uppercase();
         let reply: &[u8] = if upper.starts_with("EHLO") {
-            if mode == Mode::BadTls {
+            if matches!(mode, Mode::BadTls | Mode::Tls(_)) {
                 b"250-mx.cbv.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
             } else {
                 b"250-mx.cbv.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
             }
+        } else if let (true, Mode::Tls(config)) = (upper == "STARTTLS", &mode) {
+            write.write_all(b"220 2.0.0 go ahead\r\n").await?;
+            let stream = lines.into_inner().into_inner().unsplit(write);
+            let tls = TlsAcceptor::from(Arc::clone(config)).accept(stream).await?;
+            seen.commands.lock().unwrap().push("<TLS>".into());
+            return Box::pin(serve(Box::new(tls), Mode::Scripted, hold, seen, false)).await;
         } else if upper == "STARTTLS" {
             write.write_all(b"220 2.0.0 go ahead\r\n").await?;
             write
                 .write_all(b"this is not a TLS server hello\r\n")
                 .await?;
             return Ok(());
-        } else if upper == "MAIL FROM:<>" && mode == Mode::RefuseNull {
+        } else if upper == "MAIL FROM:<>" && matches!(mode, Mode::RefuseNull) {
             b"550 5.7.1 Null sender not accepted here\r\n"
         } else if upper.starts_with("MAIL FROM:") {
             b"250 2.1.0 Ok\r\n"

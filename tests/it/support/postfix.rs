@@ -7,6 +7,9 @@
 //! one maildir (every recipient of that domain lands there); every other transport is `error:`,
 //! so nothing leaves the machine: smtpd refuses other domains at RCPT (`550 5.1.1 ... outside
 //! delivery is disabled in tests`), and a recipient a milter adds elsewhere is bounced.
+//! [`Postfix::start_on`] sends the mail of some domains by SMTP to a test server on
+//! loopback instead (the "sender's MX" of call-back and DSN tests). Clients on loopback may use
+//! XCLIENT, so [`Postfix::send_as`] can make a message come from any client address.
 //!
 //! The API is blocking (it runs `postfix`, `postqueue` and `swaks` as child processes, each with a
 //! time limit). Run the milter under test on another thread or runtime: from a
@@ -89,14 +92,24 @@ impl Postfix {
     /// `milter` (`inet:127.0.0.1:PORT` or `unix:/path`) with `milter_default_action = tempfail`.
     /// Returns once the SMTP port answers with its 220 banner.
     pub fn start(milter: &str) -> anyhow::Result<Postfix> {
+        Self::start_on(milter, free_port()?, &[])
+    }
+
+    /// [`Postfix::start`] on `port` (see [`free_port`]), with the mail of each
+    /// `(domain, address)` of `routes` delivered by SMTP to that loopback address
+    /// (`transport_maps`, no MX lookup).
+    pub fn start_on(
+        milter: &str,
+        port: u16,
+        routes: &[(&str, SocketAddr)],
+    ) -> anyhow::Result<Postfix> {
         let dir = tempfile::Builder::new()
             .prefix("luamilter-postfix-")
             .tempdir()?;
         // The Postfix daemons run as the `postfix` user and must reach the queue inside.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
-        let port = free_port()?;
         let postfix = Postfix { dir, port };
-        postfix.write_config(milter)?;
+        postfix.write_config(milter, routes)?;
         postfix
             .postfix_command("start")
             .with_context(|| format!("postfix start failed; mail log:\n{}", postfix.maillog()))?;
@@ -116,6 +129,30 @@ impl Postfix {
         extra_headers: &[(&str, &str)],
         body: &str,
     ) -> anyhow::Result<SwaksResult> {
+        self.swaks(None, from, to, extra_headers, body)
+    }
+
+    /// [`Postfix::send`] as if from `client` (XCLIENT `ADDR`, `NAME=[UNAVAILABLE]`: no PTR), so
+    /// the milter sees that client and not loopback.
+    pub fn send_as(
+        &self,
+        client: Ipv4Addr,
+        from: &str,
+        to: &str,
+        extra_headers: &[(&str, &str)],
+        body: &str,
+    ) -> anyhow::Result<SwaksResult> {
+        self.swaks(Some(client), from, to, extra_headers, body)
+    }
+
+    fn swaks(
+        &self,
+        client: Option<Ipv4Addr>,
+        from: &str,
+        to: &str,
+        extra_headers: &[(&str, &str)],
+        body: &str,
+    ) -> anyhow::Result<SwaksResult> {
         let body_file = tempfile::NamedTempFile::new_in(self.dir.path())?;
         fs::write(body_file.path(), body)?;
         let mut cmd = Command::new(find_tool("swaks").context("swaks is not installed")?);
@@ -129,6 +166,10 @@ impl Postfix {
             .arg(format!("@{}", body_file.path().display()));
         for (name, value) in extra_headers {
             cmd.args(["--header", &format!("{name}: {value}")]);
+        }
+        if let Some(client) = client {
+            cmd.args(["--xclient-addr", &client.to_string()])
+                .args(["--xclient-name", "[UNAVAILABLE]"]);
         }
         let (status, transcript) = run(&mut cmd)?;
         let exit_code = status
@@ -176,12 +217,27 @@ impl Postfix {
             .collect())
     }
 
-    /// The instance's mail log so far (for failure messages).
+    /// Releases a held message as an admin releases quarantined mail: `postsuper -c DIR -H
+    /// QUEUE_ID` (to the deferred queue), then `postqueue -c DIR -i QUEUE_ID` (deliver now).
+    pub fn release(&self, queue_id: &str) -> anyhow::Result<()> {
+        for (tool, flag) in [("postsuper", "-H"), ("postqueue", "-i")] {
+            let mut cmd =
+                Command::new(find_tool(tool).with_context(|| format!("{tool} is not installed"))?);
+            cmd.arg("-c").arg(self.config_dir()).args([flag, queue_id]);
+            let (status, output) = run(&mut cmd)?;
+            if !status.success() {
+                bail!("{tool} {flag} {queue_id} failed ({status}):\n{output}");
+            }
+        }
+        Ok(())
+    }
+
     /// The loopback port the instance's smtpd listens on.
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// The instance's mail log so far (for failure messages).
     pub fn maillog(&self) -> String {
         fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default()
     }
@@ -194,7 +250,7 @@ impl Postfix {
         self.dir.path().join("mail")
     }
 
-    fn write_config(&self, milter: &str) -> anyhow::Result<()> {
+    fn write_config(&self, milter: &str, routes: &[(&str, SocketAddr)]) -> anyhow::Result<()> {
         let root = self.dir.path();
         let conf = self.config_dir();
         let data = root.join("data");
@@ -205,6 +261,15 @@ impl Postfix {
         chown(&data, Some(user_id(MAIL_OWNER)?), None)?;
         chown(&mail, Some(MAILDIR_OWNER), Some(MAILDIR_OWNER))?;
         let root = root.display();
+        let transports: Vec<String> = routes
+            .iter()
+            .map(|(domain, addr)| format!("{domain}=smtp:[{}]:{}", addr.ip(), addr.port()))
+            .collect();
+        let transport_maps = if transports.is_empty() {
+            String::new()
+        } else {
+            format!("transport_maps = inline:{{ {} }}\n", transports.join(", "))
+        };
         let main_cf = format!(
             "compatibility_level = 3.6\n\
              queue_directory = {root}/queue\n\
@@ -232,7 +297,9 @@ impl Postfix {
              default_transport = error:outside delivery is disabled in tests\n\
              smtpd_milters = {milter}\n\
              milter_protocol = 6\n\
-             milter_default_action = tempfail\n"
+             milter_default_action = tempfail\n\
+             smtpd_authorized_xclient_hosts = 127.0.0.0/8\n\
+             {transport_maps}"
         );
         // No chroot anywhere (5th column "n"); only the services this configuration can reach.
         let master_cf = format!(
@@ -251,6 +318,7 @@ impl Postfix {
              error      unix - - n - - error\n\
              retry      unix - - n - - error\n\
              virtual    unix - n n - - virtual\n\
+             smtp       unix - - n - - smtp\n\
              anvil      unix - - n - 1 anvil\n\
              scache     unix - - n - 1 scache\n\
              postlog    unix-dgram n - n - 1 postlogd\n",
@@ -529,7 +597,7 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// A loopback TCP port that was free a moment ago.
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port())
