@@ -178,8 +178,15 @@ return {
     max_scan = 262144,
   },
 
-  -- A missing or unreadable secret stops the policy from loading (`luamilter check` says so).
-  setup = function(opts) signer(opts) end,
+  -- No secret, or a bad max_age or hash_length, stops the policy from loading (`luamilter
+  -- check` says so). Secret files are read at first use (reading a file may not block here).
+  setup = function(opts)
+    if #opts.secrets == 0 then error("[policy.srs] secrets: at least one secret is needed", 0) end
+    for _, item in ipairs(opts.secrets) do
+      if item:match("^file:") then return end
+    end
+    signer(opts)
+  end,
 
   mail = function(ctx, sender, args, opts)
     local user = parts(sender)
