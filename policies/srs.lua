@@ -254,7 +254,7 @@ return {
     end
     if ctx.msg.signed and opts.rewrite_recipients then
       for rcpt, original in pairs(ctx.msg.signed) do
-        ctx:delete_rcpt(rcpt)
+        ctx:delete_rcpt("<" .. rcpt .. ">")
         ctx:add_rcpt("<" .. original .. ">")
       end
     end

@@ -8,6 +8,7 @@
 ---@class milter.site
 ---@field hostname string this receiver's name: `[site] hostname`, else the system host name
 ---@field delay_reject boolean `[site] delay_reject`: rejects at connect, HELO and MAIL are held until DATA
+---@field internal_domains string[] `[site] internal_domains`, lowercased (a copy: changing it changes nothing)
 local site = {}
 
 ---Whether `ip` is in `[site] internal_networks`. A string that is not an address raises.
