@@ -1,7 +1,7 @@
 //! Stock policies over what case files cannot write: a second HELO inside a connection, and an
 //! SRS round trip where the address the daemon signs is the one the next connection bounces to.
 
-use crate::support::{TestDaemon, reply_text};
+use crate::support::{Mta, TestDaemon, reply_text};
 use indymilter_test::{EomAction, Status};
 use luamilter::stock;
 use std::net::Ipv4Addr;
@@ -73,6 +73,16 @@ srs_domain = "fwd.example.org"
 bounce_senders = ["postmaster"]
 "#;
 
+/// A connection from a mail server outside, 198.51.100.`host`, after its HELO.
+async fn remote_mx(d: &TestDaemon, host: u8) -> Mta {
+    let mut c = d.client().await;
+    c.connect("mx.elsewhere.example", Ipv4Addr::new(198, 51, 100, host))
+        .await
+        .unwrap();
+    c.helo("mx.elsewhere.example").await.unwrap();
+    c
+}
+
 #[tokio::test]
 async fn a_bounce_to_the_address_srs_signed_reaches_the_original_sender() {
     let d = TestDaemon::start(&[stock_policy("srs"), stock_policy("greylist")], SRS_CONFIG).await;
@@ -101,11 +111,7 @@ async fn a_bounce_to_the_address_srs_signed_reaches_the_original_sender() {
 
     // Its bounce, from a pseudo-DSN sender that greylisting would otherwise hold, gets in,
     // and is delivered to the original sender.
-    let mut c = d.client().await;
-    c.connect("mx.elsewhere.example", Ipv4Addr::new(198, 51, 100, 90))
-        .await
-        .unwrap();
-    c.helo("mx.elsewhere.example").await.unwrap();
+    let mut c = remote_mx(&d, 90).await;
     c.mail(["<postmaster@elsewhere.example>"]).await.unwrap();
     assert_eq!(c.rcpt([signed.as_str()]).await.unwrap(), Status::Continue);
     let greylisted = c.rcpt(["<alice@example.org>"]).await.unwrap();
@@ -128,11 +134,7 @@ async fn a_bounce_to_the_address_srs_signed_reaches_the_original_sender() {
         "A"
     };
     let forged = format!("<SRS0={first}{}", &signed[7..]);
-    let mut c = d.client().await;
-    c.connect("mx.elsewhere.example", Ipv4Addr::new(198, 51, 100, 91))
-        .await
-        .unwrap();
-    c.helo("mx.elsewhere.example").await.unwrap();
+    let mut c = remote_mx(&d, 91).await;
     c.mail(["<>"]).await.unwrap();
     assert_eq!(
         reply_text(&c.rcpt([forged.as_str()]).await.unwrap()),
