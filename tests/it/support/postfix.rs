@@ -116,8 +116,31 @@ impl Postfix {
         extra_headers: &[(&str, &str)],
         body: &str,
     ) -> anyhow::Result<SwaksResult> {
-        let body_file = tempfile::NamedTempFile::new_in(self.dir.path())?;
-        fs::write(body_file.path(), body)?;
+        let mut args = Vec::new();
+        for (name, value) in extra_headers {
+            args.push("--header".to_owned());
+            args.push(format!("{name}: {value}"));
+        }
+        self.swaks(from, to, "--body", body, &args)
+    }
+
+    /// Sends `message` (header and body, as stored: a delivered DSN, say) as it is, with the
+    /// envelope `from` (`""`: the null sender) and `to`, and returns what happened.
+    pub fn send_message(&self, from: &str, to: &str, message: &str) -> anyhow::Result<SwaksResult> {
+        self.swaks(from, to, "--data", message, &[])
+    }
+
+    /// Runs swaks with `content` (a file given to `content_option`) and `args`.
+    fn swaks(
+        &self,
+        from: &str,
+        to: &str,
+        content_option: &str,
+        content: &str,
+        args: &[String],
+    ) -> anyhow::Result<SwaksResult> {
+        let content_file = tempfile::NamedTempFile::new_in(self.dir.path())?;
+        fs::write(content_file.path(), content)?;
         let mut cmd = Command::new(find_tool("swaks").context("swaks is not installed")?);
         // A bare --config (no argument) makes swaks ignore any ~/.swaksrc.
         cmd.arg("--config")
@@ -125,11 +148,9 @@ impl Postfix {
             .args(["--helo", &format!("client.{TEST_DOMAIN}")])
             .args(["--from", from, "--to", to])
             .args(["--timeout", &format!("{}s", COMMAND_TIMEOUT.as_secs())])
-            .arg("--body")
-            .arg(format!("@{}", body_file.path().display()));
-        for (name, value) in extra_headers {
-            cmd.args(["--header", &format!("{name}: {value}")]);
-        }
+            .arg(content_option)
+            .arg(format!("@{}", content_file.path().display()))
+            .args(args);
         let (status, transcript) = run(&mut cmd)?;
         let exit_code = status
             .code()
