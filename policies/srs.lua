@@ -146,6 +146,8 @@ end
 
 return {
   description = "SRS and BATV signed return paths; refuse forged bounces; blacklist senders our bounces fail for",
+  -- The body handler only collects bounces for the delayed-failure scan.
+  noreply = { "body" },
   options = {
     secrets = {},
     max_age = milter.duration "21d",
