@@ -4,8 +4,8 @@
 -- is refused: PCs do not send DSNs (broken return-receipt clients do). With internal_policy on,
 -- internal senders (internal networks, SMTP AUTH) are held to the SPF-Pass access-map policy of
 -- their MAIL FROM. A client of the internal networks (not authenticated, not a trusted relay,
--- not localhost, not one of [site] internal_mtas) whose MAIL FROM domain is not one of [site] internal_domains is a zombie PC
--- (when internal_domains is set).
+-- not localhost, not one of [site] internal_mtas) whose MAIL FROM domain is not one of
+-- [site] internal_domains is a zombie PC (when internal_domains is set).
 -- At RCPT: MAILER-DAEMON@... and auto-notify@... accept no mail; private_relay domains take mail
 -- only from internal clients.
 -- At DATA: a bounce to more than one recipient is refused.
@@ -78,7 +78,7 @@ return {
       return refuse(opts.pc_dsn_reply)
     end
     if opts.zombie_check and sender ~= "" and client.internal and not client.authenticated
-        and not client.trusted and not client.localhost and #site.internal_domains > 0
+        and not client.trusted and not client.localhost and #site.internal_domains() > 0
         and not site.internal_mta(ip) then
       local _, domain = parts(sender)
       if not domain or not site.internal_domain(domain) then

@@ -193,11 +193,13 @@ return {
   mail = function(ctx, sender, args, opts)
     local user = parts(sender)
     ctx.msg.bounce = ctx.sender == "" or member(opts.bounce_senders, user)
+    -- This message's own state: mail to postmaster, and the body kept for the scan.
+    ctx.vars.to_postmaster, ctx.vars.returned = false, nil
   end,
 
   rcpt = function(ctx, rcpt, args, opts)
     local user, domain, address = parts(rcpt)
-    if user and user:lower() == "postmaster" then ctx.msg.to_postmaster = true end
+    if user and user:lower() == "postmaster" then ctx.vars.to_postmaster = true end
     if not ctx.msg.bounce or not domain then return end
     local s = signer(opts)
     local original, err, kind
@@ -234,16 +236,16 @@ return {
   body = function(ctx, chunk, opts)
     if not opts.backscatter or ctx.msg.signed then return end
     if not (ctx.msg.bounce or delivery_report(ctx)
-        or (ctx.msg.to_postmaster and failure_subject(ctx, opts))) then
+        or (ctx.vars.to_postmaster and failure_subject(ctx, opts))) then
       return
     end
-    local seen = ctx.msg.returned or ""
-    if #seen < opts.max_scan then ctx.msg.returned = seen .. chunk:sub(1, opts.max_scan - #seen) end
+    local seen = ctx.vars.returned or ""
+    if #seen < opts.max_scan then ctx.vars.returned = seen .. chunk:sub(1, opts.max_scan - #seen) end
   end,
 
   eom = function(ctx, opts)
-    if ctx.msg.returned then
-      local token = find_token(ctx.msg.returned)
+    if ctx.vars.returned then
+      local token = find_token(ctx.vars.returned)
       local original = token and signer(opts):reverse(token)
       if original then
         local subject = ctx:header("Subject") or "DSN"

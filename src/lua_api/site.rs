@@ -6,7 +6,7 @@ use crate::services::site::{ListError, Site, system_hostname};
 use mlua::{Lua, Table, Value};
 use std::{net::IpAddr, sync::Arc};
 
-/// `milter.site`: `hostname`, `delay_reject`, `internal_domains` (a copy), the predicates `internal(ip)`, `trusted(ip)`,
+/// `milter.site`: `hostname`, `delay_reject`, `internal_domains()` (a copy), the predicates `internal(ip)`, `trusted(ip)`,
 /// `internal_mta(ip)`, `internal_domain(domain)`, `hello_blacklisted(name)`, and
 /// `read_list(path)` (see [`Site::read_list`]), which returns the entries or `nil, code` (see
 /// [`ListError::code`]) and logs a warning when it refuses a path outside.
@@ -17,7 +17,11 @@ pub fn module(lua: &Lua, site: Arc<Site>) -> mlua::Result<Table> {
         site.hostname.clone().unwrap_or_else(system_hostname),
     )?;
     m.set("delay_reject", site.delay_reject)?;
-    m.set("internal_domains", site.internal_domains().to_vec())?;
+    let s = Arc::clone(&site);
+    m.set(
+        "internal_domains",
+        lua.create_function(move |_, ()| Ok(s.internal_domains().to_vec()))?,
+    )?;
     let by_ip = [
         ("internal", Site::internal as fn(&Site, IpAddr) -> bool),
         ("trusted", Site::trusted),

@@ -8,7 +8,6 @@
 ---@class milter.site
 ---@field hostname string this receiver's name: `[site] hostname`, else the system host name
 ---@field delay_reject boolean `[site] delay_reject`: rejects at connect, HELO and MAIL are held until DATA
----@field internal_domains string[] `[site] internal_domains`, lowercased (a copy: changing it changes nothing)
 local site = {}
 
 ---Whether `ip` is in `[site] internal_networks`. A string that is not an address raises.
@@ -25,6 +24,10 @@ function site.trusted(ip) end
 ---@param ip string
 ---@return boolean
 function site.internal_mta(ip) end
+
+---`[site] internal_domains`, lowercased, as a new list ("*.example.org" entries included).
+---@return string[]
+function site.internal_domains() end
 
 ---Whether `domain` is one of `[site] internal_domains` ("*.example.org" covers subdomains).
 ---@param domain string
