@@ -222,6 +222,9 @@ impl Srs {
     pub fn forward(&self, sender: &str, alias: &str, now: i64) -> Result<String, SrsError> {
         let alias = alias.rsplit('@').next().unwrap_or(alias);
         let (local, host) = sender.rsplit_once('@').ok_or(SrsError::NoDomain)?;
+        if alias.is_empty() || host.is_empty() {
+            return Err(SrsError::NoDomain);
+        }
         if host.eq_ignore_ascii_case(alias) {
             return Ok(sender.to_owned());
         }
@@ -347,6 +350,11 @@ mod tests {
             "SRS0=vmyz=2W=otherdomain.com=test@example.com"
         );
         assert_eq!(forward("foo"), Err(SrsError::NoDomain));
+        assert_eq!(forward("foo@"), Err(SrsError::NoDomain));
+        assert_eq!(
+            srs.forward("a@b.example", "", POSTSRSD_NOW),
+            Err(SrsError::NoDomain)
+        );
         assert_eq!(
             forward("SRS0=opaque+string@otherdomain.com").unwrap(),
             "SRS1=chaI=otherdomain.com==opaque+string@example.com"
