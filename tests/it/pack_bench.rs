@@ -160,6 +160,9 @@ async fn pack_four_throughput() {
     for c in [1, 8] {
         let base = measure("packs I+II", &dns, FULL, c, 3000).await;
         let four = measure("packs I+II + srs, recipients", &dns, &with_four, c, 3000).await;
-        println!("ratio with srs and recipients at c={c}: {:.2}", four.0 / base.0);
+        println!(
+            "ratio with srs and recipients at c={c}: {:.2}",
+            four.0 / base.0
+        );
     }
 }
