@@ -7,15 +7,17 @@
 -- triplet keeps passing while it is used at least every `retain`.
 -- Never greylisted: internal, authenticated, trusted and localhost clients, the null sender,
 -- senders the whitelist policy listed (ctx.msg.listed: WHITELIST or PROBATION; BLACKLIST is
--- refused there), and a message already holding a delayed reject (ctx.delayed).
+-- refused there), a message already holding a delayed reject (ctx.delayed), and a bounce to a
+-- return path the srs policy verified (ctx.msg.signed[rcpt]).
 local milter = require "milter"
 local store = require "milter.store"
 local domain_ban = require "lib.domain_ban"
 
-local function exempt(ctx)
+local function exempt(ctx, rcpt)
   local client = ctx.client
   return client.ip == nil or client.internal or client.authenticated or client.trusted
     or client.localhost or ctx.sender == "" or ctx.msg.listed ~= nil or ctx.delayed ~= nil
+    or (ctx.msg.signed ~= nil and ctx.msg.signed[rcpt] ~= nil)
 end
 
 local fill = milter.fill
@@ -44,7 +46,7 @@ return {
   end,
 
   rcpt = function(ctx, rcpt, args, opts)
-    if exempt(ctx) then return end
+    if exempt(ctx, rcpt) then return end
     -- The SPF-validated sender domain (lib.domain_ban: identified by SPF pass), else the IP.
     local client = domain_ban.identified(ctx) or ctx.client.ip
     local verdict, n = store.greylist(client, ctx.sender, rcpt, {

@@ -5,6 +5,7 @@
 -- At HELO: a bare IPv4 address as HELO name is refused ("[192.0.2.1]" literals are fine); a
 -- name in [site] hello_blacklist is refused and costs demerits. Both answer at once.
 -- At MAIL: a client that never said HELO is refused, internal or not.
+-- A HELO after a MAIL FROM on the same connection costs helo_after_mail_demerits, any client.
 -- Internal clients (internal_networks, SMTP AUTH) may use any HELO: copiers do odd things.
 local milter = require "milter"
 local site = require "milter.site"
@@ -32,6 +33,7 @@ return {
     blacklist_demerits = 4,
     ptr_reply = "\"{ptr}\" is not a reasonable PTR name",
     no_helo_reply = "It's polite to say HELO first.",
+    helo_after_mail_demerits = 2,
   },
 
   connect = function(ctx, hostname, ip, opts)
@@ -45,6 +47,9 @@ return {
 
   helo = function(ctx, name, opts)
     ctx.vars.said_helo = true
+    if ctx.vars.said_mail and opts.helo_after_mail_demerits > 0 then
+      ctx:demerit(opts.helo_after_mail_demerits, "HELO " .. name .. " after MAIL FROM")
+    end
     if ctx.client.internal then return end
     if dotted_quad(name) then
       return refuse(opts.numeric_reply)
@@ -56,6 +61,7 @@ return {
   end,
 
   mail = function(ctx, sender, args, opts)
+    ctx.vars.said_mail = true
     if not ctx.vars.said_helo then
       return refuse(opts.no_helo_reply)
     end

@@ -3,7 +3,9 @@
 -- At MAIL: a null sender (a DSN) from an internal host that is not one of [site] internal_mtas
 -- is refused: PCs do not send DSNs (broken return-receipt clients do). With internal_policy on,
 -- internal senders (internal networks, SMTP AUTH) are held to the SPF-Pass access-map policy of
--- their MAIL FROM.
+-- their MAIL FROM. A client of the internal networks (not authenticated, not a trusted relay,
+-- not localhost, not one of [site] internal_mtas) whose MAIL FROM domain is not one of
+-- [site] internal_domains is a zombie PC (when internal_domains is set).
 -- At RCPT: MAILER-DAEMON@... and auto-notify@... accept no mail; private_relay domains take mail
 -- only from internal clients.
 -- At DATA: a bounce to more than one recipient is refused.
@@ -52,6 +54,11 @@ return {
     no_mail_reply = "{user} does not accept mail",
     private_relay = {},
     relay_reply = "Unauthorized relay for {domain}",
+    zombie_check = true,
+    zombie_reply = {
+      "Your PC is using an unauthorized MAIL FROM.",
+      "It is either badly misconfigured or controlled by organized crime.",
+    },
     bounce_senders = {},
     multiple_dsn_reply = "DSN to multiple recipients",
     internal_policy = false,
@@ -69,6 +76,15 @@ return {
         and site.internal(ip) and not site.internal_mta(ip) then
       milter.log.info("internal: REJECT: pretend MTA at", ip, "sending a DSN")
       return refuse(opts.pc_dsn_reply)
+    end
+    if opts.zombie_check and sender ~= "" and client.internal and not client.authenticated
+        and not client.trusted and not client.localhost and #site.internal_domains() > 0
+        and not site.internal_mta(ip) then
+      local _, domain = parts(sender)
+      if not domain or not site.internal_domain(domain) then
+        milter.log.info("internal: REJECT: zombie PC at", ip, "sending MAIL FROM", sender)
+        return refuse(opts.zombie_reply)
+      end
     end
     if opts.internal_policy and client.internal then
       local identity = sender

@@ -6,6 +6,8 @@
 -- From name also bans the sender domain when SPF identified it (lib/domain_ban). Lists are
 -- inline or "file:<path>" entries naming a file of keywords, one per line. Empty and
 -- one-character keywords are ignored: they would match everything.
+-- Also refused: a Message-ID shorter than min_message_id characters, and an X-Mailer that is
+-- (lowercased) one of bulk_mailers or contains one of bulk_mailer_words.
 local milter = require "milter"
 local mime = require "milter.mime"
 local site = require "milter.site"
@@ -117,8 +119,25 @@ local function check_from(ctx, value, l, opts)
   end
 end
 
+-- The answer to a Message-ID or X-Mailer header, or nil.
+local function check_trace(lname, value, opts)
+  local trimmed = value:match("^%s*(.-)%s*$")
+  if lname == "message-id" then
+    if #trimmed < opts.min_message_id then return refuse(opts.message_id_reply) end
+    return nil
+  end
+  local mailer = mime.decode(trimmed):lower()
+  for _, name in ipairs(opts.bulk_mailers) do
+    if name ~= "" and mailer == name:lower() then return refuse(opts.bulk_mailer_reply) end
+  end
+  for _, word in ipairs(opts.bulk_mailer_words) do
+    if word ~= "" and mailer:find(word:lower(), 1, true) then return refuse(opts.bulk_mailer_reply) end
+  end
+  return nil
+end
+
 return {
-  description = "refuse spam keywords in the Subject and the From name; ban the domains that send them",
+  description = "refuse spam keywords in the Subject and the From name, short Message-IDs, bulk mailers; ban the domains that send them",
   -- Headers stream to us without a round trip each; a refusal is answered at the end of the
   -- headers, which is the same moment for the SMTP client (after DATA).
   noreply = { "header" },
@@ -136,14 +155,26 @@ return {
     ban_ttl = 0,
     blacklist_ttl = milter.duration "30d",
     email_providers = copy(domain_ban.email_providers),
+    min_message_id = 4,
+    message_id_reply = "Message-ID too short",
+    bulk_mailers = { "direct email", "calypso", "mail bomber" },
+    bulk_mailer_words = { "optin" },
+    bulk_mailer_reply = "Bulk mailer not accepted",
   },
 
   header = function(ctx, name, value, opts)
     local lname = name:lower()
-    if lname ~= "subject" and lname ~= "from" then return end
+    if lname ~= "subject" and lname ~= "from" and lname ~= "message-id" and lname ~= "x-mailer" then
+      return
+    end
     if ctx.client.internal or ctx.msg.listed == "WHITELIST" then return end
-    local l = lists(opts)
     local verdict
+    if lname == "message-id" or lname == "x-mailer" then
+      verdict = check_trace(lname, value, opts)
+      if verdict then milter.log.info("keywords: REJECT", name .. ":", value) end
+      return verdict
+    end
+    local l = lists(opts)
     if lname == "subject" then
       verdict = check_subject(mime.decode(value), l, opts)
     else

@@ -8,7 +8,10 @@
 -- MAIL: the sender is looked up by address, then by domain. Whitelisted with SPF pass
 -- (ctx.msg.spf) or from a trusted relay: ctx.msg.listed = "WHITELIST" (the entry is renewed);
 -- whitelisted otherwise: "PROBATION". Blacklisted (external clients): "BLACKLIST", demerits and
--- 550 5.7.1 "Sender email local blacklist" (held until DATA with [site] delay_reject).
+-- 550 5.7.1 "Sender email local blacklist" (held until DATA with [site] delay_reject). A
+-- blacklisted bounce (ctx.msg.bounce, from the srs policy) is judged per recipient instead: a
+-- recipient whose signed return path the srs policy verified (ctx.msg.signed[rcpt]) is let
+-- through, any other refused.
 -- Entries added with `luamilter db whitelist|blacklist add` have no expiry unless given one.
 local milter = require "milter"
 local store = require "milter.store"
@@ -116,6 +119,14 @@ return {
     if black then
       ctx.msg.listed = "BLACKLIST"
       ctx:demerit(opts.blacklist_demerits, "blacklisted sender " .. sender)
+      if ctx.msg.bounce then return end
+      return milter.reject{ code = 550, xcode = "5.7.1", text = opts.blacklist_reply }
+    end
+  end,
+
+  rcpt = function(ctx, rcpt, args, opts)
+    if ctx.msg.listed == "BLACKLIST" and ctx.msg.bounce
+        and not (ctx.msg.signed and ctx.msg.signed[rcpt]) then
       return milter.reject{ code = 550, xcode = "5.7.1", text = opts.blacklist_reply }
     end
   end,

@@ -2,7 +2,7 @@
 //! one file per module: [`milter`] (`milter`), [`log`] (`milter.log`), [`dns`]
 //! (`milter.dns`), [`spf`] (`milter.spf`), [`net`] (`milter.net`), [`store`]
 //! (`milter.store`), [`site`] (`milter.site`), [`access`] (`milter.access`), [`mime`]
-//! (`milter.mime`) and [`smtp`] (`milter.smtp`), each a thin Lua face over a service of [`crate::services`]; `args`
+//! (`milter.mime`), [`smtp`] (`milter.smtp`) and [`srs`] (`milter.srs`), each a thin Lua face over a service of [`crate::services`]; `args`
 //! converts the arguments they share. [`stubs`] holds the editor stubs (LuaLS annotations) of all
 //! of it, checked against what these modules register.
 
@@ -17,6 +17,7 @@ pub mod net;
 pub mod site;
 pub mod smtp;
 pub mod spf;
+pub mod srs;
 pub mod store;
 pub mod stubs;
 pub mod verdict;
@@ -37,6 +38,7 @@ pub const BUILTIN_MODULES: &[&str] = &[
     "milter.access",
     "milter.mime",
     "milter.smtp",
+    "milter.srs",
 ];
 
 /// Builds a built-in module by name, or `None` when `name` is not built in.
@@ -57,6 +59,7 @@ pub fn builtin_module(
         "milter.access" => access::module(lua, Arc::clone(site)),
         "milter.mime" => mime::module(lua),
         "milter.smtp" => smtp::module(lua, Arc::clone(&services.smtp)),
+        "milter.srs" => srs::module(lua, Arc::clone(&services.store)),
         _ => return None,
     };
     Some(module.map(Value::Table))

@@ -7,7 +7,8 @@ use mlua::{Lua, Table, Value};
 use std::{net::IpAddr, sync::Arc};
 
 /// `milter.site`: `hostname`, `delay_reject`, `errors_url` (`false` when unset), `template(name)` (see
-/// [`Site::template`]; `nil` when there is none), the predicates `internal(ip)`, `trusted(ip)`,
+/// [`Site::template`]; `nil` when there is none), `internal_domains()` (a copy), the predicates
+/// `internal(ip)`, `trusted(ip)`,
 /// `internal_mta(ip)`, `internal_domain(domain)`, `hello_blacklisted(name)`, and
 /// `read_list(path)` (see [`Site::read_list`]), which returns the entries or `nil, code` (see
 /// [`ListError::code`]) and logs a warning when it refuses a path outside.
@@ -33,6 +34,11 @@ pub fn module(lua: &Lua, site: Arc<Site>) -> mlua::Result<Table> {
                     .map_err(mlua::Error::external)
             }
         })?,
+    )?;
+    let s = Arc::clone(&site);
+    m.set(
+        "internal_domains",
+        lua.create_function(move |_, ()| Ok(s.internal_domains().to_vec()))?,
     )?;
     let by_ip = [
         ("internal", Site::internal as fn(&Site, IpAddr) -> bool),

@@ -46,6 +46,7 @@ pub const FILES: &[StubFile] = &[
     stub!("milter/access.lua"),
     stub!("milter/mime.lua"),
     stub!("milter/smtp.lua"),
+    stub!("milter/srs.lua"),
     stub!("luamilter/ctx.lua"),
     stub!("luamilter/policy.lua"),
 ];
@@ -97,7 +98,7 @@ mod tests {
             sandbox,
         },
         lua_api::{
-            BUILTIN_MODULES, ctx,
+            BUILTIN_MODULES, ctx, srs,
             verdict::{Verdict, VerdictKind},
         },
         services::{Services, net::IpSet},
@@ -355,6 +356,11 @@ mod tests {
             ),
             ("Verdict", "luamilter.Verdict", Registered::of::<Verdict>()),
             ("IpSet", "luamilter.IpSet", Registered::of::<IpSet>()),
+            (
+                "Signer",
+                "luamilter.SrsSigner",
+                Registered::of::<srs::Signer>(),
+            ),
         ]
     }
 

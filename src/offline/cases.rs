@@ -247,6 +247,8 @@ pub struct Expect {
     /// Header fields changed at end of message: name → new value ("" = deleted).
     #[serde(default)]
     pub changed_headers: BTreeMap<String, String>,
+    /// The envelope sender as changed at end of message (`*` matches any text; "-": unchanged).
+    pub sender: Option<String>,
 }
 
 /// How to run case files.
@@ -837,6 +839,22 @@ fn check_edits(edits: &[EditAction], e: &Expect) -> Result<(), String> {
                 "header {name} not changed to {value:?}; edits: {}",
                 list()
             ));
+        }
+    }
+    if let Some(pattern) = &e.sender {
+        let changed = edits.iter().find_map(|edit| match edit {
+            EditAction::ChangeSender { sender, .. } => Some(sender.as_str()),
+            _ => None,
+        });
+        match changed {
+            None if pattern == "-" => {}
+            Some(got) if pattern != "-" && glob(pattern, got) => {}
+            _ => {
+                return Err(format!(
+                    "sender: expected {pattern:?}, got {}",
+                    changed.map_or("no change".to_owned(), |s| format!("{s:?}"))
+                ));
+            }
         }
     }
     Ok(())

@@ -5,7 +5,7 @@
 //! The modules beside it are the services themselves: [`dns`] (with [`dns_zone`], static answers
 //! from zone files for `luamilter test`) and [`dns_lists`] (several list
 //! queries at once, over `dns`), [`spf`], [`smtp`] (call-backs to a sender's mail exchanger), [`store`], [`net`] (IP sets, envelope addresses, the
-//! dynamic-PTR heuristic), [`mime`] (header decoding), and the per-generation [`site`] facts
+//! dynamic-PTR heuristic), [`mime`] (header decoding), [`srs`] (SRS and BATV signed senders), and the per-generation [`site`] facts
 //! with their [`access`] map. [`calls`] counts the calls a piece of work makes of them.
 
 pub mod access;
@@ -19,6 +19,7 @@ pub mod net;
 pub mod site;
 pub mod smtp;
 pub mod spf;
+pub mod srs;
 pub mod store;
 
 use crate::config::Config;

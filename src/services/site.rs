@@ -294,6 +294,11 @@ impl Site {
         self.mtas.contains(ip)
     }
 
+    /// The `internal_domains` entries as configured (lowercased; `*.` covers subdomains).
+    pub fn internal_domains(&self) -> &[String] {
+        &self.internal_domains
+    }
+
     /// Whether `domain` is one of the site's own: an exact entry, or under a `*.` entry.
     pub fn internal_domain(&self, domain: &str) -> bool {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();

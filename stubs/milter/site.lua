@@ -26,6 +26,10 @@ function site.trusted(ip) end
 ---@return boolean
 function site.internal_mta(ip) end
 
+---`[site] internal_domains`, lowercased, as a new list ("*.example.org" entries included).
+---@return string[]
+function site.internal_domains() end
+
 ---Whether `domain` is one of `[site] internal_domains` ("*.example.org" covers subdomains).
 ---@param domain string
 ---@return boolean

@@ -29,6 +29,7 @@ mod smtp;
 mod smtp_server;
 mod spf;
 mod spf_conformance;
+mod stock_sessions;
 mod store;
 mod stubs;
 mod systemd;

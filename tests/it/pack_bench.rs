@@ -146,3 +146,23 @@ async fn pack_throughput() {
     let uncached = format!("{PACK_ONE}\n[dns]\ncache_size = 0\n");
     measure("helo, spf, dnsbl (50 ms DNS)", &slow, &uncached, 8, 400).await;
 }
+
+/// Packs I and II, and the same with pack IV's bounce and recipient policies (srs, recipients)
+/// added, side by side: what signing, the bounce checks and the body the srs policy asks for
+/// cost. `cargo test --release --test it pack_four_throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run by hand"]
+async fn pack_four_throughput() {
+    let dns = TestDns::start().await;
+    let with_four = FULL.replace("\"whitelist\",", "\"srs\", \"recipients\", \"whitelist\",")
+        + "[policy.srs]\nsecrets = [\"bench secret\"]\nsrs_domain = \"fwd.example.net\"\n\
+           batv_domains = [\"example.net\"]\n";
+    for c in [1, 8] {
+        let base = measure("packs I+II", &dns, FULL, c, 3000).await;
+        let four = measure("packs I+II + srs, recipients", &dns, &with_four, c, 3000).await;
+        println!(
+            "ratio with srs and recipients at c={c}: {:.2}",
+            four.0 / base.0
+        );
+    }
+}

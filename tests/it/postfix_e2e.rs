@@ -595,3 +595,88 @@ fn quarantined_with_a_notice_then_released_with_postsuper() {
         .unwrap_or_else(|| panic!("not delivered after release:\n{}", postfix.maillog()));
     assert!(postfix.hold_queue().unwrap().is_empty());
 }
+
+/// Adds the recipient named in `X-Add-Rcpt` (as a policy that sends a notice would), so that
+/// Postfix bounces that copy: its `error` transport refuses every domain but the test one.
+const ADD_RCPT: &str = r#"
+return {
+  eom = function(ctx)
+    local rcpt = ctx:header("X-Add-Rcpt")
+    if rcpt then ctx:add_rcpt("<" .. rcpt .. ">") end
+  end,
+}"#;
+
+/// Delayed-failure detection with a bounce Postfix itself writes: a notice from the site to
+/// carol@victim.example carries her SRS token in its Message-ID; Postfix cannot deliver it and
+/// returns a multipart/report DSN; that DSN, sent back in through Postfix, is discarded by the
+/// srs policy, and carol is blacklisted.
+#[test]
+fn a_postfix_bounce_of_our_own_notice_blacklists_the_address_and_is_discarded() {
+    if !e2e_ready() {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    fs::write(dir.path().join("add_rcpt.lua"), ADD_RCPT).unwrap();
+    let secret = "e2e srs secret";
+    let milter = Luamilter::start_with(
+        "inet",
+        &format!(
+            "[policies]\ndirs = [{:?}]\nchain = [\"add_rcpt\", \"srs\", \"whitelist\"]\n\
+             [policy.srs]\nsecrets = [{secret:?}]\nsrs_domain = {TEST_DOMAIN:?}\n",
+            dir.path()
+        ),
+    );
+    let postfix = Postfix::start(&milter.socket).expect("start private postfix");
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let srs = luamilter::services::srs::Srs::new(&[secret.to_owned()], 21, 4).unwrap();
+    let token = srs
+        .forward("carol@victim.example", TEST_DOMAIN, now)
+        .unwrap();
+    let notice = postfix
+        .send(
+            &format!("postmaster@{TEST_DOMAIN}"),
+            RECIPIENT,
+            &[
+                ("Subject", "DELIVERY STATUS (POSSIBLE SPAM)"),
+                ("Message-Id", &format!("<{token}>")),
+                ("X-Add-Rcpt", "carol@victim.example"),
+            ],
+            "Your message is held.\n",
+        )
+        .unwrap();
+    assert_eq!(notice.exit_code, 0, "{}", notice.transcript);
+    let dsn = postfix
+        .wait_delivered(
+            |m| m.contains("report-type=delivery-status") && m.contains(&token),
+            WAIT,
+        )
+        .unwrap_or_else(|| panic!("no DSN from Postfix; mail log:\n{}", postfix.maillog()));
+    assert!(dsn.contains("Action: failed"), "{dsn}");
+
+    // The DSN comes back in from outside, as the victim's server would send it.
+    let bounce = postfix
+        .send_message("<>", &format!("postmaster@{TEST_DOMAIN}"), &dsn)
+        .unwrap();
+    assert_eq!(bounce.exit_code, 0, "{}", bounce.transcript);
+    let log = postfix.maillog();
+    assert!(
+        log.contains("milter-discard"),
+        "not discarded; mail log:\n{log}"
+    );
+
+    // carol's own mail is now refused by the whitelist policy.
+    let sent = postfix
+        .send("carol@victim.example", RECIPIENT, &[], "hello\n")
+        .unwrap();
+    let mail = sent.reply(Stage::Mail).expect("a reply to MAIL FROM");
+    assert_eq!(
+        mail.lines,
+        ["550 5.7.1 Sender email local blacklist"],
+        "{}",
+        sent.transcript
+    );
+}

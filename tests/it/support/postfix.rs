@@ -129,7 +129,7 @@ impl Postfix {
         extra_headers: &[(&str, &str)],
         body: &str,
     ) -> anyhow::Result<SwaksResult> {
-        self.swaks(None, from, to, extra_headers, body)
+        self.swaks(None, from, to, "--body", body, &header_args(extra_headers))
     }
 
     /// [`Postfix::send`] as if from `client` (XCLIENT `ADDR`, `NAME=[UNAVAILABLE]`: no PTR), so
@@ -142,19 +142,35 @@ impl Postfix {
         extra_headers: &[(&str, &str)],
         body: &str,
     ) -> anyhow::Result<SwaksResult> {
-        self.swaks(Some(client), from, to, extra_headers, body)
+        self.swaks(
+            Some(client),
+            from,
+            to,
+            "--body",
+            body,
+            &header_args(extra_headers),
+        )
     }
 
+    /// Sends `message` (header and body, as stored: a delivered DSN, say) as it is, with the
+    /// envelope `from` (`""`: the null sender) and `to`, and returns what happened.
+    pub fn send_message(&self, from: &str, to: &str, message: &str) -> anyhow::Result<SwaksResult> {
+        self.swaks(None, from, to, "--data", message, &[])
+    }
+
+    /// Runs swaks (from `client` through XCLIENT when given) with `content` (a file given to
+    /// `content_option`) and `args`.
     fn swaks(
         &self,
         client: Option<Ipv4Addr>,
         from: &str,
         to: &str,
-        extra_headers: &[(&str, &str)],
-        body: &str,
+        content_option: &str,
+        content: &str,
+        args: &[String],
     ) -> anyhow::Result<SwaksResult> {
-        let body_file = tempfile::NamedTempFile::new_in(self.dir.path())?;
-        fs::write(body_file.path(), body)?;
+        let content_file = tempfile::NamedTempFile::new_in(self.dir.path())?;
+        fs::write(content_file.path(), content)?;
         let mut cmd = Command::new(find_tool("swaks").context("swaks is not installed")?);
         // A bare --config (no argument) makes swaks ignore any ~/.swaksrc.
         cmd.arg("--config")
@@ -162,11 +178,9 @@ impl Postfix {
             .args(["--helo", &format!("client.{TEST_DOMAIN}")])
             .args(["--from", from, "--to", to])
             .args(["--timeout", &format!("{}s", COMMAND_TIMEOUT.as_secs())])
-            .arg("--body")
-            .arg(format!("@{}", body_file.path().display()));
-        for (name, value) in extra_headers {
-            cmd.args(["--header", &format!("{name}: {value}")]);
-        }
+            .arg(content_option)
+            .arg(format!("@{}", content_file.path().display()))
+            .args(args);
         if let Some(client) = client {
             cmd.args(["--xclient-addr", &client.to_string()])
                 .args(["--xclient-name", "[UNAVAILABLE]"]);
@@ -642,4 +656,12 @@ fn queue_listing_parses_held_active_and_deferred_entries() {
     assert_eq!(queue[1].recipients, ["a@test.example", "b@test.example"]);
     assert_eq!(queue[2].recipients, ["far@elsewhere.example"]);
     assert!(parse_queue("Mail queue is empty\n").is_empty());
+}
+
+/// swaks `--header` arguments for `headers`.
+fn header_args(headers: &[(&str, &str)]) -> Vec<String> {
+    headers
+        .iter()
+        .flat_map(|(name, value)| ["--header".to_owned(), format!("{name}: {value}")])
+        .collect()
 }
