@@ -46,6 +46,9 @@ pub struct Config {
     /// How long message histories are kept for `luamilter why`.
     #[serde(default)]
     pub trace: crate::session::history::TraceConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
     /// Option overrides per policy: `[policy.NAME]` tables.
     #[serde(default)]
     pub policy: BTreeMap<String, BTreeMap<String, toml::Spanned<toml::Value>>>,

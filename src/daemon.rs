@@ -13,6 +13,7 @@ use crate::{
     control::ControlSocket,
     engine::{Engine, Generation},
     listen::{BoundSocket, ListenAddr, SocketFileGuard},
+    metrics,
     reload::{self, Reloader},
     server,
     services::{Services, ServicesError, store},
@@ -41,6 +42,9 @@ pub enum StartError {
     /// `socket_activation` is on but systemd passed no usable socket.
     #[error("cannot use the socket systemd passed: {0}")]
     SocketActivation(std::io::Error),
+    /// The metrics endpoint could not be served.
+    #[error("{0}")]
+    Metrics(String),
     /// A worker thread could not be started.
     #[error("cannot start a worker thread: {0}")]
     Worker(std::io::Error),
@@ -84,6 +88,8 @@ impl Daemon {
     ) -> Result<Daemon, StartError> {
         let config = Arc::new(config);
         let workers = worker_count(&config);
+        // Before the services and the first generation, which register their series.
+        metrics::install(&config.metrics, config.store.backend).map_err(StartError::Metrics)?;
         let services =
             Arc::new(Services::start_with_clock(&config, clock).map_err(StartError::Services)?);
         let generation = Generation::build(Arc::clone(&config), Arc::clone(&services), workers)
@@ -94,6 +100,7 @@ impl Daemon {
             policies = %config.policies.chain.join(","),
             "policies loaded"
         );
+        metrics::serving(generation.id);
         let engine = Arc::new(Engine::new(generation));
         let reloader = Arc::new(Reloader::new(
             Arc::clone(&engine),

@@ -171,6 +171,7 @@ impl Reloader {
             }
         };
         crate::systemd::reloaded(report.generation, report.applied);
+        crate::metrics::reloaded(report.applied, report.generation);
         if report.applied {
             tracing::info!(trigger, generation = report.generation, "reloaded");
             if !report.restart_needed.is_empty() {

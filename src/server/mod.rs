@@ -9,6 +9,7 @@ mod reply;
 use crate::{
     engine::{Engine, Outcome, StageArgs, VmLease},
     lua_api::verdict::Verdict,
+    metrics::{self, MessageEnd, OpenConnection},
     session::{ClientInfo, Line, SharedSession, Step},
     stage::Stage,
 };
@@ -18,7 +19,7 @@ use indymilter::{
 use std::{
     ffi::{CStr, CString},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -28,6 +29,8 @@ use tracing::Instrument;
 pub struct Conn {
     lease: VmLease,
     session: SharedSession,
+    /// Counted in `luamilter_connections_open` until the connection closes.
+    _open: OpenConnection,
 }
 
 impl Conn {
@@ -164,8 +167,8 @@ fn end_message(conn: &Conn, outcome: Option<&Verdict>) {
     let keep = generation.config.trace.keep;
     let record = {
         let mut session = conn.session.lock();
-        let outcome = match outcome {
-            Some(verdict) => verdict.to_string(),
+        let (outcome, end) = match outcome {
+            Some(verdict) => (verdict.to_string(), MessageEnd::from_kind(verdict.kind())),
             None => session
                 .message
                 .trace
@@ -173,14 +176,19 @@ fn end_message(conn: &Conn, outcome: Option<&Verdict>) {
                 .iter()
                 .rev()
                 .find(|s| !s.shadow && s.verdict != "continue")
-                .map_or_else(|| "aborted".to_string(), |s| s.verdict.clone()),
+                .map_or_else(
+                    || ("aborted".to_string(), MessageEnd::Aborted),
+                    |s| (s.verdict.clone(), MessageEnd::from_step(&s.verdict)),
+                ),
         };
+        metrics::message_ended(end);
         let record = (!keep.is_zero())
             .then(|| session.message_record(outcome, unix_now()))
             .flatten();
         session.reset_message();
         record
     };
+    conn.lease.record_memory();
     if let Some(record) = record {
         let store = Arc::clone(&generation.services.store);
         tokio::spawn(async move {
@@ -297,11 +305,13 @@ async fn decide(
         (session.client.label(), session.queue_id().to_string())
     };
     let span = tracing::info_span!("session", %client, %queue_id);
+    let started = Instant::now();
     let outcome = conn
         .lease
         .run_stage(&conn.session, stage, args)
         .instrument(span)
         .await;
+    metrics::stage_time(stage, started.elapsed());
     if outcome.verdict.is_final() {
         let policy = outcome
             .policy
