@@ -312,8 +312,9 @@ fn kind_index(kind: VerdictKind) -> usize {
 }
 
 impl ChainMetrics {
-    /// The series for `policies` run on `vms` Lua states (nothing when metrics are off).
-    pub fn new(policies: &[PolicyDecl], vms: usize) -> ChainMetrics {
+    /// The series for `policies` run on Lua states using `memory` bytes each after loading
+    /// (nothing when metrics are off).
+    pub fn new(policies: &[PolicyDecl], memory: impl Iterator<Item = usize>) -> ChainMetrics {
         if !enabled() {
             return ChainMetrics(None);
         }
@@ -333,8 +334,13 @@ impl ChainMetrics {
                 }
             })
             .collect();
-        let lua_memory = (0..vms)
-            .map(|vm| gauge!("luamilter_lua_memory_bytes", "vm" => vm.to_string()))
+        let lua_memory = memory
+            .enumerate()
+            .map(|(vm, bytes)| {
+                let gauge = gauge!("luamilter_lua_memory_bytes", "vm" => vm.to_string());
+                gauge.set(bytes as f64);
+                gauge
+            })
             .collect();
         ChainMetrics(Some(Box::new(ChainSeries {
             policies,

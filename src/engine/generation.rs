@@ -169,7 +169,7 @@ impl Generation {
         });
         let plan = Plan::from_policies(&decls, site.delay_reject);
         LIVE_GENERATIONS.fetch_add(1, Ordering::Relaxed);
-        let metrics = ChainMetrics::new(&decls, vms.len());
+        let metrics = ChainMetrics::new(&decls, vms.iter().map(|vm| vm.lua.used_memory()));
         Ok(Generation {
             id: GENERATIONS.fetch_add(1, Ordering::Relaxed) + 1,
             config,

@@ -529,7 +529,8 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// A loopback TCP port that was free a moment ago.
-fn free_port() -> anyhow::Result<u16> {
+/// A loopback port free at the time of the call.
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port())
