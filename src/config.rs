@@ -112,6 +112,13 @@ pub struct MilterConfig {
     /// Serve the socket systemd passed (`LISTEN_FDS`, a `.socket` unit) instead of binding
     /// `listen`; `listen` then only names the control socket's default.
     pub socket_activation: bool,
+    /// A file to write the daemon's pid to once the sockets are bound (removed at exit).
+    pub pid_file: Option<PathBuf>,
+    /// Run as this user after binding the sockets and opening the store (start as root).
+    pub user: Option<String>,
+    /// With `user`: run as this group (default: the user's primary group); the unix socket
+    /// gets it too, so a group the MTA is in lets it connect.
+    pub group: Option<String>,
 }
 
 impl MilterConfig {
@@ -138,6 +145,9 @@ impl Default for MilterConfig {
             connection_timeout: Duration::from_secs(7210),
             control_socket: None,
             socket_activation: false,
+            pid_file: None,
+            user: None,
+            group: None,
         }
     }
 }
@@ -278,6 +288,11 @@ impl Config {
         if self.milter.max_connections == 0 {
             return Err(ConfigError(format!(
                 "{at}: milter.max_connections must be at least 1"
+            )));
+        }
+        if self.milter.group.is_some() && self.milter.user.is_none() {
+            return Err(ConfigError(format!(
+                "{at}: milter.group needs milter.user (the group to run as with that user)"
             )));
         }
         if self.engine.time_limit.is_zero() {

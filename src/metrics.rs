@@ -24,7 +24,7 @@ use std::{
 };
 
 /// `[metrics]`: the Prometheus endpoint.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// `HOST:PORT` to serve `/metrics` on; unset (the default) turns metrics off.

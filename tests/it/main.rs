@@ -19,6 +19,7 @@ mod negotiation;
 mod offline;
 mod pack_bench;
 mod postfix_e2e;
+mod privileges;
 mod redis_server;
 mod reload;
 mod replay;
