@@ -197,7 +197,9 @@ impl Default for EngineConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
-    /// Human-readable lines with key=value fields.
+    /// logfmt: `key=value` fields, values quoted when they hold spaces (`logfmt` is accepted
+    /// as another name).
+    #[serde(alias = "logfmt")]
     Text,
     /// One JSON object per line.
     Json,

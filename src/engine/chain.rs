@@ -127,7 +127,7 @@ impl VmLease {
                     // Shadow mode: what the policy would have done is logged and counted, never
                     // enforced.
                     let mut s = session.lock();
-                    tracing::info!(policy = %decl.name, stage = stage.name(), client = %s.client.label(), queue_id = %s.queue_id(), verdict = %verdict, "shadow: would {verdict}");
+                    tracing::debug!(policy = %decl.name, stage = stage.name(), client = %s.client.label(), queue_id = %s.queue_id(), verdict = %verdict, "shadow: would {verdict}");
                     super::shadow::count(&decl.name, stage, &verdict);
                     s.record(step(verdict.to_string()));
                 }

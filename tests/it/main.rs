@@ -14,6 +14,7 @@ mod docs;
 mod dsn;
 mod faults;
 mod loadgen;
+mod logs;
 mod metrics;
 mod negotiation;
 mod offline;
