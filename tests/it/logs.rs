@@ -158,6 +158,7 @@ async fn logfmt_lines_carry_the_same_fields() {
     traffic(&daemon).await;
     daemon.wait_for_log("queue_id=Q2");
     let (_, log) = daemon.stop();
+    println!("{log}");
     let lines: Vec<Value> = log.lines().map(logfmt).collect();
     for (text, line) in log.lines().zip(&lines) {
         assert!(
