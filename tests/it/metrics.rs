@@ -11,6 +11,7 @@ use crate::{
 };
 use indymilter_test::Status;
 use std::{
+    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr},
     process::Command,
     time::{Duration, Instant},
@@ -47,15 +48,25 @@ fn scrape(addr: SocketAddr) -> String {
 /// Scrapes until `name{labels}` reaches `at_least` (the daemon counts a message when it ends,
 /// which can be just after the client has its reply); returns the last scrape.
 fn scrape_until(addr: SocketAddr, name: &str, labels: &[(&str, &str)], at_least: f64) -> String {
+    scrape_when(addr, name, labels, |v| v >= at_least)
+}
+
+/// Scrapes until `name{labels}` has a value `wanted` accepts; returns the last scrape.
+fn scrape_when(
+    addr: SocketAddr,
+    name: &str,
+    labels: &[(&str, &str)],
+    wanted: impl Fn(f64) -> bool,
+) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let body = scrape(addr);
-        if sample(&body, name, labels).is_some_and(|v| v >= at_least) {
+        if sample(&body, name, labels).is_some_and(&wanted) {
             return body;
         }
         assert!(
             Instant::now() < deadline,
-            "{name}{labels:?} never reached {at_least}:\n{body}"
+            "{name}{labels:?} never got the wanted value:\n{body}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -133,15 +144,20 @@ async fn mail_through_the_daemon_is_counted_on_the_endpoint_and_in_ctl_stats() {
         send(&daemon, "spam@example.org").await,
         Status::Reject { .. }
     ));
-    let body = scrape_until(
+    scrape_until(
         addr,
         "luamilter_messages_total",
         &[("verdict", "accept")],
         1.0,
     );
+    // The daemon sees the client's close a moment after the client is done.
+    let body = scrape_when(addr, "luamilter_connections_open", &[], |open| open == 0.0);
     let value = |name: &str, labels: &[(&str, &str)]| sample(&body, name, labels);
     assert_eq!(value("luamilter_connections_total", &[]), Some(2.0));
-    assert_eq!(value("luamilter_connections_open", &[]), Some(0.0));
+    assert_eq!(
+        value("luamilter_messages_total", &[("verdict", "reject")]),
+        Some(1.0)
+    );
     assert_eq!(value("luamilter_generation", &[]), Some(1.0));
     let decision = |policy, stage, verdict| {
         value(
@@ -216,8 +232,74 @@ async fn mail_through_the_daemon_is_counted_on_the_endpoint_and_in_ctl_stats() {
         1.0,
     );
     assert_eq!(sample(&body, "luamilter_generation", &[]), Some(2.0));
+    dashboard_and_docs_match(&body);
     let (status, _) = daemon.stop();
     assert!(status.success(), "{status}");
+}
+
+/// The metric families of a scrape (its `# TYPE` lines).
+fn families(body: &str) -> BTreeSet<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every series the Grafana dashboard queries exists in `body`, which has every series (the
+/// traffic above produced them all); docs/metrics.md names exactly luamilter's.
+fn dashboard_and_docs_match(body: &str) {
+    let scraped = families(body);
+    let name = regex::Regex::new(r"\b(?:luamilter|hickory_resolver)_[a-z_]+").unwrap();
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/grafana/luamilter.json"
+    ))
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let mut queried = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            queried.extend(name.find_iter(expr).map(|m| {
+                let m = m.as_str();
+                m.strip_suffix("_bucket").unwrap_or(m).to_string()
+            }));
+        }
+    }
+    assert!(queried.len() > 10, "{queried:?}");
+    for family in &queried {
+        assert!(
+            scraped.contains(family),
+            "the dashboard queries {family}, not scraped"
+        );
+    }
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
+    let documented: BTreeSet<String> = docs
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .filter_map(|l| l.split(" | ").next())
+        .flat_map(|cell| name.find_iter(cell).map(|m| m.as_str().to_string()))
+        .collect();
+    let ours = |names: &BTreeSet<String>| -> BTreeSet<String> {
+        names
+            .iter()
+            .filter(|f| f.starts_with("luamilter_"))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        ours(&scraped),
+        ours(&documented),
+        "the scrape vs docs/metrics.md"
+    );
+    for family in &documented {
+        assert!(
+            scraped.contains(family),
+            "docs/metrics.md lists {family}, not scraped"
+        );
+    }
 }
 
 #[test]
