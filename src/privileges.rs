@@ -22,34 +22,16 @@ impl Identity {
     /// Resolves `user` and `group` (the user's primary group when `group` is `None`) through
     /// the system's user database.
     pub fn lookup(user: &str, group: Option<&str>) -> Result<Identity, String> {
-        let name = CString::new(user).map_err(|_| format!("invalid user name {user:?}"))?;
-        let mut buffer = vec![0 as libc::c_char; LOOKUP_BUFFER];
-        // SAFETY: zeroed passwd is a valid out-parameter; getpwnam_r writes into it and into
-        // `buffer`, whose length is passed, and sets `found` to it or to null.
-        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut found = std::ptr::null_mut();
-        let rc = unsafe {
-            libc::getpwnam_r(
-                name.as_ptr(),
-                &mut entry,
-                buffer.as_mut_ptr(),
-                buffer.len(),
-                &mut found,
-            )
-        };
-        if found.is_null() {
-            return Err(match rc {
-                0 => format!("milter.user: no user {user:?} on this system"),
-                e => format!("milter.user {user:?}: {}", io::Error::from_raw_os_error(e)),
-            });
-        }
+        let (uid, primary) = entry("user", user, libc::getpwnam_r, |p: &libc::passwd| {
+            (p.pw_uid, p.pw_gid)
+        })?;
         let gid = match group {
-            Some(group) => group_id(group)?,
-            None => entry.pw_gid,
+            Some(group) => entry("group", group, libc::getgrnam_r, |g: &libc::group| g.gr_gid)?,
+            None => primary,
         };
         Ok(Identity {
             user: user.to_string(),
-            uid: entry.pw_uid,
+            uid,
             gid,
         })
     }
@@ -86,16 +68,33 @@ impl Identity {
     }
 }
 
-fn group_id(group: &str) -> Result<libc::gid_t, String> {
-    let name = CString::new(group).map_err(|_| format!("invalid group name {group:?}"))?;
+/// The signature of `getpwnam_r` and `getgrnam_r`.
+type Lookup<T> = unsafe extern "C" fn(
+    *const libc::c_char,
+    *mut T,
+    *mut libc::c_char,
+    libc::size_t,
+    *mut *mut T,
+) -> libc::c_int;
+
+/// Looks `name` up with a `get*nam_r` function and reads what is wanted from the entry while
+/// its strings (in the scratch buffer) are alive. `kind` ("user", "group") is for messages.
+fn entry<T, R>(
+    kind: &str,
+    name: &str,
+    lookup: Lookup<T>,
+    read: impl FnOnce(&T) -> R,
+) -> Result<R, String> {
+    let text = CString::new(name).map_err(|_| format!("invalid {kind} name {name:?}"))?;
     let mut buffer = vec![0 as libc::c_char; LOOKUP_BUFFER];
-    // SAFETY: as in `Identity::lookup`, for getgrnam_r.
-    let mut entry: libc::group = unsafe { std::mem::zeroed() };
+    // SAFETY: the entry is plain C data, valid zeroed; the lookup writes into it and into
+    // `buffer`, whose length it is given, and sets `found` to the entry or to null.
+    let mut value: T = unsafe { std::mem::zeroed() };
     let mut found = std::ptr::null_mut();
     let rc = unsafe {
-        libc::getgrnam_r(
-            name.as_ptr(),
-            &mut entry,
+        lookup(
+            text.as_ptr(),
+            &mut value,
             buffer.as_mut_ptr(),
             buffer.len(),
             &mut found,
@@ -103,14 +102,14 @@ fn group_id(group: &str) -> Result<libc::gid_t, String> {
     };
     if found.is_null() {
         return Err(match rc {
-            0 => format!("milter.group: no group {group:?} on this system"),
+            0 => format!("milter.{kind}: no {kind} {name:?} on this system"),
             e => format!(
-                "milter.group {group:?}: {}",
+                "milter.{kind} {name:?}: {}",
                 io::Error::from_raw_os_error(e)
             ),
         });
     }
-    Ok(entry.gr_gid)
+    Ok(read(&value))
 }
 
 #[cfg(test)]
