@@ -70,14 +70,15 @@ impl MessageEnd {
         }
     }
 
-    /// The message end for a trace step's verdict text ("reject 550 ...", "fault: ..."): a
-    /// fault was answered by the exception policy, which is a tempfail or a reject.
-    pub fn from_step(verdict: &str) -> MessageEnd {
+    /// The message end for a trace step's verdict text ("reject 550 ...", "fault: ..."); a
+    /// fault ends as `on_fault` (what the exception policy answered).
+    pub fn from_step(verdict: &str, on_fault: MessageEnd) -> MessageEnd {
         match verdict.split_whitespace().next() {
             Some("accept") => MessageEnd::Accept,
             Some("reject") => MessageEnd::Reject,
+            Some("tempfail") => MessageEnd::Tempfail,
             Some("discard") => MessageEnd::Discard,
-            _ => MessageEnd::Tempfail,
+            _ => on_fault,
         }
     }
 

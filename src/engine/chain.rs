@@ -209,7 +209,7 @@ impl VmLease {
                 (FaultKind::Error, format!("{at}: {e}"))
             }),
             Err(e) if e.to_string().contains(sandbox::TIME_LIMIT_MARKER) => Err(time_limit()),
-            Err(e) if matches!(e, mlua::Error::MemoryError(_)) => {
+            Err(e) if is_memory_error(&e) => {
                 let _ = vm.lua.gc_collect();
                 Err((FaultKind::MemoryLimit, describe_lua_error(&e, decl)))
             }
@@ -270,6 +270,15 @@ fn time_limit_message(limit: Duration, decl: &PolicyDecl, handler: &mlua::Functi
         "{}: the stage exceeded the time limit of {limit:?} (engine.time_limit)",
         policy::defined_at(handler, &decl.path)
     )
+}
+
+/// Whether the state ran out of memory, also inside a Rust function the policy called.
+fn is_memory_error(e: &mlua::Error) -> bool {
+    match e {
+        mlua::Error::MemoryError(_) => true,
+        mlua::Error::CallbackError { cause, .. } => is_memory_error(cause),
+        _ => false,
+    }
 }
 
 /// A one-line description of a Lua error: the message, located at the policy's `file:line`

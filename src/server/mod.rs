@@ -7,6 +7,7 @@ mod negotiate;
 mod reply;
 
 use crate::{
+    config::ExceptionPolicy,
     engine::{Engine, Outcome, StageArgs, VmLease},
     lua_api::verdict::Verdict,
     metrics::{self, MessageEnd, OpenConnection},
@@ -166,6 +167,12 @@ async fn abort(cx: &mut Context<Conn>) -> Status {
 fn end_message(conn: &Conn, outcome: Option<(&Verdict, Stage)>) {
     let ended_at = outcome.map(|(_, stage)| stage);
     let generation = conn.lease.generation();
+    // A fault ended the message as the exception policy answered it.
+    let on_fault = match generation.config.engine.exception_policy {
+        ExceptionPolicy::Reject => MessageEnd::Reject,
+        ExceptionPolicy::Tempfail => MessageEnd::Tempfail,
+        ExceptionPolicy::Continue => MessageEnd::Aborted,
+    };
     let keep = generation.config.trace.keep;
     let record = {
         let mut session = conn.session.lock();
@@ -180,7 +187,12 @@ fn end_message(conn: &Conn, outcome: Option<(&Verdict, Stage)>) {
                 .find(|s| !s.shadow && s.verdict != "continue")
                 .map_or_else(
                     || ("aborted".to_string(), MessageEnd::Aborted),
-                    |s| (s.verdict.clone(), MessageEnd::from_step(&s.verdict)),
+                    |s| {
+                        (
+                            s.verdict.clone(),
+                            MessageEnd::from_step(&s.verdict, on_fault),
+                        )
+                    },
                 ),
         };
         if session.message.sender.is_some() {

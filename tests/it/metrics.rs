@@ -93,7 +93,13 @@ const SPY: &str = r#"
 local milter = require "milter"
 return { rcpt = function(ctx, rcpt) return milter.reject() end }"#;
 
-const BROKEN: &str = r#"return { header = function(ctx, name, value) error("boom") end }"#;
+/// Fails three ways: a Lua error, the memory limit, the time limit.
+const BROKEN: &str = r#"
+return {
+  header = function(ctx, name, value) error("boom") end,
+  data = function(ctx) return string.rep("x", 64 * 1024 * 1024) end,
+  eoh = function(ctx) while true do end end,
+}"#;
 
 async fn send(daemon: &DaemonProcess, sender: &str) -> Status {
     let mut mta = daemon.client().await;
@@ -132,7 +138,7 @@ async fn mail_through_the_daemon_is_counted_on_the_endpoint_and_in_ctl_stats() {
     let dns = TestDns::start().await;
     let addr: SocketAddr = ([127, 0, 0, 1], free_port().unwrap()).into();
     let extra = format!(
-        "[engine]\nexception_policy = \"continue\"\n\
+        "[engine]\nexception_policy = \"continue\"\ntime_limit = \"300ms\"\nmemory_limit_mib = 16\n\
          [dns]\nnameservers = [\"{}\"]\ntimeout = \"2s\"\nattempts = 1\n\
          [metrics]\nlisten = \"{addr}\"\n[policy.spy]\nmode = \"shadow\"\n",
         dns.addr
@@ -177,7 +183,9 @@ async fn mail_through_the_daemon_is_counted_on_the_endpoint_and_in_ctl_stats() {
     let error = [("policy", "broken"), ("kind", "error")];
     assert_eq!(value("luamilter_policy_errors_total", &error), Some(1.0));
     let timeouts = [("policy", "broken"), ("kind", "time_limit")];
-    assert_eq!(value("luamilter_policy_errors_total", &timeouts), Some(0.0));
+    assert_eq!(value("luamilter_policy_errors_total", &timeouts), Some(1.0));
+    let memory = [("policy", "broken"), ("kind", "memory_limit")];
+    assert_eq!(value("luamilter_policy_errors_total", &memory), Some(1.0));
     let mail = [("stage", "mail")];
     assert_eq!(
         value("luamilter_stage_duration_seconds_count", &mail),
