@@ -17,9 +17,9 @@ return {
   end,
 }"#;
 
-/// `Uid:` or `Gid:` of /proc/PID/status: real, effective, saved and filesystem ids.
-fn ids(pid: u32, field: &str) -> Vec<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+/// `Uid:` or `Gid:` of a /proc status file: real, effective, saved and filesystem ids.
+fn ids(status: &std::path::Path, field: &str) -> Vec<u32> {
+    let status = std::fs::read_to_string(status).unwrap();
     let line = status
         .lines()
         .find(|l| l.starts_with(&format!("{field}:")))
@@ -61,8 +61,15 @@ async fn runs_as_the_configured_user_and_group_with_a_pid_file() {
     std::os::unix::fs::chown(daemon.dir.path(), Some(uid), Some(gid)).unwrap();
     daemon.wait_for_log("dropped privileges");
     let pid = daemon.pid();
-    assert_eq!(ids(pid, "Uid"), [uid; 4]);
-    assert_eq!(ids(pid, "Gid"), [gid; 4]);
+    // Every thread (workers, runtime, store writer, log writer), not only the main one.
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = task.unwrap().path().join("status");
+        assert_eq!(ids(&status, "Uid"), [uid; 4], "{}", status.display());
+        assert_eq!(ids(&status, "Gid"), [gid; 4], "{}", status.display());
+        threads += 1;
+    }
+    assert!(threads > 2, "{threads} threads");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(
         status
