@@ -204,11 +204,13 @@ mod tests {
             let span = tracing::info_span!("policy", policy = "greylist", stage = "rcpt");
             span.in_scope(|| tracing::info!(target: "luamilter::policy", "hello {}", 1));
             tracing::info!(target: "luamilter::server", stage = "mail", policy = "spf", verdict = "reject", "decision");
-            tracing::debug!(target: "luamilter::server", "not wanted");
+            tracing::debug!(target: "luamilter::engine::chain", "shadow: would reject");
+            tracing::debug!(target: "luamilter::reload", "not wanted");
             tracing::info!(target: "other", "not wanted");
         }
         let events = capture.drain();
-        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert_eq!(events[2].message, "shadow: would reject");
         assert_eq!(events[0].message, "hello 1");
         assert!(events[0].is_policy_log());
         assert_eq!(events[0].stage.as_deref(), Some("rcpt"));
