@@ -101,6 +101,10 @@ impl Daemon {
             .map(|user| Identity::lookup(user, config.milter.group.as_deref()))
             .transpose()
             .map_err(StartError::Privileges)?;
+        if let Some(path) = &config.milter.pid_file {
+            // Before binding: a second instance must not touch the first one's sockets.
+            PidFile::refuse_if_running(path).map_err(StartError::Privileges)?;
+        }
         // Before the services and the first generation, which register their series.
         metrics::install(&config.metrics, config.store.backend).map_err(StartError::Metrics)?;
         let services =

@@ -15,6 +15,17 @@ impl PidFile {
     /// Writes this process's pid to `path`, unless the file names another process that is
     /// alive. A file naming a dead process (after a crash) is replaced.
     pub fn create(path: &Path) -> Result<PidFile, String> {
+        PidFile::refuse_if_running(path)?;
+        std::fs::write(path, format!("{}\n", own_pid()))
+            .map_err(|e| format!("milter.pid_file {}: cannot write: {e}", path.display()))?;
+        Ok(PidFile {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// An error when `path` names another process that is alive (checked again by
+    /// [`PidFile::create`]; call it first to refuse before binding anything).
+    pub fn refuse_if_running(path: &Path) -> Result<(), String> {
         let at = path.display();
         match std::fs::read_to_string(path) {
             Ok(text) => {
@@ -31,11 +42,7 @@ impl PidFile {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("milter.pid_file {at}: {e}")),
         }
-        std::fs::write(path, format!("{}\n", own_pid()))
-            .map_err(|e| format!("milter.pid_file {at}: cannot write: {e}"))?;
-        Ok(PidFile {
-            path: path.to_path_buf(),
-        })
+        Ok(())
     }
 }
 
