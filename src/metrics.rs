@@ -5,7 +5,8 @@
 //! Off unless configured: then every function here returns at once. On the per-stage path the
 //! handles are registered once (per process, or per generation for the policy series) and an
 //! event is an atomic add; label values are `&'static str` except policy names, which are
-//! copied once when their series is first used.
+//! copied once when their series is first used. Service calls (DNS, SPF, the store), which wait
+//! on I/O anyway, look their series up in the registry by name at each call.
 
 use crate::{
     engine::policy::PolicyDecl,
