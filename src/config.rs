@@ -46,6 +46,9 @@ pub struct Config {
     /// How long message histories are kept for `luamilter why`.
     #[serde(default)]
     pub trace: crate::session::history::TraceConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
     /// Option overrides per policy: `[policy.NAME]` tables.
     #[serde(default)]
     pub policy: BTreeMap<String, BTreeMap<String, toml::Spanned<toml::Value>>>,
@@ -109,6 +112,13 @@ pub struct MilterConfig {
     /// Serve the socket systemd passed (`LISTEN_FDS`, a `.socket` unit) instead of binding
     /// `listen`; `listen` then only names the control socket's default.
     pub socket_activation: bool,
+    /// A file to write the daemon's pid to once the sockets are bound (removed at exit).
+    pub pid_file: Option<PathBuf>,
+    /// Run as this user after binding the sockets and opening the store (start as root).
+    pub user: Option<String>,
+    /// With `user`: run as this group (default: the user's primary group); the unix socket
+    /// gets it too, so a group the MTA is in lets it connect.
+    pub group: Option<String>,
 }
 
 impl MilterConfig {
@@ -135,6 +145,9 @@ impl Default for MilterConfig {
             connection_timeout: Duration::from_secs(7210),
             control_socket: None,
             socket_activation: false,
+            pid_file: None,
+            user: None,
+            group: None,
         }
     }
 }
@@ -184,7 +197,9 @@ impl Default for EngineConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
-    /// Human-readable lines with key=value fields.
+    /// logfmt: `key=value` fields, values quoted when they hold spaces (`logfmt` is accepted
+    /// as another name).
+    #[serde(alias = "logfmt")]
     Text,
     /// One JSON object per line.
     Json,
@@ -275,6 +290,11 @@ impl Config {
         if self.milter.max_connections == 0 {
             return Err(ConfigError(format!(
                 "{at}: milter.max_connections must be at least 1"
+            )));
+        }
+        if self.milter.group.is_some() && self.milter.user.is_none() {
+            return Err(ConfigError(format!(
+                "{at}: milter.group needs milter.user (the group to run as with that user)"
             )));
         }
         if self.engine.time_limit.is_zero() {

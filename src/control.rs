@@ -110,6 +110,13 @@ fn stats(reloader: &Reloader) -> String {
     for line in crate::engine::shadow::report() {
         out.push_str(&format!("shadow_would {line}\n"));
     }
+    match crate::metrics::render() {
+        Some(metrics) => {
+            out.push_str("# metrics (the same registry as the Prometheus endpoint)\n");
+            out.push_str(&metrics);
+        }
+        None => out.push_str("# metrics off: set [metrics] listen to record them\n"),
+    }
     out
 }
 

@@ -13,6 +13,9 @@ use crate::{
     control::ControlSocket,
     engine::{Engine, Generation},
     listen::{BoundSocket, ListenAddr, SocketFileGuard},
+    metrics,
+    pid_file::PidFile,
+    privileges::Identity,
     reload::{self, Reloader},
     server,
     services::{Services, ServicesError, store},
@@ -41,6 +44,12 @@ pub enum StartError {
     /// `socket_activation` is on but systemd passed no usable socket.
     #[error("cannot use the socket systemd passed: {0}")]
     SocketActivation(std::io::Error),
+    /// `[milter] pid_file`, `user` or `group` could not be applied.
+    #[error("{0}")]
+    Privileges(String),
+    /// The metrics endpoint could not be served.
+    #[error("{0}")]
+    Metrics(String),
     /// A worker thread could not be started.
     #[error("cannot start a worker thread: {0}")]
     Worker(std::io::Error),
@@ -60,6 +69,7 @@ pub struct Daemon {
     watchdog: Option<tokio::task::JoinHandle<()>>,
     _control: Option<ControlSocket>,
     _socket_file: SocketFileGuard,
+    _pid_file: Option<PidFile>,
 }
 
 /// Worker threads for `config`: `engine.worker_threads`, or one per CPU when that is 0.
@@ -84,6 +94,19 @@ impl Daemon {
     ) -> Result<Daemon, StartError> {
         let config = Arc::new(config);
         let workers = worker_count(&config);
+        let identity = config
+            .milter
+            .user
+            .as_deref()
+            .map(|user| Identity::lookup(user, config.milter.group.as_deref()))
+            .transpose()
+            .map_err(StartError::Privileges)?;
+        if let Some(path) = &config.milter.pid_file {
+            // Before binding: a second instance must not touch the first one's sockets.
+            PidFile::refuse_if_running(path).map_err(StartError::Privileges)?;
+        }
+        // Before the services and the first generation, which register their series.
+        metrics::install(&config.metrics, config.store.backend).map_err(StartError::Metrics)?;
         let services =
             Arc::new(Services::start_with_clock(&config, clock).map_err(StartError::Services)?);
         let generation = Generation::build(Arc::clone(&config), Arc::clone(&services), workers)
@@ -94,6 +117,7 @@ impl Daemon {
             policies = %config.policies.chain.join(","),
             "policies loaded"
         );
+        metrics::serving(generation.id);
         let engine = Arc::new(Engine::new(generation));
         let reloader = Arc::new(Reloader::new(
             Arc::clone(&engine),
@@ -120,6 +144,29 @@ impl Daemon {
             connection_timeout: config.milter.connection_timeout,
             ..Default::default()
         };
+        let control_path = config.milter.control_socket_path();
+        let control = match ControlSocket::serve(&control_path, Arc::clone(&reloader)) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(
+                    path = %control_path.display(),
+                    error = %e,
+                    "control socket disabled (`luamilter ctl` will not work; SIGHUP still reloads)"
+                );
+                None
+            }
+        };
+        let pid_file = config
+            .milter
+            .pid_file
+            .as_deref()
+            .map(PidFile::create)
+            .transpose()
+            .map_err(StartError::Privileges)?;
+        if let Some(identity) = &identity {
+            drop_privileges(identity, &config, &bound, control.is_some())
+                .map_err(StartError::Privileges)?;
+        }
         let (shutdown, stop) = watch::channel(false);
         let watchdog_interval = systemd::watchdog_interval();
         let heartbeats = systemd::Heartbeats::new(workers);
@@ -165,18 +212,6 @@ impl Daemon {
             threads.push(thread);
         }
         tracing::info!(listen = %local, workers, "luamilter listening");
-        let control_path = config.milter.control_socket_path();
-        let control = match ControlSocket::serve(&control_path, Arc::clone(&reloader)) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::warn!(
-                    path = %control_path.display(),
-                    error = %e,
-                    "control socket disabled (`luamilter ctl` will not work; SIGHUP still reloads)"
-                );
-                None
-            }
-        };
         systemd::ready(engine.current().id);
         let watchdog = watchdog_interval.map(|interval| {
             tracing::info!(?interval, "feeding the systemd watchdog");
@@ -196,6 +231,7 @@ impl Daemon {
             watchdog,
             _control: control,
             _socket_file: bound.guard(),
+            _pid_file: pid_file,
         })
     }
 
@@ -220,4 +256,43 @@ impl Daemon {
             tracing::warn!("sessions still open after {grace:?}; exiting anyway");
         }
     }
+}
+
+/// Hands what the daemon keeps using to `identity` (the unix socket, so the MTA's group can
+/// reach it; the control socket; the SQLite store and its journal files), then gives up root.
+fn drop_privileges(
+    identity: &Identity,
+    config: &Config,
+    bound: &BoundSocket,
+    control: bool,
+) -> Result<(), String> {
+    let mut owned = Vec::new();
+    if let ListenAddr::Unix(path) = &bound.local {
+        owned.push(path.clone());
+    }
+    if control {
+        owned.push(config.milter.control_socket_path());
+    }
+    if config.store.backend == store::Backend::Sqlite {
+        let db = config.store.path.clone();
+        for suffix in ["-wal", "-shm"] {
+            let mut journal = db.clone().into_os_string();
+            journal.push(suffix);
+            owned.push(journal.into());
+        }
+        owned.push(db);
+    }
+    for path in &owned {
+        identity
+            .chown(path)
+            .map_err(|e| format!("milter.user: cannot chown {}: {e}", path.display()))?;
+    }
+    identity.assume().map_err(|e| {
+        format!(
+            "milter.user: cannot switch to {} (uid {}, gid {}): {e}",
+            identity.user, identity.uid, identity.gid
+        )
+    })?;
+    tracing::info!(user = %identity.user, uid = identity.uid, gid = identity.gid, "dropped privileges");
+    Ok(())
 }

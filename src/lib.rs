@@ -11,6 +11,8 @@
 //! | [`lua_api`] | what scripts see: `ctx` (a view of the session), verdicts, and one file per `require`-able module (`milter`, `milter.log`, `milter.dns`, `milter.spf`, `milter.net`, `milter.mime`, `milter.store`, `milter.site`, `milter.access`) |
 //! | [`services`] | plain Rust services, usable without Lua: DNS and DNS lists, SPF, the store (SQLite, Redis), networks and addresses, MIME, the site facts and access map |
 //! | [`reload`] | file watching, rebuilding a generation, swapping it in |
+//! | [`pid_file`], [`privileges`] | `[milter] pid_file`, `user` and `group`, for supervisors other than systemd |
+//! | [`metrics`] | the Prometheus registry and endpoint (`[metrics] listen`), the series the other modules record |
 //! | [`config`], [`duration`], [`listen`], [`logging`], [`stock`] | the config file, durations, listening sockets, log output, the embedded stock pack |
 //! | [`cli`], [`control`], [`db_cli`] | subcommands, the control socket (`ctl`), store administration (`db`) |
 //! | [`offline`] | `luamilter test`: a message or case files through the policies in-process, over the server's own callbacks |
@@ -45,7 +47,10 @@ pub mod engine;
 pub mod listen;
 pub mod logging;
 pub mod lua_api;
+pub mod metrics;
 pub mod offline;
+pub mod pid_file;
+pub mod privileges;
 pub mod reload;
 pub mod server;
 pub mod services;

@@ -171,6 +171,7 @@ impl Reloader {
             }
         };
         crate::systemd::reloaded(report.generation, report.applied);
+        crate::metrics::reloaded(report.applied, report.generation);
         if report.applied {
             tracing::info!(trigger, generation = report.generation, "reloaded");
             if !report.restart_needed.is_empty() {
@@ -222,6 +223,10 @@ fn pin_boot_settings(config: &mut Config, boot: &Config) -> Vec<String> {
     pin!(milter.connection_timeout, "milter.connection_timeout");
     pin!(milter.control_socket, "milter.control_socket");
     pin!(milter.socket_activation, "milter.socket_activation");
+    pin!(milter.pid_file, "milter.pid_file");
+    pin!(milter.user, "milter.user");
+    pin!(milter.group, "milter.group");
+    pin!(metrics, "metrics");
     pin!(engine.worker_threads, "engine.worker_threads");
     pin!(policies.watch, "policies.watch");
     pin!(dns, "dns");

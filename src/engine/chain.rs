@@ -14,6 +14,7 @@ use crate::{
         ctx::Ctx,
         verdict::{Reply, Verdict},
     },
+    metrics::FaultKind,
     services::calls::counted,
     session::{SharedSession, Step},
     stage::Stage,
@@ -111,6 +112,11 @@ impl VmLease {
             if let Some(before) = edits_before {
                 session.lock().message.edits.truncate(before);
             }
+            if let Ok(verdict) = &result {
+                generation
+                    .metrics
+                    .decision(index, stage, verdict.kind(), decl.shadow);
+            }
             match result {
                 Ok(Verdict::Continue) => {
                     if !calls.is_empty() {
@@ -121,7 +127,7 @@ impl VmLease {
                     // Shadow mode: what the policy would have done is logged and counted, never
                     // enforced.
                     let mut s = session.lock();
-                    tracing::info!(policy = %decl.name, stage = stage.name(), client = %s.client.label(), queue_id = %s.queue_id(), verdict = %verdict, "shadow: would {verdict}");
+                    tracing::debug!(policy = %decl.name, stage = stage.name(), client = %s.client.label(), queue_id = %s.queue_id(), verdict = %verdict, "shadow: would {verdict}");
                     super::shadow::count(&decl.name, stage, &verdict);
                     s.record(step(verdict.to_string()));
                 }
@@ -131,7 +137,8 @@ impl VmLease {
                     outcome.policy = Some(index);
                     return outcome;
                 }
-                Err(fault) => {
+                Err((kind, fault)) => {
+                    generation.metrics.fault(index, kind);
                     let (client, queue_id) = {
                         let mut s = session.lock();
                         s.record(step(format!("fault: {fault}")));
@@ -165,7 +172,7 @@ impl VmLease {
         ctx: &AnyUserData,
         args: &[Value],
         deadline: Instant,
-    ) -> Result<Verdict, String> {
+    ) -> Result<Verdict, (FaultKind, String)> {
         let generation = &*self.generation;
         let vm = self.vm();
         let decl = &generation.policies[index];
@@ -174,7 +181,13 @@ impl VmLease {
             return Ok(Verdict::Continue);
         };
         let limit = generation.config.engine.time_limit;
-        let lua_error = |e: mlua::Error| describe_lua_error(&e, decl);
+        let lua_error = |e: mlua::Error| (FaultKind::Error, describe_lua_error(&e, decl));
+        let time_limit = || {
+            (
+                FaultKind::TimeLimit,
+                time_limit_message(limit, decl, handler),
+            )
+        };
         session.lock().running = Some((stage, index));
         let thread = vm.lua.create_thread(handler.clone()).map_err(lua_error)?;
         let (triggers, hook) = sandbox::deadline_hook(deadline);
@@ -187,21 +200,20 @@ impl VmLease {
             .into_async::<Value>(MultiValue::from_vec(call_args))
             .map_err(lua_error)?;
         let result = match tokio::time::timeout_at(deadline.into(), call).await {
-            Err(_) => return Err(time_limit_message(limit, decl, handler)),
+            Err(_) => return Err(time_limit()),
             Ok(r) => r,
         };
         match result {
-            Ok(value) => to_verdict(value, stage)
-                .map_err(|e| format!("{}: {e}", policy::defined_at(handler, &decl.path))),
-            Err(e) if e.to_string().contains(sandbox::TIME_LIMIT_MARKER) => {
-                Err(time_limit_message(limit, decl, handler))
+            Ok(value) => to_verdict(value, stage).map_err(|e| {
+                let at = policy::defined_at(handler, &decl.path);
+                (FaultKind::Error, format!("{at}: {e}"))
+            }),
+            Err(e) if e.to_string().contains(sandbox::TIME_LIMIT_MARKER) => Err(time_limit()),
+            Err(e) if is_memory_error(&e) => {
+                let _ = vm.lua.gc_collect();
+                Err((FaultKind::MemoryLimit, describe_lua_error(&e, decl)))
             }
-            Err(e) => {
-                if matches!(e, mlua::Error::MemoryError(_)) {
-                    let _ = vm.lua.gc_collect();
-                }
-                Err(lua_error(e))
-            }
+            Err(e) => Err(lua_error(e)),
         }
     }
 }
@@ -258,6 +270,15 @@ fn time_limit_message(limit: Duration, decl: &PolicyDecl, handler: &mlua::Functi
         "{}: the stage exceeded the time limit of {limit:?} (engine.time_limit)",
         policy::defined_at(handler, &decl.path)
     )
+}
+
+/// Whether the state ran out of memory, also inside a Rust function the policy called.
+fn is_memory_error(e: &mlua::Error) -> bool {
+    match e {
+        mlua::Error::MemoryError(_) => true,
+        mlua::Error::CallbackError { cause, .. } => is_memory_error(cause),
+        _ => false,
+    }
 }
 
 /// A one-line description of a Lua error: the message, located at the policy's `file:line`

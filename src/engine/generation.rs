@@ -8,6 +8,7 @@ use super::{
 };
 use crate::{
     config::Config,
+    metrics::ChainMetrics,
     services::{Services, site::Site},
     stage::{Stage, StageMap},
 };
@@ -42,6 +43,8 @@ pub struct Generation {
     pub(super) vms: Vec<Vm>,
     /// Policy indexes with a handler, per stage.
     pub(super) chain: StageMap<Vec<usize>>,
+    /// Its series: decisions and errors per policy, memory per Lua state.
+    pub metrics: ChainMetrics,
 }
 
 static GENERATIONS: AtomicU64 = AtomicU64::new(0);
@@ -85,6 +88,14 @@ impl VmLease {
 
     pub(super) fn vm(&self) -> &Vm {
         &self.generation.vms[self.vm]
+    }
+
+    /// Records the memory its Lua state uses (nothing when metrics are off).
+    pub fn record_memory(&self) {
+        let metrics = &self.generation.metrics;
+        if metrics.enabled() {
+            metrics.lua_memory(self.vm, self.vm().lua.used_memory());
+        }
     }
 }
 
@@ -158,6 +169,7 @@ impl Generation {
         });
         let plan = Plan::from_policies(&decls, site.delay_reject);
         LIVE_GENERATIONS.fetch_add(1, Ordering::Relaxed);
+        let metrics = ChainMetrics::new(&decls, vms.iter().map(|vm| vm.lua.used_memory()));
         Ok(Generation {
             id: GENERATIONS.fetch_add(1, Ordering::Relaxed) + 1,
             config,
@@ -167,6 +179,7 @@ impl Generation {
             services,
             vms,
             chain,
+            metrics,
         })
     }
 

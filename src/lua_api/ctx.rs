@@ -272,7 +272,7 @@ impl UserData for Ctx {
                 let n = n.unwrap_or(1);
                 let mut s = c.session.lock();
                 s.demerits = s.demerits.saturating_add(n);
-                tracing::info!(
+                tracing::debug!(
                     client = %s.client.label(),
                     demerits = s.demerits,
                     added = n,

@@ -214,7 +214,7 @@ where
         let (store, op) = (store.clone(), op.clone());
         async move {
             calls::note(calls::Service::Store);
-            match op(store, lua.clone(), args).await? {
+            match crate::metrics::store_call(name, op(store, lua.clone(), args)).await? {
                 Ok(values) => values?.into_lua_multi(&lua),
                 Err(e) => {
                     log_failure(name, &e);

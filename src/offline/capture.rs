@@ -50,6 +50,12 @@ impl Captured {
         self.target == "luamilter::server" && self.message == "decision"
     }
 
+    /// Whether this is the one line the live log writes per message (its outcome and trace,
+    /// which the report shows on its own).
+    pub fn is_message_summary(&self) -> bool {
+        self.target == "luamilter::server" && self.message == "message"
+    }
+
     /// Whether this is a line a policy logged with `milter.log`.
     pub fn is_policy_log(&self) -> bool {
         self.target == "luamilter::policy"
@@ -110,10 +116,22 @@ impl Visit for Fields<'_> {
 
 struct Layer(Capture);
 
-/// luamilter's own events at info and above, and every line a policy logs.
+/// Modules whose debug lines are the decision trail (each stage's decision, shadow verdicts,
+/// held rejects, demerits): the live log keeps them at debug, a test run shows them.
+const TRAIL: [&str; 4] = [
+    "luamilter::server",
+    "luamilter::engine::chain",
+    "luamilter::session",
+    "luamilter::lua_api::ctx",
+];
+
+/// luamilter's own events at info and above, the decision trail, and every line a policy logs.
 fn wanted(metadata: &Metadata<'_>) -> bool {
     let target = metadata.target();
     if target == "luamilter::policy" {
+        return true;
+    }
+    if TRAIL.contains(&target) && *metadata.level() <= Level::DEBUG {
         return true;
     }
     target.starts_with("luamilter") && *metadata.level() <= Level::INFO
@@ -186,11 +204,13 @@ mod tests {
             let span = tracing::info_span!("policy", policy = "greylist", stage = "rcpt");
             span.in_scope(|| tracing::info!(target: "luamilter::policy", "hello {}", 1));
             tracing::info!(target: "luamilter::server", stage = "mail", policy = "spf", verdict = "reject", "decision");
-            tracing::debug!(target: "luamilter::server", "not wanted");
+            tracing::debug!(target: "luamilter::engine::chain", "shadow: would reject");
+            tracing::debug!(target: "luamilter::reload", "not wanted");
             tracing::info!(target: "other", "not wanted");
         }
         let events = capture.drain();
-        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert_eq!(events[2].message, "shadow: would reject");
         assert_eq!(events[0].message, "hello 1");
         assert!(events[0].is_policy_log());
         assert_eq!(events[0].stage.as_deref(), Some("rcpt"));

@@ -833,7 +833,7 @@ fn finish<S>(p: &Player<'_, S>, result: &mut MailResult) {
         .iter()
         .filter(|e| e.mail == Some(index))
         .flat_map(|e| &e.events)
-        .rfind(|e| e.is_decision())
+        .rfind(|e| e.is_message_summary() || e.is_decision())
         .and_then(|e| e.field("trace"))
         .map(str::to_string);
 }

@@ -218,6 +218,9 @@ fn write_mail_end(
 
 /// One line for a captured event; `None` for what says nothing (an accept nobody decided).
 fn event_line(event: &Captured) -> Option<String> {
+    if event.is_message_summary() {
+        return None;
+    }
     let policy = event.policy.as_deref().unwrap_or("-");
     if event.is_decision() {
         let verdict = event.field("verdict").unwrap_or("?");

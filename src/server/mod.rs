@@ -7,9 +7,11 @@ mod negotiate;
 mod reply;
 
 use crate::{
+    config::ExceptionPolicy,
     engine::{Engine, Outcome, StageArgs, VmLease},
     lua_api::verdict::Verdict,
-    session::{ClientInfo, Line, SharedSession, Step},
+    metrics::{self, MessageEnd, OpenConnection},
+    session::{ClientInfo, Line, Session, SharedSession, Step},
     stage::Stage,
 };
 use indymilter::{
@@ -18,7 +20,7 @@ use indymilter::{
 use std::{
     ffi::{CStr, CString},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -28,6 +30,8 @@ use tracing::Instrument;
 pub struct Conn {
     lease: VmLease,
     session: SharedSession,
+    /// Counted in `luamilter_connections_open` until the connection closes.
+    _open: OpenConnection,
 }
 
 impl Conn {
@@ -163,16 +167,24 @@ async fn abort(cx: &mut Context<Conn>) -> Status {
     status
 }
 
-/// The message is over (end of message, or the MTA aborted it): its history is stored for
-/// `luamilter why` and its state reset, so nothing leaks into the next one. `outcome` is the
-/// answer at end of message; for an aborted message, the last verdict a policy enforced.
-fn end_message(conn: &Conn, outcome: Option<&Verdict>) {
+/// The message is over (a final answer, or the MTA aborted it): it is logged and counted, its
+/// history stored for `luamilter why` and its state reset, so nothing leaks into the next one.
+/// `outcome` is the answer that ended it and its stage; for an aborted message, the last
+/// verdict a policy enforced.
+fn end_message(conn: &Conn, outcome: Option<(&Verdict, Stage)>) {
+    let ended_at = outcome.map(|(_, stage)| stage);
     let generation = conn.lease.generation();
+    // A fault ended the message as the exception policy answered it.
+    let on_fault = match generation.config.engine.exception_policy {
+        ExceptionPolicy::Reject => MessageEnd::Reject,
+        ExceptionPolicy::Tempfail => MessageEnd::Tempfail,
+        ExceptionPolicy::Continue => MessageEnd::Aborted,
+    };
     let keep = generation.config.trace.keep;
     let record = {
         let mut session = conn.session.lock();
-        let outcome = match outcome {
-            Some(verdict) => verdict.to_string(),
+        let (outcome, end) = match outcome {
+            Some((verdict, _)) => (verdict.to_string(), MessageEnd::from_kind(verdict.kind())),
             None => session
                 .message
                 .trace
@@ -180,14 +192,27 @@ fn end_message(conn: &Conn, outcome: Option<&Verdict>) {
                 .iter()
                 .rev()
                 .find(|s| !s.shadow && s.verdict != "continue")
-                .map_or_else(|| "aborted".to_string(), |s| s.verdict.clone()),
+                .map_or_else(
+                    || ("aborted".to_string(), MessageEnd::Aborted),
+                    |s| {
+                        (
+                            s.verdict.clone(),
+                            MessageEnd::from_step(&s.verdict, on_fault),
+                        )
+                    },
+                ),
         };
+        if session.message.sender.is_some() {
+            metrics::message_ended(end);
+            log_message(&session, &outcome, ended_at);
+        }
         let record = (!keep.is_zero())
             .then(|| session.message_record(outcome, unix_now()))
             .flatten();
         session.reset_message();
         record
     };
+    conn.lease.record_memory();
     if let Some(record) = record {
         let store = Arc::clone(&generation.services.store);
         tokio::spawn(async move {
@@ -196,6 +221,26 @@ fn end_message(conn: &Conn, outcome: Option<&Verdict>) {
             }
         });
     }
+}
+
+/// The one info line per message: how it ended, which policy at which stage decided (`-` and
+/// the stage it ended at when none did), and its whole decision trace. `ended_at` is `None`
+/// for an abort: the decision is then the last one a policy enforced.
+fn log_message(session: &Session, outcome: &str, ended_at: Option<Stage>) {
+    let decisive = session.message.trace.steps.iter().rev().find(|s| {
+        !s.shadow && s.verdict != "continue" && ended_at.is_none_or(|at| s.stage == at.name())
+    });
+    let end_stage = ended_at.map_or("abort", Stage::name);
+    let (stage, policy) = decisive.map_or((end_stage, "-"), |s| (&s.stage, &s.policy));
+    tracing::info!(
+        queue_id = %session.queue_id(),
+        client = %session.client.label(),
+        policy,
+        stage,
+        verdict = %outcome,
+        trace = %Line(&[&session.connection_trace, &session.message.trace]),
+        "message"
+    );
 }
 
 fn unix_now() -> i64 {
@@ -238,12 +283,23 @@ async fn answer_stage(
         conn.session.lock().hold(outcome.verdict, stage);
         return conn.pass(stage);
     }
-    let mut session = conn.session.lock();
-    if session.negotiated.no_reply(stage) {
-        if outcome.verdict.is_final() {
-            session.owe(outcome.verdict, stage);
+    {
+        let mut session = conn.session.lock();
+        if session.negotiated.no_reply(stage) {
+            if outcome.verdict.is_final() {
+                session.owe(outcome.verdict, stage);
+            }
+            return Status::Noreply;
         }
-        return Status::Noreply;
+    }
+    // A final answer inside a message ends it: the MTA sends no end of message (and indymilter
+    // passes on no abort).
+    let ends_message = matches!(
+        stage,
+        Stage::Mail | Stage::Data | Stage::Header | Stage::Eoh | Stage::Body
+    );
+    if ends_message && outcome.verdict.is_final() {
+        end_message(conn, Some((&outcome.verdict, stage)));
     }
     reply::answer(reply, &outcome.verdict)
 }
@@ -256,7 +312,7 @@ fn delays(conn: &Conn, stage: Stage, verdict: &Verdict) -> bool {
         && matches!(verdict, Verdict::Reject(reply) if reply.as_ref().is_none_or(|r| !r.immediate));
     if held {
         let client = conn.session.lock().client.label();
-        tracing::info!(%client, stage = stage.name(), verdict = %verdict, "reject delayed until DATA");
+        tracing::debug!(%client, stage = stage.name(), verdict = %verdict, "reject delayed until DATA");
     }
     held
 }
@@ -304,11 +360,13 @@ async fn decide(
         (session.client.label(), session.queue_id().to_string())
     };
     let span = tracing::info_span!("session", %client, %queue_id);
+    let started = Instant::now();
     let outcome = conn
         .lease
         .run_stage(&conn.session, stage, args)
         .instrument(span)
         .await;
+    metrics::stage_time(stage, started.elapsed());
     if outcome.verdict.is_final() {
         let policy = outcome
             .policy
@@ -318,19 +376,35 @@ async fn decide(
     Some(outcome)
 }
 
+/// A stage's final verdict: at info for the connection stages (no message line follows a
+/// refused connection), at debug otherwise (the message line at its end sums them up).
 fn log_decision(conn: &Conn, macros: &Macros, stage: Stage, policy: &str, verdict: &Verdict) {
+    let connection_stage = matches!(stage, Stage::Connect | Stage::Helo);
+    if !connection_stage && !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
     let queue_id = macros.get(c"i").map(lossy).unwrap_or_default();
     let session = conn.session.lock();
     let trace = Line(&[&session.connection_trace, &session.message.trace]);
-    tracing::info!(
-        client = %session.client.label(),
-        %queue_id,
-        stage = stage.name(),
-        policy,
-        verdict = %verdict,
-        %trace,
-        "decision"
-    );
+    macro_rules! decision {
+        ($level:expr) => {
+            tracing::event!(
+                $level,
+                client = %session.client.label(),
+                %queue_id,
+                stage = stage.name(),
+                policy,
+                verdict = %verdict,
+                %trace,
+                "decision"
+            )
+        };
+    }
+    if connection_stage {
+        decision!(tracing::Level::INFO);
+    } else {
+        decision!(tracing::Level::DEBUG);
+    }
 }
 
 /// End of message: run the chain (serving `ctx:progress()` meanwhile), apply the queued edits
@@ -368,15 +442,12 @@ async fn eom(cx: &mut EomContext<Conn>) -> Status {
             }
         }
     }
-    if !verdict.is_final() {
-        log_decision(conn, &cx.macros, Stage::Eom, "-", &Verdict::Accept);
-    }
     // Over whether or not the MTA sends ABORT.
     let outcome = if verdict.is_final() {
         verdict.clone()
     } else {
         Verdict::Accept
     };
-    end_message(conn, Some(&outcome));
+    end_message(conn, Some((&outcome, Stage::Eom)));
     reply::answer(&mut cx.reply, &verdict)
 }

@@ -4,6 +4,7 @@
 use super::Conn;
 use crate::{
     engine::{Engine, SUPPORTED_ACTIONS},
+    metrics::OpenConnection,
     session::{Negotiated, Session, SharedSession},
 };
 use indymilter::{Actions, NegotiateContext, ProtoOpts, Status};
@@ -31,6 +32,7 @@ pub async fn negotiate(
     cx.data = Some(Conn {
         lease: generation.lease(worker),
         session: SharedSession::new(session),
+        _open: OpenConnection::opened(),
     });
     Status::Continue
 }

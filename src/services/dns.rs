@@ -204,6 +204,17 @@ impl Resolver {
             Backend::Live(inner) => inner,
             Backend::Static(zones) => return zones.answer(name, rtype),
         };
+        let answer = Self::lookup(inner, name, rtype).await;
+        let result = answer.as_ref().map_or_else(DnsError::code, |_| "ok");
+        crate::metrics::dns_query(rtype.into(), result);
+        answer
+    }
+
+    async fn lookup(
+        inner: &TokioResolver,
+        name: &str,
+        rtype: RecordType,
+    ) -> Result<Vec<RData>, DnsError> {
         let name = query_name(name).ok_or(DnsError::NxDomain)?;
         let lookup = inner.lookup(name, rtype).await?;
         let data: Vec<RData> = lookup

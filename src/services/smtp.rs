@@ -522,7 +522,7 @@ impl Smtp {
     /// The remembered outcome for `key`; a store failure reads as "not remembered".
     async fn cached(&self, key: &str) -> Option<Outcome> {
         calls::note(Service::Store);
-        let found = match self.store.get(key).await {
+        let found = match crate::metrics::store_call("get", self.store.get(key)).await {
             Ok(found) => found.and_then(|value| decode(&value)),
             Err(error) => {
                 tracing::debug!(%error, key, "smtp cache read failed");
@@ -545,7 +545,9 @@ impl Smtp {
             return;
         }
         calls::note(Service::Store);
-        if let Err(error) = self.store.set(key, &encode(outcome), Some(ttl)).await {
+        let value = encode(outcome);
+        let stored = self.store.set(key, &value, Some(ttl));
+        if let Err(error) = crate::metrics::store_call("set", stored).await {
             tracing::debug!(%error, key, "smtp cache write failed");
         }
     }

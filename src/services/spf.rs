@@ -323,6 +323,7 @@ impl Spf {
             mechanism,
             problem,
         } = verdict;
+        crate::metrics::spf_result(checked.kind, result);
         let mut header = format!("{result} (");
         if let Some(receiver) = &self.receiver {
             header.push_str(&comment_text(receiver));

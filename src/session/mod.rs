@@ -173,7 +173,7 @@ impl Session {
         if (authenticated || self.mails > 1)
             && let Some(held) = self.delayed.take()
         {
-            tracing::info!(client = %self.client.label(), verdict = %held.verdict, authenticated, "delayed reject canceled");
+            tracing::debug!(client = %self.client.label(), verdict = %held.verdict, authenticated, "delayed reject canceled");
         }
         if authenticated {
             self.note_auth();

@@ -500,6 +500,16 @@ pub enum Backend {
     Redis,
 }
 
+impl Backend {
+    /// The backend's name as the config spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Redis => "redis",
+        }
+    }
+}
+
 /// SQLite `synchronous` setting for the embedded store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]

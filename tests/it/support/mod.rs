@@ -4,6 +4,7 @@
 
 mod clock;
 pub mod postfix;
+pub mod process;
 
 pub use clock::TestClock;
 

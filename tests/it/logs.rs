@@ -1,0 +1,192 @@
+//! Log hygiene: the daemon process's log read back line by line. In JSON and in text, a
+//! message gets one info line with its queue id, client, deciding policy, stage, verdict and
+//! trace; policy lines and failures carry the same fields; nothing at warn in a normal run.
+
+use crate::support::process::DaemonProcess;
+use indymilter_test::Status;
+use serde_json::Value;
+use std::net::Ipv4Addr;
+
+const POLICY: &str = r#"
+local milter = require "milter"
+local log = require "milter.log"
+return {
+  mail = function(ctx, sender)
+    log.info("checking " .. sender)
+    if sender == "spam@example.org" then return milter.reject{ code = "550", text = "no spam" } end
+  end,
+  header = function(ctx, name, value)
+    if name == "X-Boom" then error("boom") end
+  end,
+}"#;
+
+/// Two messages on one connection: one refused at MAIL (queue id Q1), one accepted (Q2) whose
+/// header makes the policy fail (exception_policy continue).
+async fn traffic(daemon: &DaemonProcess) {
+    let mut mta = daemon.client().await;
+    mta.connect("client.test", Ipv4Addr::new(192, 0, 2, 7))
+        .await
+        .unwrap();
+    mta.helo("client.test").await.unwrap();
+    mta.0
+        .macros(indymilter::MacroStage::Mail, [("i", "Q1")])
+        .await
+        .unwrap();
+    assert!(matches!(
+        mta.mail(["<spam@example.org>"]).await.unwrap(),
+        Status::Reject { .. }
+    ));
+    mta.0.abort().await.unwrap();
+    mta.0
+        .macros(indymilter::MacroStage::Mail, [("i", "Q2")])
+        .await
+        .unwrap();
+    assert_eq!(
+        mta.mail(["<friend@example.org>"]).await.unwrap(),
+        Status::Continue
+    );
+    mta.rcpt(["<user@example.test>"]).await.unwrap();
+    mta.data().await.unwrap();
+    mta.header("X-Boom", "1").await.unwrap();
+    mta.eoh().await.unwrap();
+    let (_, status) = mta.0.eom().await.unwrap();
+    assert_eq!(status, Status::Continue);
+    mta.close().await.unwrap();
+}
+
+/// Runs [`traffic`] through a daemon logging in `format` and returns its log, as text and
+/// line by line through `parse`.
+async fn logged(format: &str, parse: fn(&str) -> Value) -> (String, Vec<Value>) {
+    let extra = format!(
+        "[engine]\nexception_policy = \"continue\"\n[log]\nformat = \"{format}\"\nlevel = \"info\"\n"
+    );
+    let daemon = DaemonProcess::start(&[("gate", POLICY)], "", &extra).unwrap();
+    traffic(&daemon).await;
+    // Stopping flushes every line.
+    let (_, log) = daemon.stop();
+    println!("{log}");
+    let lines = log.lines().map(parse).collect();
+    (log, lines)
+}
+
+fn field<'a>(line: &'a Value, name: &str) -> &'a str {
+    line.get(name)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+}
+
+/// The first line with these field values.
+fn line_with<'a>(lines: &'a [Value], wanted: &[(&str, &str)]) -> &'a Value {
+    lines
+        .iter()
+        .find(|l| {
+            wanted
+                .iter()
+                .all(|(k, v)| l.get(*k).and_then(Value::as_str) == Some(*v))
+        })
+        .unwrap_or_else(|| panic!("no line with {wanted:?}"))
+}
+
+fn assert_fields(line: &Value, wanted: &[(&str, &str)]) {
+    for (name, value) in wanted {
+        assert_eq!(field(line, name), *value, "{line}");
+    }
+}
+
+/// What both formats must say: the message lines, a policy's own line, a failure, no warning.
+fn assert_message_fields(lines: &[Value], log: &str) {
+    let refused = line_with(lines, &[("message", "message"), ("queue_id", "Q1")]);
+    assert_fields(
+        refused,
+        &[
+            ("level", "INFO"),
+            ("client", "192.0.2.7"),
+            ("policy", "gate"),
+            ("stage", "mail"),
+            ("verdict", "reject 550 no spam"),
+        ],
+    );
+    let trace = field(refused, "trace");
+    assert!(
+        trace.starts_with("mail:gate=reject 550 no spam ("),
+        "{refused}"
+    );
+    let accepted = line_with(lines, &[("message", "message"), ("queue_id", "Q2")]);
+    assert_fields(
+        accepted,
+        &[("policy", "-"), ("stage", "eom"), ("verdict", "accept")],
+    );
+    assert!(
+        field(accepted, "trace").contains("header:gate=fault: "),
+        "{accepted}"
+    );
+    let said = line_with(lines, &[("message", "checking friend@example.org")]);
+    assert_fields(
+        said,
+        &[
+            ("policy", "gate"),
+            ("stage", "mail"),
+            ("queue_id", "Q2"),
+            ("client", "192.0.2.7"),
+        ],
+    );
+    let failed = line_with(lines, &[("message", "policy failed")]);
+    assert_fields(
+        failed,
+        &[
+            ("level", "ERROR"),
+            ("policy", "gate"),
+            ("stage", "header"),
+            ("queue_id", "Q2"),
+        ],
+    );
+    assert!(field(failed, "error").contains("boom"), "{failed}");
+    // Nothing at warn; per message nothing else at info but the policy's own lines.
+    assert!(!lines.iter().any(|l| l["level"] == "WARN"), "{log}");
+    let messages = lines.iter().filter(|l| l["message"] == "message").count();
+    assert_eq!(messages, 2, "{log}");
+    let other_info = lines
+        .iter()
+        .filter(|l| l["level"] == "INFO" && l.get("queue_id").is_some())
+        .filter(|l| l["message"] != "message" && l["target"] != "luamilter::policy")
+        .count();
+    assert_eq!(other_info, 0, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_lines_carry_the_message_fields() {
+    let (log, lines) = logged("json", |l| {
+        serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))
+    })
+    .await;
+    assert_message_fields(&lines, &log);
+}
+
+/// The fields of a logfmt line: `name=value`, a value quoted (JSON escapes) when it must be.
+fn logfmt(line: &str) -> Value {
+    let mut fields = serde_json::Map::new();
+    let mut rest = line;
+    while let Some((name, after)) = rest.split_once('=') {
+        let (value, next) = if after.starts_with('"') {
+            let mut stream = serde_json::Deserializer::from_str(after).into_iter::<String>();
+            let value = stream.next().unwrap().unwrap();
+            (value, &after[stream.byte_offset()..])
+        } else {
+            let end = after.find(' ').unwrap_or(after.len());
+            (after[..end].to_string(), &after[end..])
+        };
+        fields.insert(name.to_string(), value.into());
+        rest = next.trim_start();
+    }
+    assert!(
+        fields.contains_key("timestamp") && fields.contains_key("message"),
+        "not logfmt: {line}"
+    );
+    Value::Object(fields)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logfmt_lines_carry_the_same_fields() {
+    let (log, lines) = logged("logfmt", logfmt).await;
+    assert_message_fields(&lines, &log);
+}
