@@ -18,6 +18,7 @@ mod negotiation;
 mod offline;
 mod pack_bench;
 mod postfix_e2e;
+mod redis_ha;
 mod redis_server;
 mod reload;
 mod replay;

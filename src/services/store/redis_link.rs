@@ -60,7 +60,8 @@ pub(super) struct Link {
 
 /// What an error says about where the master is.
 enum Moved {
-    /// `READONLY`: the node is a replica now and refused the command, so nothing was written;
+    /// `READONLY` (the node is a replica now), or under Sentinel `NOREPLICAS` (a master whose
+    /// replicas went to a new master): the node refused the command, so nothing was written;
     /// find the master and run the command again.
     Retry,
     /// The connection failed under Sentinel: find the master again for the next call, but do
@@ -71,7 +72,9 @@ enum Moved {
 }
 
 fn moved(e: &RedisError, sentinel: bool) -> Moved {
-    if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly) {
+    if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+        || (sentinel && e.code() == Some("NOREPLICAS"))
+    {
         Moved::Retry
     } else if sentinel && (e.is_io_error() || e.is_connection_dropped() || e.is_timeout()) {
         Moved::Relocate
