@@ -45,6 +45,7 @@ pub mod engine;
 pub mod listen;
 pub mod logging;
 pub mod lua_api;
+pub mod manuals;
 pub mod offline;
 pub mod reload;
 pub mod server;

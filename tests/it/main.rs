@@ -14,6 +14,7 @@ mod docs;
 mod dsn;
 mod faults;
 mod loadgen;
+mod manuals;
 mod negotiation;
 mod offline;
 mod pack_bench;
