@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite drives for real: Postfix and swaks (end-to-end
 # tests), redis-server (shared-store tests, Sentinel too), openssl (certificates for the Redis
-# TLS test), man-db and groff (`man -l` on the generated pages). Idempotent; needs root (as do
+# TLS test), man-db and groff (`man -l` on the generated pages), lintian (the Debian package,
+# .ci/deb). Idempotent; needs root (as do
 # the Postfix tests).
 set -euo pipefail
 missing=()
@@ -11,6 +12,7 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v man >/dev/null 2>&1 || missing+=(man-db)
 command -v nroff >/dev/null 2>&1 || missing+=(groff-base)
+command -v lintian >/dev/null 2>&1 || missing+=(lintian)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -18,6 +18,7 @@ mod manuals;
 mod negotiation;
 mod offline;
 mod pack_bench;
+mod package;
 mod postfix_e2e;
 mod redis_ha;
 mod redis_server;
