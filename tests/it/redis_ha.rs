@@ -13,6 +13,7 @@ use luamilter::services::store::{
 };
 
 use crate::redis_server::{RedisSentinel, RedisServer};
+use crate::support::{TestDaemon, reply_text};
 
 /// Every acknowledged write of the traffic task: ban entries and greylisted senders.
 #[derive(Default)]
@@ -89,6 +90,30 @@ async fn traffic(
         }
     }
     (acked, failures)
+}
+
+/// Sends messages through `daemon` (the stock greylist policy, `fail_closed`) until `stop`;
+/// returns the RCPT answers.
+async fn milter_traffic(daemon: Arc<TestDaemon>, stop: Arc<tokio::sync::Notify>) -> Vec<String> {
+    let mut answers = Vec::new();
+    let stopped = stop.notified();
+    tokio::pin!(stopped);
+    for i in 0u32.. {
+        let mut mta = daemon.client().await;
+        let ip = std::net::Ipv4Addr::from(0xC000_0200 + (i % 250) + 1);
+        mta.connect("mail.example.test", ip).await.unwrap();
+        mta.helo("mail.example.test").await.unwrap();
+        mta.mail(["<s@example.test>"]).await.unwrap();
+        answers.push(reply_text(
+            &mta.rcpt([format!("<r{i}@example.org>")]).await.unwrap(),
+        ));
+        mta.close().await.unwrap();
+        tokio::select! {
+            _ = &mut stopped => break,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    answers
 }
 
 /// Asserts that everything in `acked` is in the store (read from the current master).
@@ -229,6 +254,24 @@ async fn sentinel_failover_keeps_acknowledged_writes() {
         ..StoreConfig::default()
     };
     let st = store::open(&config, store::system_clock()).unwrap();
+    // A daemon on the same Redis, greylisting with the stock policy, failing closed.
+    let dir = tempfile::tempdir().unwrap();
+    let sentinel_list: Vec<String> = config.sentinels.iter().map(|s| format!("{s:?}")).collect();
+    let daemon_config = dir.path().join("luamilter.toml");
+    std::fs::write(
+        &daemon_config,
+        format!(
+            "[milter]\nlisten = \"inet:0@127.0.0.1\"\ncontrol_socket = {:?}\n\
+             [policies]\ndirs = [\".\"]\nchain = [\"greylist\"]\n\
+             [policy.greylist]\nfail_closed = true\n\
+             [store]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1/\"\nprefix = \"mx:\"\n\
+             sentinels = [{}]\nmin_replicas = 1\ntimeout = \"1s\"\n",
+            dir.path().join("ctl.sock"),
+            sentinel_list.join(", ")
+        ),
+    )
+    .unwrap();
+    let daemon = Arc::new(TestDaemon::start_config(dir, &daemon_config).await.unwrap());
 
     // 1. A graceful failover: the old master turns replica and answers READONLY, which the
     // store takes as "master moved".
@@ -242,12 +285,32 @@ async fn sentinel_failover_keeps_acknowledged_writes() {
 
     // 2. kill -9 of the new master mid-traffic: the replica is promoted; writes need a replica
     // again, so they resume when the killed host comes back (empty) and turns replica.
+    // Mail flows through the daemon meanwhile.
+    let stop_mail = Arc::new(tokio::sync::Notify::new());
+    let mail = tokio::spawn(milter_traffic(daemon.clone(), stop_mail.clone()));
     let victim = servers.iter_mut().find(|s| s.port == second).unwrap();
     let (more, third) = through(&st, &sentinels, second, 100_000, |moment| match moment {
         Moment::Start => victim.stop(),
         Moment::Switched => victim.restart(),
     })
     .await;
+    stop_mail.notify_one();
+    let answers = mail.await.unwrap();
+    // Every RCPT got the greylist answer or, while the master was switching, the documented
+    // fail-closed one; never an accept, never a policy error.
+    let greylisted = answers.iter().filter(|a| a.contains("Greylisted")).count();
+    let unavailable = answers
+        .iter()
+        .filter(|a| a.contains("Greylisting is unavailable"))
+        .count();
+    eprintln!("milter: {greylisted} greylisted, {unavailable} unavailable during the switch");
+    assert_eq!(greylisted + unavailable, answers.len(), "{answers:?}");
+    assert!(greylisted > 0 && unavailable > 0, "{answers:?}");
+    // The last answers came from the new master.
+    assert!(
+        answers.last().unwrap().contains("Greylisted"),
+        "{answers:?}"
+    );
     assert_eq!(third, master_port);
     assert_kept(st.as_ref(), &acked).await;
     assert_kept(st.as_ref(), &more).await;

@@ -244,7 +244,12 @@ impl Link {
     async fn locate(&self) -> std::result::Result<ConnectionManager, RedisError> {
         let client = match &self.locator {
             Locator::Fixed(client) => client.clone(),
-            Locator::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await?,
+            Locator::Sentinel(sentinel) => {
+                let client = sentinel.lock().await.async_get_client().await?;
+                let master = client.get_connection_info().addr();
+                tracing::info!(%master, "redis: the sentinels name the master");
+                client
+            }
         };
         ConnectionManager::new_lazy_with_config(client, self.manager_config.clone())
     }
@@ -285,7 +290,7 @@ impl Link {
             Ok(value) => value,
             Err(e) => match moved(&e, sentinel) {
                 Moved::Retry => {
-                    tracing::info!(error = %e, "redis master moved; finding it again");
+                    tracing::debug!(error = %e, "redis master moved; finding it again");
                     self.replace(generation).await.map_err(map_err)?;
                     conn = self.connection().await.map_err(map_err)?.1;
                     request.send(&mut conn).await.map_err(map_err)?
