@@ -116,29 +116,20 @@ async fn milter_traffic(daemon: Arc<TestDaemon>, stop: Arc<tokio::sync::Notify>)
     answers
 }
 
+/// Asserts that every acknowledged item is among the stored ones.
+fn assert_none_lost(what: &str, acked: &BTreeSet<String>, stored: impl Iterator<Item = String>) {
+    let stored: BTreeSet<String> = stored.collect();
+    let lost: Vec<_> = acked.difference(&stored).collect();
+    assert!(lost.is_empty(), "acknowledged {what} lost: {lost:?}");
+}
+
 /// Asserts that everything in `acked` is in the store (read from the current master).
 async fn assert_kept(st: &dyn Store, acked: &Acknowledged) {
-    let bans: BTreeSet<String> = st
-        .list_all(List::BannedIp)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.entry)
-        .collect();
-    let lost: Vec<_> = acked.bans.difference(&bans).collect();
-    assert!(lost.is_empty(), "acknowledged bans lost: {lost:?}");
-    let senders: BTreeSet<String> = st
-        .greylist_entries()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.sender)
-        .collect();
-    let lost: Vec<_> = acked.senders.difference(&senders).collect();
-    assert!(
-        lost.is_empty(),
-        "acknowledged greylist records lost: {lost:?}"
-    );
+    let bans = st.list_all(List::BannedIp).await.unwrap();
+    assert_none_lost("bans", &acked.bans, bans.into_iter().map(|e| e.entry));
+    let records = st.greylist_entries().await.unwrap();
+    let senders = records.into_iter().map(|e| e.sender);
+    assert_none_lost("greylist records", &acked.senders, senders);
 }
 
 /// When [`through`] calls its event.
@@ -434,26 +425,21 @@ async fn tls_with_private_ca_and_password_file() {
     st.set("k", &value, None).await.unwrap();
     assert_eq!(st.get("k").await.unwrap(), Some(value));
 
-    // The system roots do not know our CA: refused, not hung.
-    let untrusted = StoreConfig {
+    // A store opened on `config` answers "unavailable", quickly.
+    let refused = async |config: &StoreConfig| {
+        let st = store::open(config, store::system_clock()).unwrap();
+        let err = st.get("k").await.unwrap_err();
+        assert_eq!(err.code(), "unavailable", "{err}");
+    };
+    // The system roots do not know our CA.
+    refused(&StoreConfig {
         tls_ca_file: None,
         ..config.clone()
-    };
-    let err = store::open(&untrusted, store::system_clock())
-        .unwrap()
-        .get("k")
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), "unavailable", "{err}");
-
-    // A wrong password is refused.
+    })
+    .await;
+    // A wrong password.
     std::fs::write(&password_file, "wrong\n").unwrap();
-    let err = store::open(&config, store::system_clock())
-        .unwrap()
-        .get("k")
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), "unavailable", "{err}");
+    refused(&config).await;
 
     // A missing password file is a configuration error at start.
     let missing = StoreConfig {
