@@ -450,3 +450,27 @@ async fn tls_with_private_ca_and_password_file() {
     assert_eq!(err.code(), "invalid", "{err}");
     assert!(err.to_string().contains("absent"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readonly_replica_without_sentinel_is_reported_as_master_moved() {
+    let master = RedisServer::start();
+    let node = RedisServer::start();
+    let config = StoreConfig {
+        backend: Backend::Redis,
+        url: node.url.clone(),
+        timeout: Duration::from_secs(1),
+        ..StoreConfig::default()
+    };
+    let st = store::open(&config, store::system_clock()).unwrap();
+    st.set("k", &Value::Scalar(Scalar::Int(1)), None)
+        .await
+        .unwrap();
+    // The node the URL names is demoted: it refuses writes (READONLY).
+    node.cli(&["REPLICAOF", "127.0.0.1", &master.port.to_string()]);
+    let err = st.incr("n", 1, None).await.unwrap_err();
+    assert_eq!(err.code(), "unavailable", "{err}");
+    assert!(err.to_string().contains("master moved"), "{err}");
+    // Promoted again (as a VIP or DNS name moving back would look): writes work, no restart.
+    node.cli(&["REPLICAOF", "NO", "ONE"]);
+    assert_eq!(st.incr("n", 1, None).await.unwrap(), 1);
+}
