@@ -200,7 +200,7 @@ fn sentinel_client(config: &StoreConfig, info: &ConnectionInfo) -> Result<Sentin
 }
 
 impl Link {
-    /// Prepares the link without connecting (must run inside a tokio runtime).
+    /// Prepares the link; nothing connects before the first call.
     pub fn new(config: &StoreConfig) -> Result<Link> {
         let info = connection_info(config)?;
         let locator = if config.sentinels.is_empty() {
@@ -213,7 +213,7 @@ impl Link {
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let link = Link {
+        Ok(Link {
             locator,
             manager_config,
             current: Mutex::new(Current {
@@ -223,16 +223,7 @@ impl Link {
             replacing: tokio::sync::Mutex::new(()),
             min_replicas: config.min_replicas,
             wait_timeout: config.timeout / 2,
-        };
-        if let Locator::Fixed(client) = &link.locator {
-            let conn = ConnectionManager::new_lazy_with_config(
-                client.clone(),
-                link.manager_config.clone(),
-            )
-            .map_err(map_err)?;
-            link.current.lock().unwrap().conn = Some(conn);
-        }
-        Ok(link)
+        })
     }
 
     fn snapshot(&self) -> (u64, Option<ConnectionManager>) {
