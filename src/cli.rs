@@ -115,6 +115,11 @@ enum Command {
         /// Directory to write into (created if missing).
         dir: PathBuf,
     },
+    /// Write the manual pages or the shell completions into a directory (for packagers).
+    Generate {
+        #[command(subcommand)]
+        what: crate::manuals::GenerateCommand,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone, Copy)]
@@ -158,6 +163,7 @@ pub fn main() -> ExitCode {
             command,
         } => ctl(config, socket, command),
         Command::Stubs { dir } => stubs(&dir),
+        Command::Generate { what } => crate::manuals::generate(what),
     }
 }
 

@@ -47,6 +47,7 @@ pub mod engine;
 pub mod listen;
 pub mod logging;
 pub mod lua_api;
+pub mod manuals;
 pub mod metrics;
 pub mod offline;
 pub mod pid_file;

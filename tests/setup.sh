@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite drives for real: Postfix and swaks (end-to-end
-# tests) and redis-server (shared-store tests). Idempotent; needs root (as do the Postfix tests).
+# tests), redis-server (shared-store tests, Sentinel too), openssl (certificates for the Redis
+# TLS test), man-db and groff (`man -l` on the generated pages), lintian (the Debian package,
+# .ci/deb). Idempotent; needs root (as do
+# the Postfix tests).
 set -euo pipefail
 missing=()
 command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || missing+=(postfix)
 command -v swaks >/dev/null 2>&1 || missing+=(swaks)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v man >/dev/null 2>&1 || missing+=(man-db)
+command -v nroff >/dev/null 2>&1 || missing+=(groff-base)
+command -v lintian >/dev/null 2>&1 || missing+=(lintian)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -352,7 +352,7 @@ fn shipped_unit_files_pass_systemd_analyze_verify() {
     for name in ["luamilter.service", "luamilter.socket"] {
         let text = std::fs::read_to_string(units.join(name))
             .unwrap()
-            .replace("/usr/local/bin/luamilter", env!("CARGO_BIN_EXE_luamilter"));
+            .replace("/usr/bin/luamilter", env!("CARGO_BIN_EXE_luamilter"));
         std::fs::write(dir.path().join(name), text).unwrap();
     }
     let out = std::process::Command::new(analyze)

@@ -9,6 +9,7 @@
 //! (unix milliseconds), so expiry and greylisting can be tested without waiting.
 
 pub mod redis;
+mod redis_link;
 pub mod sqlite;
 pub mod zone;
 
@@ -541,6 +542,20 @@ pub struct StoreConfig {
     /// Upper bound of one Redis connection attempt ("1s").
     #[serde(deserialize_with = "crate::duration::serde_duration::deserialize")]
     pub connect_timeout: Duration,
+    /// File whose first line is the Redis password (AUTH; the user is the URL's), so the
+    /// password need not be in the configuration (redis).
+    pub password_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the Redis server's certificate, for `rediss://` URLs;
+    /// without it the system's roots are used (redis).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Sentinels ("host:port") that know where the master is; the URL then gives only the
+    /// scheme, credentials and database (redis).
+    pub sentinels: Vec<String>,
+    /// The master's name as the sentinels know it (`sentinel monitor NAME ...`) (redis).
+    pub sentinel_master: String,
+    /// A write is acknowledged only once this many replicas have it (Redis `WAIT`); 0 (the
+    /// default) acknowledges what the master has (redis).
+    pub min_replicas: u32,
 }
 
 impl Default for StoreConfig {
@@ -553,6 +568,11 @@ impl Default for StoreConfig {
             prefix: "luamilter:".into(),
             timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(1),
+            password_file: None,
+            tls_ca_file: None,
+            sentinels: Vec::new(),
+            sentinel_master: "mymaster".into(),
+            min_replicas: 0,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The shared backend: a Redis server (≥ 7.0) used by several MX hosts.
 //!
-//! One lazily connecting [`ConnectionManager`] (the daemon starts while Redis is down; it
-//! reconnects by itself) with short connection and response timeouts, plus the per-call timeout.
+//! One lazily connecting link to the master ([`Link`]: the daemon starts while Redis is down; it
+//! reconnects by itself and follows a Sentinel failover) with short connection and response
+//! timeouts, plus the per-call timeout.
 //! Every operation that reads and writes is one server-side Lua script, so it is atomic across
 //! hosts.
 //!
@@ -18,10 +19,10 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, RedisError, Script};
+use redis::{Script, ScriptInvocation};
 use serde::{Deserialize, Serialize};
 
+use super::redis_link::{Link, Request};
 use super::{
     Clock, GreylistEntry, GreylistOptions, GreylistVerdict, List, ListEntry, Result, Store,
     StoreConfig, StoreError, Triplet, Value, with_timeout,
@@ -148,17 +149,6 @@ struct StoredEntry {
     created: i64,
 }
 
-fn map_err(e: RedisError) -> StoreError {
-    let text = e.to_string();
-    if e.is_timeout() {
-        StoreError::Unavailable(format!("redis timeout: {text}"))
-    } else if text.contains("not an integer") || text.contains("overflow") {
-        StoreError::Invalid(text)
-    } else {
-        StoreError::Unavailable(text)
-    }
-}
-
 /// Escapes glob characters for `SCAN MATCH`.
 fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -177,26 +167,17 @@ fn ms(d: Duration) -> i64 {
 
 /// The Redis store.
 pub struct RedisStore {
-    conn: ConnectionManager,
+    link: Link,
     prefix: String,
     timeout: Duration,
     clock: Clock,
 }
 
 impl RedisStore {
-    /// Prepares the connection manager without connecting (must run inside a tokio runtime).
+    /// Prepares the link without connecting (must run inside a tokio runtime).
     pub fn new(config: &StoreConfig, clock: Clock) -> Result<RedisStore> {
-        let client = Client::open(config.url.as_str())
-            .map_err(|e| StoreError::Invalid(format!("redis url {:?}: {e}", config.url)))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(map_err)?;
         Ok(RedisStore {
-            conn,
+            link: Link::new(config)?,
             prefix: config.prefix.clone(),
             timeout: config.timeout,
             clock,
@@ -211,9 +192,26 @@ impl RedisStore {
         format!("{}list:{}:{entry}", self.prefix, list.name())
     }
 
+    /// Runs a script on the master within the call timeout; `write`s wait for replicas.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        write: bool,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T> {
+        let call = self.link.call(write, Request::Script(invocation));
+        with_timeout(self.timeout, call).await
+    }
+
+    /// Runs a command on the master within the call timeout; `write`s wait for replicas.
+    async fn query<T: redis::FromRedisValue>(&self, write: bool, cmd: &redis::Cmd) -> Result<T> {
+        let call = self.link.call(write, Request::Command(cmd));
+        with_timeout(self.timeout, call).await
+    }
+
     /// Runs `script` with `keys` and `args` (the clock's `now` is prepended to `args`).
     async fn run<T: redis::FromRedisValue>(
         &self,
+        write: bool,
         script: &Script,
         keys: &[String],
         args: &[i64],
@@ -226,11 +224,7 @@ impl RedisStore {
         for a in args {
             invocation.arg(a);
         }
-        let mut conn = self.conn.clone();
-        with_timeout(self.timeout, async move {
-            invocation.invoke_async(&mut conn).await.map_err(map_err)
-        })
-        .await
+        self.invoke(write, &invocation).await
     }
 
     /// Live values and expiries of string keys.
@@ -238,7 +232,7 @@ impl RedisStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        self.run(&READ, keys, &[]).await
+        self.run(false, &READ, keys, &[]).await
     }
 
     /// Live values and expiries of every key that starts with `prefix`.
@@ -247,18 +241,14 @@ impl RedisStore {
         let mut cursor = 0u64;
         let mut out = Vec::new();
         loop {
-            let mut conn = self.conn.clone();
-            let query = redis::cmd("SCAN")
+            let scan = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
                 .arg(&pattern)
                 .arg("COUNT")
                 .arg(1000)
                 .to_owned();
-            let (next, keys): (u64, Vec<String>) = with_timeout(self.timeout, async move {
-                query.query_async(&mut conn).await.map_err(map_err)
-            })
-            .await?;
+            let (next, keys): (u64, Vec<String>) = self.query(false, &scan).await?;
             for (key, (value, expires)) in keys.iter().zip(self.read(&keys).await?) {
                 if let Some(value) = value {
                     out.push((key.clone(), value, expires.filter(|e| *e >= 0)));
@@ -299,29 +289,27 @@ impl Store for RedisStore {
         if let Some(ttl) = ttl {
             cmd.arg("PXAT").arg(self.now() + ms(ttl));
         }
-        let mut conn = self.conn.clone();
-        with_timeout(self.timeout, async move {
-            cmd.query_async::<()>(&mut conn).await.map_err(map_err)
-        })
-        .await
+        self.query(true, &cmd).await
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        self.run(&DELETE, &[self.key("kv", key)], &[]).await
+        self.run(true, &DELETE, &[self.key("kv", key)], &[]).await
     }
 
     async fn incr(&self, key: &str, by: i64, ttl: Option<Duration>) -> Result<i64> {
         let ttl = ttl.map_or(0, ms);
-        self.run(&INCR, &[self.key("kv", key)], &[by, ttl]).await
+        self.run(true, &INCR, &[self.key("kv", key)], &[by, ttl])
+            .await
     }
 
     async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
-        self.run(&EXPIRE, &[self.key("kv", key)], &[ms(ttl)]).await
+        self.run(true, &EXPIRE, &[self.key("kv", key)], &[ms(ttl)])
+            .await
     }
 
     async fn count(&self, key: &str, window: Duration) -> Result<i64> {
         let keys = [self.key("count", key), format!("{}seq", self.prefix)];
-        self.run(&COUNT, &keys, &[ms(window)]).await
+        self.run(true, &COUNT, &keys, &[ms(window)]).await
     }
 
     async fn greylist_triplet(
@@ -346,11 +334,7 @@ impl Store for RedisStore {
             .arg(&t.client)
             .arg(&t.sender)
             .arg(&t.rcpt);
-        let mut conn = self.conn.clone();
-        let (passed, n): (i64, i64) = with_timeout(self.timeout, async move {
-            invocation.invoke_async(&mut conn).await.map_err(map_err)
-        })
-        .await?;
+        let (passed, n): (i64, i64) = self.invoke(true, &invocation).await?;
         Ok(if passed == 1 {
             GreylistVerdict::Pass { passes: n }
         } else {
@@ -387,15 +371,12 @@ impl Store for RedisStore {
         if let Some(expires) = entry.expires {
             cmd.arg("PXAT").arg(expires);
         }
-        let mut conn = self.conn.clone();
-        with_timeout(self.timeout, async move {
-            cmd.query_async::<()>(&mut conn).await.map_err(map_err)
-        })
-        .await
+        self.query(true, &cmd).await
     }
 
     async fn list_delete(&self, list: List, entry: &str) -> Result<bool> {
-        self.run(&DELETE, &[self.list_key(list, entry)], &[]).await
+        self.run(true, &DELETE, &[self.list_key(list, entry)], &[])
+            .await
     }
 
     async fn list_first(&self, list: List, entries: &[String]) -> Result<Option<ListEntry>> {
