@@ -238,14 +238,39 @@ async fn answer_stage(
         conn.session.lock().hold(outcome.verdict, stage);
         return conn.pass(stage);
     }
-    let mut session = conn.session.lock();
-    if session.negotiated.no_reply(stage) {
-        if outcome.verdict.is_final() {
-            session.owe(outcome.verdict, stage);
+    {
+        let mut session = conn.session.lock();
+        if session.negotiated.no_reply(stage) {
+            if outcome.verdict.is_final() {
+                session.owe(outcome.verdict, stage);
+            }
+            return Status::Noreply;
         }
-        return Status::Noreply;
+    }
+    if ends_undelivered(stage, &outcome.verdict) {
+        finish_undelivered(conn, macros, &outcome.verdict).await;
     }
     reply::answer(reply, &outcome.verdict)
+}
+
+/// Whether `verdict` at `stage` ends the message undelivered (refused or discarded) where the
+/// MTA sends no ABORT afterwards: every message stage but `rcpt`, whose refusals are per
+/// recipient (a message with no recipient left is aborted by the MTA itself).
+fn ends_undelivered(stage: Stage, verdict: &Verdict) -> bool {
+    stage.in_message()
+        && stage != Stage::Rcpt
+        && matches!(
+            verdict,
+            Verdict::Reject(_) | Verdict::Tempfail(_) | Verdict::Discard
+        )
+}
+
+/// Ends a message that `verdict` refused or discarded: the `abort` chain runs as if the MTA had
+/// aborted it (so `abort` handlers see every undelivered message, with `ctx.verdicts`), then
+/// its history is stored and its state reset.
+async fn finish_undelivered(conn: &Conn, macros: &Macros, verdict: &Verdict) {
+    decide(conn, macros, Stage::Abort, StageArgs::None, None).await;
+    end_message(conn, Some(verdict));
 }
 
 /// With `[site] delay_reject`, a reject decided at connect, HELO or MAIL that is not marked
@@ -370,6 +395,10 @@ async fn eom(cx: &mut EomContext<Conn>) -> Status {
     }
     if !verdict.is_final() {
         log_decision(conn, &cx.macros, Stage::Eom, "-", &Verdict::Accept);
+    }
+    if ends_undelivered(Stage::Eom, &verdict) {
+        finish_undelivered(conn, &cx.macros, &verdict).await;
+        return reply::answer(&mut cx.reply, &verdict);
     }
     // Over whether or not the MTA sends ABORT.
     let outcome = if verdict.is_final() {
