@@ -47,7 +47,7 @@ return {
     end
     if #trap == 0 then return end
     if #trap == #ctx.recipients then return milter.discard() end
-    for _, rcpt in ipairs(trap) do ctx:delete_rcpt(rcpt) end
+    for _, rcpt in ipairs(trap) do ctx:delete_rcpt("<" .. rcpt .. ">") end
     return notice.quarantine(ctx, opts.reason)
   end,
 }

@@ -22,6 +22,7 @@ mod postfix_e2e;
 mod redis_server;
 mod reload;
 mod replay;
+mod reputation;
 mod services;
 mod session;
 mod site;
