@@ -27,15 +27,19 @@ async fn mx_host(redis: &RedisServer) -> TestDaemon {
     TestDaemon::start_config(dir, &path).await.unwrap()
 }
 
-/// Opens a message from the spam client: connect, HELO, MAIL.
-async fn from_spammer(host: &TestDaemon) -> Mta {
+/// Opens a message: connect from `ip`, HELO, MAIL.
+async fn open(host: &TestDaemon, ip: Ipv4Addr, helo: &str, sender: &str) -> Mta {
     let mut c = host.client().await;
-    c.connect("[203.0.113.9]", Ipv4Addr::new(203, 0, 113, 9))
-        .await
-        .unwrap();
-    c.helo("mail.spam.test").await.unwrap();
-    c.mail(["<offers@spam.test>"]).await.unwrap();
+    c.connect(&format!("[{ip}]"), ip).await.unwrap();
+    c.helo(helo).await.unwrap();
+    c.mail([sender]).await.unwrap();
     c
+}
+
+/// Opens a message from the spam client.
+async fn from_spammer(host: &TestDaemon) -> Mta {
+    let ip = Ipv4Addr::new(203, 0, 113, 9);
+    open(host, ip, "mail.spam.test", "<offers@spam.test>").await
 }
 
 /// The message's end: DATA through end of message.
@@ -104,13 +108,9 @@ async fn two_mx_hosts_share_reputation_through_redis() {
 async fn honeypot_among_real_recipients_quarantines_without_the_trap() {
     let redis = RedisServer::start();
     let host = mx_host(&redis).await;
-    let mut c = host.client().await;
-    c.connect("[198.51.100.9]", Ipv4Addr::new(198, 51, 100, 9))
-        .await
-        .unwrap();
-    c.helo("mail.other.test").await.unwrap();
     // The null sender gets no notice (no DSN, no call-back): the quarantine alone.
-    c.mail(["<>"]).await.unwrap();
+    let ip = Ipv4Addr::new(198, 51, 100, 9);
+    let mut c = open(&host, ip, "mail.other.test", "<>").await;
     c.rcpt(["<a@example.org>"]).await.unwrap();
     c.rcpt(["<trap@example.org>"]).await.unwrap();
     let (actions, status) = finish(&mut c).await;
