@@ -64,8 +64,8 @@ local function rate(amounts, opts)
   return (ham - spam) / (n + 1), n / (n + opts.confidence_weight), ham, spam
 end
 
--- The recipients and verdicts a policy could learn from: did anything but this policy refuse
--- or discard the message or one of its recipients?
+-- Whether a policy other than this one refused or discarded the message or one of its
+-- recipients (ctx.verdicts holds them all; this policy counts its own refusals).
 local function refused_by_others(ctx, rep)
   local refusals = 0
   for _, v in ipairs(ctx.verdicts) do
@@ -76,7 +76,7 @@ end
 
 -- The message's reputation state: published at MAIL by the lookup, or made here for a message
 -- refused before this policy's MAIL handler ran (it still teaches spam). nil: no identity.
-local function state(ctx, opts)
+local function state(ctx)
   local rep = ctx.msg.reputation
   if rep then return rep end
   local id = identity(ctx)
@@ -86,7 +86,7 @@ local function state(ctx, opts)
   return rep
 end
 
-local function learn(ctx, rep, what, why, opts)
+local function learn(rep, what, why, opts)
   if rep.learned then return end
   rep.learned = what
   local ok, err = store.decay(key(rep.identity), opts.half_life, { [what] = 1 })
@@ -163,7 +163,7 @@ return {
 
   rcpt = function(ctx, rcpt, args, opts)
     if not learning(ctx) then return end
-    local rep = state(ctx, opts)
+    local rep = state(ctx)
     if not rep then return end
     if ctx:macro("rcpt_mailer") == "error" then
       rep.bad_rcpt = rep.bad_rcpt or rcpt
@@ -188,14 +188,14 @@ return {
         :format(rep.identity, rep.score, rep.confidence, rep.ham, rep.spam))
     end
     local why = spam_reason(ctx, rep)
-    learn(ctx, rep, why and "spam" or "ham", why or "delivered", opts)
+    learn(rep, why and "spam" or "ham", why or "delivered", opts)
   end,
 
   abort = function(ctx, opts)
     if not learning(ctx) then return end
-    local rep = state(ctx, opts)
+    local rep = state(ctx)
     if not rep then return end
     local why = spam_reason(ctx, rep)
-    if why then learn(ctx, rep, "spam", why, opts) end
+    if why then learn(rep, "spam", why, opts) end
   end,
 }
