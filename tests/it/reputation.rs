@@ -1,5 +1,6 @@
 //! The reputation and honeypot stock policies through real daemons and a real milter client:
-//! two MX hosts sharing one redis-server learn from each other's verdicts; a honeypot among
+//! two MX hosts (two `luamilter run` processes) sharing one redis-server learn from each other's
+//! verdicts; a honeypot among
 //! real recipients quarantines the message without the trap; `abort` handlers see a message a
 //! verdict ended, with `ctx.verdicts`. The policies' rules: tests/cases/reputation.toml and
 //! tests/cases/honeypot.toml.
@@ -10,26 +11,36 @@ use indymilter_test::Status;
 use tempfile::TempDir;
 
 use crate::redis_server::RedisServer;
-use crate::support::{Mta, TestDaemon, added_header, reply_text};
+use crate::support::{DaemonProcess, Mta, TestDaemon, added_header, reply_text};
 
-/// One MX host: the stock reputation and honeypot policies on the shared Redis store.
-async fn mx_host(redis: &RedisServer) -> TestDaemon {
+/// One MX host: a `luamilter run` process with the stock reputation and honeypot policies on
+/// the shared Redis store.
+struct MxHost {
+    process: DaemonProcess,
+    _dir: TempDir,
+}
+
+async fn mx_host(redis: &RedisServer) -> MxHost {
     let dir = TempDir::new().unwrap();
+    let socket = dir.path().join("milter.sock");
     let extra = format!(
-        "[store]\nbackend = \"redis\"\nurl = {:?}\n[policy.honeypot]\naddresses = [\"trap@example.org\"]\n[policy.reputation]\nbad_score = -0.4\nbad_confidence = 0.05\n",
+        "[log]\nlevel = \"warn\"\n[store]\nbackend = \"redis\"\nurl = {:?}\n[policy.honeypot]\naddresses = [\"trap@example.org\"]\n[policy.reputation]\nbad_score = -0.4\nbad_confidence = 0.05\n",
         redis.url
     );
-    let path = crate::support::write_config(&dir, "inet:0@127.0.0.1", &[], &extra);
+    let listen = format!("unix:{}", socket.display());
+    let path = crate::support::write_config(&dir, &listen, &[], &extra);
     let text = std::fs::read_to_string(&path)
         .unwrap()
         .replace("chain = []", "chain = [\"reputation\", \"honeypot\"]");
     std::fs::write(&path, text).unwrap();
-    TestDaemon::start_config(dir, &path).await.unwrap()
+    MxHost {
+        process: DaemonProcess::spawn(&path, socket).await,
+        _dir: dir,
+    }
 }
 
-/// Opens a message: connect from `ip`, HELO, MAIL.
-async fn open(host: &TestDaemon, ip: Ipv4Addr, helo: &str, sender: &str) -> Mta {
-    let mut c = host.client().await;
+/// Opens a message on `c`: connect from `ip`, HELO, MAIL.
+async fn open(mut c: Mta, ip: Ipv4Addr, helo: &str, sender: &str) -> Mta {
     c.connect(&format!("[{ip}]"), ip).await.unwrap();
     c.helo(helo).await.unwrap();
     c.mail([sender]).await.unwrap();
@@ -37,9 +48,10 @@ async fn open(host: &TestDaemon, ip: Ipv4Addr, helo: &str, sender: &str) -> Mta 
 }
 
 /// Opens a message from the spam client.
-async fn from_spammer(host: &TestDaemon) -> Mta {
+async fn from_spammer(host: &MxHost) -> Mta {
     let ip = Ipv4Addr::new(203, 0, 113, 9);
-    open(host, ip, "mail.spam.test", "<offers@spam.test>").await
+    let c = host.process.client().await;
+    open(c, ip, "mail.spam.test", "<offers@spam.test>").await
 }
 
 /// The message's end: DATA through end of message.
@@ -100,8 +112,6 @@ async fn two_mx_hosts_share_reputation_through_redis() {
         Some("client:203.0.113.0/24,mail.spam.test; score=0.00; confidence=0.17; ham=1.0 spam=1.0")
     );
     c.close().await.unwrap();
-    a.stop().await;
-    b.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,7 +120,7 @@ async fn honeypot_among_real_recipients_quarantines_without_the_trap() {
     let host = mx_host(&redis).await;
     // The null sender gets no notice (no DSN, no call-back): the quarantine alone.
     let ip = Ipv4Addr::new(198, 51, 100, 9);
-    let mut c = open(&host, ip, "mail.other.test", "<>").await;
+    let mut c = open(host.process.client().await, ip, "mail.other.test", "<>").await;
     c.rcpt(["<a@example.org>"]).await.unwrap();
     c.rcpt(["<trap@example.org>"]).await.unwrap();
     let (actions, status) = finish(&mut c).await;
@@ -125,7 +135,6 @@ async fn honeypot_among_real_recipients_quarantines_without_the_trap() {
     );
     assert!(!actions.has_delete_recipient("<a@example.org>"));
     c.close().await.unwrap();
-    host.stop().await;
 }
 
 const REFUSER: &str = r#"
