@@ -74,11 +74,19 @@ local function refused_by_others(ctx, rep)
   return refusals > rep.own_refusals
 end
 
--- The message's reputation state: published at MAIL by the lookup, or made here for a message
--- refused before this policy's MAIL handler ran (it still teaches spam). nil: no identity.
+-- Internal, authenticated and localhost clients are neither scored nor learned from.
+local function learning(ctx)
+  local client = ctx.client
+  return not (client.internal or client.localhost or client.authenticated)
+end
+
+-- The message's reputation state, ctx.msg.reputation: made at MAIL (then filled by the lookup),
+-- or later for a message refused before this policy's MAIL handler ran (it still teaches
+-- spam). nil: not scored (no identity, or a client that is not learned from).
 local function state(ctx)
   local rep = ctx.msg.reputation
   if rep then return rep end
+  if not learning(ctx) then return nil end
   local id = identity(ctx)
   if not id then return nil end
   rep = { identity = id, score = 0, confidence = 0, ham = 0, spam = 0, own_refusals = 0 }
@@ -112,11 +120,6 @@ local function exempt_recipient(rcpt, exempt)
   return false
 end
 
-local function learning(ctx)
-  local client = ctx.client
-  return not (client.internal or client.localhost or client.authenticated)
-end
-
 return {
   description = "learn sender reputation from the chain's verdicts; skip greylisting for good senders, refuse bad ones",
   needs = { "rejected_recipients" },
@@ -143,26 +146,20 @@ return {
   end,
 
   mail = function(ctx, sender, args, opts)
-    if not learning(ctx) then return end
-    local id = identity(ctx)
-    if not id then return end
-    local amounts, err = store.decay(key(id), opts.half_life)
+    local rep = state(ctx)
+    if not rep then return end
+    local amounts, err = store.decay(key(rep.identity), opts.half_life)
     if not amounts then
-      milter.log.warn("reputation: cannot look up", id, err)
+      milter.log.warn("reputation: cannot look up", rep.identity, err)
       amounts = {}
     end
-    local score, confidence, ham, spam = rate(amounts, opts)
-    ctx.msg.reputation = {
-      identity = id, score = score, confidence = confidence, ham = ham, spam = spam,
-      own_refusals = 0,
-    }
-    if score > opts.good_score and confidence >= opts.good_confidence then
+    rep.score, rep.confidence, rep.ham, rep.spam = rate(amounts, opts)
+    if rep.score > opts.good_score and rep.confidence >= opts.good_confidence then
       ctx.msg.reputable = true
     end
   end,
 
   rcpt = function(ctx, rcpt, args, opts)
-    if not learning(ctx) then return end
     local rep = state(ctx)
     if not rep then return end
     if ctx:macro("rcpt_mailer") == "error" then
@@ -192,7 +189,6 @@ return {
   end,
 
   abort = function(ctx, opts)
-    if not learning(ctx) then return end
     local rep = state(ctx)
     if not rep then return end
     local why = spam_reason(ctx, rep)
