@@ -7,8 +7,9 @@
 -- triplet keeps passing while it is used at least every `retain`.
 -- Never greylisted: internal, authenticated, trusted and localhost clients, the null sender,
 -- senders the whitelist policy listed (ctx.msg.listed: WHITELIST or PROBATION; BLACKLIST is
--- refused there), a message already holding a delayed reject (ctx.delayed), and a bounce to a
--- return path the srs policy verified (ctx.msg.signed[rcpt]).
+-- refused there), a message already holding a delayed reject (ctx.delayed), a bounce to a
+-- return path the srs policy verified (ctx.msg.signed[rcpt]), and a sender with a good
+-- reputation (ctx.msg.reputable, from the reputation policy).
 local milter = require "milter"
 local store = require "milter.store"
 local domain_ban = require "lib.domain_ban"
@@ -17,7 +18,7 @@ local function exempt(ctx, rcpt)
   local client = ctx.client
   return client.ip == nil or client.internal or client.authenticated or client.trusted
     or client.localhost or ctx.sender == "" or ctx.msg.listed ~= nil or ctx.delayed ~= nil
-    or (ctx.msg.signed ~= nil and ctx.msg.signed[rcpt] ~= nil)
+    or (ctx.msg.signed ~= nil and ctx.msg.signed[rcpt] ~= nil) or ctx.msg.reputable
 end
 
 local fill = milter.fill

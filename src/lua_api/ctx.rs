@@ -4,7 +4,7 @@
 
 use crate::{
     services::site::system_hostname,
-    session::{Edit, SharedSession},
+    session::{Edit, SharedSession, Trace},
     stage::Stage,
 };
 use mlua::{
@@ -187,6 +187,28 @@ fn check_index(what: &str, index: i64, min: i64) -> mlua::Result<i32> {
         })
 }
 
+/// `ctx.verdicts`: the final verdicts enforced so far for the message (shadow verdicts and
+/// "continue" left out), each `{ stage, policy, action, verdict }`.
+fn verdicts_table(lua: &Lua, trace: &Trace) -> mlua::Result<Table> {
+    let given = trace
+        .steps
+        .iter()
+        .filter(|step| !step.shadow && step.verdict != "continue");
+    lua.create_sequence_from(
+        given
+            .map(|step| {
+                let action = step.verdict.split([' ', ':']).next().unwrap_or_default();
+                let t = lua.create_table()?;
+                t.set("stage", step.stage.as_str())?;
+                t.set("policy", step.policy.as_str())?;
+                t.set("action", action)?;
+                t.set("verdict", step.verdict.as_str())?;
+                Ok(t)
+            })
+            .collect::<mlua::Result<Vec<_>>>()?,
+    )
+}
+
 impl UserData for Ctx {
     fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
         macro_rules! field {
@@ -225,6 +247,7 @@ impl UserData for Ctx {
         field!("delayed", |_lua, s| Ok(s
             .delayed()
             .map(|d| d.verdict.clone())));
+        field!("verdicts", |lua, s| verdicts_table(lua, &s.message.trace));
         field!("queue_id", |_lua, s| Ok(s
             .macro_value("i")
             .map(str::to_string)));

@@ -16,7 +16,8 @@ use mlua::{FromLuaMulti, IntoLuaMulti, Lua, Table, Value as LuaValue};
 use super::args;
 use crate::services::calls;
 use crate::services::store::{
-    GreylistOptions, GreylistVerdict, List, ListEntry, Result, Scalar, Store, StoreError, Value,
+    Decayed, GreylistOptions, GreylistVerdict, List, ListEntry, Result, Scalar, Store, StoreError,
+    Value,
 };
 
 /// Builds the `milter.store` module over `store`.
@@ -82,6 +83,20 @@ pub fn module(lua: &Lua, store: Arc<dyn Store>) -> mlua::Result<Table> {
             |s, _, (key, window): (String, LuaValue)| async move {
                 let window = required(args::ttl(&window)?, "window")?;
                 Ok(s.count(&key, window).await.map(Ok))
+            },
+        )?,
+    )?;
+    add(
+        "decay",
+        function(
+            lua,
+            &store,
+            "decay",
+            |s, lua, (key, half_life, add): (String, LuaValue, Option<Table>)| async move {
+                let half_life = required(args::ttl(&half_life)?, "half_life")?;
+                let add = decay_amounts(add)?;
+                let found = s.decay(&key, half_life, &add).await;
+                Ok(found.map(|amounts| lua.create_table_from(amounts)))
             },
         )?,
     )?;
@@ -307,6 +322,30 @@ fn greylist_options(table: Option<Table>) -> mlua::Result<GreylistOptions> {
         }
     }
     Ok(opts)
+}
+
+/// The amounts `store.decay` adds: a table of names to finite numbers.
+fn decay_amounts(table: Option<Table>) -> mlua::Result<Decayed> {
+    let mut out = Decayed::new();
+    for pair in table.iter().flat_map(|t| t.pairs::<LuaValue, LuaValue>()) {
+        let (name, amount) = pair?;
+        let amount = match amount {
+            LuaValue::Integer(n) => n as f64,
+            LuaValue::Number(n) if n.is_finite() => n,
+            _ => {
+                return Err(mlua::Error::runtime(
+                    "store.decay: amounts must be finite numbers",
+                ));
+            }
+        };
+        let LuaValue::String(name) = name else {
+            return Err(mlua::Error::runtime(
+                "store.decay: amounts are keyed by name",
+            ));
+        };
+        out.insert(name.to_str()?.to_string(), amount);
+    }
+    Ok(out)
 }
 
 fn scalar_from_lua(value: &LuaValue) -> mlua::Result<Scalar> {

@@ -299,9 +299,31 @@ async fn answer_stage(
         Stage::Mail | Stage::Data | Stage::Header | Stage::Eoh | Stage::Body
     );
     if ends_message && outcome.verdict.is_final() {
-        end_message(conn, Some((&outcome.verdict, stage)));
+        finish_message(conn, macros, &outcome.verdict, stage).await;
     }
     reply::answer(reply, &outcome.verdict)
+}
+
+/// Whether `verdict` at `stage` ends the message undelivered (refused or discarded) where the
+/// MTA sends no ABORT afterwards: every message stage but `rcpt`, whose refusals are per
+/// recipient (a message with no recipient left is aborted by the MTA itself).
+fn ends_undelivered(stage: Stage, verdict: &Verdict) -> bool {
+    stage.in_message()
+        && stage != Stage::Rcpt
+        && matches!(
+            verdict,
+            Verdict::Reject(_) | Verdict::Tempfail(_) | Verdict::Discard
+        )
+}
+
+/// Ends the message that `verdict` at `stage` ended: when it ends undelivered (see
+/// [`ends_undelivered`]) the `abort` handlers run first, since the MTA sends no ABORT after
+/// it and policies learn from refusals there; then [`end_message`].
+async fn finish_message(conn: &Conn, macros: &Macros, verdict: &Verdict, stage: Stage) {
+    if ends_undelivered(stage, verdict) {
+        decide(conn, macros, Stage::Abort, StageArgs::None, None).await;
+    }
+    end_message(conn, Some((verdict, stage)));
 }
 
 /// With `[site] delay_reject`, a reject decided at connect, HELO or MAIL that is not marked
@@ -441,6 +463,10 @@ async fn eom(cx: &mut EomContext<Conn>) -> Status {
                 tracing::error!(%client, edit = ?edit, error = %e, "the MTA refused an edit");
             }
         }
+    }
+    if ends_undelivered(Stage::Eom, &verdict) {
+        finish_message(conn, &cx.macros, &verdict, Stage::Eom).await;
+        return reply::answer(&mut cx.reply, &verdict);
     }
     // Over whether or not the MTA sends ABORT.
     let outcome = if verdict.is_final() {

@@ -8,6 +8,13 @@
 ---@field name string
 ---@field value string
 
+---A final verdict given for the current message (`ctx.verdicts`).
+---@class luamilter.GivenVerdict
+---@field stage luamilter.Stage the stage it answered
+---@field policy string the policy that gave it, "(earlier stage)" for an owed or delayed one
+---@field action "accept"|"reject"|"tempfail"|"discard"|"fault"
+---@field verdict string the verdict with its reply, "reject 550 5.7.1 Go away"
+
 ---The connecting client (`ctx.client`), fixed for the connection. Any other field raises.
 ---@class luamilter.Client
 ---@field hostname string the host name as the MTA resolved it, "[192.0.2.1]" when it has none
@@ -39,6 +46,7 @@
 ---@field receiver string this receiver's name: `[site] hostname`, else macro j, else the host name
 ---@field demerits integer offences counted on this connection so far
 ---@field delayed luamilter.Verdict|nil the reject held back by `[site] delay_reject` until DATA, or nil
+---@field verdicts luamilter.GivenVerdict[] the final verdicts given so far for the current message, in order
 ---@field vars table this policy's own table for the connection
 ---@field msg table the chain's shared table for the current message
 local Ctx = {}

@@ -77,6 +77,15 @@ function store.expire(key, ttl) end
 ---@return luamilter.StoreError|nil err
 function store.count(key, window) end
 
+---Decays the amounts at `key` (each halves every `half_life`), adds `add` atomically and
+---returns them all (`{}` when none); without `add` it only reads.
+---@param key string
+---@param half_life luamilter.Duration
+---@param add? table<string, number>
+---@return table<string, number>|nil amounts
+---@return luamilter.StoreError|nil err
+function store.decay(key, half_life, add) end
+
 ---Records a delivery attempt of (client, sender, recipient): `"wait", seconds` (answer with a
 ---temporary failure), `"pass", passes`, or `nil, err`.
 ---@param ip string normally `ctx.client.ip` (grouped by /24 or /64); any other string is used as is

@@ -156,17 +156,8 @@ async fn run_reloads_on_sighup_and_answers_ctl() {
         .unwrap()
         .replace("[policies]\n", "[policies]\nwatch = false\n");
     std::fs::write(&config, text).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_luamilter"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(std::time::Instant::now() < deadline, "daemon did not start");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let daemon = crate::support::DaemonProcess::spawn(&config, sock.clone()).await;
+    let mut child = daemon.child;
     let refused = |sender: &'static str| {
         let sock = sock.clone();
         async move {

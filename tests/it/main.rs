@@ -28,6 +28,7 @@ mod redis_ha;
 mod redis_server;
 mod reload;
 mod replay;
+mod reputation;
 mod services;
 mod session;
 mod site;

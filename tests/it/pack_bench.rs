@@ -166,3 +166,36 @@ async fn pack_four_throughput() {
         );
     }
 }
+
+/// What the reputation policy costs: packs I and II with and without it (a lookup at MAIL, a
+/// learned verdict and a header at end of message), side by side on each store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run by hand"]
+async fn reputation_cost() {
+    let dns = TestDns::start().await;
+    let redis = crate::redis_server::RedisServer::start();
+    let with_reputation = FULL.replace("\"greylist\",", "\"reputation\", \"greylist\",");
+    let on_redis = |config: &str| {
+        format!(
+            "{config}\n[store]\nbackend = \"redis\"\nurl = {:?}\n",
+            redis.url
+        )
+    };
+    let c = 8;
+    let sqlite = measure("packs I+II, SQLite", &dns, FULL, c, 2000).await;
+    let sqlite_rep = measure("+ reputation, SQLite", &dns, &with_reputation, c, 2000).await;
+    let redis_plain = measure("packs I+II, Redis", &dns, &on_redis(FULL), c, 2000).await;
+    let redis_rep = measure(
+        "+ reputation, Redis",
+        &dns,
+        &on_redis(&with_reputation),
+        c,
+        2000,
+    )
+    .await;
+    println!(
+        "with/without reputation at c={c}: SQLite {:.2}, Redis {:.2}",
+        sqlite_rep.0 / sqlite.0,
+        redis_rep.0 / redis_plain.0
+    );
+}

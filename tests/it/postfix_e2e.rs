@@ -519,29 +519,15 @@ fn a_dsn_policy_message_is_delivered_and_the_dsn_reaches_the_senders_mx() {
     );
 }
 
-const HONEYPOT: &str = r#"
-local notice = require "lib.notice"
-return {
-  eom = function(ctx)
-    for _, rcpt in ipairs(ctx.recipients) do
-      if rcpt:lower():match("^honeypot@") then
-        return notice.quarantine(ctx, "sent to the honeypot")
-      end
-    end
-  end,
-}"#;
-
-/// As docs/policies/lib/notice.md says: quarantined mail waits in Postfix's hold queue, the
-/// sender (SPF pass) gets the quarantine notice, and `postsuper -H` releases the message.
+/// As docs/policies/lib/notice.md and docs/policies/honeypot.md say: mail to the stock honeypot
+/// policy's trap and a real recipient waits in Postfix's hold queue without the trap, the sender
+/// (SPF pass) gets the quarantine notice, and `postsuper -H` releases the message to the real
+/// recipient only.
 #[test]
 fn quarantined_with_a_notice_then_released_with_postsuper() {
     let side = SenderSide::start();
-    let dir = TempDir::new().unwrap();
-    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    fs::write(dir.path().join("honeypot.lua"), HONEYPOT).unwrap();
     let policies = format!(
-        "[policies]\ndirs = [{:?}]\nchain = [\"spf\", \"honeypot\"]\n",
-        dir.path()
+        "[policies]\nchain = [\"spf\", \"honeypot\"]\n[policy.honeypot]\naddresses = [\"honeypot@{TEST_DOMAIN}\"]\n"
     );
     let Some((_milter, postfix)) = side.start_mta(&policies, "") else {
         return;
@@ -551,7 +537,7 @@ fn quarantined_with_a_notice_then_released_with_postsuper() {
         .send_as(
             FORGED_CLIENT,
             "ok@pass.cbv.test",
-            &format!("honeypot@{TEST_DOMAIN}"),
+            &format!("honeypot@{TEST_DOMAIN},friend@{TEST_DOMAIN}"),
             &[("Subject", marker)],
             "cheap pills\n",
         )
@@ -590,10 +576,25 @@ fn quarantined_with_a_notice_then_released_with_postsuper() {
             .is_none()
     );
     postfix.release(queue_id).unwrap();
-    postfix
+    let delivered = postfix
         .wait_delivered(|m| m.contains(marker), WAIT)
         .unwrap_or_else(|| panic!("not delivered after release:\n{}", postfix.maillog()));
+    assert!(
+        delivered.contains(&format!("Delivered-To: friend@{TEST_DOMAIN}")),
+        "{delivered}"
+    );
     assert!(postfix.hold_queue().unwrap().is_empty());
+    // The trap was removed from the held message: it never gets a copy.
+    assert!(
+        postfix
+            .wait_delivered(
+                |m| m.contains(marker) && m.contains("Delivered-To: honeypot@"),
+                Duration::from_millis(500)
+            )
+            .is_none(),
+        "{}",
+        postfix.maillog()
+    );
 }
 
 /// Adds the recipient named in `X-Add-Rcpt` (as a policy that sends a notice would), so that

@@ -91,6 +91,7 @@ suite!(
     ttl_expiry,
     concurrent_counters,
     sliding_count,
+    decaying_amounts,
     greylist_timeline,
     greylist_grouping_and_auto_pass,
     bans_and_lists,
@@ -220,6 +221,84 @@ async fn sliding_count(b: Backend) {
     );
     f.clock.advance(Duration::from_secs(61));
     assert_eq!(st.count("rcpt:192.0.2.1", MIN).await.unwrap(), 1);
+}
+
+/// `decay`: amounts halve every half-life, adds are atomic, an empty add only reads, and a
+/// record untouched for 20 half-lives is gone.
+async fn decaying_amounts(b: Backend) {
+    let f = fixture(b);
+    let st = &f.store;
+    let amounts = |pairs: &[(&str, f64)]| -> store::Decayed {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    };
+    let close = |got: &store::Decayed, want: &[(&str, f64)]| {
+        assert_eq!(got.len(), want.len(), "{got:?}");
+        for (k, v) in want {
+            assert!((got[*k] - v).abs() < 1e-9, "{k}: {got:?} want {v}");
+        }
+    };
+    assert!(
+        st.decay("rep:a", DAY, &amounts(&[]))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let got = st
+        .decay("rep:a", DAY, &amounts(&[("ham", 4.0)]))
+        .await
+        .unwrap();
+    close(&got, &[("ham", 4.0)]);
+    f.clock.advance(DAY);
+    close(
+        &st.decay("rep:a", DAY, &amounts(&[])).await.unwrap(),
+        &[("ham", 2.0)],
+    );
+    let got = st
+        .decay("rep:a", DAY, &amounts(&[("spam", 1.0), ("ham", 1.0)]))
+        .await
+        .unwrap();
+    close(&got, &[("ham", 3.0), ("spam", 1.0)]);
+    f.clock.advance(DAY * 2);
+    close(
+        &st.decay("rep:a", DAY, &amounts(&[])).await.unwrap(),
+        &[("ham", 0.75), ("spam", 0.25)],
+    );
+    assert!(
+        st.decay("rep:b", DAY, &amounts(&[]))
+            .await
+            .unwrap()
+            .is_empty(),
+        "keys are apart"
+    );
+
+    // Concurrent adds lose nothing.
+    let handles: Vec<_> = (0..20)
+        .map(|_| {
+            let st = st.clone();
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    let one = [("spam".to_string(), 1.0)].into_iter().collect();
+                    st.decay("rep:c", DAY, &one).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    close(
+        &st.decay("rep:c", DAY, &amounts(&[])).await.unwrap(),
+        &[("spam", 200.0)],
+    );
+
+    f.clock.advance(DAY * 21);
+    assert!(
+        st.decay("rep:a", DAY, &amounts(&[]))
+            .await
+            .unwrap()
+            .is_empty(),
+        "expired"
+    );
 }
 
 /// pymilter's testgrey timeline (time=10 min, expire=4 h, retain=36 d).
@@ -610,6 +689,9 @@ async fn lua_module(b: Backend) {
         assert(store.expire("n", 10) == true and store.expire("nope", 10) == false)
         assert(store.delete("n") == true and store.delete("n") == false)
         assert(store.count("bad:1", "1m") == 1 and store.count("bad:1", "1m") == 2)
+        assert(next(store.decay("rep:x", "1d")) == nil)
+        local d = store.decay("rep:x", "1d", {ham = 2, spam = 0.5})
+        assert(d.ham == 2 and d.spam == 0.5, tostring(d.ham))
 
         local r, n = store.greylist("192.0.2.1", "a@b", "c@d", {delay = "1m"})
         assert(r == "wait" and n == 60, r .. " " .. tostring(n))
@@ -637,6 +719,9 @@ async fn lua_module(b: Backend) {
             function() store.set("x", 1, -1) end,
             function() store.greylist("1.2.3.4", "a", "b", {delai = 5}) end,
             function() store.list_add("greylist", "x") end,
+            function() store.decay("x") end,
+            function() store.decay("x", "1d", {ham = "one"}) end,
+            function() store.decay("x", "1d", {ham = 0/0}) end,
         }) do
             assert(not pcall(bad), "should raise")
         end

@@ -400,6 +400,42 @@ pub(crate) fn greylist_step(
     }
 }
 
+/// Decaying amounts (`store.decay`): named numbers that halve every half-life.
+pub type Decayed = BTreeMap<String, f64>;
+
+/// Half-lives an untouched decaying record is kept: by then its amounts are below a millionth
+/// of what they were, so dropping it changes nothing a policy can see.
+pub const DECAY_KEEP_HALF_LIVES: u32 = 20;
+
+/// A decaying record as stored (JSON): the amounts as they were at `at` (unix ms).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct DecayRecord {
+    pub at: i64,
+    pub v: Decayed,
+}
+
+impl DecayRecord {
+    /// The amounts decayed from `at` to `now`, plus `add`; the new record is stamped `now`.
+    pub fn step(&self, now: i64, half_life: Duration, add: &Decayed) -> DecayRecord {
+        let half_life = half_life.as_secs_f64() * 1000.0;
+        let factor = 0.5f64.powf((now - self.at).max(0) as f64 / half_life);
+        let mut v: Decayed = self
+            .v
+            .iter()
+            .map(|(k, x)| (k.clone(), x * factor))
+            .collect();
+        for (k, x) in add {
+            *v.entry(k.clone()).or_insert(0.0) += x;
+        }
+        DecayRecord { at: now, v }
+    }
+}
+
+/// How long a decaying record stays after its last update.
+pub(crate) fn decay_keep(half_life: Duration) -> Duration {
+    half_life.saturating_mul(DECAY_KEEP_HALF_LIVES)
+}
+
 /// The store interface. Backends implement the required methods; the provided methods hold the
 /// rules common to all backends. Every call is bounded by the configured timeout and reports
 /// failures as [`StoreError`], never by panicking.
@@ -419,6 +455,10 @@ pub trait Store: Send + Sync {
     /// Records one event under `key` and returns the number of events in the last `window`,
     /// this one included (a sliding window).
     async fn count(&self, key: &str, window: Duration) -> Result<i64>;
+    /// Decays the amounts at `key` (halving every `half_life` since their last update), adds
+    /// `add` and returns the result, atomically. An empty `add` only reads. A record untouched
+    /// for [`DECAY_KEEP_HALF_LIVES`] half-lives is gone.
+    async fn decay(&self, key: &str, half_life: Duration, add: &Decayed) -> Result<Decayed>;
     /// Records an attempt of a normalised triplet and decides by `greylist_step`.
     async fn greylist_triplet(
         &self,

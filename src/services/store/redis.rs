@@ -9,7 +9,8 @@
 //! Key layout under the configured prefix `P`: `P kv:<key>` (JSON value, plain integers for
 //! counters, so `redis-cli GET` shows them), `P count:<key>` (sorted set of event times),
 //! `P grey:<client>|<sender>|<rcpt>` (JSON record), `P greyclient:<client>` (passes),
-//! `P list:<list>:<entry>` (JSON reason and creation time), `P seq` (event id sequence).
+//! `P list:<list>:<entry>` (JSON reason and creation time), `P decay:<key>` (JSON decaying
+//! amounts and the time they were last updated), `P seq` (event id sequence).
 //!
 //! Expiry: keys carry a native `PEXPIREAT` computed from the store's clock, and the scripts also
 //! compare `PEXPIRETIME` with the clock passed as an argument. With the system clock both agree;
@@ -24,8 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use super::redis_link::{Link, Request};
 use super::{
-    Clock, GreylistEntry, GreylistOptions, GreylistVerdict, List, ListEntry, Result, Store,
-    StoreConfig, StoreError, Triplet, Value, with_timeout,
+    Clock, Decayed, GreylistEntry, GreylistOptions, GreylistVerdict, List, ListEntry, Result,
+    Store, StoreConfig, StoreError, Triplet, Value, decay_keep, with_timeout,
 };
 
 /// Shared by every script: is `k` present and not expired at `now`? Deletes it if expired.
@@ -106,6 +107,27 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 redis.call('ZADD', KEYS[1], now, redis.call('INCR', KEYS[2]))
 redis.call('PEXPIREAT', KEYS[1], now + window)
 return redis.call('ZCARD', KEYS[1])",
+    )
+});
+
+/// The rule of `super::DecayRecord::step`, run atomically inside Redis.
+/// KEYS: the record. ARGV: now, half-life ms, keep ms, amounts to add (JSON object).
+/// Returns the decayed amounts (JSON object); writes only when something is added.
+static DECAY: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local half, keep, add = tonumber(ARGV[2]), tonumber(ARGV[3]), cjson.decode(ARGV[4])
+local rec = { at = now, v = {} }
+if live(KEYS[1], now) then rec = cjson.decode(redis.call('GET', KEYS[1])) end
+local factor = 0.5 ^ (math.max(0, now - rec.at) / half)
+local out, added = {}, false
+for k, x in pairs(rec.v) do out[k] = x * factor end
+for k, x in pairs(add) do out[k] = (out[k] or 0) + x added = true end
+if added then
+  redis.call('SET', KEYS[1], cjson.encode({ at = now, v = out }), 'PXAT', now + keep)
+end
+if next(out) == nil then return '{}' end
+return cjson.encode(out)",
     )
 });
 
@@ -310,6 +332,22 @@ impl Store for RedisStore {
     async fn count(&self, key: &str, window: Duration) -> Result<i64> {
         let keys = [self.key("count", key), format!("{}seq", self.prefix)];
         self.run(true, &COUNT, &keys, &[ms(window)]).await
+    }
+
+    async fn decay(&self, key: &str, half_life: Duration, add: &Decayed) -> Result<Decayed> {
+        let add_is_empty = add.is_empty();
+        let add = serde_json::to_string(add)
+            .map_err(|e| StoreError::Invalid(format!("decaying amounts: {e}")))?;
+        let mut invocation = DECAY.prepare_invoke();
+        invocation
+            .key(self.key("decay", key))
+            .arg(self.now())
+            .arg(ms(half_life).max(1))
+            .arg(ms(decay_keep(half_life)).max(1))
+            .arg(add);
+        let text: String = self.invoke(!add_is_empty, &invocation).await?;
+        serde_json::from_str(&text)
+            .map_err(|e| StoreError::Invalid(format!("decaying record {key}: {e}")))
     }
 
     async fn greylist_triplet(

@@ -20,8 +20,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Clock, GreylistEntry, GreylistOptions, GreylistVerdict, List, ListEntry, Result, StoreError,
-    Synchronous, Triplet, Value, greylist_step, with_timeout,
+    Clock, DecayRecord, Decayed, GreylistEntry, GreylistOptions, GreylistVerdict, List, ListEntry,
+    Result, StoreError, Synchronous, Triplet, Value, decay_keep, greylist_step, with_timeout,
 };
 
 const SCHEMA: &str = "
@@ -29,6 +29,8 @@ CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY, value TEXT NOT NULL, expires INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (key TEXT NOT NULL, at INTEGER NOT NULL, expires INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS events_key_at ON events (key, at);
+CREATE TABLE IF NOT EXISTS decaying (
+    key TEXT PRIMARY KEY, record TEXT NOT NULL, expires INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS greylist (
     client TEXT NOT NULL, sender TEXT NOT NULL, rcpt TEXT NOT NULL,
     first INTEGER NOT NULL, last INTEGER NOT NULL, passes INTEGER NOT NULL,
@@ -41,7 +43,14 @@ CREATE TABLE IF NOT EXISTS lists (
 ";
 
 /// Tables with an `expires` column, swept by the writer.
-const EXPIRING: [&str; 5] = ["kv", "events", "greylist", "greylist_clients", "lists"];
+const EXPIRING: [&str; 6] = [
+    "kv",
+    "events",
+    "decaying",
+    "greylist",
+    "greylist_clients",
+    "lists",
+];
 
 /// How often (store clock, ms) the writer deletes expired rows.
 const SWEEP_EVERY_MS: i64 = 60_000;
@@ -264,6 +273,20 @@ fn live_int(conn: &Connection, key: &str, now: i64) -> Result<Option<i64>> {
     .transpose()
 }
 
+fn live_decay(conn: &Connection, key: &str, now: i64) -> Result<DecayRecord> {
+    let text: Option<String> = conn
+        .query_row(
+            "SELECT record FROM decaying WHERE key = ?1 AND expires > ?2",
+            params![key, now],
+            |r| r.get(0),
+        )
+        .optional()?;
+    text.map_or(Ok(DecayRecord::default()), |t| {
+        serde_json::from_str(&t)
+            .map_err(|e| StoreError::Invalid(format!("decaying record {key}: {e}")))
+    })
+}
+
 fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ListEntry> {
     Ok(ListEntry {
         entry: r.get(0)?,
@@ -378,6 +401,26 @@ impl super::Store for SqliteStore {
                 params![key],
                 |r| r.get(0),
             )?)
+        })
+        .await
+    }
+
+    async fn decay(&self, key: &str, half_life: Duration, add: &Decayed) -> Result<Decayed> {
+        let (key, add) = (key.to_string(), add.clone());
+        if add.is_empty() {
+            return self
+                .read(move |c, now| Ok(live_decay(c, &key, now)?.step(now, half_life, &add).v))
+                .await;
+        }
+        self.write(move |c, now| {
+            let record = live_decay(c, &key, now)?.step(now, half_life, &add);
+            let text = serde_json::to_string(&record)
+                .map_err(|e| StoreError::Invalid(format!("decaying record {key}: {e}")))?;
+            c.execute(
+                "INSERT OR REPLACE INTO decaying (key, record, expires) VALUES (?1, ?2, ?3)",
+                params![key, text, now + ms(decay_keep(half_life))],
+            )?;
+            Ok(record.v)
         })
         .await
     }
