@@ -51,6 +51,26 @@ pub fn organizational_domain(domain: &str) -> String {
     psl::domain_str(&domain).unwrap_or(&domain).to_string()
 }
 
+/// The author domain (RFC 7489 §6.6.1): the domain of the From header's addresses. `None` when
+/// there is no From header, several of them, or addresses in different domains (DMARC then does
+/// not apply).
+pub fn author_domain(headers: &[(String, String)]) -> Option<String> {
+    let mut from = headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("From"));
+    let (_, value) = from.next()?;
+    if from.next().is_some() {
+        return None;
+    }
+    let addresses = mailparse::addrparse(value).ok()?;
+    let mut domains = addresses.iter().flat_map(|a| match a {
+        mailparse::MailAddr::Single(s) => vec![s.addr.clone()],
+        mailparse::MailAddr::Group(g) => g.addrs.iter().map(|s| s.addr.clone()).collect(),
+    });
+    let first = domains.next()?.rsplit_once('@')?.1.to_ascii_lowercase();
+    domains
+        .all(|a| a.rsplit_once('@').is_some_and(|(_, d)| d.eq_ignore_ascii_case(&first)))
+        .then_some(first)
+}
+
 /// Whether `a` and `b` are aligned under `mode`.
 fn aligned(a: &str, b: &str, mode: &Alignment) -> bool {
     match mode {
@@ -160,6 +180,14 @@ mod tests {
         assert_eq!(organizational_domain("a.b.example.com"), "example.com");
         assert_eq!(organizational_domain("Example.COM."), "example.com");
         assert_eq!(organizational_domain("co.uk"), "co.uk");
+    }
+
+    #[test]
+    fn the_author_domain_is_that_of_the_one_from_header() {
+        let h = |v: &str| vec![("From".to_string(), v.to_string())];
+        assert_eq!(author_domain(&h("Ann <ann@Example.org>")), Some("example.org".into()));
+        assert_eq!(author_domain(&h("a@x.org, b@y.org")), None);
+        assert_eq!(author_domain(&[]), None);
     }
 
     #[test]

@@ -1,0 +1,130 @@
+//! `milter.dkim`: `verify(ctx)`, `arc(ctx)` and `sign(ctx [, domain])` over the DKIM service,
+//! on the message as received (at eom). See `docs/lua-api/dkim.md`.
+
+use super::ctx::Ctx;
+use crate::{
+    services::dkim::{Dkim, SignatureCheck},
+    session::Edit,
+    stage::Stage,
+};
+use mlua::{AnyUserData, Lua, Table};
+use std::sync::Arc;
+
+/// The message as received, read from `ctx` at end of message.
+pub(crate) struct Received {
+    /// Headers and kept body, CRLF line ends.
+    pub raw: Vec<u8>,
+    /// Whether the body was longer than `[dkim] max_body`.
+    pub truncated: bool,
+    /// The headers, in order.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Reads the message as received for `function`; only at eom, and only when the session kept
+/// the body.
+pub(crate) fn received(function: &str, ctx: &AnyUserData) -> mlua::Result<Received> {
+    let ctx = ctx.borrow::<Ctx>()?;
+    let session = ctx.session().lock();
+    if session.stage() != Some(Stage::Eom) {
+        return Err(mlua::Error::runtime(format!(
+            "{function} is only available at eom (the message is complete only then)"
+        )));
+    }
+    if session.body_limit.is_none() {
+        return Err(mlua::Error::runtime(format!(
+            "{function}: the body was not kept on this connection; add needs = {{ \"body\" }} \
+             to the policy"
+        )));
+    }
+    Ok(Received {
+        raw: session.raw_message(),
+        truncated: session.message.body_truncated,
+        headers: session.message.headers.clone(),
+    })
+}
+
+/// The verification of every signature of the message in `ctx` (neutral without checking when
+/// the body was longer than the limit).
+pub(crate) async fn verify_message(dkim: &Dkim, message: &Received) -> Vec<SignatureCheck> {
+    if message.truncated {
+        return Dkim::unverified(&message.raw, "message longer than [dkim] max_body");
+    }
+    dkim.verify(&message.raw).await
+}
+
+/// A list of signature checks as Lua tables.
+pub(crate) fn checks_table(lua: &Lua, checks: &[SignatureCheck]) -> mlua::Result<Table> {
+    let list = lua.create_table_with_capacity(checks.len(), 0)?;
+    for (i, check) in checks.iter().enumerate() {
+        let t = lua.create_table_with_capacity(0, 6)?;
+        t.set("result", check.result)?;
+        t.set("domain", check.domain.as_str())?;
+        t.set("selector", check.selector.as_str())?;
+        t.set("algorithm", check.algorithm.as_str())?;
+        t.set("identity", check.identity.as_str())?;
+        t.set("reason", check.reason.as_deref())?;
+        list.raw_set(i + 1, t)?;
+    }
+    Ok(list)
+}
+
+/// Builds the `milter.dkim` module over `dkim`.
+pub fn module(lua: &Lua, dkim: Arc<Dkim>) -> mlua::Result<Table> {
+    let module = lua.create_table()?;
+    let service = Arc::clone(&dkim);
+    module.set(
+        "verify",
+        lua.create_async_function(move |lua, ctx: AnyUserData| {
+            let dkim = Arc::clone(&service);
+            async move {
+                let message = received("dkim.verify", &ctx)?;
+                checks_table(&lua, &verify_message(&dkim, &message).await)
+            }
+        })?,
+    )?;
+    let service = Arc::clone(&dkim);
+    module.set(
+        "arc",
+        lua.create_async_function(move |lua, ctx: AnyUserData| {
+            let dkim = Arc::clone(&service);
+            async move {
+                let message = received("dkim.arc", &ctx)?;
+                let check = dkim.verify_arc(&message.raw).await;
+                let t = lua.create_table()?;
+                t.set("result", check.result)?;
+                t.set("sets", check.sets)?;
+                t.set("reason", check.reason)?;
+                Ok(t)
+            }
+        })?,
+    )?;
+    module.set(
+        "sign",
+        lua.create_function(move |_, (ctx, domain): (AnyUserData, Option<String>)| {
+            let message = received("dkim.sign", &ctx)?;
+            let domain = match domain {
+                Some(d) => d,
+                None => match crate::services::dmarc::author_domain(&message.headers) {
+                    Some(d) => d,
+                    None => return Ok((None, Some("no From domain".to_string()))),
+                },
+            };
+            if !dkim.signs_for(&domain) {
+                return Ok((None, Some(format!("no [dkim] key for {domain}"))));
+            }
+            if message.truncated {
+                return Ok((None, Some("message longer than [dkim] max_body".to_string())));
+            }
+            match dkim.sign(&domain, &message.raw) {
+                Ok(Some(value)) => {
+                    let edit = Edit::InsertHeader(0, "DKIM-Signature".into(), value);
+                    ctx.borrow::<Ctx>()?.queue("dkim.sign", edit)?;
+                    Ok((Some(true), None))
+                }
+                Ok(None) => Ok((None, Some(format!("no [dkim] key for {domain}")))),
+                Err(e) => Ok((None, Some(e))),
+            }
+        })?,
+    )?;
+    Ok(module)
+}
