@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite drives for real: Postfix and swaks (end-to-end
-# tests) and redis-server (shared-store tests). Idempotent; needs root (as do the Postfix tests).
+# tests), redis-server (shared-store tests) and dkimpy with PyNaCl and dnspython (DKIM tests: the
+# second implementation, signing for luamilter to verify and verifying what luamilter signs).
+# Idempotent; needs root (as do the Postfix tests).
 set -euo pipefail
 missing=()
 command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || missing+=(postfix)
 command -v swaks >/dev/null 2>&1 || missing+=(swaks)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v dkimverify >/dev/null 2>&1 || missing+=(python3-dkim)
+/usr/bin/python3 -c 'import nacl' >/dev/null 2>&1 || missing+=(python3-nacl)
+/usr/bin/python3 -c 'import dns.resolver' >/dev/null 2>&1 || missing+=(python3-dnspython)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -46,6 +46,8 @@ pub const FILES: &[StubFile] = &[
     stub!("milter/access.lua"),
     stub!("milter/mime.lua"),
     stub!("milter/smtp.lua"),
+    stub!("milter/dkim.lua"),
+    stub!("milter/dmarc.lua"),
     stub!("luamilter/ctx.lua"),
     stub!("luamilter/policy.lua"),
 ];
