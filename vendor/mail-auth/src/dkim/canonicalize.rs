@@ -262,36 +262,18 @@ impl CanonicalState {
                 self.last_ch = last_ch;
             }
 
+            // luamilter patch, see PATCHES.md: a line of only whitespace is an empty line, so
+            // its break waits like any other (written before the next text, dropped at the end).
             let mut consumed = 0;
-            let mut last_ch = self.last_ch;
-            let mut breaks = self.crlf_seq;
-            let mut pending = 0;
-            let mut has_wsp = false;
 
             for &ch in tail {
                 match ch {
-                    b'\n' => pending += 1,
-                    b' ' | b'\t' => {
-                        breaks += pending;
-                        pending = 0;
-                        has_wsp = true;
-                    }
-                    b'\r' => {}
+                    b'\n' => self.crlf_seq += 1,
+                    b' ' | b'\t' | b'\r' => {}
                     _ => break,
                 }
                 consumed += 1;
-                last_ch = ch;
-            }
-
-            if consumed != 0 {
-                if has_wsp {
-                    write_crlf_run(writer, breaks);
-                    self.crlf_seq = pending;
-                    self.is_empty = false;
-                } else {
-                    self.crlf_seq = breaks + pending;
-                }
-                self.last_ch = last_ch;
+                self.last_ch = ch;
             }
 
             rest = &tail[consumed..];
