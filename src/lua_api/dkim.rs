@@ -113,7 +113,10 @@ pub fn module(lua: &Lua, dkim: Arc<Dkim>) -> mlua::Result<Table> {
                 return Ok((None, Some(format!("no [dkim] key for {domain}"))));
             }
             if message.truncated {
-                return Ok((None, Some("message longer than [dkim] max_body".to_string())));
+                return Ok((
+                    None,
+                    Some("message longer than [dkim] max_body".to_string()),
+                ));
             }
             match dkim.sign(&domain, &message.raw) {
                 Ok(Some(value)) => {

@@ -9,13 +9,13 @@ use super::dns::{DnsError, Resolver};
 use crate::config::ConfigSource;
 use mail_auth::{
     AuthenticatedMessage, DkimResult, MessageAuthenticator, Parameters, ResolverCache, Txt,
+    common::verify::DomainKey,
     common::{
         crypto::{Ed25519Key, RsaKey, Sha256, SigningKey},
         headers::HeaderWriter,
         parse::TxtRecordParser,
         resolver::ToFqdn,
     },
-    common::verify::DomainKey,
     dkim::{Canonicalization, DkimSigner, Done},
     hickory_resolver::{
         TokioResolver, config::ResolverConfig, net::runtime::TokioRuntimeProvider,
@@ -143,8 +143,8 @@ impl Dkim {
         let mut signers = HashMap::new();
         for (domain, key) in &config.keys {
             let path = source.base_dir().join(key.key.get_ref());
-            let signer = load_signer(&path, domain, &key.selector, &config.sign_headers)
-                .map_err(|e| {
+            let signer =
+                load_signer(&path, domain, &key.selector, &config.sign_headers).map_err(|e| {
                     KeyError(format!(
                         "{}: [dkim.keys.\"{domain}\"] key {}: {e}",
                         source.locate(key.key.span().start),
@@ -178,7 +178,10 @@ impl Dkim {
         let Some(parsed) = AuthenticatedMessage::parse(message) else {
             return Vec::new();
         };
-        let names = parsed.dkim_headers.iter().map(|h| key_name(&h.header.s, &h.header.d));
+        let names = parsed
+            .dkim_headers
+            .iter()
+            .map(|h| key_name(&h.header.s, &h.header.d));
         let keys = self.prefetch(names).await;
         let outputs = self
             .authenticator
@@ -234,8 +237,16 @@ impl Dkim {
                 reason: None,
             };
         };
-        let names = (parsed.ams_headers.iter().map(|h| key_name(&h.header.s, &h.header.d)))
-            .chain(parsed.as_headers.iter().map(|h| key_name(&h.header.s, &h.header.d)));
+        let names = (parsed
+            .ams_headers
+            .iter()
+            .map(|h| key_name(&h.header.s, &h.header.d)))
+        .chain(
+            parsed
+                .as_headers
+                .iter()
+                .map(|h| key_name(&h.header.s, &h.header.d)),
+        );
         let keys = self.prefetch(names).await;
         let output = self
             .authenticator
@@ -364,11 +375,15 @@ fn load_signer(
     if let PrivateKeyDer::Pkcs8(pkcs8) = &der
         && let Ok(key) = Ed25519Key::from_pkcs8_maybe_unchecked_der(pkcs8.secret_pkcs8_der())
     {
-        return Ok(Signer::Ed25519(Box::new(signer(key, domain, selector, headers))));
+        return Ok(Signer::Ed25519(Box::new(signer(
+            key, domain, selector, headers,
+        ))));
     }
     let key = RsaKey::<Sha256>::from_key_der(der)
         .map_err(|e| format!("not an RSA or Ed25519 private key: {e}"))?;
-    Ok(Signer::Rsa(Box::new(signer(key, domain, selector, headers))))
+    Ok(Signer::Rsa(Box::new(signer(
+        key, domain, selector, headers,
+    ))))
 }
 
 fn signer<T: SigningKey>(

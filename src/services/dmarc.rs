@@ -55,7 +55,9 @@ pub fn organizational_domain(domain: &str) -> String {
 /// there is no From header, several of them, or addresses in different domains (DMARC then does
 /// not apply).
 pub fn author_domain(headers: &[(String, String)]) -> Option<String> {
-    let mut from = headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("From"));
+    let mut from = headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("From"));
     let (_, value) = from.next()?;
     if from.next().is_some() {
         return None;
@@ -67,7 +69,10 @@ pub fn author_domain(headers: &[(String, String)]) -> Option<String> {
     });
     let first = domains.next()?.rsplit_once('@')?.1.to_ascii_lowercase();
     domains
-        .all(|a| a.rsplit_once('@').is_some_and(|(_, d)| d.eq_ignore_ascii_case(&first)))
+        .all(|a| {
+            a.rsplit_once('@')
+                .is_some_and(|(_, d)| d.eq_ignore_ascii_case(&first))
+        })
         .then_some(first)
 }
 
@@ -155,12 +160,9 @@ pub async fn check(resolver: &Resolver, input: &DmarcInput) -> DmarcOutcome {
     outcome.record_domain = Some(record_domain);
     outcome.modes = (mode_word(&dmarc.aspf), mode_word(&dmarc.adkim));
     outcome.rua = dmarc.rua.iter().map(|u| u.uri().to_string()).collect();
-    outcome.spf_aligned = input
-        .spf
-        .as_ref()
-        .is_some_and(|(result, spf_domain)| {
-            result == "pass" && aligned(spf_domain, &domain, &dmarc.aspf)
-        });
+    outcome.spf_aligned = input.spf.as_ref().is_some_and(|(result, spf_domain)| {
+        result == "pass" && aligned(spf_domain, &domain, &dmarc.aspf)
+    });
     outcome.dkim_aligned = (input.dkim_pass.iter()).any(|d| aligned(d, &domain, &dmarc.adkim));
     outcome.result = if outcome.spf_aligned || outcome.dkim_aligned {
         "pass"
@@ -185,16 +187,31 @@ mod tests {
     #[test]
     fn the_author_domain_is_that_of_the_one_from_header() {
         let h = |v: &str| vec![("From".to_string(), v.to_string())];
-        assert_eq!(author_domain(&h("Ann <ann@Example.org>")), Some("example.org".into()));
+        assert_eq!(
+            author_domain(&h("Ann <ann@Example.org>")),
+            Some("example.org".into())
+        );
         assert_eq!(author_domain(&h("a@x.org, b@y.org")), None);
         assert_eq!(author_domain(&[]), None);
     }
 
     #[test]
     fn relaxed_alignment_is_by_organizational_domain_and_strict_by_name() {
-        assert!(aligned("bounce.example.co.uk", "example.co.uk", &Alignment::Relaxed));
-        assert!(!aligned("other.co.uk", "example.co.uk", &Alignment::Relaxed));
-        assert!(!aligned("bounce.example.com", "example.com", &Alignment::Strict));
+        assert!(aligned(
+            "bounce.example.co.uk",
+            "example.co.uk",
+            &Alignment::Relaxed
+        ));
+        assert!(!aligned(
+            "other.co.uk",
+            "example.co.uk",
+            &Alignment::Relaxed
+        ));
+        assert!(!aligned(
+            "bounce.example.com",
+            "example.com",
+            &Alignment::Strict
+        ));
         assert!(aligned("EXAMPLE.com", "example.com", &Alignment::Strict));
     }
 }

@@ -81,7 +81,15 @@ impl Key {
     fn rsa(dir: &Path, name: &str, bits: u32) -> Key {
         let path = dir.join(format!("{name}.pem"));
         let p = path.to_str().unwrap();
-        openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", &format!("rsa_keygen_bits:{bits}"), "-out", p]);
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            &format!("rsa_keygen_bits:{bits}"),
+            "-out",
+            p,
+        ]);
         let der = openssl(&["pkey", "-in", p, "-pubout", "-outform", "DER"]);
         Key {
             record: format!("v=DKIM1; k=rsa; p={}", base64(&der)),
@@ -121,7 +129,11 @@ fn txt(name: &str, text: &str) -> Record {
         .chunks(255)
         .map(|c| String::from_utf8(c.to_vec()).unwrap())
         .collect();
-    Record::from_rdata(Name::from_ascii(name).unwrap(), 300, RData::TXT(TXT::new(strings)))
+    Record::from_rdata(
+        Name::from_ascii(name).unwrap(),
+        300,
+        RData::TXT(TXT::new(strings)),
+    )
 }
 
 /// A message with CRLF line ends.
@@ -134,16 +146,31 @@ fn message(from: &str, subject: &str, body: &str) -> Vec<u8> {
 }
 
 /// Signs `msg` with dkimpy.
-fn dkimpy_sign(msg: &[u8], selector: &str, domain: &str, key: &Key, canon: &str, algo: &str) -> Vec<u8> {
+fn dkimpy_sign(
+    msg: &[u8],
+    selector: &str,
+    domain: &str,
+    key: &Key,
+    canon: &str,
+    algo: &str,
+) -> Vec<u8> {
     let key = key.dkimpy.to_str().unwrap();
-    let (ok, out) = run(PYTHON, &["-c", DKIMPY, "sign", selector, domain, key, canon, algo], msg);
+    let (ok, out) = run(
+        PYTHON,
+        &["-c", DKIMPY, "sign", selector, domain, key, canon, algo],
+        msg,
+    );
     assert!(ok, "dkimpy could not sign");
     out
 }
 
 /// Whether dkimpy verifies the first signature of `msg`, with keys from `dns`, and its log.
 fn dkimpy_verifies(msg: &[u8], dns: &TestDns) -> (bool, String) {
-    let (ok, _, log) = run_logged(PYTHON, &["-c", DKIMPY, "verify", &dns.addr.port().to_string()], msg);
+    let (ok, _, log) = run_logged(
+        PYTHON,
+        &["-c", DKIMPY, "verify", &dns.addr.port().to_string()],
+        msg,
+    );
     (ok, log)
 }
 
@@ -169,7 +196,9 @@ fn split(msg: &[u8]) -> (Vec<(String, String)>, Vec<u8>) {
 async fn deliver(d: &TestDaemon, msg: &[u8]) -> EomActions {
     let (headers, body) = split(msg);
     let mut c = d.client().await;
-    c.connect("mail.example.test", Ipv4Addr::new(192, 0, 2, 25)).await.unwrap();
+    c.connect("mail.example.test", Ipv4Addr::new(192, 0, 2, 25))
+        .await
+        .unwrap();
     c.helo("mail.example.test").await.unwrap();
     c.mail(["<ann@example.test>"]).await.unwrap();
     c.rcpt(["<bob@example.org>"]).await.unwrap();
@@ -191,7 +220,8 @@ fn added(actions: &EomActions, name: &str) -> Vec<String> {
         .actions
         .iter()
         .filter_map(|a| match a {
-            EomAction::AddHeader { name: n, value } | EomAction::InsertHeader { name: n, value, .. }
+            EomAction::AddHeader { name: n, value }
+            | EomAction::InsertHeader { name: n, value, .. }
                 if n.to_str() == Ok(name) =>
             {
                 Some(value.to_string_lossy().into_owned())
@@ -215,7 +245,10 @@ return {
 "#;
 
 fn dns_config(dns: &TestDns) -> String {
-    format!("[dns]\nnameservers = [\"{}\"]\ntimeout = \"1s\"\nattempts = 1\n", dns.addr)
+    format!(
+        "[dns]\nnameservers = [\"{}\"]\ntimeout = \"1s\"\nattempts = 1\n",
+        dns.addr
+    )
 }
 
 /// Keys for example.test: `rsa` (2048 bits), `ed` (Ed25519), `short` (512 bits), `revoked`.
@@ -239,7 +272,13 @@ async fn setup() -> Setup {
         txt("revoked._domainkey.example.test.", "v=DKIM1; k=rsa; p="),
     ])
     .await;
-    Setup { _dir: dir, rsa, ed, short, dns }
+    Setup {
+        _dir: dir,
+        rsa,
+        ed,
+        short,
+        dns,
+    }
 }
 
 #[tokio::test]
@@ -261,14 +300,30 @@ async fn signatures_made_by_dkimpy_are_verified() {
         let got = added(&deliver(&d, &signed).await, "X-Dkim");
         assert_eq!(
             got,
-            [format!("pass example.test {selector} {algo} @example.test -")],
+            [format!(
+                "pass example.test {selector} {algo} @example.test -"
+            )],
             "{selector} {canon}"
         );
     }
 
     // Two signatures: one result each, in header order.
-    let once = dkimpy_sign(&plain, "ed", "example.test", &s.ed, "relaxed/relaxed", "ed25519-sha256");
-    let twice = dkimpy_sign(&once, "rsa", "example.test", &s.rsa, "relaxed/simple", "rsa-sha256");
+    let once = dkimpy_sign(
+        &plain,
+        "ed",
+        "example.test",
+        &s.ed,
+        "relaxed/relaxed",
+        "ed25519-sha256",
+    );
+    let twice = dkimpy_sign(
+        &once,
+        "rsa",
+        "example.test",
+        &s.rsa,
+        "relaxed/simple",
+        "rsa-sha256",
+    );
     let got = added(&deliver(&d, &twice).await, "X-Dkim");
     assert_eq!(got.len(), 2, "{got:?}");
     assert!(got[0].starts_with("pass example.test rsa "), "{got:?}");
@@ -284,37 +339,94 @@ async fn tampering_revoked_and_short_keys_and_dns_timeouts_do_not_pass() {
     let s = setup().await;
     let d = TestDaemon::start(&[("report", REPORT)], &dns_config(&s.dns)).await;
     let plain = message("ann@example.test", "lunch", "Pay 10 EUR.\r\n");
-    let signed = dkimpy_sign(&plain, "rsa", "example.test", &s.rsa, "relaxed/simple", "rsa-sha256");
-    let result = |got: Vec<String>| got.first().map(|r| r.split(' ').next().unwrap().to_string());
+    let signed = dkimpy_sign(
+        &plain,
+        "rsa",
+        "example.test",
+        &s.rsa,
+        "relaxed/simple",
+        "rsa-sha256",
+    );
+    let result = |got: Vec<String>| {
+        got.first()
+            .map(|r| r.split(' ').next().unwrap().to_string())
+    };
 
-    let body = String::from_utf8(signed.clone()).unwrap().replace("10 EUR", "99 EUR");
+    let body = String::from_utf8(signed.clone())
+        .unwrap()
+        .replace("10 EUR", "99 EUR");
     let got = added(&deliver(&d, body.as_bytes()).await, "X-Dkim");
     // As Gmail and mail-auth report it: "neutral (body hash did not verify)".
-    assert_eq!(result(got.clone()).as_deref(), Some("neutral"), "tampered body: {got:?}");
+    assert_eq!(
+        result(got.clone()).as_deref(),
+        Some("neutral"),
+        "tampered body: {got:?}"
+    );
     assert!(got[0].contains("body hash"), "{got:?}");
 
-    let header = String::from_utf8(signed.clone()).unwrap().replace("Subject: lunch", "Subject: dinner");
+    let header = String::from_utf8(signed.clone())
+        .unwrap()
+        .replace("Subject: lunch", "Subject: dinner");
     let got = added(&deliver(&d, header.as_bytes()).await, "X-Dkim");
-    assert_eq!(result(got.clone()).as_deref(), Some("fail"), "tampered header: {got:?}");
+    assert_eq!(
+        result(got.clone()).as_deref(),
+        Some("fail"),
+        "tampered header: {got:?}"
+    );
 
-    let revoked = dkimpy_sign(&plain, "revoked", "example.test", &s.rsa, "relaxed/simple", "rsa-sha256");
+    let revoked = dkimpy_sign(
+        &plain,
+        "revoked",
+        "example.test",
+        &s.rsa,
+        "relaxed/simple",
+        "rsa-sha256",
+    );
     let got = added(&deliver(&d, &revoked).await, "X-Dkim");
-    assert!(matches!(result(got.clone()).as_deref(), Some("permerror" | "fail")), "revoked: {got:?}");
+    assert!(
+        matches!(result(got.clone()).as_deref(), Some("permerror" | "fail")),
+        "revoked: {got:?}"
+    );
     assert_ne!(result(got).as_deref(), Some("pass"));
 
-    let short = dkimpy_sign(&plain, "short", "example.test", &s.short, "relaxed/simple", "rsa-sha256");
+    let short = dkimpy_sign(
+        &plain,
+        "short",
+        "example.test",
+        &s.short,
+        "relaxed/simple",
+        "rsa-sha256",
+    );
     let got = added(&deliver(&d, &short).await, "X-Dkim");
-    assert!(matches!(result(got.clone()).as_deref(), Some("fail" | "permerror")), "512-bit key: {got:?}");
+    assert!(
+        matches!(result(got.clone()).as_deref(), Some("fail" | "permerror")),
+        "512-bit key: {got:?}"
+    );
 
-    let unknown = dkimpy_sign(&plain, "missing", "example.test", &s.rsa, "relaxed/simple", "rsa-sha256");
+    let unknown = dkimpy_sign(
+        &plain,
+        "missing",
+        "example.test",
+        &s.rsa,
+        "relaxed/simple",
+        "rsa-sha256",
+    );
     let got = added(&deliver(&d, &unknown).await, "X-Dkim");
-    assert_eq!(result(got.clone()).as_deref(), Some("permerror"), "no key record: {got:?}");
+    assert_eq!(
+        result(got.clone()).as_deref(),
+        Some("permerror"),
+        "no key record: {got:?}"
+    );
     d.stop().await;
 
     let silent = TestDns::silent().await;
     let d = TestDaemon::start(&[("report", REPORT)], &dns_config(&silent)).await;
     let got = added(&deliver(&d, &signed).await, "X-Dkim");
-    assert_eq!(result(got.clone()).as_deref(), Some("temperror"), "DNS timeout: {got:?}");
+    assert_eq!(
+        result(got.clone()).as_deref(),
+        Some("temperror"),
+        "DNS timeout: {got:?}"
+    );
     d.stop().await;
 }
 
@@ -357,7 +469,9 @@ async fn luamilter_signatures_are_verified_by_dkimpy_and_by_luamilter() {
         let actions = deliver(&d, &plain).await;
         assert_eq!(added(&actions, "X-Signed"), ["yes"], "{from}");
         let inserted = actions.actions.iter().find_map(|a| match a {
-            EomAction::InsertHeader { index, name, value } if name.to_str() == Ok("DKIM-Signature") => {
+            EomAction::InsertHeader { index, name, value }
+                if name.to_str() == Ok("DKIM-Signature") =>
+            {
                 Some((*index, value.to_string_lossy().into_owned()))
             }
             _ => None,
@@ -368,13 +482,24 @@ async fn luamilter_signatures_are_verified_by_dkimpy_and_by_luamilter() {
         let signed = with_signature(&plain, &value);
         let (ok, log) = dkimpy_verifies(&signed, &dns);
         assert!(ok, "dkimpy rejects {from}: {value}\n{log}");
-        let tampered = String::from_utf8(signed.clone()).unwrap().replace("Figures", "Numbers");
-        assert!(!dkimpy_verifies(tampered.as_bytes(), &dns).0, "tampered passes for {from}");
+        let tampered = String::from_utf8(signed.clone())
+            .unwrap()
+            .replace("Figures", "Numbers");
+        assert!(
+            !dkimpy_verifies(tampered.as_bytes(), &dns).0,
+            "tampered passes for {from}"
+        );
         let got = added(&deliver(&d, &signed).await, "X-Dkim");
-        assert!(got.first().is_some_and(|r| r.starts_with("pass ")), "{from}: {got:?}");
+        assert!(
+            got.first().is_some_and(|r| r.starts_with("pass ")),
+            "{from}: {got:?}"
+        );
     }
     let other = message("ann@example.org", "x", "y\r\n");
-    assert_eq!(added(&deliver(&d, &other).await, "X-Signed"), ["no [dkim] key for example.org"]);
+    assert_eq!(
+        added(&deliver(&d, &other).await, "X-Signed"),
+        ["no [dkim] key for example.org"]
+    );
     d.stop().await;
 }
 
