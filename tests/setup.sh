@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite drives for real: Postfix and swaks (end-to-end
-# tests), redis-server (shared-store tests) and dkimpy with PyNaCl and dnspython (DKIM tests: the
-# second implementation, signing for luamilter to verify and verifying what luamilter signs).
+# tests), redis-server (shared-store tests) and dkimpy with PyNaCl, dnspython and authres (DKIM
+# and ARC tests: the second implementation, signing and sealing for luamilter to verify, and
+# verifying what luamilter signs).
 # Idempotent; needs root (as do the Postfix tests).
 set -euo pipefail
 missing=()
@@ -11,6 +12,7 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v dkimverify >/dev/null 2>&1 || missing+=(python3-dkim)
 /usr/bin/python3 -c 'import nacl' >/dev/null 2>&1 || missing+=(python3-nacl)
 /usr/bin/python3 -c 'import dns.resolver' >/dev/null 2>&1 || missing+=(python3-dnspython)
+/usr/bin/python3 -c 'import authres' >/dev/null 2>&1 || missing+=(python3-authres)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -19,8 +19,10 @@ use tempfile::TempDir;
 const PYTHON: &str = "/usr/bin/python3";
 
 /// dkimpy as a second implementation. `sign SELECTOR DOMAIN KEY CANON ALGO` reads a message on
-/// stdin and writes it signed; `verify PORT` verifies the first signature of the message on
-/// stdin, looking keys up at the test DNS server on 127.0.0.1:PORT, and exits 0 on pass.
+/// stdin and writes it signed; `arc SELECTOR DOMAIN KEY SRV_ID` writes it with an ARC set added
+/// (sealing the Authentication-Results of SRV_ID); `verify PORT` verifies the first signature of
+/// the message on stdin, looking keys up at the test DNS server on 127.0.0.1:PORT, and exits 0
+/// on pass.
 const DKIMPY: &str = r#"
 import sys, dkim, dns.resolver
 msg = sys.stdin.buffer.read()
@@ -31,6 +33,11 @@ if sys.argv[1] == "sign":
                     canonicalize=(h.encode(), b.encode()), signature_algorithm=algo.encode(),
                     include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
     sys.stdout.buffer.write(sig + msg)
+elif sys.argv[1] == "arc":
+    selector, domain, key, srv_id = sys.argv[2:6]
+    headers = dkim.arc_sign(msg, selector.encode(), domain.encode(), open(key, "rb").read(),
+                            srv_id.encode())
+    sys.stdout.buffer.write(b"".join(headers) + msg)
 else:
     resolver = dns.resolver.Resolver(configure=False)
     resolver.nameservers = ["127.0.0.1"]
@@ -515,4 +522,54 @@ async fn a_missing_key_file_is_a_start_error_naming_file_and_line() {
     .expect("the daemon must not start");
     assert!(err.contains("luamilter.toml:"), "{err}");
     assert!(err.contains("/nonexistent/s.pem"), "{err}");
+}
+
+/// Reports the ARC chain's validation as an X-Arc header.
+const ARC: &str = r#"
+local dkim = require "milter.dkim"
+return {
+  eom = function(ctx)
+    local chain = dkim.arc(ctx)
+    ctx:add_header("X-Arc", chain.result .. " " .. chain.sets)
+  end,
+}
+"#;
+
+#[tokio::test]
+async fn arc_chains_sealed_by_dkimpy_are_validated() {
+    let s = setup().await;
+    let d = TestDaemon::start(&[("arc", ARC)], &dns_config(&s.dns)).await;
+    let mut msg = b"Authentication-Results: fwd.example.test; spf=pass smtp.mailfrom=ann@example.test\r\n"
+        .to_vec();
+    msg.extend_from_slice(&message("ann@example.test", "forwarded", "Hi.\r\n"));
+    let key = s.rsa.dkimpy.to_str().unwrap();
+    let (ok, sealed) = run(PYTHON, &["-c", DKIMPY, "arc", "rsa", "example.test", key, "fwd.example.test"], &msg);
+    assert!(ok, "dkimpy could not seal");
+    assert_eq!(added(&deliver(&d, &sealed).await, "X-Arc"), ["pass 1"]);
+
+    let tampered = String::from_utf8(sealed).unwrap().replace("Hi.", "Bye.");
+    assert_eq!(added(&deliver(&d, tampered.as_bytes()).await, "X-Arc"), ["fail 1"]);
+
+    assert_eq!(added(&deliver(&d, &msg).await, "X-Arc"), ["none 0"]);
+    d.stop().await;
+}
+
+#[test]
+fn luamilter_check_names_the_line_of_an_unreadable_key() {
+    let dir = TempDir::new().unwrap();
+    let config = dir.path().join("luamilter.toml");
+    std::fs::write(
+        &config,
+        "[policies]\nchain = [\"dkim\"]\n\n[dkim.keys.\"example.org\"]\nselector = \"s1\"\nkey = \"missing.pem\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_luamilter"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("luamilter.toml:6"), "{text}");
+    assert!(text.contains("missing.pem"), "{text}");
 }
