@@ -77,15 +77,16 @@ fn openssl(args: &[&str]) -> Vec<u8> {
 }
 
 /// A private key file, the same key as dkimpy reads it, and its DKIM public key record.
-struct Key {
+pub(crate) struct Key {
     path: PathBuf,
     dkimpy: PathBuf,
-    record: String,
+    /// The `v=DKIM1` TXT record of the public key.
+    pub(crate) record: String,
 }
 
 impl Key {
     /// An RSA key of `bits`.
-    fn rsa(dir: &Path, name: &str, bits: u32) -> Key {
+    pub(crate) fn rsa(dir: &Path, name: &str, bits: u32) -> Key {
         let path = dir.join(format!("{name}.pem"));
         let p = path.to_str().unwrap();
         openssl(&[
@@ -130,7 +131,7 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 /// A TXT record, split into strings of at most 255 bytes.
-fn txt(name: &str, text: &str) -> Record {
+pub(crate) fn txt(name: &str, text: &str) -> Record {
     let strings = text
         .as_bytes()
         .chunks(255)
@@ -144,7 +145,7 @@ fn txt(name: &str, text: &str) -> Record {
 }
 
 /// A message with CRLF line ends.
-fn message(from: &str, subject: &str, body: &str) -> Vec<u8> {
+pub(crate) fn message(from: &str, subject: &str, body: &str) -> Vec<u8> {
     format!(
         "From: Ann <{from}>\r\nTo: bob@example.org\r\nSubject: {subject}\r\n\
          Date: Fri, 04 Dec 2026 07:00:00 +0000\r\nMessage-ID: <1@example.test>\r\n\r\n{body}"
@@ -153,7 +154,7 @@ fn message(from: &str, subject: &str, body: &str) -> Vec<u8> {
 }
 
 /// Signs `msg` with dkimpy.
-fn dkimpy_sign(
+pub(crate) fn dkimpy_sign(
     msg: &[u8],
     selector: &str,
     domain: &str,
@@ -539,16 +540,32 @@ return {
 async fn arc_chains_sealed_by_dkimpy_are_validated() {
     let s = setup().await;
     let d = TestDaemon::start(&[("arc", ARC)], &dns_config(&s.dns)).await;
-    let mut msg = b"Authentication-Results: fwd.example.test; spf=pass smtp.mailfrom=ann@example.test\r\n"
-        .to_vec();
+    let mut msg =
+        b"Authentication-Results: fwd.example.test; spf=pass smtp.mailfrom=ann@example.test\r\n"
+            .to_vec();
     msg.extend_from_slice(&message("ann@example.test", "forwarded", "Hi.\r\n"));
     let key = s.rsa.dkimpy.to_str().unwrap();
-    let (ok, sealed) = run(PYTHON, &["-c", DKIMPY, "arc", "rsa", "example.test", key, "fwd.example.test"], &msg);
+    let (ok, sealed) = run(
+        PYTHON,
+        &[
+            "-c",
+            DKIMPY,
+            "arc",
+            "rsa",
+            "example.test",
+            key,
+            "fwd.example.test",
+        ],
+        &msg,
+    );
     assert!(ok, "dkimpy could not seal");
     assert_eq!(added(&deliver(&d, &sealed).await, "X-Arc"), ["pass 1"]);
 
     let tampered = String::from_utf8(sealed).unwrap().replace("Hi.", "Bye.");
-    assert_eq!(added(&deliver(&d, tampered.as_bytes()).await, "X-Arc"), ["fail 1"]);
+    assert_eq!(
+        added(&deliver(&d, tampered.as_bytes()).await, "X-Arc"),
+        ["fail 1"]
+    );
 
     assert_eq!(added(&deliver(&d, &msg).await, "X-Arc"), ["none 0"]);
     d.stop().await;
@@ -568,7 +585,11 @@ fn luamilter_check_names_the_line_of_an_unreadable_key() {
         .arg(&config)
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("luamilter.toml:6"), "{text}");
     assert!(text.contains("missing.pem"), "{text}");
