@@ -68,36 +68,41 @@ pub(crate) fn checks_table(lua: &Lua, checks: &[SignatureCheck]) -> mlua::Result
     Ok(list)
 }
 
+/// An async Lua `function(ctx)` that reads the message as received (for `name`'s errors) and
+/// hands it to `f`.
+fn on_message<F, Fut>(
+    lua: &Lua,
+    dkim: &Arc<Dkim>,
+    name: &'static str,
+    f: F,
+) -> mlua::Result<mlua::Function>
+where
+    F: Fn(Lua, Arc<Dkim>, Received) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = mlua::Result<Table>> + Send + 'static,
+{
+    let dkim = Arc::clone(dkim);
+    lua.create_async_function(move |lua, ctx: AnyUserData| {
+        let work = received(name, &ctx).map(|message| f(lua, Arc::clone(&dkim), message));
+        async move { work?.await }
+    })
+}
+
 /// Builds the `milter.dkim` module over `dkim`.
 pub fn module(lua: &Lua, dkim: Arc<Dkim>) -> mlua::Result<Table> {
     let module = lua.create_table()?;
-    let service = Arc::clone(&dkim);
-    module.set(
-        "verify",
-        lua.create_async_function(move |lua, ctx: AnyUserData| {
-            let dkim = Arc::clone(&service);
-            async move {
-                let message = received("dkim.verify", &ctx)?;
-                checks_table(&lua, &verify_message(&dkim, &message).await)
-            }
-        })?,
-    )?;
-    let service = Arc::clone(&dkim);
-    module.set(
-        "arc",
-        lua.create_async_function(move |lua, ctx: AnyUserData| {
-            let dkim = Arc::clone(&service);
-            async move {
-                let message = received("dkim.arc", &ctx)?;
-                let check = dkim.verify_arc(&message.raw).await;
-                let t = lua.create_table()?;
-                t.set("result", check.result)?;
-                t.set("sets", check.sets)?;
-                t.set("reason", check.reason)?;
-                Ok(t)
-            }
-        })?,
-    )?;
+    let verify = on_message(lua, &dkim, "dkim.verify", |lua, dkim, message| async move {
+        checks_table(&lua, &verify_message(&dkim, &message).await)
+    })?;
+    module.set("verify", verify)?;
+    let arc = on_message(lua, &dkim, "dkim.arc", |lua, dkim, message| async move {
+        let check = dkim.verify_arc(&message.raw).await;
+        let t = lua.create_table()?;
+        t.set("result", check.result)?;
+        t.set("sets", check.sets)?;
+        t.set("reason", check.reason)?;
+        Ok(t)
+    })?;
+    module.set("arc", arc)?;
     module.set(
         "sign",
         lua.create_function(move |_, (ctx, domain): (AnyUserData, Option<String>)| {
@@ -119,12 +124,11 @@ pub fn module(lua: &Lua, dkim: Arc<Dkim>) -> mlua::Result<Table> {
                 ));
             }
             match dkim.sign(&domain, &message.raw) {
-                Ok(Some(value)) => {
+                Ok(value) => {
                     let edit = Edit::InsertHeader(0, "DKIM-Signature".into(), value);
                     ctx.borrow::<Ctx>()?.queue("dkim.sign", edit)?;
                     Ok((Some(true), None))
                 }
-                Ok(None) => Ok((None, Some(format!("no [dkim] key for {domain}")))),
                 Err(e) => Ok((None, Some(e))),
             }
         })?,

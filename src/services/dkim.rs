@@ -278,11 +278,10 @@ impl Dkim {
     }
 
     /// Signs `message` with the key of `domain`: the DKIM-Signature header's value (folded
-    /// with LF and a tab), or `None` when no key is configured for `domain`.
-    pub fn sign(&self, domain: &str, message: &[u8]) -> Result<Option<String>, String> {
-        let Some(signer) = self.signers.get(&domain.to_ascii_lowercase()) else {
-            return Ok(None);
-        };
+    /// with LF and a tab).
+    pub fn sign(&self, domain: &str, message: &[u8]) -> Result<String, String> {
+        let signer = (self.signers.get(&domain.to_ascii_lowercase()))
+            .ok_or_else(|| format!("no [dkim] key for {domain}"))?;
         let signature = match signer {
             Signer::Rsa(s) => s.sign(message),
             Signer::Ed25519(s) => s.sign(message),
@@ -294,7 +293,7 @@ impl Dkim {
             .map_or(header.as_str(), |(_, v)| v)
             .trim()
             .replace("\r\n", "\n");
-        Ok(Some(value))
+        Ok(value)
     }
 
     /// Looks up every key record named in `names` through the shared resolver, concurrently,

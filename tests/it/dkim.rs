@@ -347,92 +347,61 @@ async fn tampering_revoked_and_short_keys_and_dns_timeouts_do_not_pass() {
     let s = setup().await;
     let d = TestDaemon::start(&[("report", REPORT)], &dns_config(&s.dns)).await;
     let plain = message("ann@example.test", "lunch", "Pay 10 EUR.\r\n");
-    let signed = dkimpy_sign(
-        &plain,
-        "rsa",
-        "example.test",
-        &s.rsa,
-        "relaxed/simple",
-        "rsa-sha256",
-    );
-    let result = |got: Vec<String>| {
-        got.first()
-            .map(|r| r.split(' ').next().unwrap().to_string())
+    let sign = |selector: &str, key: &Key| {
+        dkimpy_sign(
+            &plain,
+            selector,
+            "example.test",
+            key,
+            "relaxed/simple",
+            "rsa-sha256",
+        )
     };
-
-    let body = String::from_utf8(signed.clone())
-        .unwrap()
-        .replace("10 EUR", "99 EUR");
-    let got = added(&deliver(&d, body.as_bytes()).await, "X-Dkim");
-    // As Gmail and mail-auth report it: "neutral (body hash did not verify)".
-    assert_eq!(
-        result(got.clone()).as_deref(),
-        Some("neutral"),
-        "tampered body: {got:?}"
-    );
-    assert!(got[0].contains("body hash"), "{got:?}");
-
-    let header = String::from_utf8(signed.clone())
-        .unwrap()
-        .replace("Subject: lunch", "Subject: dinner");
-    let got = added(&deliver(&d, header.as_bytes()).await, "X-Dkim");
-    assert_eq!(
-        result(got.clone()).as_deref(),
-        Some("fail"),
-        "tampered header: {got:?}"
-    );
-
-    let revoked = dkimpy_sign(
-        &plain,
-        "revoked",
-        "example.test",
-        &s.rsa,
-        "relaxed/simple",
-        "rsa-sha256",
-    );
-    let got = added(&deliver(&d, &revoked).await, "X-Dkim");
-    assert!(
-        matches!(result(got.clone()).as_deref(), Some("permerror" | "fail")),
-        "revoked: {got:?}"
-    );
-    assert_ne!(result(got).as_deref(), Some("pass"));
-
-    let short = dkimpy_sign(
-        &plain,
-        "short",
-        "example.test",
-        &s.short,
-        "relaxed/simple",
-        "rsa-sha256",
-    );
-    let got = added(&deliver(&d, &short).await, "X-Dkim");
-    assert!(
-        matches!(result(got.clone()).as_deref(), Some("fail" | "permerror")),
-        "512-bit key: {got:?}"
-    );
-
-    let unknown = dkimpy_sign(
-        &plain,
-        "missing",
-        "example.test",
-        &s.rsa,
-        "relaxed/simple",
-        "rsa-sha256",
-    );
-    let got = added(&deliver(&d, &unknown).await, "X-Dkim");
-    assert_eq!(
-        result(got.clone()).as_deref(),
-        Some("permerror"),
-        "no key record: {got:?}"
-    );
+    let signed = sign("rsa", &s.rsa);
+    let edit = |from: &str, to: &str| {
+        let text = String::from_utf8(signed.clone()).unwrap();
+        text.replace(from, to).into_bytes()
+    };
+    // (what, message, expected "result d= s=" start, a word of the reason)
+    let cases = [
+        // As Gmail and mail-auth report it: "neutral (body hash did not verify)".
+        (
+            "changed body",
+            edit("10 EUR", "99 EUR"),
+            "neutral",
+            "body hash",
+        ),
+        (
+            "changed header",
+            edit("Subject: lunch", "Subject: dinner"),
+            "fail",
+            "ignature",
+        ),
+        (
+            "revoked key",
+            sign("revoked", &s.rsa),
+            "permerror",
+            "evoked",
+        ),
+        ("512-bit key", sign("short", &s.short), "fail", "-"),
+        ("no key record", sign("missing", &s.rsa), "permerror", "-"),
+    ];
+    for (what, msg, result, reason) in cases {
+        let got = added(&deliver(&d, &msg).await, "X-Dkim");
+        assert_eq!(got.len(), 1, "{what}: {got:?}");
+        assert!(
+            got[0].starts_with(&format!("{result} example.test ")),
+            "{what}: {got:?}"
+        );
+        assert!(got[0].contains(reason), "{what}: {got:?}");
+    }
     d.stop().await;
 
     let silent = TestDns::silent().await;
     let d = TestDaemon::start(&[("report", REPORT)], &dns_config(&silent)).await;
     let got = added(&deliver(&d, &signed).await, "X-Dkim");
-    assert_eq!(
-        result(got.clone()).as_deref(),
-        Some("temperror"),
+    assert!(
+        got[0].starts_with("temperror example.test rsa "),
         "DNS timeout: {got:?}"
     );
     d.stop().await;

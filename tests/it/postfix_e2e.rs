@@ -357,3 +357,56 @@ fn noreply_over_tcp_with_postfix() {
         );
     }
 }
+
+#[test]
+fn a_forged_authentication_results_header_is_removed_and_ours_written() {
+    if !e2e_ready() {
+        return;
+    }
+    let milter = Luamilter::start_with(
+        "inet",
+        "[site]\nhostname = \"mx.e2e.test\"\n[policies]\nchain = [\"dkim\", \"authres\"]\n",
+    );
+    let postfix = Postfix::start(&milter.socket).expect("start private postfix");
+    let marker = "forged-authres-marker-1717";
+    let sent = postfix
+        .send(
+            "good@test.example",
+            RECIPIENT,
+            &[
+                (
+                    "Authentication-Results",
+                    "relay.example.net; spf=pass smtp.mailfrom=x",
+                ),
+                (
+                    "Authentication-Results",
+                    "MX.e2e.test; dkim=pass header.d=bank.example",
+                ),
+                ("Subject", marker),
+            ],
+            "hello\n",
+        )
+        .unwrap();
+    assert_eq!(sent.exit_code, 0, "{}", sent.transcript);
+    let delivered = postfix
+        .wait_delivered(|m| m.contains(marker), WAIT)
+        .unwrap_or_else(|| panic!("not delivered; mail log:\n{}", postfix.maillog()));
+    let (headers, _) = delivered.split_once("\n\n").unwrap();
+    let results: Vec<&str> = headers
+        .lines()
+        .filter(|l| l.starts_with("Authentication-Results:"))
+        .collect();
+    assert!(
+        !delivered.contains("bank.example"),
+        "forged header kept:\n{delivered}"
+    );
+    assert!(
+        results.contains(&"Authentication-Results: relay.example.net; spf=pass smtp.mailfrom=x"),
+        "an upstream header was removed:\n{delivered}"
+    );
+    assert!(
+        results.contains(&"Authentication-Results: mx.e2e.test; dkim=none; arc=none"),
+        "ours is missing:\n{delivered}"
+    );
+    assert_eq!(results.len(), 2, "{delivered}");
+}
