@@ -383,8 +383,18 @@ async fn tampering_revoked_and_short_keys_and_dns_timeouts_do_not_pass() {
             "permerror",
             "evoked",
         ),
-        ("512-bit key", sign("short", &s.short), "fail", "verification failed"),
-        ("no key record", sign("missing", &s.rsa), "permerror", "not found"),
+        (
+            "512-bit key",
+            sign("short", &s.short),
+            "fail",
+            "verification failed",
+        ),
+        (
+            "no key record",
+            sign("missing", &s.rsa),
+            "permerror",
+            "not found",
+        ),
     ];
     for (what, msg, result, reason) in cases {
         let got = added(&deliver(&d, &msg).await, "X-Dkim");
