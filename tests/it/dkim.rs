@@ -6,7 +6,7 @@
 use crate::dns_server::TestDns;
 use crate::support::TestDaemon;
 use hickory_server::proto::rr::{Name, RData, Record, rdata::TXT};
-use indymilter_test::{EomAction, EomActions};
+use indymilter_test::{EomAction, EomActions, Status};
 use std::{
     io::Write,
     net::Ipv4Addr,
@@ -202,13 +202,18 @@ fn split(msg: &[u8]) -> (Vec<(String, String)>, Vec<u8>) {
 
 /// Sends `msg` through the daemon from an outside client and returns the end-of-message edits.
 async fn deliver(d: &TestDaemon, msg: &[u8]) -> EomActions {
+    deliver_from(d, "ann@example.test", msg).await.0
+}
+
+/// [`deliver`] with the MAIL FROM `sender`; also the end-of-message status.
+async fn deliver_from(d: &TestDaemon, sender: &str, msg: &[u8]) -> (EomActions, Status) {
     let (headers, body) = split(msg);
     let mut c = d.client().await;
     c.connect("mail.example.test", Ipv4Addr::new(192, 0, 2, 25))
         .await
         .unwrap();
     c.helo("mail.example.test").await.unwrap();
-    c.mail(["<ann@example.test>"]).await.unwrap();
+    c.mail([format!("<{sender}>")]).await.unwrap();
     c.rcpt(["<bob@example.org>"]).await.unwrap();
     c.data().await.unwrap();
     for (name, value) in &headers {
@@ -218,8 +223,7 @@ async fn deliver(d: &TestDaemon, msg: &[u8]) -> EomActions {
     for chunk in body.chunks(4000) {
         c.body(chunk.to_vec()).await.unwrap();
     }
-    let (actions, _) = c.eom().await.unwrap();
-    actions
+    c.eom().await.unwrap()
 }
 
 /// Values of every header named `name` the milter added, in order.
@@ -572,4 +576,54 @@ fn luamilter_check_names_the_line_of_an_unreadable_key() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("luamilter.toml:6"), "{text}");
     assert!(text.contains("missing.pem"), "{text}");
+}
+
+/// The stock spf, dkim and dmarc policies (their stock text, as files), with `options` TOML.
+async fn stock_dmarc(dns: &TestDns, options: &str) -> TestDaemon {
+    let stock = |name: &'static str| (name, luamilter::stock::get(name).unwrap());
+    let config = format!(
+        "[site]\nhostname = \"mx.test\"\n{options}{}",
+        dns_config(dns)
+    );
+    TestDaemon::start(&[stock("spf"), stock("dkim"), stock("dmarc")], &config).await
+}
+
+#[tokio::test]
+async fn the_dmarc_policy_quarantines_rejects_or_only_reports() {
+    let dns = TestDns::start().await;
+    // SPF passes for other.co.uk, which aligns with neither From domain; nothing is signed.
+    let quarantined = message("a@quar.dkim.test", "q", "x\r\n");
+    let rejected = message("a@example.co.uk", "r", "x\r\n");
+
+    let d = stock_dmarc(&dns, "").await;
+    let (actions, status) = deliver_from(&d, "u@other.co.uk", &quarantined).await;
+    assert_eq!(status, Status::Continue, "{actions:?}");
+    assert!(
+        actions
+            .actions
+            .iter()
+            .any(|a| matches!(a, EomAction::Quarantine { reason }
+            if reason.to_str() == Ok("DMARC policy of quar.dkim.test: quarantine"))),
+        "{actions:?}"
+    );
+    let (_, status) = deliver_from(&d, "u@other.co.uk", &rejected).await;
+    assert!(
+        crate::support::reply_text(&status).starts_with("550 5.7.1 DMARC policy of example.co.uk"),
+        "{status:?}"
+    );
+    d.stop().await;
+
+    let d = stock_dmarc(&dns, "[policy.dmarc]\nreport_only = true\n").await;
+    for msg in [&quarantined, &rejected] {
+        let (actions, status) = deliver_from(&d, "u@other.co.uk", msg).await;
+        assert_eq!(status, Status::Continue, "report only: {actions:?}");
+        assert!(
+            !actions
+                .actions
+                .iter()
+                .any(|a| matches!(a, EomAction::Quarantine { .. })),
+            "report only: {actions:?}"
+        );
+    }
+    d.stop().await;
 }
