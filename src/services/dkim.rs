@@ -122,6 +122,17 @@ enum Signer {
     Ed25519(Box<DkimSigner<Ed25519Key, Done>>),
 }
 
+impl ArcCheck {
+    /// No chain.
+    pub fn none() -> ArcCheck {
+        ArcCheck {
+            result: "none",
+            sets: 0,
+            reason: None,
+        }
+    }
+}
+
 /// DKIM verification and signing, and ARC verification, over the shared resolver.
 pub struct Dkim {
     resolver: Arc<Resolver>,
@@ -231,11 +242,7 @@ impl Dkim {
     /// Validates the ARC chain of `message`.
     pub async fn verify_arc(&self, message: &[u8]) -> ArcCheck {
         let Some(parsed) = AuthenticatedMessage::parse(message) else {
-            return ArcCheck {
-                result: "none",
-                sets: 0,
-                reason: None,
-            };
+            return ArcCheck::none();
         };
         let names = (parsed
             .ams_headers
@@ -254,11 +261,7 @@ impl Dkim {
             .await;
         let sets = parsed.as_headers.len();
         match output.result() {
-            DkimResult::None => ArcCheck {
-                result: "none",
-                sets,
-                reason: None,
-            },
+            DkimResult::None => ArcCheck::none(),
             DkimResult::Pass => ArcCheck {
                 result: "pass",
                 sets,
