@@ -12,7 +12,8 @@
 --      `SPF-None` policy;
 --   7. the `SPF-<Result>` policy of the effective result (access map, else program defaults).
 -- CBV and DSN policy values queue a call-back for the cbv policy (ctx.msg.cbv, cbv_template,
--- cbv_target). Publishes ctx.msg.spf; at eom inserts Received-SPF and Authentication-Results at the top.
+-- cbv_target). Publishes ctx.msg.spf (for the authres and dmarc policies); at eom inserts
+-- Received-SPF at the top.
 -- Every default and reply is documented in docs/policies/spf.md.
 local milter = require "milter"
 local spf = require "milter.spf"
@@ -146,36 +147,6 @@ local function received_spf(state, official, helo)
   return value
 end
 
--- An RFC 8601 property value: as is when it is a token or a plain mailbox, else quoted.
-local function pvalue(text)
-  local atom = "[%w!#$%%&'*+./=?^_`{|}~-]"
-  if text:match("^" .. atom .. "+$") or text:match("^" .. atom .. "*@[%w.-]+$") then
-    return text
-  end
-  return '"' .. text:gsub('[\\"]', "\\%0") .. '"'
-end
-
--- The iprev result (RFC 8601 §2.7.3) and the confirmed name, from forward-confirmed rDNS.
-local function iprev(ip)
-  local names, err = dns.fcrdns(ip)
-  if names and #names > 0 then return "pass", names[1] end
-  if names then return "fail" end
-  if err == "nxdomain" or err == "nodata" then return "permerror" end
-  return "temperror"
-end
-
-local function authentication_results(ctx, state, opts)
-  local id = opts.authserv_id ~= "" and opts.authserv_id or ctx.receiver
-  local spf_part = "spf=" .. state.official .. " smtp.mailfrom=" .. pvalue(state.identity)
-  if state.helo_name ~= "" then
-    spf_part = spf_part .. " smtp.helo=" .. pvalue(state.helo_name)
-  end
-  local result, name = iprev(ctx.client.ip)
-  local iprev_part = "iprev=" .. result .. " policy.iprev=" .. pvalue(ctx.client.ip)
-  if name then iprev_part = iprev_part .. " (" .. name .. ")" end
-  return id .. "; " .. spf_part .. "; " .. iprev_part
-end
-
 -- The official result: a passing trusted forwarder, else check_host for MAIL FROM (with the
 -- delegated record for a domain that publishes none).
 local function official_result(ctx, state, sender, helo, opts)
@@ -224,8 +195,6 @@ return {
     ban_pass_domain = true,
     email_providers = domain_ban.email_providers,
     received_spf = true,
-    authentication_results = true,
-    authserv_id = "",
     fail_reply = { "SPF fail: {explanation}" },
     softfail_reply = {
       "SPF softfail: If you get this Delivery Status Notice, your email",
@@ -409,9 +378,6 @@ return {
     if not state or not state.received_spf then return end
     if opts.received_spf then
       ctx:insert_header(0, "Received-SPF", state.received_spf)
-    end
-    if opts.authentication_results then
-      ctx:insert_header(0, "Authentication-Results", authentication_results(ctx, state, opts))
     end
   end,
 }

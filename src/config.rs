@@ -40,6 +40,9 @@ pub struct Config {
     /// Outbound SMTP call-backs (`milter.smtp`).
     #[serde(default)]
     pub smtp: crate::services::smtp::SmtpConfig,
+    /// DKIM verification and signing keys.
+    #[serde(default)]
+    pub dkim: crate::services::dkim::DkimConfig,
     /// Facts about the site: internal networks, trusted relays, own domains, access map.
     #[serde(default)]
     pub site: crate::services::site::SiteConfig,

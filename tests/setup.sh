@@ -2,8 +2,9 @@
 # Installs the system packages the test suite drives for real: Postfix and swaks (end-to-end
 # tests), redis-server (shared-store tests, Sentinel too), openssl (certificates for the Redis
 # TLS test), man-db and groff (`man -l` on the generated pages), lintian (the Debian package,
-# .ci/deb). Idempotent; needs root (as do
-# the Postfix tests).
+# .ci/deb), and dkimpy with PyNaCl, dnspython and authres (DKIM and ARC tests: the second
+# implementation, signing and sealing for luamilter to verify, and verifying what luamilter
+# signs). Idempotent; needs root (as do the Postfix tests).
 set -euo pipefail
 missing=()
 command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || missing+=(postfix)
@@ -13,6 +14,10 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v man >/dev/null 2>&1 || missing+=(man-db)
 command -v nroff >/dev/null 2>&1 || missing+=(groff-base)
 command -v lintian >/dev/null 2>&1 || missing+=(lintian)
+command -v dkimverify >/dev/null 2>&1 || missing+=(python3-dkim)
+/usr/bin/python3 -c 'import nacl' >/dev/null 2>&1 || missing+=(python3-nacl)
+/usr/bin/python3 -c 'import dns.resolver' >/dev/null 2>&1 || missing+=(python3-dnspython)
+/usr/bin/python3 -c 'import authres' >/dev/null 2>&1 || missing+=(python3-authres)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -34,6 +34,8 @@ pub struct Plan {
     pub noreply: ProtoOpts,
     /// Macros to request per stage (empty: the MTA's defaults).
     pub macros: HashMap<MacroStage, CString>,
+    /// Whether sessions keep the message body (a policy `needs` it).
+    pub keeps_body: bool,
 }
 
 /// The actions luamilter can perform at end of message; requested masked by the MTA's offer.
@@ -62,6 +64,7 @@ fn skippable_stages() -> impl Iterator<Item = (Stage, ProtoOpts, ProtoOpts)> {
 fn collected(stage: Stage, decls: &[PolicyDecl]) -> bool {
     match stage {
         Stage::Connect | Stage::Helo | Stage::Mail | Stage::Rcpt => true,
+        Stage::Body => decls.iter().any(|d| d.reads_body),
         Stage::Header => decls.iter().any(|d| {
             d.reads_headers
                 || d.handles[Stage::Data]
@@ -141,6 +144,7 @@ impl Plan {
             skip,
             noreply,
             macros,
+            keeps_body: decls.iter().any(|d| d.reads_body),
         }
     }
 }

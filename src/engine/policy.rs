@@ -2,7 +2,8 @@
 //!
 //! A policy returns a table whose keys are the stage handlers plus these declarations:
 //! `name` (must match the file), `description`, `options` (defaults), `needs` (`"headers"`: have
-//! the MTA send headers although nothing visible in the source reads them;
+//! the MTA send headers although nothing visible in the source reads them; `"body"`: have it
+//! send the body and keep it for `milter.dkim`;
 //! `"rejected_recipients"`: see recipients the MTA refused itself), `noreply` (stages whose
 //! handlers never answer), `macros` (per stage, the macros to ask the MTA for), `setup` (a
 //! function run at load with the effective options, to check them or precompute from them; an
@@ -36,10 +37,12 @@ const MODE_KEY: &str = "mode";
 /// What `needs` can name. "headers": the MTA sends headers (normally known from the source,
 /// see [`mentions_headers`]). "rejected_recipients": recipients the MTA itself refused (unknown
 /// users) are passed to rcpt handlers too, with the macro {rcpt_mailer} = "error" (Postfix);
-/// they never join ctx.recipients. The envelope entries are accepted and change nothing: the
-/// envelope is always sent.
+/// they never join ctx.recipients. "body": the MTA sends the body and the session keeps it (up to
+/// `[dkim] max_body` bytes) for `milter.dkim` and `milter.dmarc`. The envelope entries are
+/// accepted and change nothing: the envelope is always sent.
 const NEEDS: &[&str] = &[
     "headers",
+    "body",
     "rejected_recipients",
     "client",
     "helo",
@@ -133,6 +136,9 @@ pub struct PolicyDecl {
     pub shadow: bool,
     /// Whether it wants the recipients the MTA refused itself (`needs` "rejected_recipients").
     pub rejected_recipients: bool,
+    /// Whether it reads the message as received (`needs` "body"): headers and body are sent
+    /// and the body kept.
+    pub reads_body: bool,
     /// Macros to request, per stage.
     pub macros: BTreeMap<Stage, Vec<String>>,
     /// Effective options, rendered for `luamilter check`.
@@ -192,9 +198,12 @@ pub fn load(
         origin: source.origin,
         handles: StageMap::default(),
         noreply: Vec::new(),
-        reads_headers: required_mention_headers || mentions_headers(&source.text),
+        reads_headers: required_mention_headers
+            || mentions_headers(&source.text)
+            || mentions_message_auth(&source.text),
         shadow: false,
         rejected_recipients: false,
+        reads_body: mentions_message_auth(&source.text),
         macros: BTreeMap::new(),
         options: BTreeMap::new(),
     };
@@ -260,6 +269,8 @@ pub fn load(
                     }
                     decl.reads_headers |= item == "headers";
                     decl.rejected_recipients |= item == "rejected_recipients";
+                    decl.reads_body |= item == "body";
+                    decl.reads_headers |= item == "body";
                 }
                 Ok(())
             }),
@@ -471,6 +482,12 @@ pub fn mentions_headers(source: &str) -> bool {
     source
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .any(|word| word == "header" || word == "headers")
+}
+
+/// Whether Lua source uses `milter.dkim` or `milter.dmarc`, which read the message as received:
+/// such a policy gets headers and body without declaring `needs = { "body" }`.
+pub fn mentions_message_auth(source: &str) -> bool {
+    source.contains("milter.dkim") || source.contains("milter.dmarc")
 }
 
 /// The first line of a Lua error message (the traceback follows on later lines).

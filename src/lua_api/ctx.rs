@@ -46,7 +46,13 @@ impl Ctx {
         }
     }
 
-    fn queue(&self, what: &str, edit: Edit) -> mlua::Result<()> {
+    /// The session this ctx views (for modules that read the message as received).
+    pub(crate) fn session(&self) -> &SharedSession {
+        &self.session
+    }
+
+    /// Queues an end-of-message edit, if the stage allows it and the MTA granted it.
+    pub(crate) fn queue(&self, what: &str, edit: Edit) -> mlua::Result<()> {
         self.require_message(what)?;
         let needed = edit.required_action();
         let mut session = self.session.lock();

@@ -2,13 +2,16 @@
 //! one file per module: [`milter`] (`milter`), [`log`] (`milter.log`), [`dns`]
 //! (`milter.dns`), [`spf`] (`milter.spf`), [`net`] (`milter.net`), [`store`]
 //! (`milter.store`), [`site`] (`milter.site`), [`access`] (`milter.access`), [`mime`]
-//! (`milter.mime`), [`smtp`] (`milter.smtp`) and [`srs`] (`milter.srs`), each a thin Lua face over a service of [`crate::services`]; `args`
+//! (`milter.mime`), [`smtp`] (`milter.smtp`), [`srs`] (`milter.srs`), [`dkim`] (`milter.dkim`)
+//! and [`dmarc`] (`milter.dmarc`), each a thin Lua face over a service of [`crate::services`]; `args`
 //! converts the arguments they share. [`stubs`] holds the editor stubs (LuaLS annotations) of all
 //! of it, checked against what these modules register.
 
 pub mod access;
 mod args;
 pub mod ctx;
+pub mod dkim;
+pub mod dmarc;
 pub mod dns;
 pub mod log;
 pub mod milter;
@@ -39,6 +42,8 @@ pub const BUILTIN_MODULES: &[&str] = &[
     "milter.mime",
     "milter.smtp",
     "milter.srs",
+    "milter.dkim",
+    "milter.dmarc",
 ];
 
 /// Builds a built-in module by name, or `None` when `name` is not built in.
@@ -60,6 +65,12 @@ pub fn builtin_module(
         "milter.mime" => mime::module(lua),
         "milter.smtp" => smtp::module(lua, Arc::clone(&services.smtp)),
         "milter.srs" => srs::module(lua, Arc::clone(&services.store)),
+        "milter.dkim" => dkim::module(lua, Arc::clone(&services.dkim)),
+        "milter.dmarc" => dmarc::module(
+            lua,
+            Arc::clone(&services.resolver),
+            Arc::clone(&services.dkim),
+        ),
         _ => return None,
     };
     Some(module.map(Value::Table))

@@ -47,6 +47,8 @@ pub const FILES: &[StubFile] = &[
     stub!("milter/mime.lua"),
     stub!("milter/smtp.lua"),
     stub!("milter/srs.lua"),
+    stub!("milter/dkim.lua"),
+    stub!("milter/dmarc.lua"),
     stub!("luamilter/ctx.lua"),
     stub!("luamilter/policy.lua"),
 ];

@@ -65,7 +65,7 @@ pub fn callbacks(engine: Arc<Engine>, worker: usize) -> Callbacks<Conn> {
         .on_data(|cx| Box::pin(run(cx, Stage::Data, StageArgs::None)))
         .on_header(|cx, name, value| Box::pin(header(cx, name, value)))
         .on_eoh(|cx| Box::pin(run(cx, Stage::Eoh, StageArgs::None)))
-        .on_body(|cx, chunk| Box::pin(run(cx, Stage::Body, StageArgs::Body(chunk))))
+        .on_body(|cx, chunk| Box::pin(body(cx, chunk)))
         .on_eom(|cx| Box::pin(eom(cx)))
         .on_abort(|cx| Box::pin(abort(cx)))
         .on_close(|cx| Box::pin(close(cx)))
@@ -157,6 +157,13 @@ async fn header(cx: &mut Context<Conn>, name: CString, value: CString) -> Status
         conn.session.lock().message.headers.push(header);
     }
     run(cx, Stage::Header, StageArgs::Header(name, value)).await
+}
+
+async fn body(cx: &mut Context<Conn>, chunk: bytes::Bytes) -> Status {
+    if let Some(conn) = &cx.data {
+        conn.session.lock().keep_body(&chunk);
+    }
+    run(cx, Stage::Body, StageArgs::Body(chunk)).await
 }
 
 async fn abort(cx: &mut Context<Conn>) -> Status {

@@ -28,7 +28,10 @@ pub async fn negotiate(
         opts: cx.requested_opts,
         actions: cx.requested_actions,
     };
-    let session = Session::new(negotiated, generation.site.hostname.clone());
+    let mut session = Session::new(negotiated, generation.site.hostname.clone());
+    if plan.keeps_body {
+        session.body_limit = Some(generation.services.dkim.max_body());
+    }
     cx.data = Some(Conn {
         lease: generation.lease(worker),
         session: SharedSession::new(session),

@@ -20,8 +20,22 @@ const VALUES: &[&str] = &["OK", "WHITELIST", "REJECT", "BAN", "TEMPFAIL", "CBV",
 /// tags) are kept as written: an access file shared with sendmail loads as it is.
 fn checked_tag(key: &str) -> bool {
     let tag = key.split(':').next().unwrap_or("").to_ascii_lowercase();
-    tag.starts_with("spf-") || tag.starts_with("helo-") || tag == "smtp-auth"
+    tag.starts_with("spf-")
+        || tag.starts_with("helo-")
+        || tag.starts_with("dkim-")
+        || tag == "smtp-auth"
 }
+
+/// The `DKIM-<result>` tags the dkim stock policy looks up (RFC 8601 results; `None`: no passing
+/// signature of the From domain).
+const DKIM_TAGS: &[&str] = &[
+    "dkim-pass",
+    "dkim-fail",
+    "dkim-neutral",
+    "dkim-permerror",
+    "dkim-temperror",
+    "dkim-none",
+];
 
 /// An access-map entry is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,6 +46,14 @@ pub enum EntryError {
     /// The value is empty.
     #[error("{key:?} has no value (use one of {})", VALUES.join(", "))]
     NoValue {
+        /// The entry's key.
+        key: String,
+    },
+    /// A `DKIM-` tag that names no DKIM result.
+    #[error(
+        "{key:?}: unknown tag (DKIM tags: DKIM-Pass, DKIM-Fail, DKIM-Neutral, DKIM-PermError, DKIM-TempError, DKIM-None)"
+    )]
+    UnknownTag {
         /// The entry's key.
         key: String,
     },
@@ -136,7 +158,10 @@ impl AccessMap {
         }
         if checked_tag(key) {
             let tag = key.split(':').next().unwrap_or("").to_ascii_lowercase();
-            if matches!(value, "CBV" | "DSN") && tag == "smtp-auth" {
+            if tag.starts_with("dkim-") && !DKIM_TAGS.contains(&tag.as_str()) {
+                return Err(EntryError::UnknownTag { key: key.into() });
+            }
+            if matches!(value, "CBV" | "DSN") && (tag == "smtp-auth" || tag.starts_with("dkim-")) {
                 return Err(EntryError::CallBackTag {
                     key: key.into(),
                     value: value.into(),
@@ -276,6 +301,26 @@ SMTP-Test:.baz.com      WHITELIST
         m.insert("SPF-Fail:Abeb@Adelphia.net", "OK").unwrap();
         assert_eq!(m.lookup("spf-fail", "Abeb@adelphia.NET"), Some("OK"));
         assert_eq!(m.lookup("spf-fail", "abeb@adelphia.net"), None);
+    }
+
+    #[test]
+    fn dkim_tags_are_checked() {
+        let mut map = AccessMap::default();
+        assert!(map.insert("DKIM-None:paypal.com", "REJECT").is_ok());
+        assert!(map.insert("DKIM-Pass:example.org", "WHITELIST").is_ok());
+        assert!(matches!(
+            map.insert("DKIM-Bogus:example.org", "REJECT"),
+            Err(EntryError::UnknownTag { .. })
+        ));
+        assert!(matches!(
+            map.insert("DKIM-Fail:example.org", "DSN"),
+            Err(EntryError::CallBackTag { .. })
+        ));
+        assert!(matches!(
+            map.insert("DKIM-Fail:example.org", "reject"),
+            Err(EntryError::UnknownValue { .. })
+        ));
+        assert_eq!(map.lookup("DKIM-None", "paypal.com"), Some("REJECT"));
     }
 
     #[test]

@@ -4,12 +4,16 @@
 //! resolver, and the store, built once at start and shared by every generation and Lua state.
 //! The modules beside it are the services themselves: [`dns`] (with [`dns_zone`], static answers
 //! from zone files for `luamilter test`) and [`dns_lists`] (several list
-//! queries at once, over `dns`), [`spf`], [`smtp`] (call-backs to a sender's mail exchanger), [`store`], [`net`] (IP sets, envelope addresses, the
-//! dynamic-PTR heuristic), [`mime`] (header decoding), [`srs`] (SRS and BATV signed senders), and the per-generation [`site`] facts
+//! queries at once, over `dns`), [`spf`], [`dkim`] (with [`dmarc`]), [`smtp`] (call-backs to a
+//! sender's mail exchanger), [`store`], [`net`] (IP sets, envelope addresses, the dynamic-PTR
+//! heuristic), [`mime`] (header decoding), [`srs`] (SRS and BATV signed senders), and the
+//! per-generation [`site`] facts
 //! with their [`access`] map. [`calls`] counts the calls a piece of work makes of them.
 
 pub mod access;
 pub mod calls;
+pub mod dkim;
+pub mod dmarc;
 pub mod dns;
 pub mod dns_lists;
 pub mod dns_zone;
@@ -23,6 +27,7 @@ pub mod srs;
 pub mod store;
 
 use crate::config::Config;
+use dkim::{Dkim, KeyError};
 use dns::{Resolver, SetupError};
 use smtp::Smtp;
 use spf::{Spf, SpfError};
@@ -44,6 +49,9 @@ pub enum ServicesError {
     /// SMTP call-backs (`[smtp]`).
     #[error("[smtp]: {0}")]
     Smtp(String),
+    /// DKIM signing keys (`[dkim]`); the message names file and line.
+    #[error("{0}")]
+    Dkim(#[from] KeyError),
 }
 
 /// Shared services.
@@ -56,6 +64,8 @@ pub struct Services {
     pub store: Arc<dyn Store>,
     /// SMTP call-backs over `resolver`, remembering results in `store`.
     pub smtp: Arc<Smtp>,
+    /// DKIM and ARC over `resolver`, with the signing keys of `[dkim]`.
+    pub dkim: Arc<Dkim>,
 }
 
 impl Services {
@@ -98,11 +108,17 @@ impl Services {
         )
         .map(Arc::new)
         .map_err(ServicesError::Smtp)?;
+        let dkim = Arc::new(Dkim::new(
+            Arc::clone(&resolver),
+            &config.dkim,
+            &config.source,
+        )?);
         Ok(Services {
             resolver,
             spf,
             store,
             smtp,
+            dkim,
         })
     }
 }

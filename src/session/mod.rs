@@ -98,6 +98,10 @@ pub struct Message {
     pub recipient_args: Vec<Vec<String>>,
     /// Headers seen so far, in order.
     pub headers: Vec<(String, String)>,
+    /// The body as received, kept when a policy needs it (`Session::body_limit`).
+    pub body: Vec<u8>,
+    /// Whether the body was longer than the limit (`body` then holds its start).
+    pub body_truncated: bool,
     /// Edits queued for end of message.
     pub edits: Vec<Edit>,
     /// What the policies decided during the message.
@@ -130,6 +134,8 @@ pub struct Session {
     pub running: Option<(Stage, usize)>,
     /// Set during eom: asks the server to send a progress notification to the MTA.
     pub progress: Option<UnboundedSender<()>>,
+    /// How many body bytes a message keeps, when a policy needs the body.
+    pub body_limit: Option<usize>,
     /// The message in progress.
     pub message: Message,
     /// What the policies decided at connect and HELO.
@@ -293,6 +299,33 @@ impl Session {
             outcome,
             trace: self.message_trace(),
         })
+    }
+
+    /// Keeps a body chunk, up to `body_limit` bytes in all.
+    pub fn keep_body(&mut self, chunk: &[u8]) {
+        let Some(limit) = self.body_limit else {
+            return;
+        };
+        let body = &mut self.message.body;
+        let room = limit.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        self.message.body_truncated |= chunk.len() > room;
+    }
+
+    /// The message as received: headers in order (`name: value`, CRLF line ends) and the kept
+    /// body.
+    pub fn raw_message(&self) -> Vec<u8> {
+        let mut raw = Vec::with_capacity(self.message.body.len() + 2048);
+        for (name, value) in &self.message.headers {
+            raw.extend_from_slice(name.as_bytes());
+            raw.extend_from_slice(b": ");
+            let folded = value.replace("\r\n", "\n").replace('\n', "\r\n");
+            raw.extend_from_slice(folded.as_bytes());
+            raw.extend_from_slice(b"\r\n");
+        }
+        raw.extend_from_slice(b"\r\n");
+        raw.extend_from_slice(&self.message.body);
+        raw
     }
 
     /// The queue id (macro `i`), or "".

@@ -9,7 +9,7 @@
 ---the headers in a way the source scan cannot see), "rejected_recipients" (recipients the MTA
 ---refused itself reach `rcpt` handlers too). The envelope entries are accepted and do nothing:
 ---the envelope is always sent.
----@alias luamilter.Need "headers"|"rejected_recipients"|"client"|"helo"|"sender"|"recipients"
+---@alias luamilter.Need "headers"|"body"|"rejected_recipients"|"client"|"helo"|"sender"|"recipients"
 
 ---Stages whose handlers may be declared not to answer.
 ---@alias luamilter.NoreplyStage "connect"|"helo"|"mail"|"rcpt"|"data"|"header"|"eoh"|"body"|"unknown"

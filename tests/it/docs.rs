@@ -72,6 +72,7 @@ fn sample_config_lists_every_key_with_its_default() {
             ][..],
         ),
         ("trace", &["keep"][..]),
+        ("dkim", &["max_body", "sign_headers", "keys"][..]),
         (
             "smtp",
             &[

@@ -26,6 +26,7 @@ fn args(socket: ListenAddr, messages: u64, body_size: usize, spam_fraction: f64)
         messages,
         per_connection: 3,
         body_size,
+        message: None,
         spam_fraction,
         timeout: 10.0,
         server_pid: Some(std::process::id()),

@@ -121,6 +121,20 @@ fn setup(transport: &str) -> Option<(Luamilter, Postfix)> {
     Some((milter, postfix))
 }
 
+/// Sends a message from good@test.example with `marker` as its Subject (after `headers`) and
+/// returns it as delivered.
+fn deliver(postfix: &Postfix, marker: &str, headers: &[(&str, &str)], body: &str) -> String {
+    let mut headers = headers.to_vec();
+    headers.push(("Subject", marker));
+    let sent = postfix
+        .send("good@test.example", RECIPIENT, &headers, body)
+        .unwrap();
+    assert_eq!(sent.exit_code, 0, "{}", sent.transcript);
+    postfix
+        .wait_delivered(|m| m.contains(marker), WAIT)
+        .unwrap_or_else(|| panic!("not delivered; mail log:\n{}", postfix.maillog()))
+}
+
 #[test]
 fn blocked_sender_gets_the_policy_5xx_at_mail_from() {
     let Some((_milter, postfix)) = setup("inet") else {
@@ -147,19 +161,12 @@ fn accepted_mail_is_delivered_with_the_policy_header() {
     let Some((_milter, postfix)) = setup("inet") else {
         return;
     };
-    let marker = "accepted-mail-marker-4711";
-    let sent = postfix
-        .send(
-            "good@test.example",
-            RECIPIENT,
-            &[("Subject", marker)],
-            "first line\nsecond line\n",
-        )
-        .unwrap();
-    assert_eq!(sent.exit_code, 0, "{}", sent.transcript);
-    let delivered = postfix
-        .wait_delivered(|m| m.contains(marker), WAIT)
-        .unwrap_or_else(|| panic!("not delivered; mail log:\n{}", postfix.maillog()));
+    let delivered = deliver(
+        &postfix,
+        "accepted-mail-marker-4711",
+        &[],
+        "first line\nsecond line\n",
+    );
     let (headers, body) = delivered
         .split_once("\n\n")
         .expect("a header/body separator");
@@ -680,4 +687,49 @@ fn a_postfix_bounce_of_our_own_notice_blacklists_the_address_and_is_discarded() 
         "{}",
         sent.transcript
     );
+}
+
+#[test]
+fn a_forged_authentication_results_header_is_removed_and_ours_written() {
+    if !e2e_ready() {
+        return;
+    }
+    let milter = Luamilter::start_with(
+        "inet",
+        "[site]\nhostname = \"mx.e2e.test\"\n[policies]\nchain = [\"dkim\", \"authres\"]\n",
+    );
+    let postfix = Postfix::start(&milter.socket).expect("start private postfix");
+    let delivered = deliver(
+        &postfix,
+        "forged-authres-marker-1717",
+        &[
+            (
+                "Authentication-Results",
+                "relay.example.net; spf=pass smtp.mailfrom=x",
+            ),
+            (
+                "Authentication-Results",
+                "MX.e2e.test; dkim=pass header.d=bank.example",
+            ),
+        ],
+        "hello\n",
+    );
+    let (headers, _) = delivered.split_once("\n\n").unwrap();
+    let results: Vec<&str> = headers
+        .lines()
+        .filter(|l| l.starts_with("Authentication-Results:"))
+        .collect();
+    assert!(
+        !delivered.contains("bank.example"),
+        "forged header kept:\n{delivered}"
+    );
+    assert!(
+        results.contains(&"Authentication-Results: relay.example.net; spf=pass smtp.mailfrom=x"),
+        "an upstream header was removed:\n{delivered}"
+    );
+    assert!(
+        results.contains(&"Authentication-Results: mx.e2e.test; dkim=none; arc=none"),
+        "ours is missing:\n{delivered}"
+    );
+    assert_eq!(results.len(), 2, "{delivered}");
 }

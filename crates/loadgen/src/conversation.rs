@@ -57,6 +57,8 @@ impl Outcome {
 pub struct Shape {
     chunks: Vec<Bytes>,
     body_len: usize,
+    /// The headers of a given message (`--message`), sent instead of the generated ones.
+    headers: Option<Vec<(String, String)>>,
 }
 
 impl Shape {
@@ -65,12 +67,51 @@ impl Shape {
         const LINE: &[u8] =
             b"The quick brown fox jumps over the lazy dog. 0123456789 ABCDEFGHIJKLMNOPQRS\r\n";
         let body: Vec<u8> = LINE.iter().copied().cycle().take(body_len).collect();
-        let body = Bytes::from(body);
+        Self::with_body(Bytes::from(body), None)
+    }
+
+    /// A given message (CRLF or LF line ends): its headers as the MTA sends them (value without
+    /// the space after the colon, continuation lines kept with LF) and its body, with CRLF.
+    pub fn from_message(message: &[u8]) -> Result<Self, String> {
+        let text = String::from_utf8_lossy(message).replace("\r\n", "\n");
+        let (head, body) = text
+            .split_once("\n\n")
+            .ok_or("the message has no empty line between header and body")?;
+        let mut headers: Vec<(String, String)> = Vec::new();
+        for line in head.lines() {
+            if line.starts_with([' ', '\t']) {
+                let (_, value) = headers
+                    .last_mut()
+                    .ok_or("the message starts with a continuation line")?;
+                value.push('\n');
+                value.push_str(line);
+            } else {
+                let (name, value) = line
+                    .split_once(':')
+                    .ok_or_else(|| format!("not a header line: {line:?}"))?;
+                headers.push((name.to_owned(), value.trim_start().to_owned()));
+            }
+        }
+        let body = Bytes::from(body.replace('\n', "\r\n"));
+        Ok(Self::with_body(body, Some(headers)))
+    }
+
+    /// The body's length in bytes.
+    pub fn body_len(&self) -> usize {
+        self.body_len
+    }
+
+    fn with_body(body: Bytes, headers: Option<Vec<(String, String)>>) -> Self {
+        let body_len = body.len();
         let chunks = (0..body_len)
             .step_by(CHUNK_SIZE)
             .map(|at| body.slice(at..body_len.min(at + CHUNK_SIZE)))
             .collect();
-        Self { chunks, body_len }
+        Self {
+            chunks,
+            body_len,
+            headers,
+        }
     }
 }
 
@@ -253,7 +294,7 @@ impl Session {
         }
 
         if !self.conn.opts.contains(ProtoOpts::NO_HEADER) {
-            for (name, value) in self.headers(plan, &queue_id, &sender) {
+            for (name, value) in self.headers(plan, shape, &queue_id, &sender) {
                 let cmd = Command::Header(HeaderPayload {
                     name: cstring(name),
                     value: cstring(value),
@@ -311,14 +352,25 @@ impl Session {
         }
     }
 
-    /// About ten headers, as a mail client writes them.
-    fn headers(&self, plan: Plan, queue_id: &str, sender: &str) -> Vec<(&'static str, String)> {
+    /// The given message's headers, else about ten headers, as a mail client writes them.
+    fn headers(
+        &self,
+        plan: Plan,
+        shape: &Shape,
+        queue_id: &str,
+        sender: &str,
+    ) -> Vec<(String, String)> {
         const DATE: &str = "Tue, 25 Nov 2025 12:00:00 +0000";
         let lead = if self.conn.opts.contains(ProtoOpts::LEADING_SPACE) {
             " "
         } else {
             ""
         };
+        if let Some(headers) = &shape.headers {
+            return (headers.iter())
+                .map(|(name, value)| (name.clone(), format!("{lead}{value}")))
+                .collect();
+        }
         let client = self.client;
         let i = plan.index;
         [
@@ -339,7 +391,7 @@ impl Session {
             ("X-Mailer", "luamilter bench".to_owned()),
         ]
         .into_iter()
-        .map(|(name, value)| (name, format!("{lead}{value}")))
+        .map(|(name, value)| (name.to_owned(), format!("{lead}{value}")))
         .collect()
     }
 
@@ -399,5 +451,20 @@ mod tests {
         assert_eq!(lens, [CHUNK_SIZE, 100 * 1024 - CHUNK_SIZE]);
         assert!(shape.chunks[0].starts_with(b"The quick brown fox"));
         assert!(Shape::new(0).chunks.is_empty());
+    }
+
+    #[test]
+    fn a_given_message_keeps_its_headers_and_body() {
+        let shape = Shape::from_message(b"A: 1\r\nB: two\r\n\tlines\r\n\r\nbody\nmore\n").unwrap();
+        let headers = shape.headers.unwrap();
+        assert_eq!(
+            headers,
+            [
+                ("A".into(), "1".into()),
+                ("B".into(), "two\n\tlines".into())
+            ]
+        );
+        assert_eq!(&shape.chunks[0][..], b"body\r\nmore\r\n");
+        assert!(Shape::from_message(b"no body").is_err());
     }
 }

@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// Body size in bytes; a k or m suffix means KiB or MiB
     #[arg(short, long, default_value = "2k", value_parser = parse_size)]
     pub body_size: usize,
+    /// Send this message file (headers and body, e.g. a DKIM-signed one) instead of generated
+    /// ones; --body-size is then ignored
+    #[arg(long, value_name = "FILE")]
+    pub message: Option<std::path::PathBuf>,
     /// Fraction of messages sent from spam@bad.example, spread evenly (0 to 1)
     #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
     pub spam_fraction: f64,
@@ -255,10 +259,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         args.hold_secs >= 0.0 && args.hold_secs.is_finite(),
         "--hold-secs must not be negative"
     );
+    let shape = match &args.message {
+        Some(path) => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            Shape::from_message(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => Shape::new(args.body_size),
+    };
+    let body_bytes = shape.body_len();
     let shared = Arc::new(Shared {
         endpoint: args.socket.clone(),
         timeout: Duration::from_secs_f64(args.timeout),
-        shape: Shape::new(args.body_size),
+        shape,
         total: args.messages,
         per_connection: args.per_connection,
         spam_fraction: args.spam_fraction,
@@ -297,7 +310,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         mode: if held.is_some() { "hold" } else { "messages" },
         concurrency: args.concurrency,
         per_connection: args.per_connection,
-        body_bytes: args.body_size,
+        body_bytes,
         spam_fraction: args.spam_fraction,
     };
     let mut report = Report::new(setting, tally, wall, client_cpu);

@@ -1,0 +1,44 @@
+---@meta
+-- luamilter editor stubs: `require "milter.dmarc"`. Reference: docs/lua-api/dmarc.md.
+
+---Which identifiers aligned with the From domain, and the record's alignment modes.
+---@class luamilter.DmarcAlignment
+---@field spf boolean SPF passed for an aligned domain
+---@field dkim boolean a DKIM signature passed for an aligned domain
+---@field aspf "r"|"s"
+---@field adkim "r"|"s"
+
+---A DMARC evaluation.
+---@class luamilter.DmarcResult
+---@field result "pass"|"fail"|"none"|"temperror"
+---@field policy "none"|"quarantine"|"reject" what the domain asks for this message (after t=y)
+---@field domain string the From domain ("" when DMARC does not apply)
+---@field org_domain string its organizational domain (Public Suffix List)
+---@field record_domain string|nil where the applied record was found
+---@field alignment luamilter.DmarcAlignment
+---@field rua string[] aggregate report addresses
+---@field spf string|nil the SPF result used
+
+---Inputs `check` would otherwise take from `ctx.msg`.
+---@class luamilter.DmarcInputs
+---@field spf? {result: string, domain: string}
+---@field dkim? luamilter.DkimSignature[]
+
+---DMARC (RFC 7489) at eom. A policy that requires this module gets headers and body.
+---@class milter.dmarc
+local dmarc = {}
+
+---Evaluates DMARC for the From domain. SPF comes from `ctx.msg.spf` (the spf policy), DKIM from
+---`ctx.msg.dkim`, or is verified now and kept there; `inputs` overrides both.
+---@param ctx luamilter.Ctx
+---@param inputs? luamilter.DmarcInputs
+---@return luamilter.DmarcResult
+function dmarc.check(ctx, inputs) end
+
+---The organizational domain of `name` under the Public Suffix List ("example.co.uk" for
+---"mail.example.co.uk").
+---@param name string
+---@return string
+function dmarc.organizational_domain(name) end
+
+return dmarc

@@ -1,0 +1,629 @@
+//! DKIM, ARC and DMARC against a second implementation: dkimpy (Debian's python3-dkim) signs
+//! messages that luamilter verifies through a real milter client, and verifies the signatures
+//! luamilter adds. Keys are generated here with the openssl CLI; public keys and DMARC records
+//! are served by the test DNS server, which dkimpy queries too (through dnspython).
+
+use crate::dns_server::TestDns;
+use crate::support::TestDaemon;
+use hickory_server::proto::rr::{Name, RData, Record, rdata::TXT};
+use indymilter_test::{EomAction, EomActions, Status};
+use std::{
+    io::Write,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+use tempfile::TempDir;
+
+/// The Python that has dkimpy (Debian's, not a pyenv one on PATH).
+const PYTHON: &str = "/usr/bin/python3";
+
+/// dkimpy as a second implementation. `sign SELECTOR DOMAIN KEY CANON ALGO` reads a message on
+/// stdin and writes it signed; `arc SELECTOR DOMAIN KEY SRV_ID` writes it with an ARC set added
+/// (sealing the Authentication-Results of SRV_ID); `verify PORT` verifies the first signature of
+/// the message on stdin, looking keys up at the test DNS server on 127.0.0.1:PORT, and exits 0
+/// on pass.
+const DKIMPY: &str = r#"
+import sys, dkim, dns.resolver
+msg = sys.stdin.buffer.read()
+if sys.argv[1] == "sign":
+    selector, domain, key, canon, algo = sys.argv[2:7]
+    h, b = canon.split("/")
+    sig = dkim.sign(msg, selector.encode(), domain.encode(), open(key, "rb").read(),
+                    canonicalize=(h.encode(), b.encode()), signature_algorithm=algo.encode(),
+                    include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
+    sys.stdout.buffer.write(sig + msg)
+elif sys.argv[1] == "arc":
+    selector, domain, key, srv_id = sys.argv[2:6]
+    headers = dkim.arc_sign(msg, selector.encode(), domain.encode(), open(key, "rb").read(),
+                            srv_id.encode())
+    sys.stdout.buffer.write(b"".join(headers) + msg)
+else:
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = ["127.0.0.1"]
+    resolver.port = int(sys.argv[2])
+    def txt(name, timeout=5):
+        answer = resolver.resolve(name.decode().rstrip("."), "TXT", lifetime=timeout)
+        return b"".join(answer[0].strings)
+    d = dkim.DKIM(msg, logger=__import__("logging").getLogger())
+    __import__("logging").basicConfig(level="DEBUG")
+    sys.exit(0 if d.verify(dnsfunc=txt) else 1)
+"#;
+
+fn run(program: &str, args: &[&str], input: &[u8]) -> (bool, Vec<u8>) {
+    let (ok, out, _) = run_logged(program, args, input);
+    (ok, out)
+}
+
+/// Runs `program` with `input` on stdin: success, stdout, stderr.
+fn run_logged(program: &str, args: &[&str], input: &[u8]) -> (bool, Vec<u8>, String) {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program}: {e} (tests/setup.sh installs it)"));
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.success(), out.stdout, log)
+}
+
+fn openssl(args: &[&str]) -> Vec<u8> {
+    let (ok, out) = run("openssl", args, b"");
+    assert!(ok, "openssl {args:?} failed");
+    out
+}
+
+/// A private key file, the same key as dkimpy reads it, and its DKIM public key record.
+pub(crate) struct Key {
+    path: PathBuf,
+    dkimpy: PathBuf,
+    /// The `v=DKIM1` TXT record of the public key.
+    pub(crate) record: String,
+}
+
+impl Key {
+    /// An RSA key of `bits`.
+    pub(crate) fn rsa(dir: &Path, name: &str, bits: u32) -> Key {
+        let path = dir.join(format!("{name}.pem"));
+        let p = path.to_str().unwrap();
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            &format!("rsa_keygen_bits:{bits}"),
+            "-out",
+            p,
+        ]);
+        let der = openssl(&["pkey", "-in", p, "-pubout", "-outform", "DER"]);
+        Key {
+            record: format!("v=DKIM1; k=rsa; p={}", base64(&der)),
+            dkimpy: path.clone(),
+            path,
+        }
+    }
+
+    /// An Ed25519 key (RFC 8463: the record holds the raw 32-byte public key).
+    fn ed25519(dir: &Path, name: &str) -> Key {
+        let path = dir.join(format!("{name}.pem"));
+        let p = path.to_str().unwrap();
+        openssl(&["genpkey", "-algorithm", "ed25519", "-out", p]);
+        let der = openssl(&["pkey", "-in", p, "-pubout", "-outform", "DER"]);
+        // dkimpy reads an Ed25519 key as the base64 of its 32-byte seed, the end of the PKCS#8.
+        let private = openssl(&["pkey", "-in", p, "-outform", "DER"]);
+        let dkimpy = dir.join(format!("{name}.seed"));
+        std::fs::write(&dkimpy, base64(&private[private.len() - 32..])).unwrap();
+        Key {
+            record: format!("v=DKIM1; k=ed25519; p={}", base64(&der[der.len() - 32..])),
+            dkimpy,
+            path,
+        }
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    let (ok, out) = run("openssl", &["base64", "-A"], bytes);
+    assert!(ok);
+    String::from_utf8(out).unwrap().trim().to_string()
+}
+
+/// A TXT record, split into strings of at most 255 bytes.
+pub(crate) fn txt(name: &str, text: &str) -> Record {
+    let strings = text
+        .as_bytes()
+        .chunks(255)
+        .map(|c| String::from_utf8(c.to_vec()).unwrap())
+        .collect();
+    Record::from_rdata(
+        Name::from_ascii(name).unwrap(),
+        300,
+        RData::TXT(TXT::new(strings)),
+    )
+}
+
+/// A message with CRLF line ends.
+pub(crate) fn message(from: &str, subject: &str, body: &str) -> Vec<u8> {
+    format!(
+        "From: Ann <{from}>\r\nTo: bob@example.org\r\nSubject: {subject}\r\n\
+         Date: Fri, 04 Dec 2026 07:00:00 +0000\r\nMessage-ID: <1@example.test>\r\n\r\n{body}"
+    )
+    .into_bytes()
+}
+
+/// Signs `msg` with dkimpy.
+pub(crate) fn dkimpy_sign(
+    msg: &[u8],
+    selector: &str,
+    domain: &str,
+    key: &Key,
+    canon: &str,
+    algo: &str,
+) -> Vec<u8> {
+    let key = key.dkimpy.to_str().unwrap();
+    let (ok, out) = run(
+        PYTHON,
+        &["-c", DKIMPY, "sign", selector, domain, key, canon, algo],
+        msg,
+    );
+    assert!(ok, "dkimpy could not sign");
+    out
+}
+
+/// Whether dkimpy verifies the first signature of `msg`, with keys from `dns`, and its log.
+fn dkimpy_verifies(msg: &[u8], dns: &TestDns) -> (bool, String) {
+    let (ok, _, log) = run_logged(
+        PYTHON,
+        &["-c", DKIMPY, "verify", &dns.addr.port().to_string()],
+        msg,
+    );
+    (ok, log)
+}
+
+/// Splits a raw message into unfolded-as-the-MTA-sends-them headers and the body.
+fn split(msg: &[u8]) -> (Vec<(String, String)>, Vec<u8>) {
+    let text = String::from_utf8(msg.to_vec()).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for line in head.split("\r\n") {
+        if line.starts_with([' ', '\t']) {
+            let last = headers.last_mut().unwrap();
+            last.1.push('\n');
+            last.1.push_str(line);
+        } else {
+            let (name, value) = line.split_once(':').unwrap();
+            headers.push((name.to_string(), value.trim_start().to_string()));
+        }
+    }
+    (headers, body.as_bytes().to_vec())
+}
+
+/// Sends `msg` through the daemon from an outside client and returns the end-of-message edits.
+async fn deliver(d: &TestDaemon, msg: &[u8]) -> EomActions {
+    deliver_from(d, "ann@example.test", msg).await.0
+}
+
+/// [`deliver`] with the MAIL FROM `sender`; also the end-of-message status.
+async fn deliver_from(d: &TestDaemon, sender: &str, msg: &[u8]) -> (EomActions, Status) {
+    let (headers, body) = split(msg);
+    let mut c = d.client().await;
+    c.connect("mail.example.test", Ipv4Addr::new(192, 0, 2, 25))
+        .await
+        .unwrap();
+    c.helo("mail.example.test").await.unwrap();
+    c.mail([format!("<{sender}>")]).await.unwrap();
+    c.rcpt(["<bob@example.org>"]).await.unwrap();
+    c.data().await.unwrap();
+    for (name, value) in &headers {
+        c.header(name, value).await.unwrap();
+    }
+    c.eoh().await.unwrap();
+    for chunk in body.chunks(4000) {
+        c.body(chunk.to_vec()).await.unwrap();
+    }
+    c.eom().await.unwrap()
+}
+
+/// Values of every header named `name` the milter added, in order.
+fn added(actions: &EomActions, name: &str) -> Vec<String> {
+    actions
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            EomAction::AddHeader { name: n, value }
+            | EomAction::InsertHeader { name: n, value, .. }
+                if n.to_str() == Ok(name) =>
+            {
+                Some(value.to_string_lossy().into_owned())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Reports every signature's verification as an X-Dkim header.
+const REPORT: &str = r#"
+local dkim = require "milter.dkim"
+return {
+  eom = function(ctx)
+    for _, r in ipairs(dkim.verify(ctx)) do
+      ctx:add_header("X-Dkim", table.concat({ r.result, r.domain, r.selector, r.algorithm,
+        r.identity, r.reason or "-" }, " "))
+    end
+  end,
+}
+"#;
+
+fn dns_config(dns: &TestDns) -> String {
+    format!(
+        "[dns]\nnameservers = [\"{}\"]\ntimeout = \"1s\"\nattempts = 1\n",
+        dns.addr
+    )
+}
+
+/// Keys for example.test: `rsa` (2048 bits), `ed` (Ed25519), `short` (512 bits), `revoked`.
+struct Setup {
+    _dir: TempDir,
+    rsa: Key,
+    ed: Key,
+    short: Key,
+    dns: TestDns,
+}
+
+async fn setup() -> Setup {
+    let dir = TempDir::new().unwrap();
+    let rsa = Key::rsa(dir.path(), "rsa", 2048);
+    let ed = Key::ed25519(dir.path(), "ed");
+    let short = Key::rsa(dir.path(), "short", 512);
+    let dns = TestDns::with_records(vec![
+        txt("rsa._domainkey.example.test.", &rsa.record),
+        txt("ed._domainkey.example.test.", &ed.record),
+        txt("short._domainkey.example.test.", &short.record),
+        txt("revoked._domainkey.example.test.", "v=DKIM1; k=rsa; p="),
+    ])
+    .await;
+    Setup {
+        _dir: dir,
+        rsa,
+        ed,
+        short,
+        dns,
+    }
+}
+
+#[tokio::test]
+async fn signatures_made_by_dkimpy_are_verified() {
+    let s = setup().await;
+    let d = TestDaemon::start(&[("report", REPORT)], &dns_config(&s.dns)).await;
+    // The whitespace-only last line checks relaxed body canonicalization (vendor/mail-auth).
+    let body = "Hello Bob,\r\n\r\nsee you.\r\n \t\r\n";
+    let plain = message("ann@example.test", "lunch", body);
+
+    let cases = [
+        ("rsa", &s.rsa, "relaxed/simple", "rsa-sha256"),
+        ("rsa", &s.rsa, "simple/simple", "rsa-sha256"),
+        ("rsa", &s.rsa, "relaxed/relaxed", "rsa-sha256"),
+        ("ed", &s.ed, "relaxed/relaxed", "ed25519-sha256"),
+    ];
+    for (selector, key, canon, algo) in cases {
+        let signed = dkimpy_sign(&plain, selector, "example.test", key, canon, algo);
+        let got = added(&deliver(&d, &signed).await, "X-Dkim");
+        assert_eq!(
+            got,
+            [format!(
+                "pass example.test {selector} {algo} @example.test -"
+            )],
+            "{selector} {canon}"
+        );
+    }
+
+    // Two signatures: one result each, in header order.
+    let once = dkimpy_sign(
+        &plain,
+        "ed",
+        "example.test",
+        &s.ed,
+        "relaxed/relaxed",
+        "ed25519-sha256",
+    );
+    let twice = dkimpy_sign(
+        &once,
+        "rsa",
+        "example.test",
+        &s.rsa,
+        "relaxed/simple",
+        "rsa-sha256",
+    );
+    let got = added(&deliver(&d, &twice).await, "X-Dkim");
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got[0].starts_with("pass example.test rsa "), "{got:?}");
+    assert!(got[1].starts_with("pass example.test ed "), "{got:?}");
+
+    // No signature: no result.
+    assert!(added(&deliver(&d, &plain).await, "X-Dkim").is_empty());
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn tampering_revoked_and_short_keys_and_dns_timeouts_do_not_pass() {
+    let s = setup().await;
+    let d = TestDaemon::start(&[("report", REPORT)], &dns_config(&s.dns)).await;
+    let plain = message("ann@example.test", "lunch", "Pay 10 EUR.\r\n");
+    let sign = |selector: &str, key: &Key| {
+        dkimpy_sign(
+            &plain,
+            selector,
+            "example.test",
+            key,
+            "relaxed/simple",
+            "rsa-sha256",
+        )
+    };
+    let signed = sign("rsa", &s.rsa);
+    let edit = |from: &str, to: &str| {
+        let text = String::from_utf8(signed.clone()).unwrap();
+        text.replace(from, to).into_bytes()
+    };
+    // (what, message, expected "result d= s=" start, a word of the reason)
+    let cases = [
+        // As Gmail and mail-auth report it: "neutral (body hash did not verify)".
+        (
+            "changed body",
+            edit("10 EUR", "99 EUR"),
+            "neutral",
+            "body hash",
+        ),
+        (
+            "changed header",
+            edit("Subject: lunch", "Subject: dinner"),
+            "fail",
+            "ignature",
+        ),
+        (
+            "revoked key",
+            sign("revoked", &s.rsa),
+            "permerror",
+            "evoked",
+        ),
+        (
+            "512-bit key",
+            sign("short", &s.short),
+            "fail",
+            "verification failed",
+        ),
+        (
+            "no key record",
+            sign("missing", &s.rsa),
+            "permerror",
+            "not found",
+        ),
+    ];
+    for (what, msg, result, reason) in cases {
+        let got = added(&deliver(&d, &msg).await, "X-Dkim");
+        assert_eq!(got.len(), 1, "{what}: {got:?}");
+        assert!(
+            got[0].starts_with(&format!("{result} example.test ")),
+            "{what}: {got:?}"
+        );
+        assert!(got[0].contains(reason), "{what}: {got:?}");
+    }
+    d.stop().await;
+
+    let silent = TestDns::silent().await;
+    let d = TestDaemon::start(&[("report", REPORT)], &dns_config(&silent)).await;
+    let got = added(&deliver(&d, &signed).await, "X-Dkim");
+    assert!(
+        got[0].starts_with("temperror example.test rsa "),
+        "DNS timeout: {got:?}"
+    );
+    d.stop().await;
+}
+
+/// Signs every message whose From domain has a key.
+const SIGN: &str = r#"
+local dkim = require "milter.dkim"
+return {
+  eom = function(ctx)
+    local ok, err = dkim.sign(ctx)
+    ctx:add_header("X-Signed", ok and "yes" or err)
+  end,
+}
+"#;
+
+/// The message as the MTA delivers it after the milter inserted `header` at the top.
+fn with_signature(msg: &[u8], value: &str) -> Vec<u8> {
+    let mut out = format!("DKIM-Signature: {}\r\n", value.replace('\n', "\r\n")).into_bytes();
+    out.extend_from_slice(msg);
+    out
+}
+
+// Multi-threaded: dkimpy blocks this thread while it queries the test DNS server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn luamilter_signatures_are_verified_by_dkimpy_and_by_luamilter() {
+    let s = setup().await;
+    let keys = format!(
+        "[dkim.keys.\"example.test\"]\nselector = \"rsa\"\nkey = {:?}\n\
+         [dkim.keys.\"ed.example.test\"]\nselector = \"ed\"\nkey = {:?}\n",
+        s.rsa.path, s.ed.path
+    );
+    let dns = TestDns::with_records(vec![
+        txt("rsa._domainkey.example.test.", &s.rsa.record),
+        txt("ed._domainkey.ed.example.test.", &s.ed.record),
+    ])
+    .await;
+    let config = format!("{}{keys}", dns_config(&dns));
+    let d = TestDaemon::start(&[("sign", SIGN), ("report", REPORT)], &config).await;
+    for from in ["ann@example.test", "ann@ed.example.test"] {
+        let plain = message(from, "report", "Figures attached.\r\n  \r\n\r\n");
+        let actions = deliver(&d, &plain).await;
+        assert_eq!(added(&actions, "X-Signed"), ["yes"], "{from}");
+        let inserted = actions.actions.iter().find_map(|a| match a {
+            EomAction::InsertHeader { index, name, value }
+                if name.to_str() == Ok("DKIM-Signature") =>
+            {
+                Some((*index, value.to_string_lossy().into_owned()))
+            }
+            _ => None,
+        });
+        let (index, value) = inserted.expect("a DKIM-Signature inserted");
+        assert_eq!(index, 0, "at the top");
+        assert!(value.contains("c=relaxed/relaxed"), "{value}");
+        let signed = with_signature(&plain, &value);
+        let (ok, log) = dkimpy_verifies(&signed, &dns);
+        assert!(ok, "dkimpy rejects {from}: {value}\n{log}");
+        let tampered = String::from_utf8(signed.clone())
+            .unwrap()
+            .replace("Figures", "Numbers");
+        assert!(
+            !dkimpy_verifies(tampered.as_bytes(), &dns).0,
+            "tampered passes for {from}"
+        );
+        let got = added(&deliver(&d, &signed).await, "X-Dkim");
+        assert!(
+            got.first().is_some_and(|r| r.starts_with("pass ")),
+            "{from}: {got:?}"
+        );
+    }
+    let other = message("ann@example.org", "x", "y\r\n");
+    assert_eq!(
+        added(&deliver(&d, &other).await, "X-Signed"),
+        ["no [dkim] key for example.org"]
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_key_file_is_a_start_error_naming_file_and_line() {
+    let err = TestDaemon::try_start(
+        &[("sign", SIGN)],
+        "[dkim.keys.\"example.test\"]\nselector = \"s\"\nkey = \"/nonexistent/s.pem\"\n",
+        "inet:0@127.0.0.1",
+    )
+    .await
+    .err()
+    .expect("the daemon must not start");
+    assert!(err.contains("luamilter.toml:"), "{err}");
+    assert!(err.contains("/nonexistent/s.pem"), "{err}");
+}
+
+/// Reports the ARC chain's validation as an X-Arc header.
+const ARC: &str = r#"
+local dkim = require "milter.dkim"
+return {
+  eom = function(ctx)
+    local chain = dkim.arc(ctx)
+    ctx:add_header("X-Arc", chain.result .. " " .. chain.sets)
+  end,
+}
+"#;
+
+#[tokio::test]
+async fn arc_chains_sealed_by_dkimpy_are_validated() {
+    let s = setup().await;
+    let d = TestDaemon::start(&[("arc", ARC)], &dns_config(&s.dns)).await;
+    let mut msg =
+        b"Authentication-Results: fwd.example.test; spf=pass smtp.mailfrom=ann@example.test\r\n"
+            .to_vec();
+    msg.extend_from_slice(&message("ann@example.test", "forwarded", "Hi.\r\n"));
+    let key = s.rsa.dkimpy.to_str().unwrap();
+    let (ok, sealed) = run(
+        PYTHON,
+        &[
+            "-c",
+            DKIMPY,
+            "arc",
+            "rsa",
+            "example.test",
+            key,
+            "fwd.example.test",
+        ],
+        &msg,
+    );
+    assert!(ok, "dkimpy could not seal");
+    assert_eq!(added(&deliver(&d, &sealed).await, "X-Arc"), ["pass 1"]);
+
+    let tampered = String::from_utf8(sealed).unwrap().replace("Hi.", "Bye.");
+    assert_eq!(
+        added(&deliver(&d, tampered.as_bytes()).await, "X-Arc"),
+        ["fail 1"]
+    );
+
+    assert_eq!(added(&deliver(&d, &msg).await, "X-Arc"), ["none 0"]);
+    d.stop().await;
+}
+
+#[test]
+fn luamilter_check_names_the_line_of_an_unreadable_key() {
+    let dir = TempDir::new().unwrap();
+    let config = dir.path().join("luamilter.toml");
+    std::fs::write(
+        &config,
+        "[policies]\nchain = [\"dkim\"]\n\n[dkim.keys.\"example.org\"]\nselector = \"s1\"\nkey = \"missing.pem\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_luamilter"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("luamilter.toml:6"), "{text}");
+    assert!(text.contains("missing.pem"), "{text}");
+}
+
+/// The stock spf, dkim and dmarc policies (their stock text, as files), with `options` TOML.
+async fn stock_dmarc(dns: &TestDns, options: &str) -> TestDaemon {
+    let stock = |name: &'static str| (name, luamilter::stock::get(name).unwrap());
+    let config = format!(
+        "[site]\nhostname = \"mx.test\"\n{options}{}",
+        dns_config(dns)
+    );
+    TestDaemon::start(&[stock("spf"), stock("dkim"), stock("dmarc")], &config).await
+}
+
+#[tokio::test]
+async fn the_dmarc_policy_quarantines_rejects_or_only_reports() {
+    let dns = TestDns::start().await;
+    // SPF passes for other.co.uk, which aligns with neither From domain; nothing is signed.
+    let quarantined = message("a@quar.dkim.test", "q", "x\r\n");
+    let rejected = message("a@example.co.uk", "r", "x\r\n");
+
+    let d = stock_dmarc(&dns, "").await;
+    let (actions, status) = deliver_from(&d, "u@other.co.uk", &quarantined).await;
+    assert_eq!(status, Status::Continue, "{actions:?}");
+    assert!(
+        actions
+            .actions
+            .iter()
+            .any(|a| matches!(a, EomAction::Quarantine { reason }
+            if reason.to_str() == Ok("DMARC policy of quar.dkim.test: quarantine"))),
+        "{actions:?}"
+    );
+    let (_, status) = deliver_from(&d, "u@other.co.uk", &rejected).await;
+    assert!(
+        crate::support::reply_text(&status).starts_with("550 5.7.1 DMARC policy of example.co.uk"),
+        "{status:?}"
+    );
+    d.stop().await;
+
+    let d = stock_dmarc(&dns, "[policy.dmarc]\nreport_only = true\n").await;
+    for msg in [&quarantined, &rejected] {
+        let (actions, status) = deliver_from(&d, "u@other.co.uk", msg).await;
+        assert_eq!(status, Status::Continue, "report only: {actions:?}");
+        assert!(
+            !actions
+                .actions
+                .iter()
+                .any(|a| matches!(a, EomAction::Quarantine { .. })),
+            "report only: {actions:?}"
+        );
+    }
+    d.stop().await;
+}
