@@ -136,6 +136,16 @@ end
 
 -- Received-SPF: the official result's header, plus x-helo-spf when HELO was checked and is
 -- not the checked domain, and x-bestguess when the effective result differs.
+-- authentication_results and authserv_id moved to the authres policy: configs that still set
+-- them load, and the first message says where the header went.
+local warned_moved = false
+local function warn_moved_options(opts)
+  if warned_moved or (not opts.authentication_results and opts.authserv_id == "") then return end
+  warned_moved = true
+  milter.log.warn("spf: authentication_results and authserv_id are no longer used;",
+    "add the authres policy to the chain for Authentication-Results (docs/policies/authres.md)")
+end
+
 local function received_spf(state, official, helo)
   local value = official.received_spf
   if state.helo and helo:lower() ~= (state.domain or "") then
@@ -195,6 +205,8 @@ return {
     ban_pass_domain = true,
     email_providers = domain_ban.email_providers,
     received_spf = true,
+    authentication_results = false, -- no longer used (the authres policy): accepted, warned about
+    authserv_id = "",               -- no longer used (the authres policy): accepted, warned about
     fail_reply = { "SPF fail: {explanation}" },
     softfail_reply = {
       "SPF softfail: If you get this Delivery Status Notice, your email",
@@ -374,6 +386,7 @@ return {
   end,
 
   eom = function(ctx, opts)
+    warn_moved_options(opts)
     local state = ctx.msg.spf
     if not state or not state.received_spf then return end
     if opts.received_spf then
