@@ -8,7 +8,7 @@ mod reply;
 
 use crate::{
     engine::{Engine, Outcome, StageArgs, VmLease},
-    lua_api::verdict::Verdict,
+    lua_api::verdict::{Reply, Verdict},
     session::{ClientInfo, Line, SharedSession, Step},
     stage::Stage,
 };
@@ -263,6 +263,15 @@ async fn decide(
     args: StageArgs,
     progress: Option<mpsc::UnboundedSender<()>>,
 ) -> Option<Outcome> {
+    if conn.session.lock().outside_message(stage) {
+        let verdict = out_of_sequence();
+        tracing::warn!(client = %conn.session.lock().client.label(), stage = stage.name(), "a message stage without MAIL: the client is out of protocol");
+        log_decision(conn, macros, stage, "(protocol)", &verdict);
+        return Some(Outcome {
+            verdict,
+            policy: None,
+        });
+    }
     let owed = {
         let mut session = conn.session.lock();
         let replies = stage.has_reply() && !session.negotiated.no_reply(stage);
@@ -309,6 +318,16 @@ async fn decide(
         log_decision(conn, macros, stage, policy, &outcome.verdict);
     }
     Some(outcome)
+}
+
+/// The answer to a message stage out of sequence: a temporary failure, as for any fault.
+fn out_of_sequence() -> Verdict {
+    Verdict::Tempfail(Some(Reply {
+        code: "451".into(),
+        xcode: Some("4.5.0".into()),
+        lines: vec!["Milter commands out of sequence".into()],
+        immediate: true,
+    }))
 }
 
 fn log_decision(conn: &Conn, macros: &Macros, stage: Stage, policy: &str, verdict: &Verdict) {

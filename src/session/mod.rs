@@ -226,6 +226,17 @@ impl Session {
             .or_else(|| self.refusal.clone())
     }
 
+    /// Whether `stage` belongs to a message that never started: the MTA sends MAIL on this
+    /// connection, yet none came since the last message ended. Only a client out of protocol
+    /// does that (the milter state machine lets an unknown command lead on to body and end of
+    /// message), and answering it would accept a message whose MAIL policies never ran.
+    pub fn outside_message(&self, stage: Stage) -> bool {
+        stage.in_message()
+            && stage != Stage::Mail
+            && self.negotiated.sends(Stage::Mail)
+            && self.message.sender.is_none()
+    }
+
     /// A macro by name, with or without braces (the MTA sends one-letter names bare and longer
     /// ones in braces).
     pub fn macro_value(&self, name: &str) -> Option<&str> {

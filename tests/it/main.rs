@@ -31,4 +31,5 @@ mod spf_conformance;
 mod store;
 mod stubs;
 mod systemd;
+mod torture;
 mod trace;

@@ -4,8 +4,10 @@
 
 mod clock;
 pub mod postfix;
+pub mod process;
 
 pub use clock::TestClock;
+pub use process::DaemonProcess;
 
 use indymilter_test::{TestConnection, TestConnectionBuilder};
 use luamilter::{config::Config, daemon::Daemon, listen::ListenAddr};
