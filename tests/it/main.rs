@@ -12,6 +12,7 @@ mod dns_server;
 mod doc_examples;
 mod docs;
 mod dsn;
+mod fuzz;
 mod faults;
 mod loadgen;
 mod negotiation;
