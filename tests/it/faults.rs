@@ -1,9 +1,14 @@
-//! Policy faults never become silent accepts and never take the daemon down; limits hold.
+//! Policy and service faults never become silent accepts and never take the daemon down;
+//! limits hold. DNS faults come from real servers on loopback that fail each way
+//! (docs/failure-modes.md lists the verdicts).
 
-use crate::support::{TestDaemon, reply_text};
+use crate::{
+    dns_server::TestDns,
+    support::{TestDaemon, reply_text, write_config},
+};
 use indymilter_test::Status;
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -229,4 +234,77 @@ async fn a_top_level_that_never_returns_is_stopped() {
         err.contains("spin.lua: the top level ran longer than engine.time_limit"),
         "{err}"
     );
+}
+
+/// The stock dnsbl and spf policies asking `nameserver` (one attempt, 300 ms).
+async fn stock_dns_daemon(nameserver: SocketAddr) -> TestDaemon {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = write_config(&dir, "inet:0@127.0.0.1", &[], "");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "chain = []",
+        "chain = [\"dnsbl\", \"spf\"]",
+    );
+    let extra = format!(
+        "[dns]\nnameservers = [\"{nameserver}\"]\ntimeout = \"300ms\"\nattempts = 1\n\
+         [engine]\ntime_limit = \"5s\"\n[policy.dnsbl]\ndnsbl = [{{ zone = \"bl.example\" }}]\n"
+    );
+    std::fs::write(&path, text + &extra).unwrap();
+    TestDaemon::start_config(dir, &path).await.unwrap()
+}
+
+/// Connect, HELO and MAIL (where dnsbl and spf ask): the MAIL answer and the time the whole
+/// session took.
+async fn dns_session(d: &TestDaemon, client: u8) -> (Status, Status, Duration) {
+    let started = Instant::now();
+    let mut c = d.client().await;
+    let connect = c
+        .connect("mail.example.test", Ipv4Addr::new(192, 0, 2, client))
+        .await
+        .unwrap();
+    c.helo("mail.example.test").await.unwrap();
+    let mail = c.mail(["<a@example.test>"]).await.unwrap();
+    (connect, mail, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_failures_answer_by_the_documented_verdicts_within_the_timeout() {
+    let silent = TestDns::silent().await;
+    let servfail = TestDns::servfail().await;
+    let garbage = TestDns::garbage().await;
+    let servers = [
+        ("unreachable", TestDns::unreachable().await),
+        ("silent", silent.addr),
+        ("servfail", servfail.addr),
+        ("garbage", garbage.addr),
+    ];
+    for (kind, addr) in servers {
+        let d = stock_dns_daemon(addr).await;
+        let (connect, mail, took) = dns_session(&d, 1).await;
+        // At MAIL, dnsbl: a failed lookup never rejects; spf: temperror, 451 4.4.3 at once.
+        assert_eq!(connect, Status::Noreply, "{kind}");
+        let text = reply_text(&mail);
+        assert!(
+            matches!(mail, Status::Tempfail { .. }) && text.contains("451 4.4.3 is operational"),
+            "{kind}: {text}"
+        );
+        // A few lookups of 300 ms at most, one after the other.
+        assert!(took < Duration::from_secs(3), "{kind}: {took:?}");
+
+        // Concurrent sessions wait for their own lookups, not for each other's.
+        let started = Instant::now();
+        let sessions: Vec<_> = (0..40u8)
+            .map(|i| {
+                let d = &d;
+                async move { dns_session(d, 10 + i).await }
+            })
+            .collect();
+        for (connect, mail, _) in futures_util::future::join_all(sessions).await {
+            assert_eq!(connect, Status::Noreply, "{kind}");
+            assert!(matches!(mail, Status::Tempfail { .. }), "{kind}");
+        }
+        let all = started.elapsed();
+        println!("dns {kind}: one session {took:?}, 40 concurrent sessions {all:?}");
+        assert!(all < Duration::from_secs(5), "{kind}: 40 sessions took {all:?}");
+        d.stop().await;
+    }
 }
