@@ -15,7 +15,7 @@ use crate::{
     listen::{BoundSocket, ListenAddr, SocketFileGuard},
     reload::{self, Reloader},
     server,
-    services::{Services, ServicesError, store},
+    services::{self, Services, ServicesError, store, store::lock::DaemonLock},
     systemd,
 };
 use std::{sync::Arc, thread::JoinHandle, time::Duration};
@@ -60,6 +60,7 @@ pub struct Daemon {
     watchdog: Option<tokio::task::JoinHandle<()>>,
     _control: Option<ControlSocket>,
     _socket_file: SocketFileGuard,
+    _store_lock: Option<DaemonLock>,
 }
 
 /// Worker threads for `config`: `engine.worker_threads`, or one per CPU when that is 0.
@@ -84,6 +85,8 @@ impl Daemon {
     ) -> Result<Daemon, StartError> {
         let config = Arc::new(config);
         let workers = worker_count(&config);
+        let store_lock = DaemonLock::take(&services::store_config(&config))
+            .map_err(|e| StartError::Services(e.into()))?;
         let services =
             Arc::new(Services::start_with_clock(&config, clock).map_err(StartError::Services)?);
         let generation = Generation::build(Arc::clone(&config), Arc::clone(&services), workers)
@@ -196,6 +199,7 @@ impl Daemon {
             watchdog,
             _control: control,
             _socket_file: bound.guard(),
+            _store_lock: store_lock,
         })
     }
 

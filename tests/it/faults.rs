@@ -240,10 +240,9 @@ async fn a_top_level_that_never_returns_is_stopped() {
 async fn stock_dns_daemon(nameserver: SocketAddr) -> TestDaemon {
     let dir = tempfile::TempDir::new().unwrap();
     let path = write_config(&dir, "inet:0@127.0.0.1", &[], "");
-    let text = std::fs::read_to_string(&path).unwrap().replace(
-        "chain = []",
-        "chain = [\"dnsbl\", \"spf\"]",
-    );
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("chain = []", "chain = [\"dnsbl\", \"spf\"]");
     let extra = format!(
         "[dns]\nnameservers = [\"{nameserver}\"]\ntimeout = \"300ms\"\nattempts = 1\n\
          [engine]\ntime_limit = \"5s\"\n[policy.dnsbl]\ndnsbl = [{{ zone = \"bl.example\" }}]\n"
@@ -304,7 +303,63 @@ async fn dns_failures_answer_by_the_documented_verdicts_within_the_timeout() {
         }
         let all = started.elapsed();
         println!("dns {kind}: one session {took:?}, 40 concurrent sessions {all:?}");
-        assert!(all < Duration::from_secs(5), "{kind}: 40 sessions took {all:?}");
+        assert!(
+            all < Duration::from_secs(5),
+            "{kind}: 40 sessions took {all:?}"
+        );
         d.stop().await;
     }
+}
+
+const GATE: &str = "return { mail = function(ctx) end }";
+
+#[tokio::test]
+async fn a_second_daemon_on_the_same_socket_or_database_is_refused() {
+    let first = TestDaemon::start_unix(&[("gate", GATE)], "").await;
+    let luamilter::listen::ListenAddr::Unix(socket) = first.local().clone() else {
+        unreachable!()
+    };
+    let database = first.dir.path().join("luamilter.db");
+    assert!(database.exists());
+
+    let err = TestDaemon::try_start(&[("gate", GATE)], "", &format!("unix:{}", socket.display()))
+        .await
+        .err()
+        .expect("a second daemon on a live unix socket");
+    assert!(err.contains("another process is listening on"), "{err}");
+
+    let same_db = format!("[store]\npath = {:?}\n", database.display().to_string());
+    let err = TestDaemon::try_start(&[("gate", GATE)], &same_db, "inet:0@127.0.0.1")
+        .await
+        .err()
+        .expect("a second daemon on the same database");
+    assert!(
+        err.contains("another luamilter daemon is using the database")
+            && err.contains(&database.display().to_string()),
+        "{err}"
+    );
+
+    let tcp = TestDaemon::start(&[("gate", GATE)], "").await;
+    let err = TestDaemon::try_start(&[("gate", GATE)], "", &tcp.local().to_string())
+        .await
+        .err()
+        .expect("a second daemon on a TCP port in use");
+    assert!(
+        err.contains("cannot listen on") && err.contains("in use"),
+        "{err}"
+    );
+    tcp.stop().await;
+
+    // The first daemon kept serving, and once it is gone the database is free again.
+    let mut c = first.client().await;
+    c.connect("h", Ipv4Addr::LOCALHOST).await.unwrap();
+    assert_eq!(c.mail(["<a@example.org>"]).await.unwrap(), Status::Continue);
+    let mut first = first;
+    let daemon = first.daemon.take().unwrap();
+    daemon.stop(Duration::from_secs(5)).await;
+    let again = TestDaemon::try_start(&[("gate", GATE)], &same_db, "inet:0@127.0.0.1").await;
+    again
+        .expect("the database is free after the first daemon stopped")
+        .stop()
+        .await;
 }
