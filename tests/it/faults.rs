@@ -363,3 +363,114 @@ async fn a_second_daemon_on_the_same_socket_or_database_is_refused() {
         .stop()
         .await;
 }
+
+/// A tmpfs of 256 KiB mounted on a temp dir, unmounted on drop; `None` (after saying why)
+/// where mounting is not permitted.
+struct TinyDisk {
+    dir: tempfile::TempDir,
+}
+
+impl TinyDisk {
+    fn mount() -> Option<TinyDisk> {
+        let dir = tempfile::TempDir::new().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .arg(dir.path())
+            .status();
+        match status {
+            Ok(s) if s.success() => Some(TinyDisk { dir }),
+            other => {
+                println!("SKIPPED: cannot mount a tmpfs ({other:?}); run the tests as root");
+                None
+            }
+        }
+    }
+
+    fn remount(&self, mode: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "remount {mode}");
+    }
+
+    /// Fills the disk with a file; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.dir.path().join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        while file.write_all(&[0u8; 4096]).is_ok() {}
+        path
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// The stock greylist policy, failing closed, on a database on `disk`.
+async fn greylist_daemon(disk: &TinyDisk) -> Result<TestDaemon, String> {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = write_config(&dir, "inet:0@127.0.0.1", &[], "");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("chain = []", "chain = [\"greylist\"]");
+    let extra = format!(
+        "[store]\npath = {:?}\ntimeout = \"2s\"\n[policy.greylist]\nfail_closed = true\n",
+        disk.dir.path().join("luamilter.db").display().to_string()
+    );
+    std::fs::write(&path, text + &extra).unwrap();
+    TestDaemon::start_config(dir, &path).await
+}
+
+/// The RCPT answer for a new triplet (sender `n`), and how long it took.
+async fn greylist_rcpt(d: &TestDaemon, n: u32) -> (String, Duration) {
+    let mut c = d.client().await;
+    c.connect("client.example", Ipv4Addr::new(192, 0, 2, 1))
+        .await
+        .unwrap();
+    c.mail([format!("<s{n}@example.net>")]).await.unwrap();
+    let started = Instant::now();
+    let status = c.rcpt(["<r@example.org>"]).await.unwrap();
+    (reply_text(&status), started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_on_a_full_or_read_only_disk() {
+    let Some(disk) = TinyDisk::mount() else {
+        return;
+    };
+    let greylisted = "451-4.7.1 Greylisted";
+    let unavailable = "451 4.3.0 Greylisting is unavailable, try again later";
+    let d = greylist_daemon(&disk).await.unwrap();
+    let first = greylist_rcpt(&d, 0).await.0;
+    assert!(first.starts_with(greylisted), "{first}");
+
+    // Disk full: the store refuses the write, the policy answers as documented, at once.
+    let filler = disk.fill();
+    for n in 1..=3 {
+        let (answer, took) = greylist_rcpt(&d, n).await;
+        assert_eq!(answer, unavailable, "disk full");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+    // Space again: served normally without a restart.
+    std::fs::remove_file(filler).unwrap();
+    assert!(greylist_rcpt(&d, 4).await.0.starts_with(greylisted));
+
+    d.stop().await;
+
+    // A daemon cannot start on a read-only database, and says so.
+    disk.remount("ro");
+    let err = greylist_daemon(&disk).await.err().expect("start on a read-only disk");
+    assert!(
+        err.contains("[store]") && err.contains("luamilter.db"),
+        "{err}"
+    );
+    println!("start on a read-only database: {err}");
+}
