@@ -467,10 +467,135 @@ async fn sqlite_on_a_full_or_read_only_disk() {
 
     // A daemon cannot start on a read-only database, and says so.
     disk.remount("ro");
-    let err = greylist_daemon(&disk).await.err().expect("start on a read-only disk");
+    let err = greylist_daemon(&disk)
+        .await
+        .err()
+        .expect("start on a read-only disk");
     assert!(
         err.contains("[store]") && err.contains("luamilter.db"),
         "{err}"
     );
     println!("start on a read-only database: {err}");
+}
+
+/// Stores every accepted recipient, and accepts it only once stored.
+const RECORDER: &str = r#"
+local milter = require "milter"
+local store = require "milter.store"
+return {
+  rcpt = function(ctx, rcpt)
+    local ok, err = store.set(rcpt, rcpt)
+    if not ok then return milter.tempfail{ text = "store: " .. err } end
+  end,
+}
+"#;
+
+/// kill -9 of the real daemon while eight MTA connections have their recipients stored: every
+/// recipient the daemon had accepted (so stored, `synchronous = "full"`) is in the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_milter_load_loses_no_acknowledged_write() {
+    let mut d = crate::support::DaemonProcess::start(&[("recorder", RECORDER)], "").await;
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..8)
+        .map(|t| {
+            let socket = d.socket.clone();
+            let acked = acked.clone();
+            tokio::spawn(async move {
+                let connection = indymilter_test::TestConnection::configure()
+                    .read_timeout(Duration::from_secs(10))
+                    .open_unix(&socket)
+                    .await;
+                let Ok(mut c) = connection else { return };
+                if c.connect("h", Ipv4Addr::new(192, 0, 2, 1)).await.is_err()
+                    || c.mail(["<s@example.net>"]).await.is_err()
+                {
+                    return;
+                }
+                for i in 0.. {
+                    let rcpt = format!("r{t}-{i}@example.org");
+                    match c.rcpt([format!("<{rcpt}>")]).await {
+                        Ok(Status::Continue) => acked.lock().unwrap().push(rcpt),
+                        Ok(other) => panic!("{rcpt}: {other:?}"),
+                        Err(_) => return, // the daemon is gone
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked.lock().unwrap().len() < 400 {
+        assert!(Instant::now() < deadline, "too few writes");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    d.signal(libc::SIGKILL);
+    d.exits_within(Duration::from_secs(5)).await;
+    for c in clients {
+        c.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    println!("kill -9 after {} acknowledged writes", acked.len());
+    let database = d.path("luamilter.db");
+    let missing =
+        tokio::task::spawn_blocking(move || crate::store::missing_after_reopen(&database, &acked))
+            .await
+            .unwrap();
+    assert!(
+        missing.is_empty(),
+        "lost {} acknowledged writes: {missing:?}",
+        missing.len()
+    );
+}
+
+/// The stock greylist on a Redis store that dies and comes back under traffic: while it is
+/// down recipients pass (`fail_closed = false`, the default) within the store timeout; once it
+/// is back, greylisting resumes without a luamilter restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_mid_traffic() {
+    let mut redis = crate::redis_server::RedisServer::start();
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = write_config(&dir, "inet:0@127.0.0.1", &[], "");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("chain = []", "chain = [\"greylist\"]");
+    let extra = format!(
+        "[store]\nbackend = \"redis\"\nurl = {:?}\ntimeout = \"500ms\"\nconnect_timeout = \"500ms\"\n",
+        redis.url
+    );
+    std::fs::write(&path, text + &extra).unwrap();
+    let d = TestDaemon::start_config(dir, &path).await.unwrap();
+    let greylisted = "451-4.7.1 Greylisted";
+    let mut senders = 0..;
+    for _ in 0..5 {
+        assert!(
+            greylist_rcpt(&d, senders.next().unwrap())
+                .await
+                .0
+                .starts_with(greylisted)
+        );
+    }
+    redis.stop();
+    for _ in 0..5 {
+        let (answer, took) = greylist_rcpt(&d, senders.next().unwrap()).await;
+        assert_eq!(answer, "Continue", "redis down");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+    redis.restart();
+    let back = Instant::now();
+    loop {
+        let (answer, _) = greylist_rcpt(&d, senders.next().unwrap()).await;
+        if answer.starts_with(greylisted) {
+            break;
+        }
+        assert_eq!(answer, "Continue");
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "greylisting did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "greylisting resumed {:?} after redis came back",
+        back.elapsed()
+    );
+    d.stop().await;
 }
