@@ -27,6 +27,7 @@ mod session;
 mod site;
 mod smtp;
 mod smtp_server;
+mod soak;
 mod spf;
 mod spf_conformance;
 mod store;
