@@ -14,6 +14,7 @@ mod docs;
 mod dsn;
 mod faults;
 mod fuzz;
+mod hostile;
 mod loadgen;
 mod negotiation;
 mod offline;
