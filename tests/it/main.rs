@@ -6,6 +6,7 @@ mod support;
 mod cases;
 mod chain;
 mod cli;
+mod control_plane;
 mod dns;
 mod dns_lists;
 mod dns_server;
