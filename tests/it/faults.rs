@@ -4,7 +4,7 @@
 
 use crate::{
     dns_server::TestDns,
-    support::{TestDaemon, reply_text, write_config},
+    support::{TestDaemon, reply_text},
 };
 use indymilter_test::Status;
 use std::{
@@ -238,17 +238,13 @@ async fn a_top_level_that_never_returns_is_stopped() {
 
 /// The stock dnsbl and spf policies asking `nameserver` (one attempt, 300 ms).
 async fn stock_dns_daemon(nameserver: SocketAddr) -> TestDaemon {
-    let dir = tempfile::TempDir::new().unwrap();
-    let path = write_config(&dir, "inet:0@127.0.0.1", &[], "");
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("chain = []", "chain = [\"dnsbl\", \"spf\"]");
     let extra = format!(
         "[dns]\nnameservers = [\"{nameserver}\"]\ntimeout = \"300ms\"\nattempts = 1\n\
          [engine]\ntime_limit = \"5s\"\n[policy.dnsbl]\ndnsbl = [{{ zone = \"bl.example\" }}]\n"
     );
-    std::fs::write(&path, text + &extra).unwrap();
-    TestDaemon::start_config(dir, &path).await.unwrap()
+    TestDaemon::try_start_stock(&["dnsbl", "spf"], &extra)
+        .await
+        .unwrap()
 }
 
 /// Connect, HELO and MAIL (where dnsbl and spf ask): the MAIL answer and the time the whole
@@ -416,17 +412,11 @@ impl Drop for TinyDisk {
 
 /// The stock greylist policy, failing closed, on a database on `disk`.
 async fn greylist_daemon(disk: &TinyDisk) -> Result<TestDaemon, String> {
-    let dir = tempfile::TempDir::new().unwrap();
-    let path = write_config(&dir, "inet:0@127.0.0.1", &[], "");
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("chain = []", "chain = [\"greylist\"]");
     let extra = format!(
         "[store]\npath = {:?}\ntimeout = \"2s\"\n[policy.greylist]\nfail_closed = true\n",
         disk.dir.path().join("luamilter.db").display().to_string()
     );
-    std::fs::write(&path, text + &extra).unwrap();
-    TestDaemon::start_config(dir, &path).await
+    TestDaemon::try_start_stock(&["greylist"], &extra).await
 }
 
 /// The RCPT answer for a new triplet (sender `n`), and how long it took.
@@ -552,17 +542,13 @@ async fn kill_9_under_milter_load_loses_no_acknowledged_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_mid_traffic() {
     let mut redis = crate::redis_server::RedisServer::start();
-    let dir = tempfile::TempDir::new().unwrap();
-    let path = write_config(&dir, "inet:0@127.0.0.1", &[], "");
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("chain = []", "chain = [\"greylist\"]");
     let extra = format!(
         "[store]\nbackend = \"redis\"\nurl = {:?}\ntimeout = \"500ms\"\nconnect_timeout = \"500ms\"\n",
         redis.url
     );
-    std::fs::write(&path, text + &extra).unwrap();
-    let d = TestDaemon::start_config(dir, &path).await.unwrap();
+    let d = TestDaemon::try_start_stock(&["greylist"], &extra)
+        .await
+        .unwrap();
     let greylisted = "451-4.7.1 Greylisted";
     let mut senders = 0..;
     for _ in 0..5 {

@@ -82,6 +82,18 @@ impl TestDaemon {
         Self::start_in(TempDir::new().unwrap(), policies, extra, listen).await
     }
 
+    /// Starts a daemon on TCP loopback whose chain is policies of the stock pack, by name.
+    pub async fn try_start_stock(stock: &[&str], extra: &str) -> Result<TestDaemon, String> {
+        let dir = TempDir::new().unwrap();
+        let path = write_config(&dir, "inet:0@127.0.0.1", &[], extra);
+        let chain: Vec<String> = stock.iter().map(|n| format!("{n:?}")).collect();
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("chain = []", &format!("chain = [{}]", chain.join(", ")));
+        std::fs::write(&path, text).unwrap();
+        Self::start_config(dir, &path).await
+    }
+
     /// Starts a daemon whose config and policies are written into `dir` (which may hold other
     /// files already, such as Lua modules the policies require).
     pub async fn start_in(
