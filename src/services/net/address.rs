@@ -176,7 +176,11 @@ fn unquote(text: &str) -> Result<(String, &str), AddressError> {
     while let Some((i, c)) = chars.next() {
         match c {
             '"' => return Ok((content, &text[i + 1..])),
+            // RFC 5321 quoted-pairSMTP: a backslash escapes a printable character only.
             '\\' => match chars.next() {
+                Some((_, escaped)) if escaped.is_control() => {
+                    return Err(AddressError::BadCharacter);
+                }
                 Some((_, escaped)) => content.push(escaped),
                 None => break,
             },
@@ -320,6 +324,9 @@ mod tests {
             ("<a b@example.com>", AddressError::BadCharacter),
             ("<user@exa mple.com>", AddressError::BadCharacter),
             (r#""q"x@example.com"#, AddressError::BadCharacter),
+            // Found by tests/it/fuzz.rs: an escaped control character read back differently.
+            ("<\"a\\\0b\"@example.com>", AddressError::BadCharacter),
+            ("<\"a\\\r\nb\"@example.com>", AddressError::BadCharacter),
             ("a<b@example.com", AddressError::BadCharacter),
         ] {
             assert_eq!(parse_address(text), Err(error), "{text}");
