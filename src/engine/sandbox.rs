@@ -357,13 +357,32 @@ mod tests {
     }
 
     #[test]
-    fn dangerous_globals_are_gone() {
+    fn dangerous_globals_are_gone_and_shared_tables_read_only() {
         let (lua, _tmp, _rt) = state(vec![]);
         let missing: bool = lua
-            .load("return io == nil and debug == nil and load == nil and dofile == nil and loadfile == nil and string.dump == nil and os.execute == nil and os.getenv == nil and package == nil and coroutine == nil")
+            .load("return io == nil and debug == nil and load == nil and dofile == nil and loadfile == nil and string.dump == nil and os.execute == nil and os.getenv == nil and package == nil and collectgarbage == nil")
             .eval()
             .unwrap();
         assert!(missing);
+        for change in [
+            "string.upper = nil",
+            "rawset(string, 'upper', nil)",
+            "tostring = nil",
+            "getmetatable('').__index = {}",
+            "coroutine.wrap = nil",
+            "require('milter').reject = nil",
+            "setmetatable({}, { __gc = function() end })",
+        ] {
+            let err = lua.load(change).exec().unwrap_err();
+            assert!(
+                err.to_string().contains("read-only")
+                    || err.to_string().contains("__gc")
+                    || err.to_string().contains("attempt to index a boolean"),
+                "{change}: {err}"
+            );
+        }
+        let own: i64 = lua.load("my_global = 2; return my_global").eval().unwrap();
+        assert_eq!(own, 2, "a policy may still add globals of its own");
         let t: i64 = lua.load("return os.time()").eval().unwrap();
         assert!(t > 1_600_000_000);
     }
