@@ -54,11 +54,11 @@ pub const FILES: &[StubFile] = &[
 pub const LUARC: &str = ".luarc.json";
 
 /// A `.luarc.json` that makes LuaLS read the stubs in `library` (an absolute path) and know the
-/// sandbox: Lua 5.4, without `io`, `debug` and `coroutine`.
+/// sandbox: Lua 5.4, without `io` and `debug`.
 pub fn luarc(library: &Path) -> String {
     let config = serde_json::json!({
         "runtime.version": "Lua 5.4",
-        "runtime.builtin": { "io": "disable", "debug": "disable", "coroutine": "disable" },
+        "runtime.builtin": { "io": "disable", "debug": "disable" },
         "workspace.library": [library.display().to_string()],
         "workspace.checkThirdParty": false,
     });
