@@ -23,7 +23,8 @@ pub struct DaemonProcess {
 
 impl DaemonProcess {
     /// Writes the policies and config (as [`write_config`] does, plus `extra`) and starts the
-    /// binary; returns once the milter socket accepts connections.
+    /// binary; returns once the milter socket accepts connections and the control socket is
+    /// there.
     pub async fn start(policies: &[(&str, &str)], extra: &str) -> DaemonProcess {
         let dir = TempDir::new().unwrap();
         let socket = dir.path().join("milter.sock");
@@ -43,9 +44,11 @@ impl DaemonProcess {
             config,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
+        // The control socket is bound after the milter socket.
         while tokio::net::UnixStream::connect(&process.socket)
             .await
             .is_err()
+            || !process.control_socket().exists()
         {
             assert!(process.alive(), "the daemon exited at start");
             assert!(Instant::now() < deadline, "the daemon did not start");
