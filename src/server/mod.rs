@@ -119,7 +119,13 @@ async fn mail(cx: &mut Context<Conn>, args: Vec<CString>) -> Status {
             .lock()
             .begin_message(sender.clone(), esmtp.clone(), auth);
     }
-    run(cx, Stage::Mail, StageArgs::Envelope(sender, esmtp)).await
+    let status = run(cx, Stage::Mail, StageArgs::Envelope(sender, esmtp)).await;
+    if let Some(conn) = &cx.data
+        && matches!(status, Status::Reject | Status::Tempfail)
+    {
+        conn.session.lock().message.refused = true;
+    }
+    status
 }
 
 async fn rcpt(cx: &mut Context<Conn>, args: Vec<CString>) -> Status {

@@ -146,7 +146,7 @@ async fn two_hundred_sessions_through_fifty_reloads() {
 
 const SLOW_MAIL: &str = r#"
 local milter = require "milter"
-return { mail = function(ctx, sender) if sender == "slow@example.org" then milter.sleep(1) end end }
+return { mail = function(ctx, sender) if sender == "slow@example.org" then milter.sleep(3) end end }
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,7 +160,8 @@ async fn sigterm_lets_open_sessions_finish_their_command_then_exits() {
         let status = busy.mail(["<slow@example.org>"]).await;
         (busy, status)
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SIGTERM while the 3 s command runs (the margin is for a loaded machine).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let term = Instant::now();
     d.signal(libc::SIGTERM);
     // The command in progress is answered.
@@ -172,7 +173,7 @@ async fn sigterm_lets_open_sessions_finish_their_command_then_exits() {
     let status = d.exits_within(Duration::from_secs(10)).await;
     assert!(status.success(), "{status}");
     println!(
-        "SIGTERM to exit with a 1 s command in flight: {:?}",
+        "SIGTERM to exit with a 3 s command in flight (2.7 s of it left): {:?}",
         term.elapsed()
     );
     assert!(!d.socket.exists(), "the socket is removed");

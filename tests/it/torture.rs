@@ -201,6 +201,20 @@ fn garbage(rng: &mut fastrand::Rng, kind: u8) -> (Vec<u8>, usize) {
     (frames.concat(), n)
 }
 
+/// The command letters of the frames in `bytes`, as far as they are well framed.
+fn commands(mut bytes: &[u8]) -> String {
+    let mut letters = String::new();
+    while bytes.len() >= 5 {
+        let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+        if len == 0 || bytes.len() < 4 + len {
+            break;
+        }
+        letters.push(bytes[4] as char);
+        bytes = &bytes[4 + len..];
+    }
+    letters
+}
+
 /// What a garbage session got back.
 struct Replies {
     /// The command letter of every reply frame.
@@ -325,6 +339,7 @@ async fn garbage_never_kills_delays_or_gets_accepted() {
                 let end = Instant::now() + Duration::from_secs(20);
                 while frames.load(Ordering::Relaxed) < 25_000 && Instant::now() < end {
                     let (bytes, n) = garbage(&mut rng, kind);
+                    let sent = commands(&bytes);
                     let replies = send_garbage(&socket, bytes).await;
                     assert!(
                         replies.closed,
@@ -341,12 +356,15 @@ async fn garbage_never_kills_delays_or_gets_accepted() {
                             replies.letters == expected,
                             "seed {seed}: the 10,000-frame message got {} replies, ending {:?}",
                             replies.letters.len(),
-                            String::from_utf8_lossy(&replies.letters[replies.letters.len().saturating_sub(8)..])
+                            String::from_utf8_lossy(
+                                &replies.letters[replies.letters.len().saturating_sub(8)..]
+                            )
                         );
                     } else {
                         assert!(
                             !replies.letters.contains(&b'a') && !replies.letters.contains(&b'h'),
-                            "seed {seed} kind {kind}: a refused sender's message was accepted: {:?}",
+                            "seed {seed} kind {kind}: a refused sender's message was accepted: \
+                             sent {sent:?}, got {:?}",
                             String::from_utf8_lossy(&replies.letters)
                         );
                     }
@@ -398,6 +416,29 @@ async fn garbage_never_kills_delays_or_gets_accepted() {
         peak < rss_before + 64 * 1024,
         "RSS grew from {rss_before} KiB to {peak} KiB"
     );
+}
+
+/// Found by the torture run (seed 1823283982414239316): after MAIL was refused, an unknown
+/// command led on to body and end of message, and the refused message was accepted.
+#[tokio::test]
+async fn a_message_stage_after_a_refused_mail_is_tempfailed_not_accepted() {
+    let d = DaemonProcess::start(&[("gate", GATE)], "").await;
+    let bad = transcript("bad@example.org");
+    let bytes = [
+        &bad[..6],
+        &[
+            frame(b'U', &cstrs(&[b"XYZZY"])),
+            frame(b'B', b"body"),
+            frame(b'E', b""),
+        ],
+    ]
+    .concat()
+    .concat();
+    let replies = send_garbage(&d.socket, bytes).await;
+    // Negotiation, connect, HELO; MAIL refused; the unknown command continues; the body is out
+    // of sequence.
+    assert_eq!(String::from_utf8_lossy(&replies.letters), "Occycy");
+    assert!(replies.closed);
 }
 
 /// Found by the torture run (seed 17297967658727257108): the milter state machine lets an
