@@ -200,8 +200,13 @@ fn is_forbidden(c: char) -> bool {
 /// otherwise as a quoted string (`"` and `\` escaped, control characters turned into spaces).
 /// Used for local parts and for `key=value` header fields.
 pub(crate) fn dot_atom_or_quoted(text: &str) -> String {
-    let atext =
-        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    // Non-ASCII is atext (RFC 6531), except Unicode whitespace such as U+00A0, which the
+    // parser refuses unquoted.
+    let atext = |c: char| {
+        c.is_ascii_alphanumeric()
+            || "!#$%&'*+-/=?^_`{|}~".contains(c)
+            || (!c.is_ascii() && !c.is_whitespace())
+    };
     let dot_atom = !text.is_empty()
         && text
             .split('.')
@@ -283,6 +288,12 @@ mod tests {
         assert_eq!(
             ok(r#""only quoted""#),
             parts("only quoted", None, r#""only quoted""#)
+        );
+        // Found by the cargo-fuzz target `address`: a no-break space went out unquoted and did
+        // not parse back.
+        assert_eq!(
+            ok("<\"a\u{a0}b\"@x.org>"),
+            parts("a\u{a0}b", Some("x.org"), "\"a\u{a0}b\"@x.org")
         );
     }
 
