@@ -1,5 +1,6 @@
 //! The control socket behind `luamilter ctl`: a unix socket readable by its owner only, one
-//! command line per connection (`reload`, `stats`), a text answer.
+//! command line per connection (`reload`, `stats`), a text answer; a peer that is neither root
+//! nor the daemon's user is refused.
 
 use crate::{engine::Generation, reload::Reloader};
 use std::{
@@ -73,18 +74,43 @@ impl ControlSocket {
     }
 }
 
+/// Whether the peer may send commands: root, or the user the daemon runs as. The socket's mode
+/// (0600) already keeps others out; this holds when an admin loosened it.
+fn refusal(stream: &UnixStream) -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let daemon = unsafe { libc::geteuid() };
+    match stream.peer_cred() {
+        Ok(peer) if peer.uid() == 0 || peer.uid() == daemon => None,
+        Ok(peer) => Some(format!(
+            "error: permission denied: uid {} may not control this daemon (root and uid {daemon} may)\n",
+            peer.uid()
+        )),
+        Err(e) => Some(format!("error: cannot identify the peer: {e}\n")),
+    }
+}
+
 async fn handle(stream: UnixStream, reloader: Arc<Reloader>) {
+    let refused = refusal(&stream);
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_COMMAND));
-    let answer = match tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)).await {
-        Ok(Ok(_)) => match line.trim() {
+    let received = tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)).await;
+    let answer = match (refused, received) {
+        (Some(refusal), _) => {
+            tracing::warn!(
+                command = line.trim(),
+                answer = refusal.trim_end(),
+                "control command refused"
+            );
+            refusal
+        }
+        (None, Ok(Ok(_))) => match line.trim() {
             "reload" => reloader.reload("ctl reload").await.to_string(),
             "stats" => stats(&reloader),
             other => format!("error: unknown command {other:?} (commands: reload, stats)\n"),
         },
-        Ok(Err(e)) => format!("error: {e}\n"),
-        Err(_) => "error: no command received\n".to_string(),
+        (None, Ok(Err(e))) => format!("error: {e}\n"),
+        (None, Err(_)) => "error: no command received\n".to_string(),
     };
     let _ = write.write_all(answer.as_bytes()).await;
     let _ = write.shutdown().await;

@@ -18,7 +18,7 @@ use crate::{
     privileges::Identity,
     reload::{self, Reloader},
     server,
-    services::{Services, ServicesError, store},
+    services::{self, Services, ServicesError, store, store::lock::DaemonLock},
     systemd,
 };
 use std::{sync::Arc, thread::JoinHandle, time::Duration};
@@ -70,6 +70,7 @@ pub struct Daemon {
     _control: Option<ControlSocket>,
     _socket_file: SocketFileGuard,
     _pid_file: Option<PidFile>,
+    _store_lock: Option<DaemonLock>,
 }
 
 /// Worker threads for `config`: `engine.worker_threads`, or one per CPU when that is 0.
@@ -107,6 +108,8 @@ impl Daemon {
         }
         // Before the services and the first generation, which register their series.
         metrics::install(&config.metrics, config.store.backend).map_err(StartError::Metrics)?;
+        let store_lock = DaemonLock::take(&services::store_config(&config))
+            .map_err(|e| StartError::Services(e.into()))?;
         let services =
             Arc::new(Services::start_with_clock(&config, clock).map_err(StartError::Services)?);
         let generation = Generation::build(Arc::clone(&config), Arc::clone(&services), workers)
@@ -232,6 +235,7 @@ impl Daemon {
             _control: control,
             _socket_file: bound.guard(),
             _pid_file: pid_file,
+            _store_lock: store_lock,
         })
     }
 

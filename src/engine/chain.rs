@@ -199,7 +199,10 @@ impl VmLease {
         let call = thread
             .into_async::<Value>(MultiValue::from_vec(call_args))
             .map_err(lua_error)?;
-        let result = match tokio::time::timeout_at(deadline.into(), call).await {
+        let result = tokio::time::timeout_at(deadline.into(), call).await;
+        // Between handlers the session's ctx may not be used (see lua_api::ctx).
+        session.lock().running = None;
+        let result = match result {
             Err(_) => return Err(time_limit()),
             Ok(r) => r,
         };

@@ -1,6 +1,7 @@
 //! Creating a Lua state that policies may run in: a library allow-list, no file or process
-//! access, `require` limited to built-in modules and the policy directories, a memory cap, and
-//! `pcall`/`xpcall` that cannot swallow the time limit.
+//! access, `require` limited to built-in modules and the policy directories, a memory cap,
+//! `pcall`/`xpcall` that cannot swallow the time limit, and the standard library and built-in
+//! modules read-only.
 
 use crate::{
     lua_api,
@@ -80,7 +81,66 @@ xpcall = function(f, handler, ...)
 end
 local os_time, os_clock, os_date, os_difftime = os.time, os.clock, os.date, os.difftime
 os = { time = os_time, clock = os_clock, date = os_date, difftime = os_difftime }
+
+-- Shared tables are read-only: one policy cannot change the standard library or a built-in
+-- module under the others, or for later messages. A read-only table is an empty proxy (so
+-- assigning any key reaches __newindex) whose metatable is hidden; rawset refuses proxies.
+local raw_rawset, raw_setmetatable, rawget, next, type = rawset, setmetatable, rawget, next, type
+local proxies = raw_setmetatable({}, { __mode = "k" })
+local function read_only(t, name)
+  if type(t) ~= "table" or proxies[t] then return t end
+  for k, v in next, t do
+    if type(v) == "table" then raw_rawset(t, k, read_only(v, name .. "." .. tostring(k))) end
+  end
+  local proxy = raw_setmetatable({}, {
+    __index = t,
+    __newindex = function(_, k)
+      error(("%s is read-only: cannot set %s"):format(name, tostring(k)), 2)
+    end,
+    __pairs = function() return next, t, nil end,
+    __len = function() return #t end,
+    __metatable = false,
+  })
+  proxies[proxy] = true
+  return proxy
+end
+-- The globals the sandbox provides are read-only too; a policy may still add globals of its own.
+local G, builtins = _G, {}
+rawset = function(t, k, v)
+  if proxies[t] or (t == G and builtins[k] ~= nil) then
+    error("rawset: the table is read-only", 2)
+  end
+  return raw_rawset(t, k, v)
+end
+-- Finalizers would run outside any handler (when the state closes, no time limit applies):
+-- refused, like to-be-closed variables' __close they are not needed in a policy.
+setmetatable = function(t, mt)
+  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+    error("setmetatable: __gc metamethods are not allowed in policies", 2)
+  end
+  return raw_setmetatable(t, mt)
+end
+for _, name in ipairs { "string", "table", "math", "utf8", "os", "coroutine" } do
+  _G[name] = read_only(_G[name], name)
+end
+local string_meta = getmetatable("")
+string_meta.__index = string
+string_meta.__metatable = false
+for k, v in next, G do builtins[k] = v end
+for k in next, builtins do raw_rawset(G, k, nil) end
+raw_setmetatable(G, {
+  __index = builtins,
+  __newindex = function(t, k, v)
+    if builtins[k] ~= nil then error(("the global %s is read-only"):format(tostring(k)), 2) end
+    raw_rawset(t, k, v)
+  end,
+  __metatable = false,
+})
+return read_only
 "#;
+
+/// Registry key of the prelude's `read_only(table, name)`, applied to built-in modules.
+const READ_ONLY_KEY: &str = "luamilter.read_only";
 
 /// `print` in a policy writes an info line to the log (policies have no standard output).
 fn print_to_log(lua: &Lua) -> mlua::Result<mlua::Function> {
@@ -102,7 +162,13 @@ pub fn new_state(
     services: Arc<Services>,
     site: Arc<Site>,
 ) -> mlua::Result<Lua> {
-    let libs = StdLib::TABLE | StdLib::STRING | StdLib::UTF8 | StdLib::MATH | StdLib::OS;
+    // `coroutine` too: mlua's async functions need it, and loaded here it is made read-only.
+    let libs = StdLib::TABLE
+        | StdLib::STRING
+        | StdLib::UTF8
+        | StdLib::MATH
+        | StdLib::OS
+        | StdLib::COROUTINE;
     let lua = Lua::new_with(libs, LuaOptions::new())?;
     let globals = lua.globals();
     for name in ["dofile", "loadfile", "load", "collectgarbage"] {
@@ -111,12 +177,15 @@ pub fn new_state(
     globals
         .get::<Table>("string")?
         .raw_set("dump", Value::Nil)?;
-    lua.load(PRELUDE)
-        .set_name("=luamilter prelude")
-        .call::<()>(TIME_LIMIT_MARKER)?;
     lua.set_named_registry_value(LOADED_KEY, lua.create_table()?)?;
     globals.raw_set("require", require_function(&lua, dirs, services, site)?)?;
     globals.raw_set("print", print_to_log(&lua)?)?;
+    let read_only: mlua::Function = lua
+        .load(PRELUDE)
+        .set_name("=luamilter prelude")
+        .call(TIME_LIMIT_MARKER)?;
+    lua.set_named_registry_value(READ_ONLY_KEY, read_only)?;
+
     lua.set_memory_limit(memory_limit)?;
     Ok(lua)
 }
@@ -143,7 +212,9 @@ fn require_function(
             return Ok(v);
         }
         let value = match lua_api::builtin_module(lua, &name, &services, &site) {
-            Some(module) => module?,
+            Some(module) => lua
+                .named_registry_value::<mlua::Function>(READ_ONLY_KEY)?
+                .call((module?, name.as_str()))?,
             None => {
                 let (value, mentions) = require_file(lua, &dirs, &name)?;
                 RequireLog::loaded(lua, &name, mentions, first_nested);
@@ -286,13 +357,32 @@ mod tests {
     }
 
     #[test]
-    fn dangerous_globals_are_gone() {
+    fn dangerous_globals_are_gone_and_shared_tables_read_only() {
         let (lua, _tmp, _rt) = state(vec![]);
         let missing: bool = lua
-            .load("return io == nil and debug == nil and load == nil and dofile == nil and loadfile == nil and string.dump == nil and os.execute == nil and os.getenv == nil and package == nil and coroutine == nil")
+            .load("return io == nil and debug == nil and load == nil and dofile == nil and loadfile == nil and string.dump == nil and os.execute == nil and os.getenv == nil and package == nil and collectgarbage == nil")
             .eval()
             .unwrap();
         assert!(missing);
+        for change in [
+            "string.upper = nil",
+            "rawset(string, 'upper', nil)",
+            "tostring = nil",
+            "getmetatable('').__index = {}",
+            "coroutine.wrap = nil",
+            "require('milter').reject = nil",
+            "setmetatable({}, { __gc = function() end })",
+        ] {
+            let err = lua.load(change).exec().unwrap_err();
+            assert!(
+                err.to_string().contains("read-only")
+                    || err.to_string().contains("__gc")
+                    || err.to_string().contains("attempt to index a boolean"),
+                "{change}: {err}"
+            );
+        }
+        let own: i64 = lua.load("my_global = 2; return my_global").eval().unwrap();
+        assert_eq!(own, 2, "a policy may still add globals of its own");
         let t: i64 = lua.load("return os.time()").eval().unwrap();
         assert!(t > 1_600_000_000);
     }

@@ -4,12 +4,13 @@
 
 use crate::{
     services::site::system_hostname,
-    session::{Edit, SharedSession, Trace},
+    session::{Edit, Session, SharedSession, Trace},
     stage::Stage,
 };
 use mlua::{
     AnyUserData, Lua, MetaMethod, Table, UserData, UserDataFields, UserDataMethods, Value, Variadic,
 };
+use std::sync::MutexGuard;
 
 /// User value slots of the ctx userdata.
 const VARS_SLOT: usize = 1;
@@ -89,7 +90,7 @@ impl Ctx {
             )));
         }
         self.require_headers_sent("ctx.headers")?;
-        let session = self.session.lock();
+        let session = live(&self.session)?;
         let headers = &session.message.headers;
         let t = lua.create_table_with_capacity(headers.len(), 0)?;
         for (i, (name, value)) in headers.iter().enumerate() {
@@ -100,6 +101,20 @@ impl Ctx {
         }
         Ok(t)
     }
+}
+
+/// The session, locked, while one of its own handlers runs. A `ctx` a policy kept in a variable
+/// and used from another connection's handler (or after its connection closed) is refused
+/// rather than showing that connection's facts.
+fn live(session: &SharedSession) -> mlua::Result<MutexGuard<'_, Session>> {
+    let s = session.lock();
+    if s.running.is_none() {
+        return Err(mlua::Error::runtime(
+            "this ctx belongs to another connection (or one that ended): a ctx is valid only \
+             in the handlers of its own connection",
+        ));
+    }
+    Ok(s)
 }
 
 fn stage_name(stage: Option<Stage>) -> &'static str {
@@ -114,7 +129,7 @@ impl UserData for Client {
         macro_rules! field {
             ($name:literal, |$c:ident| $value:expr) => {
                 fields.add_field_method_get($name, |_, client| {
-                    let session = client.0.lock();
+                    let session = live(&client.0)?;
                     let $c = &session.client;
                     Ok($value)
                 });
@@ -130,7 +145,7 @@ impl UserData for Client {
         field!("localhost", |c| c.localhost);
         field!("authenticated", |c| c.authenticated);
         field!("ptr", |c| c.ptr.clone());
-        fields.add_field_method_get("dynamic", |_, client| Ok(client.0.lock().client.dynamic()));
+        fields.add_field_method_get("dynamic", |_, client| Ok(live(&client.0)?.client.dynamic()));
     }
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
@@ -220,7 +235,7 @@ impl UserData for Ctx {
         macro_rules! field {
             ($name:literal, |$lua:ident, $s:ident| $value:expr) => {
                 fields.add_field_method_get($name, |$lua, c| {
-                    let $s = c.session.lock();
+                    let $s = live(&c.session)?;
                     $value
                 });
             };
@@ -265,7 +280,7 @@ impl UserData for Ctx {
         fields.add_field_method_get("headers", |lua, c| c.headers_table(lua));
         fields.add_field_function_get("client", |_, ud| ud.nth_user_value::<Value>(CLIENT_SLOT));
         fields.add_field_function_get("msg", |lua, ud| {
-            let seq = ud.borrow::<Ctx>()?.session.lock().message.seq;
+            let seq = live(&ud.borrow::<Ctx>()?.session)?.message.seq;
             let current = ud.borrow::<Ctx>()?.msg_seq == Some(seq);
             if current && let Some(t) = ud.nth_user_value::<Option<Table>>(MSG_SLOT)? {
                 return Ok(t);
@@ -276,10 +291,7 @@ impl UserData for Ctx {
             Ok(t)
         });
         fields.add_field_function_get("vars", |lua, ud| {
-            let policy = ud
-                .borrow::<Ctx>()?
-                .session
-                .lock()
+            let policy = live(&ud.borrow::<Ctx>()?.session)?
                 .running
                 .map_or(0, |(_, policy)| policy);
             let root = slot_table(lua, &ud, VARS_SLOT)?;
@@ -299,7 +311,7 @@ impl UserData for Ctx {
             "demerit",
             |_, c, (n, reason): (Option<u32>, Option<String>)| {
                 let n = n.unwrap_or(1);
-                let mut s = c.session.lock();
+                let mut s = live(&c.session)?;
                 s.demerits = s.demerits.saturating_add(n);
                 tracing::debug!(
                     client = %s.client.label(),
@@ -312,13 +324,12 @@ impl UserData for Ctx {
             },
         );
         methods.add_method("macro", |_, c, name: String| {
-            Ok(c.session.lock().macro_value(&name).map(str::to_string))
+            Ok(live(&c.session)?.macro_value(&name).map(str::to_string))
         });
         methods.add_method("header", |_, c, (name, n): (String, Option<usize>)| {
             c.require_headers_sent("ctx:header")?;
             let n = n.unwrap_or(1).max(1);
-            Ok(c.session
-                .lock()
+            Ok(live(&c.session)?
                 .message
                 .headers
                 .iter()

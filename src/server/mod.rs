@@ -9,7 +9,7 @@ mod reply;
 use crate::{
     config::ExceptionPolicy,
     engine::{Engine, Outcome, StageArgs, VmLease},
-    lua_api::verdict::Verdict,
+    lua_api::verdict::{Reply, Verdict},
     metrics::{self, MessageEnd, OpenConnection},
     session::{ClientInfo, Line, Session, SharedSession, Step},
     stage::Stage,
@@ -123,7 +123,13 @@ async fn mail(cx: &mut Context<Conn>, args: Vec<CString>) -> Status {
             .lock()
             .begin_message(sender.clone(), esmtp.clone(), auth);
     }
-    run(cx, Stage::Mail, StageArgs::Envelope(sender, esmtp)).await
+    let status = run(cx, Stage::Mail, StageArgs::Envelope(sender, esmtp)).await;
+    if let Some(conn) = &cx.data
+        && matches!(status, Status::Reject | Status::Tempfail)
+    {
+        conn.session.lock().message.refused = true;
+    }
+    status
 }
 
 async fn rcpt(cx: &mut Context<Conn>, args: Vec<CString>) -> Status {
@@ -355,6 +361,15 @@ async fn decide(
     args: StageArgs,
     progress: Option<mpsc::UnboundedSender<()>>,
 ) -> Option<Outcome> {
+    if conn.session.lock().outside_message(stage) {
+        let verdict = out_of_sequence();
+        tracing::warn!(client = %conn.session.lock().client.label(), stage = stage.name(), "a message stage without MAIL: the client is out of protocol");
+        log_decision(conn, macros, stage, "(protocol)", &verdict);
+        return Some(Outcome {
+            verdict,
+            policy: None,
+        });
+    }
     let owed = {
         let mut session = conn.session.lock();
         let replies = stage.has_reply() && !session.negotiated.no_reply(stage);
@@ -403,6 +418,16 @@ async fn decide(
         log_decision(conn, macros, stage, policy, &outcome.verdict);
     }
     Some(outcome)
+}
+
+/// The answer to a message stage out of sequence: a temporary failure, as for any fault.
+fn out_of_sequence() -> Verdict {
+    Verdict::Tempfail(Some(Reply {
+        code: "451".into(),
+        xcode: Some("4.5.0".into()),
+        lines: vec!["Milter commands out of sequence".into()],
+        immediate: true,
+    }))
 }
 
 /// A stage's final verdict: at info for the connection stages (no message line follows a

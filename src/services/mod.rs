@@ -54,6 +54,16 @@ pub enum ServicesError {
     Dkim(#[from] KeyError),
 }
 
+/// The `[store]` section with a relative database path resolved against the config file's
+/// directory.
+pub fn store_config(config: &Config) -> store::StoreConfig {
+    let mut store_config = config.store.clone();
+    if store_config.path.is_relative() {
+        store_config.path = config.source.base_dir().join(&store_config.path);
+    }
+    store_config
+}
+
 /// Shared services.
 pub struct Services {
     /// The DNS resolver.
@@ -92,11 +102,7 @@ impl Services {
         resolver: Arc<Resolver>,
     ) -> Result<Services, ServicesError> {
         let spf = Arc::new(Spf::new(Arc::clone(&resolver), &config.spf)?);
-        let mut store_config = config.store.clone();
-        if store_config.path.is_relative() {
-            store_config.path = config.source.base_dir().join(&store_config.path);
-        }
-        let store = store::open(&store_config, clock)?;
+        let store = store::open(&store_config(config), clock)?;
         let helo = (config.site.hostname.clone())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(site::system_hostname);

@@ -111,6 +111,8 @@ pub struct Message {
     owed: Option<Verdict>,
     /// A reject decided at MAIL and held back until DATA.
     delayed: Option<Delayed>,
+    /// MAIL was answered with a reject or tempfail: the MTA has dropped the message.
+    pub refused: bool,
 }
 
 /// Everything known about one SMTP connection.
@@ -232,6 +234,18 @@ impl Session {
             .map(|held| held.verdict);
         held.or_else(|| self.message.owed.take())
             .or_else(|| self.refusal.clone())
+    }
+
+    /// Whether `stage` belongs to a message that never started: the MTA sends MAIL on this
+    /// connection, yet none came since the last message ended, or the last one was refused.
+    /// Only a client out of protocol does that (the milter state machine lets an unknown
+    /// command lead on to body and end of message), and answering it would accept a message
+    /// whose MAIL policies never ran or refused it.
+    pub fn outside_message(&self, stage: Stage) -> bool {
+        stage.in_message()
+            && stage != Stage::Mail
+            && self.negotiated.sends(Stage::Mail)
+            && (self.message.sender.is_none() || self.message.refused)
     }
 
     /// A macro by name, with or without braces (the MTA sends one-letter names bare and longer

@@ -3,8 +3,10 @@
 //!
 //! Besides the zones it answers SERVFAIL for every name under `servfail.test.` and REFUSED for
 //! names outside its zones (e.g. `outside.nowhere.`). [`TestDns::with_delay`] holds every answer
-//! back; [`TestDns::silent`] binds a socket that never answers (for timeouts);
-//! [`TestDns::with_records`] adds records whose names no zone file can spell.
+//! back; [`TestDns::silent`] binds a socket that never answers (for timeouts), and
+//! [`TestDns::servfail`] and [`TestDns::garbage`] one that answers every query with SERVFAIL or
+//! with bytes that are no DNS message; [`TestDns::with_records`] adds records whose names no
+//! zone file can spell.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,7 +36,7 @@ pub struct TestDns {
 
 enum Running {
     Server(Server<TestHandler>),
-    Silent(JoinHandle<()>),
+    Raw(JoinHandle<()>),
 }
 
 impl TestDns {
@@ -73,15 +75,54 @@ impl TestDns {
 
     /// Binds a UDP socket that reads every query and never answers.
     pub async fn silent() -> TestDns {
+        Self::raw(|_| None).await
+    }
+
+    /// Answers every query with SERVFAIL.
+    pub async fn servfail() -> TestDns {
+        Self::raw(|query| {
+            let mut answer = query.to_vec();
+            // QR (response) and RA set, RCODE 2 (SERVFAIL); the question stays.
+            answer[2] |= 0x80;
+            answer[3] = 0x80 | 2;
+            Some(answer)
+        })
+        .await
+    }
+
+    /// Answers every query with its own ID followed by bytes that are no DNS message.
+    pub async fn garbage() -> TestDns {
+        Self::raw(|query| {
+            let mut answer = query[..2].to_vec();
+            answer.extend((0..40u8).map(|i| i.wrapping_mul(97) ^ 0x5a));
+            Some(answer)
+        })
+        .await
+    }
+
+    /// An address where nothing listens: its socket was bound and closed again, so queries
+    /// meet ICMP port unreachable.
+    pub async fn unreachable() -> SocketAddr {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind UDP");
+        udp.local_addr().expect("UDP address")
+    }
+
+    /// A UDP socket that answers each query (of at least a header) with `respond`'s bytes, or
+    /// not at all for `None`.
+    async fn raw(respond: fn(&[u8]) -> Option<Vec<u8>>) -> TestDns {
         let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind UDP");
         let addr = udp.local_addr().expect("UDP address");
         let task = tokio::spawn(async move {
             let mut buffer = [0u8; 4096];
-            while udp.recv_from(&mut buffer).await.is_ok() {}
+            while let Ok((n, from)) = udp.recv_from(&mut buffer).await {
+                if let Some(answer) = (n >= 12).then(|| respond(&buffer[..n])).flatten() {
+                    let _ = udp.send_to(&answer, from).await;
+                }
+            }
         });
         TestDns {
             addr,
-            running: Running::Silent(task),
+            running: Running::Raw(task),
         }
     }
 
@@ -105,7 +146,7 @@ impl Drop for TestDns {
     fn drop(&mut self) {
         match &self.running {
             Running::Server(server) => server.shutdown_token().cancel(),
-            Running::Silent(task) => task.abort(),
+            Running::Raw(task) => task.abort(),
         }
     }
 }

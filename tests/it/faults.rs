@@ -1,9 +1,14 @@
-//! Policy faults never become silent accepts and never take the daemon down; limits hold.
+//! Policy and service faults never become silent accepts and never take the daemon down;
+//! limits hold. DNS faults come from real servers on loopback that fail each way
+//! (docs/failure-modes.md lists the verdicts).
 
-use crate::support::{TestDaemon, reply_text};
+use crate::{
+    dns_server::TestDns,
+    support::{TestDaemon, reply_text},
+};
 use indymilter_test::Status;
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -229,4 +234,354 @@ async fn a_top_level_that_never_returns_is_stopped() {
         err.contains("spin.lua: the top level ran longer than engine.time_limit"),
         "{err}"
     );
+}
+
+/// The stock dnsbl and spf policies asking `nameserver` (one attempt, 300 ms).
+async fn stock_dns_daemon(nameserver: SocketAddr) -> TestDaemon {
+    let extra = format!(
+        "[dns]\nnameservers = [\"{nameserver}\"]\ntimeout = \"300ms\"\nattempts = 1\n\
+         [engine]\ntime_limit = \"5s\"\n[policy.dnsbl]\ndnsbl = [{{ zone = \"bl.example\" }}]\n"
+    );
+    TestDaemon::try_start_stock(&["dnsbl", "spf"], &extra)
+        .await
+        .unwrap()
+}
+
+/// Connect, HELO and MAIL (where dnsbl and spf ask): the MAIL answer and the time the whole
+/// session took.
+async fn dns_session(d: &TestDaemon, client: u8) -> (Status, Status, Duration) {
+    let started = Instant::now();
+    let mut c = d.client().await;
+    let connect = c
+        .connect("mail.example.test", Ipv4Addr::new(192, 0, 2, client))
+        .await
+        .unwrap();
+    c.helo("mail.example.test").await.unwrap();
+    let mail = c.mail(["<a@example.test>"]).await.unwrap();
+    (connect, mail, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_failures_answer_by_the_documented_verdicts_within_the_timeout() {
+    let silent = TestDns::silent().await;
+    let servfail = TestDns::servfail().await;
+    let garbage = TestDns::garbage().await;
+    let servers = [
+        ("unreachable", TestDns::unreachable().await),
+        ("silent", silent.addr),
+        ("servfail", servfail.addr),
+        ("garbage", garbage.addr),
+    ];
+    for (kind, addr) in servers {
+        let d = stock_dns_daemon(addr).await;
+        let (connect, mail, took) = dns_session(&d, 1).await;
+        // At MAIL, dnsbl: a failed lookup never rejects; spf: temperror, 451 4.4.3 at once.
+        assert_eq!(connect, Status::Noreply, "{kind}");
+        let text = reply_text(&mail);
+        assert!(
+            matches!(mail, Status::Tempfail { .. }) && text.contains("451 4.4.3 is operational"),
+            "{kind}: {text}"
+        );
+        // A few lookups of 300 ms at most, one after the other.
+        assert!(took < Duration::from_secs(3), "{kind}: {took:?}");
+
+        // Concurrent sessions wait for their own lookups, not for each other's.
+        let started = Instant::now();
+        let sessions: Vec<_> = (0..40u8)
+            .map(|i| {
+                let d = &d;
+                async move { dns_session(d, 10 + i).await }
+            })
+            .collect();
+        for (connect, mail, _) in futures_util::future::join_all(sessions).await {
+            assert_eq!(connect, Status::Noreply, "{kind}");
+            assert!(matches!(mail, Status::Tempfail { .. }), "{kind}");
+        }
+        let all = started.elapsed();
+        println!("dns {kind}: one session {took:?}, 40 concurrent sessions {all:?}");
+        assert!(
+            all < Duration::from_secs(5),
+            "{kind}: 40 sessions took {all:?}"
+        );
+        d.stop().await;
+    }
+}
+
+const GATE: &str = "return { mail = function(ctx) end }";
+
+#[tokio::test]
+async fn a_second_daemon_on_the_same_socket_or_database_is_refused() {
+    let first = TestDaemon::start_unix(&[("gate", GATE)], "").await;
+    let luamilter::listen::ListenAddr::Unix(socket) = first.local().clone() else {
+        unreachable!()
+    };
+    let database = first.dir.path().join("luamilter.db");
+    assert!(database.exists());
+
+    let err = TestDaemon::try_start(&[("gate", GATE)], "", &format!("unix:{}", socket.display()))
+        .await
+        .err()
+        .expect("a second daemon on a live unix socket");
+    assert!(err.contains("another process is listening on"), "{err}");
+
+    let same_db = format!("[store]\npath = {:?}\n", database.display().to_string());
+    let err = TestDaemon::try_start(&[("gate", GATE)], &same_db, "inet:0@127.0.0.1")
+        .await
+        .err()
+        .expect("a second daemon on the same database");
+    assert!(
+        err.contains("another luamilter daemon is using the database")
+            && err.contains(&database.display().to_string()),
+        "{err}"
+    );
+
+    let tcp = TestDaemon::start(&[("gate", GATE)], "").await;
+    let err = TestDaemon::try_start(&[("gate", GATE)], "", &tcp.local().to_string())
+        .await
+        .err()
+        .expect("a second daemon on a TCP port in use");
+    assert!(
+        err.contains("cannot listen on") && err.contains("in use"),
+        "{err}"
+    );
+    tcp.stop().await;
+
+    // The first daemon kept serving, and once it is gone the database is free again.
+    let mut c = first.client().await;
+    c.connect("h", Ipv4Addr::LOCALHOST).await.unwrap();
+    assert_eq!(c.mail(["<a@example.org>"]).await.unwrap(), Status::Continue);
+    let mut first = first;
+    let daemon = first.daemon.take().unwrap();
+    daemon.stop(Duration::from_secs(5)).await;
+    let again = TestDaemon::try_start(&[("gate", GATE)], &same_db, "inet:0@127.0.0.1").await;
+    again
+        .expect("the database is free after the first daemon stopped")
+        .stop()
+        .await;
+}
+
+/// A tmpfs of 256 KiB mounted on a temp dir, unmounted on drop; `None` (after saying why)
+/// where mounting is not permitted.
+struct TinyDisk {
+    dir: tempfile::TempDir,
+}
+
+impl TinyDisk {
+    fn mount() -> Option<TinyDisk> {
+        let dir = tempfile::TempDir::new().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .arg(dir.path())
+            .status();
+        match status {
+            Ok(s) if s.success() => Some(TinyDisk { dir }),
+            other => {
+                println!("SKIPPED: cannot mount a tmpfs ({other:?}); run the tests as root");
+                None
+            }
+        }
+    }
+
+    fn remount(&self, mode: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "remount {mode}");
+    }
+
+    /// Fills the disk with a file; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.dir.path().join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        while file.write_all(&[0u8; 4096]).is_ok() {}
+        path
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// The stock greylist policy, failing closed, on a database on `disk`.
+async fn greylist_daemon(disk: &TinyDisk) -> Result<TestDaemon, String> {
+    let extra = format!(
+        "[store]\npath = {:?}\ntimeout = \"2s\"\n[policy.greylist]\nfail_closed = true\n",
+        disk.dir.path().join("luamilter.db").display().to_string()
+    );
+    TestDaemon::try_start_stock(&["greylist"], &extra).await
+}
+
+/// The RCPT answer for a new triplet (sender `n`), and how long it took.
+async fn greylist_rcpt(d: &TestDaemon, n: u32) -> (String, Duration) {
+    let mut c = d.client().await;
+    c.connect("client.example", Ipv4Addr::new(192, 0, 2, 1))
+        .await
+        .unwrap();
+    c.mail([format!("<s{n}@example.net>")]).await.unwrap();
+    let started = Instant::now();
+    let status = c.rcpt(["<r@example.org>"]).await.unwrap();
+    (reply_text(&status), started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_on_a_full_or_read_only_disk() {
+    let Some(disk) = TinyDisk::mount() else {
+        return;
+    };
+    let greylisted = "451-4.7.1 Greylisted";
+    let unavailable = "451 4.3.0 Greylisting is unavailable, try again later";
+    let d = greylist_daemon(&disk).await.unwrap();
+    let first = greylist_rcpt(&d, 0).await.0;
+    assert!(first.starts_with(greylisted), "{first}");
+
+    // Disk full: the store refuses the write, the policy answers as documented, at once.
+    let filler = disk.fill();
+    for n in 1..=3 {
+        let (answer, took) = greylist_rcpt(&d, n).await;
+        assert_eq!(answer, unavailable, "disk full");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+    // Space again: served normally without a restart.
+    std::fs::remove_file(filler).unwrap();
+    assert!(greylist_rcpt(&d, 4).await.0.starts_with(greylisted));
+
+    d.stop().await;
+
+    // A daemon cannot start on a read-only database, and says so.
+    disk.remount("ro");
+    let err = greylist_daemon(&disk)
+        .await
+        .err()
+        .expect("start on a read-only disk");
+    assert!(
+        err.contains("[store]") && err.contains("luamilter.db"),
+        "{err}"
+    );
+    println!("start on a read-only database: {err}");
+}
+
+/// Stores every accepted recipient, and accepts it only once stored.
+const RECORDER: &str = r#"
+local milter = require "milter"
+local store = require "milter.store"
+return {
+  rcpt = function(ctx, rcpt)
+    local ok, err = store.set(rcpt, rcpt)
+    if not ok then return milter.tempfail{ text = "store: " .. err } end
+  end,
+}
+"#;
+
+/// kill -9 of the real daemon while eight MTA connections have their recipients stored: every
+/// recipient the daemon had accepted (so stored, `synchronous = "full"`) is in the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_milter_load_loses_no_acknowledged_write() {
+    let mut d = crate::support::ChildDaemon::start(&[("recorder", RECORDER)], "").await;
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..8)
+        .map(|t| {
+            let socket = d.socket.clone();
+            let acked = acked.clone();
+            tokio::spawn(async move {
+                let connection = indymilter_test::TestConnection::configure()
+                    .read_timeout(Duration::from_secs(10))
+                    .open_unix(&socket)
+                    .await;
+                let Ok(mut c) = connection else { return };
+                if c.connect("h", Ipv4Addr::new(192, 0, 2, 1)).await.is_err()
+                    || c.mail(["<s@example.net>"]).await.is_err()
+                {
+                    return;
+                }
+                for i in 0.. {
+                    let rcpt = format!("r{t}-{i}@example.org");
+                    match c.rcpt([format!("<{rcpt}>")]).await {
+                        Ok(Status::Continue) => acked.lock().unwrap().push(rcpt),
+                        Ok(other) => panic!("{rcpt}: {other:?}"),
+                        Err(_) => return, // the daemon is gone
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked.lock().unwrap().len() < 400 {
+        assert!(Instant::now() < deadline, "too few writes");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    d.signal(libc::SIGKILL);
+    d.exits_within(Duration::from_secs(5)).await;
+    for c in clients {
+        c.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    println!("kill -9 after {} acknowledged writes", acked.len());
+    let database = d.path("luamilter.db");
+    let missing =
+        tokio::task::spawn_blocking(move || crate::store::missing_after_reopen(&database, &acked))
+            .await
+            .unwrap();
+    assert!(
+        missing.is_empty(),
+        "lost {} acknowledged writes: {missing:?}",
+        missing.len()
+    );
+}
+
+/// The stock greylist on a Redis store that dies and comes back under traffic: while it is
+/// down recipients pass (`fail_closed = false`, the default) within the store timeout; once it
+/// is back, greylisting resumes without a luamilter restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_mid_traffic() {
+    let mut redis = crate::redis_server::RedisServer::start();
+    let extra = format!(
+        "[store]\nbackend = \"redis\"\nurl = {:?}\ntimeout = \"500ms\"\nconnect_timeout = \"500ms\"\n",
+        redis.url
+    );
+    let d = TestDaemon::try_start_stock(&["greylist"], &extra)
+        .await
+        .unwrap();
+    let greylisted = "451-4.7.1 Greylisted";
+    let mut senders = 0..;
+    for _ in 0..5 {
+        assert!(
+            greylist_rcpt(&d, senders.next().unwrap())
+                .await
+                .0
+                .starts_with(greylisted)
+        );
+    }
+    redis.stop();
+    for _ in 0..5 {
+        let (answer, took) = greylist_rcpt(&d, senders.next().unwrap()).await;
+        assert_eq!(answer, "Continue", "redis down");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+    redis.restart();
+    let back = Instant::now();
+    loop {
+        let (answer, _) = greylist_rcpt(&d, senders.next().unwrap()).await;
+        if answer.starts_with(greylisted) {
+            break;
+        }
+        assert_eq!(answer, "Continue");
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "greylisting did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "greylisting resumed {:?} after redis came back",
+        back.elapsed()
+    );
+    d.stop().await;
 }

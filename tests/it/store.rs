@@ -901,7 +901,8 @@ fn sqlite_kill9_keeps_acknowledged_writes() {
     }
 }
 
-fn missing_after_reopen(path: &Path, keys: &[String]) -> Vec<String> {
+/// The keys of `keys` whose value (the key itself, as a string) is not in the SQLite file at `path`.
+pub fn missing_after_reopen(path: &Path, keys: &[String]) -> Vec<String> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let st = SqliteStore::open(

@@ -176,7 +176,11 @@ fn unquote(text: &str) -> Result<(String, &str), AddressError> {
     while let Some((i, c)) = chars.next() {
         match c {
             '"' => return Ok((content, &text[i + 1..])),
+            // RFC 5321 quoted-pairSMTP: a backslash escapes a printable character only.
             '\\' => match chars.next() {
+                Some((_, escaped)) if escaped.is_control() => {
+                    return Err(AddressError::BadCharacter);
+                }
                 Some((_, escaped)) => content.push(escaped),
                 None => break,
             },
@@ -196,8 +200,13 @@ fn is_forbidden(c: char) -> bool {
 /// otherwise as a quoted string (`"` and `\` escaped, control characters turned into spaces).
 /// Used for local parts and for `key=value` header fields.
 pub(crate) fn dot_atom_or_quoted(text: &str) -> String {
-    let atext =
-        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    // Non-ASCII is atext (RFC 6531), except Unicode whitespace such as U+00A0, which the
+    // parser refuses unquoted.
+    let atext = |c: char| {
+        c.is_ascii_alphanumeric()
+            || "!#$%&'*+-/=?^_`{|}~".contains(c)
+            || (!c.is_ascii() && !c.is_whitespace())
+    };
     let dot_atom = !text.is_empty()
         && text
             .split('.')
@@ -280,6 +289,12 @@ mod tests {
             ok(r#""only quoted""#),
             parts("only quoted", None, r#""only quoted""#)
         );
+        // Found by the cargo-fuzz target `address`: a no-break space went out unquoted and did
+        // not parse back.
+        assert_eq!(
+            ok("<\"a\u{a0}b\"@x.org>"),
+            parts("a\u{a0}b", Some("x.org"), "\"a\u{a0}b\"@x.org")
+        );
     }
 
     #[test]
@@ -320,6 +335,9 @@ mod tests {
             ("<a b@example.com>", AddressError::BadCharacter),
             ("<user@exa mple.com>", AddressError::BadCharacter),
             (r#""q"x@example.com"#, AddressError::BadCharacter),
+            // Found by tests/it/fuzz.rs: an escaped control character read back differently.
+            ("<\"a\\\0b\"@example.com>", AddressError::BadCharacter),
+            ("<\"a\\\r\nb\"@example.com>", AddressError::BadCharacter),
             ("a<b@example.com", AddressError::BadCharacter),
         ] {
             assert_eq!(parse_address(text), Err(error), "{text}");

@@ -8,6 +8,7 @@
 //! lives here so both backends behave the same. Every time comes from an injectable [`Clock`]
 //! (unix milliseconds), so expiry and greylisting can be tested without waiting.
 
+pub mod lock;
 pub mod redis;
 mod redis_link;
 pub mod sqlite;

@@ -7,6 +7,8 @@ pub mod postfix;
 pub mod process;
 
 pub use clock::TestClock;
+mod child;
+pub use child::ChildDaemon;
 
 use indymilter_test::{TestConnection, TestConnectionBuilder};
 use luamilter::{config::Config, daemon::Daemon, listen::ListenAddr};
@@ -79,6 +81,18 @@ impl TestDaemon {
         listen: &str,
     ) -> Result<TestDaemon, String> {
         Self::start_in(TempDir::new().unwrap(), policies, extra, listen).await
+    }
+
+    /// Starts a daemon on TCP loopback whose chain is policies of the stock pack, by name.
+    pub async fn try_start_stock(stock: &[&str], extra: &str) -> Result<TestDaemon, String> {
+        let dir = TempDir::new().unwrap();
+        let path = write_config(&dir, "inet:0@127.0.0.1", &[], extra);
+        let chain: Vec<String> = stock.iter().map(|n| format!("{n:?}")).collect();
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("chain = []", &format!("chain = [{}]", chain.join(", ")));
+        std::fs::write(&path, text).unwrap();
+        Self::start_config(dir, &path).await
     }
 
     /// Starts a daemon whose config and policies are written into `dir` (which may hold other
