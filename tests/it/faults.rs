@@ -382,13 +382,22 @@ impl TinyDisk {
         }
     }
 
+    /// Remounts with `mode`, retrying for a few seconds while the file system is busy (a
+    /// stopped daemon's store thread may still be closing the database).
     fn remount(&self, mode: &str) {
-        let status = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,{mode}")])
-            .arg(self.dir.path())
-            .status()
-            .unwrap();
-        assert!(status.success(), "remount {mode}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let status = std::process::Command::new("mount")
+                .args(["-o", &format!("remount,{mode}")])
+                .arg(self.dir.path())
+                .status()
+                .unwrap();
+            if status.success() {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "remount {mode}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Fills the disk with a file; returns its path.
