@@ -10,6 +10,7 @@
 
 pub mod access;
 pub mod calls;
+pub mod defang;
 pub mod dns;
 pub mod dns_lists;
 pub mod dns_zone;
