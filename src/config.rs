@@ -40,6 +40,9 @@ pub struct Config {
     /// Outbound SMTP call-backs (`milter.smtp`).
     #[serde(default)]
     pub smtp: crate::services::smtp::SmtpConfig,
+    /// The Maildir archive of accepted messages.
+    #[serde(default)]
+    pub archive: crate::services::archive::ArchiveConfig,
     /// Facts about the site: internal networks, trusted relays, own domains, access map.
     #[serde(default)]
     pub site: crate::services::site::SiteConfig,

@@ -2,11 +2,12 @@
 //! one file per module: [`milter`] (`milter`), [`log`] (`milter.log`), [`dns`]
 //! (`milter.dns`), [`spf`] (`milter.spf`), [`net`] (`milter.net`), [`store`]
 //! (`milter.store`), [`site`] (`milter.site`), [`access`] (`milter.access`), [`mime`]
-//! (`milter.mime`) and [`smtp`] (`milter.smtp`), each a thin Lua face over a service of [`crate::services`]; `args`
+//! (`milter.mime`), [`smtp`] (`milter.smtp`) and [`archive`] (`milter.archive`), each a thin Lua face over a service of [`crate::services`]; `args`
 //! converts the arguments they share. [`stubs`] holds the editor stubs (LuaLS annotations) of all
 //! of it, checked against what these modules register.
 
 pub mod access;
+pub mod archive;
 mod args;
 pub mod ctx;
 pub mod dns;
@@ -37,6 +38,7 @@ pub const BUILTIN_MODULES: &[&str] = &[
     "milter.access",
     "milter.mime",
     "milter.smtp",
+    "milter.archive",
 ];
 
 /// Builds a built-in module by name, or `None` when `name` is not built in.
@@ -57,6 +59,7 @@ pub fn builtin_module(
         "milter.access" => access::module(lua, Arc::clone(site)),
         "milter.mime" => mime::module(lua),
         "milter.smtp" => smtp::module(lua, Arc::clone(&services.smtp)),
+        "milter.archive" => archive::module(lua, Arc::clone(&services.archive)),
         _ => return None,
     };
     Some(module.map(Value::Table))

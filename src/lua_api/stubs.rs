@@ -46,6 +46,7 @@ pub const FILES: &[StubFile] = &[
     stub!("milter/access.lua"),
     stub!("milter/mime.lua"),
     stub!("milter/smtp.lua"),
+    stub!("milter/archive.lua"),
     stub!("luamilter/ctx.lua"),
     stub!("luamilter/policy.lua"),
 ];

@@ -9,6 +9,7 @@
 //! with their [`access`] map. [`calls`] counts the calls a piece of work makes of them.
 
 pub mod access;
+pub mod archive;
 pub mod calls;
 pub mod defang;
 pub mod dns;
@@ -44,6 +45,9 @@ pub enum ServicesError {
     /// SMTP call-backs (`[smtp]`).
     #[error("[smtp]: {0}")]
     Smtp(String),
+    /// The archive Maildir cannot be created.
+    #[error("[archive]: {0}")]
+    Archive(std::io::Error),
 }
 
 /// Shared services.
@@ -56,6 +60,8 @@ pub struct Services {
     pub store: Arc<dyn Store>,
     /// SMTP call-backs over `resolver`, remembering results in `store`.
     pub smtp: Arc<Smtp>,
+    /// The mail archive (`[archive]`), off when no maildir is configured.
+    pub archive: Arc<archive::Archive>,
 }
 
 impl Services {
@@ -98,11 +104,15 @@ impl Services {
         )
         .map(Arc::new)
         .map_err(ServicesError::Smtp)?;
+        let archive = archive::Archive::start(&config.archive, &config.source.base_dir())
+            .map(Arc::new)
+            .map_err(ServicesError::Archive)?;
         Ok(Services {
             resolver,
             spf,
             store,
             smtp,
+            archive,
         })
     }
 }
