@@ -7,6 +7,7 @@ mod cases;
 mod cbv;
 mod chain;
 mod cli;
+mod content;
 mod dns;
 mod dns_lists;
 mod dns_server;
