@@ -37,7 +37,7 @@ return {
   description = "replace attachments with banned extensions by a notice, cut HTML scripts",
   noreply = { "body" },
   options = {
-    banned_exts = mime.default_banned_exts,
+    banned_exts = mime.default_banned_exts(),
     scan_rfc822 = true,
     scan_zip = true,
     scan_html = true,

@@ -102,7 +102,9 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
     )?;
     module.set(
         "default_banned_exts",
-        lua.create_sequence_from(DEFAULT_BANNED_EXTS.iter().copied())?,
+        lua.create_function(|lua, ()| {
+            lua.create_sequence_from(DEFAULT_BANNED_EXTS.iter().copied())
+        })?,
     )?;
     Ok(module)
 }

@@ -27,7 +27,7 @@ function mime.addresses(text) end
 
 ---What `mime.defang` looks for (every key optional).
 ---@class luamilter.DefangOptions
----@field banned_exts string[]|nil file extensions that make a part bad (default `mime.default_banned_exts`)
+---@field banned_exts string[]|nil file extensions that make a part bad (default `mime.default_banned_exts()`)
 ---@field scan_rfc822 boolean|nil look into attached messages (default true)
 ---@field scan_zip boolean|nil check ZIP member names; a corrupt ZIP is bad (default true)
 ---@field scan_html boolean|nil cut `<script>` elements out of HTML parts (default true)
@@ -40,9 +40,9 @@ function mime.addresses(text) end
 ---@field removed string[] the names of the parts replaced by the notice
 ---@field scripts integer how many `<script>` elements were cut
 
----The classic milter's 42 banned extensions.
----@type string[]
-mime.default_banned_exts = {}
+---The classic milter's 42 banned extensions (defang's default), as a new list.
+---@return string[]
+function mime.default_banned_exts() end
 
 ---Defangs a whole message (header block, blank line, body): `false` when nothing changes,
 ---the changes, or `nil, "header"|"boundary", detail` when the message cannot be read.
