@@ -132,6 +132,22 @@ mod tests {
             out,
             "1|Detox Now|Spam@example.test|Spam|example.test|nil|nil|invalid|\u{e9}"
         );
+        let defanged: String = lua
+            .load(
+                r#"
+                local clean = mime.defang("Subject: x\r\n\r\nhello\r\n")
+                local bad = mime.defang("Content-Type: application/octet-stream; name=a.EXE\r\n\r\nMZ",
+                  { notice = "gone: {name}" })
+                local none = mime.defang("Content-Type: application/octet-stream; name=a.EXE\r\n\r\nMZ",
+                  { banned_exts = { "js" } })
+                local _, err = mime.defang("Content-Type: multipart/mixed; boundary=b\r\n\r\nno parts\r\n")
+                return table.concat({ tostring(clean), tostring(none), bad.removed[1],
+                  tostring(bad.body:find("gone: a.EXE", 1, true) ~= nil), err,
+                  #mime.default_banned_exts() }, "|")"#,
+            )
+            .eval()
+            .unwrap();
+        assert_eq!(defanged, "false|false|a.EXE|true|boundary|42");
         let err = lua.load("mime.decode(nil)").exec().unwrap_err();
         assert!(err.to_string().contains("decode"), "{err}");
     }

@@ -244,6 +244,24 @@ mod tests {
     }
 
     #[test]
+    fn a_full_queue_loses_the_copy_without_waiting() {
+        // A queue of one with no writer draining it: the second message finds it full.
+        let (queue, _messages) = sync_channel(1);
+        let archive = Archive {
+            queue: Some(queue),
+            losses: Arc::new(Losses {
+                lost: AtomicU64::new(0),
+                last_warning: Mutex::new(None),
+                interval: Duration::from_secs(3600),
+            }),
+        };
+        assert_eq!(archive.save(b"one".to_vec()), Ok(()));
+        assert_eq!(archive.save(b"two".to_vec()), Err(ArchiveError::Full));
+        assert_eq!(archive.save(b"three".to_vec()), Err(ArchiveError::Full));
+        assert_eq!(archive.lost(), 2);
+    }
+
+    #[test]
     fn off_without_a_maildir() {
         let base = tempfile::tempdir().unwrap();
         let archive = Archive::start(&ArchiveConfig::default(), base.path()).unwrap();

@@ -225,6 +225,14 @@ async fn defang_rewrites_what_python_reads_as_valid_mime() {
     d.stop().await;
 }
 
+/// Sends `message` `n` times through the daemon; each must go through.
+async fn send_all(d: &TestDaemon, message: &[u8], n: usize) {
+    for _ in 0..n {
+        let (_, status) = send(d, message, Ipv4Addr::new(192, 0, 2, 10), "<a@example.com>").await;
+        assert_eq!(status, Status::Continue);
+    }
+}
+
 /// Lists the files of the Maildir's `new/`, waiting up to 5 s for `n` of them.
 fn maildir_new(dir: &Path, n: usize) -> Vec<std::path::PathBuf> {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -248,16 +256,7 @@ async fn archive_keeps_accepted_messages_in_a_maildir() {
     );
     let d = TestDaemon::start(&[stock("archive")], &config).await;
     let original = python(BUILD, b"").into_bytes();
-    for _ in 0..3 {
-        let (_, status) = send(
-            &d,
-            &original,
-            Ipv4Addr::new(192, 0, 2, 10),
-            "<sender@example.com>",
-        )
-        .await;
-        assert_eq!(status, Status::Continue);
-    }
+    send_all(&d, &original, 3).await;
     let dir = maildir.path().join("Maildir");
     let files = maildir_new(&dir, 3);
     assert_eq!(files.len(), 3, "{files:?}");
@@ -318,16 +317,7 @@ async fn a_full_archive_disk_never_costs_the_milter_answer() {
         .flatten(),
     );
     let started = Instant::now();
-    for _ in 0..8 {
-        let (_, status) = send(
-            &d,
-            &message,
-            Ipv4Addr::new(192, 0, 2, 11),
-            "<a@example.com>",
-        )
-        .await;
-        assert_eq!(status, Status::Continue);
-    }
+    send_all(&d, &message, 8).await;
     let answered_in = started.elapsed();
     let kept = maildir_new(&disk.join("Maildir"), 8);
     let tmp_left = std::fs::read_dir(disk.join("Maildir/tmp")).unwrap().count();
