@@ -7,16 +7,25 @@ local milter = require "milter"
 local archive = require "milter.archive"
 local message = require "lib.message"
 
+-- Warned that no maildir is configured (once per Lua state).
+local warned = false
+
 return {
   description = "keep a copy of every accepted message in the [archive] Maildir",
   noreply = { "body" },
+  options = { max_size = 50 * 1024 * 1024 },
 
-  body = function(ctx, chunk) message.collect(ctx, chunk, "archive") end,
+  body = function(ctx, chunk, opts) message.collect(ctx, chunk, "archive", opts.max_size) end,
 
   eom = function(ctx, opts)
-    local queued, err = archive.save(message.text(ctx))
-    if not queued and err == "off" and not ctx.vars.warned then
-      ctx.vars.warned = true
+    local text = message.text(ctx)
+    if not text then
+      milter.log.warn("archive: message larger than max_size, not archived", ctx.queue_id)
+      return
+    end
+    local queued, err = archive.save(text)
+    if not queued and err == "off" and not warned then
+      warned = true
       milter.log.warn("archive: no [archive] maildir is configured; nothing is archived")
     end
   end,

@@ -49,12 +49,18 @@ return {
       "You attempted to send an attachment with a banned extension." },
     boundary_reply = "Boundary error in your message, are you a spammer?",
     header_reply = "Header parse error in your message, are you a spammer?",
+    max_size = 10 * 1024 * 1024,
   },
 
-  body = function(ctx, chunk) message.collect(ctx, chunk, "defang") end,
+  body = function(ctx, chunk, opts) message.collect(ctx, chunk, "defang", opts.max_size) end,
 
   eom = function(ctx, opts)
-    local result, err, detail = mime.defang(message.text(ctx), {
+    local text = message.text(ctx)
+    if not text then
+      milter.log.warn("defang: message larger than max_size, not scanned", ctx.queue_id)
+      return
+    end
+    local result, err, detail = mime.defang(text, {
       banned_exts = opts.banned_exts,
       scan_rfc822 = opts.scan_rfc822,
       scan_zip = opts.scan_zip,

@@ -10,19 +10,32 @@ local M = {}
 local KEY = "lib.message"
 
 -- Keeps `chunk` of the body. `who` names the calling policy: the first policy that collects
--- for a message keeps the chunks, the others' calls are no-ops.
-function M.collect(ctx, chunk, who)
+-- for a message keeps the chunks, the others' calls are no-ops. A body longer than `max_size`
+-- bytes (default M.max_size) is not kept: it would count against the Lua state's memory limit.
+function M.collect(ctx, chunk, who, max_size)
   local state = ctx.msg[KEY]
   if not state then
-    state = { owner = who, chunks = {} }
+    state = { owner = who, chunks = {}, size = 0 }
     ctx.msg[KEY] = state
   end
-  if state.owner == who then state.chunks[#state.chunks + 1] = chunk end
+  if state.owner ~= who or state.too_big then return end
+  state.size = state.size + #chunk
+  if state.size > (max_size or M.max_size) then
+    state.too_big = true
+    state.chunks = {}
+  else
+    state.chunks[#state.chunks + 1] = chunk
+  end
 end
 
--- The body collected so far (CRLF line ends, as the MTA sent it); "" when none was.
+-- The default largest body kept: 10 MiB.
+M.max_size = 10 * 1024 * 1024
+
+-- The body collected so far (CRLF line ends, as the MTA sent it), "" when none was; nil,
+-- "too big" when it was longer than the collector's max_size.
 function M.body(ctx)
   local state = ctx.msg[KEY]
+  if state and state.too_big then return nil, "too big" end
   return state and table.concat(state.chunks) or ""
 end
 
@@ -37,9 +50,11 @@ function M.header_block(ctx)
   return table.concat(lines)
 end
 
--- The whole message: header block and body.
+-- The whole message: header block and body; nil, "too big" as M.body.
 function M.text(ctx)
-  return M.header_block(ctx) .. M.body(ctx)
+  local body, err = M.body(ctx)
+  if not body then return nil, err end
+  return M.header_block(ctx) .. body
 end
 
 return M
