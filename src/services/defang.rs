@@ -587,6 +587,16 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_end_boundary_still_defangs() {
+        // virus4 of the classic tests: the last part runs to the end of the message.
+        let msg = multipart("Content-Type: audio/x-wav; name=\"readme.exe\"\r\n\r\nMZ")
+            .replace("\r\n--XX--\r\n", "\r\n");
+        let out = defang(msg.as_bytes(), &opts()).unwrap().unwrap();
+        assert_eq!(out.removed, ["readme.exe"]);
+        assert!(String::from_utf8(out.body).unwrap().contains("Hello there."));
+    }
+
+    #[test]
     fn reports_a_missing_boundary() {
         let msg = "From: a@example.test\r\nContent-Type: multipart/mixed; boundary=\"XX\"\r\n\r\nno parts\r\n";
         assert_eq!(
