@@ -593,7 +593,11 @@ mod tests {
             .replace("\r\n--XX--\r\n", "\r\n");
         let out = defang(msg.as_bytes(), &opts()).unwrap().unwrap();
         assert_eq!(out.removed, ["readme.exe"]);
-        assert!(String::from_utf8(out.body).unwrap().contains("Hello there."));
+        assert!(
+            String::from_utf8(out.body)
+                .unwrap()
+                .contains("Hello there.")
+        );
     }
 
     #[test]

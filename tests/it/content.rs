@@ -14,7 +14,7 @@ use std::{
 };
 
 /// Runs a Python script with `input` on stdin and returns its stdout; panics with its stderr.
-fn python(script: &str, input: &[u8]) -> String {
+pub fn python(script: &str, input: &[u8]) -> String {
     let mut child = Command::new("python3")
         .args(["-c", script])
         .stdin(Stdio::piped())
@@ -61,7 +61,7 @@ sys.stdout.buffer.write(msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))
 
 /// Reads a message from stdin and prints one line per leaf part: content type, file name,
 /// the start of its decoded text (or its size), and the parser's defects.
-const READ: &str = r#"
+pub const READ: &str = r#"
 import sys, email
 from email import policy
 msg = email.message_from_bytes(sys.stdin.buffer.read(), policy=policy.default)
