@@ -18,11 +18,8 @@ return {
   body = function(ctx, chunk, opts) message.collect(ctx, chunk, "archive", opts.max_size) end,
 
   eom = function(ctx, opts)
-    local text = message.text(ctx)
-    if not text then
-      milter.log.warn("archive: message larger than max_size, not archived", ctx.queue_id)
-      return
-    end
+    local text = message.text_for(ctx, "archive")
+    if not text then return end
     local queued, err = archive.save(text)
     if not queued and err == "off" and not warned then
       warned = true

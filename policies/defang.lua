@@ -55,11 +55,8 @@ return {
   body = function(ctx, chunk, opts) message.collect(ctx, chunk, "defang", opts.max_size) end,
 
   eom = function(ctx, opts)
-    local text = message.text(ctx)
-    if not text then
-      milter.log.warn("defang: message larger than max_size, not scanned", ctx.queue_id)
-      return
-    end
+    local text = message.text_for(ctx, "defang")
+    if not text then return end
     local result, err, detail = mime.defang(text, {
       banned_exts = opts.banned_exts,
       scan_rfc822 = opts.scan_rfc822,

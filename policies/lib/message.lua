@@ -5,6 +5,8 @@
 --   body = function(ctx, chunk) message.collect(ctx, chunk, "mypolicy") end,
 --   eom  = function(ctx) local text = message.text(ctx) ... end,
 -- Documented in docs/policies/lib/message.md.
+local milter = require "milter"
+
 local M = {}
 
 local KEY = "lib.message"
@@ -55,6 +57,16 @@ function M.text(ctx)
   local body, err = M.body(ctx)
   if not body then return nil, err end
   return M.header_block(ctx) .. body
+end
+
+-- M.text for a policy's end of message: nil (and a warning naming policy `who`) when the body
+-- was over max_size.
+function M.text_for(ctx, who)
+  local text = M.text(ctx)
+  if not text then
+    milter.log.warn(who .. ": message larger than max_size, passed untouched", ctx.queue_id)
+  end
+  return text
 end
 
 return M
