@@ -43,6 +43,9 @@ pub struct Config {
     /// DKIM verification and signing keys.
     #[serde(default)]
     pub dkim: crate::services::dkim::DkimConfig,
+    /// The Maildir archive of accepted messages.
+    #[serde(default)]
+    pub archive: crate::services::archive::ArchiveConfig,
     /// Facts about the site: internal networks, trusted relays, own domains, access map.
     #[serde(default)]
     pub site: crate::services::site::SiteConfig,

@@ -232,6 +232,7 @@ fn pin_boot_settings(config: &mut Config, boot: &Config) -> Vec<String> {
     pin!(dns, "dns");
     pin!(spf, "spf");
     pin!(store, "store");
+    pin!(archive, "archive");
     pin!(log.level, "log.level");
     pin!(log.format, "log.format");
     changed

@@ -2,12 +2,13 @@
 //! one file per module: [`milter`] (`milter`), [`log`] (`milter.log`), [`dns`]
 //! (`milter.dns`), [`spf`] (`milter.spf`), [`net`] (`milter.net`), [`store`]
 //! (`milter.store`), [`site`] (`milter.site`), [`access`] (`milter.access`), [`mime`]
-//! (`milter.mime`), [`smtp`] (`milter.smtp`), [`srs`] (`milter.srs`), [`dkim`] (`milter.dkim`)
-//! and [`dmarc`] (`milter.dmarc`), each a thin Lua face over a service of [`crate::services`]; `args`
+//! (`milter.mime`), [`smtp`] (`milter.smtp`), [`srs`] (`milter.srs`), [`dkim`] (`milter.dkim`),
+//! [`dmarc`] (`milter.dmarc`) and [`archive`] (`milter.archive`), each a thin Lua face over a service of [`crate::services`]; `args`
 //! converts the arguments they share. [`stubs`] holds the editor stubs (LuaLS annotations) of all
 //! of it, checked against what these modules register.
 
 pub mod access;
+pub mod archive;
 mod args;
 pub mod ctx;
 pub mod dkim;
@@ -44,6 +45,7 @@ pub const BUILTIN_MODULES: &[&str] = &[
     "milter.srs",
     "milter.dkim",
     "milter.dmarc",
+    "milter.archive",
 ];
 
 /// Builds a built-in module by name, or `None` when `name` is not built in.
@@ -71,6 +73,7 @@ pub fn builtin_module(
             Arc::clone(&services.resolver),
             Arc::clone(&services.dkim),
         ),
+        "milter.archive" => archive::module(lua, Arc::clone(&services.archive)),
         _ => return None,
     };
     Some(module.map(Value::Table))

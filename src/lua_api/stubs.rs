@@ -49,6 +49,7 @@ pub const FILES: &[StubFile] = &[
     stub!("milter/srs.lua"),
     stub!("milter/dkim.lua"),
     stub!("milter/dmarc.lua"),
+    stub!("milter/archive.lua"),
     stub!("luamilter/ctx.lua"),
     stub!("luamilter/policy.lua"),
 ];

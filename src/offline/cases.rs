@@ -249,6 +249,12 @@ pub struct Expect {
     pub changed_headers: BTreeMap<String, String>,
     /// The envelope sender as changed at end of message (`*` matches any text; "-": unchanged).
     pub sender: Option<String>,
+    /// Recipients added at end of message, in order, as `<addr>` (absent: not checked).
+    pub added_rcpts: Option<Vec<String>>,
+    /// Recipients deleted at end of message, in order (absent: not checked).
+    pub deleted_rcpts: Option<Vec<String>>,
+    /// Whether the body was replaced at end of message.
+    pub body_replaced: Option<bool>,
 }
 
 /// How to run case files.
@@ -855,6 +861,40 @@ fn check_edits(edits: &[EditAction], e: &Expect) -> Result<(), String> {
                     changed.map_or("no change".to_owned(), |s| format!("{s:?}"))
                 ));
             }
+        }
+    }
+    let rcpts = |added: bool| -> Vec<String> {
+        edits
+            .iter()
+            .filter_map(|edit| match edit {
+                EditAction::AddRcpt { rcpt, .. } if added => Some(rcpt.clone()),
+                EditAction::DeleteRcpt { rcpt } if !added => Some(rcpt.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    for (what, expected, added) in [
+        ("added", &e.added_rcpts, true),
+        ("deleted", &e.deleted_rcpts, false),
+    ] {
+        if let Some(expected) = expected
+            && rcpts(added) != *expected
+        {
+            return Err(format!(
+                "recipients {what}: expected {expected:?}; edits: {}",
+                list()
+            ));
+        }
+    }
+    if let Some(want) = e.body_replaced {
+        let replaced = edits
+            .iter()
+            .any(|edit| matches!(edit, EditAction::ReplaceBody { .. }));
+        if replaced != want {
+            return Err(format!(
+                "body replaced: expected {want}, got {replaced}; edits: {}",
+                list()
+            ));
         }
     }
     Ok(())

@@ -11,7 +11,9 @@
 //! with their [`access`] map. [`calls`] counts the calls a piece of work makes of them.
 
 pub mod access;
+pub mod archive;
 pub mod calls;
+pub mod defang;
 pub mod dkim;
 pub mod dmarc;
 pub mod dns;
@@ -52,6 +54,9 @@ pub enum ServicesError {
     /// DKIM signing keys (`[dkim]`); the message names file and line.
     #[error("{0}")]
     Dkim(#[from] KeyError),
+    /// The archive Maildir cannot be created.
+    #[error("[archive]: {0}")]
+    Archive(std::io::Error),
 }
 
 /// The `[store]` section with a relative database path resolved against the config file's
@@ -76,6 +81,8 @@ pub struct Services {
     pub smtp: Arc<Smtp>,
     /// DKIM and ARC over `resolver`, with the signing keys of `[dkim]`.
     pub dkim: Arc<Dkim>,
+    /// The mail archive (`[archive]`), off when no maildir is configured.
+    pub archive: Arc<archive::Archive>,
 }
 
 impl Services {
@@ -119,12 +126,16 @@ impl Services {
             &config.dkim,
             &config.source,
         )?);
+        let archive = archive::Archive::start(&config.archive, &config.source.base_dir())
+            .map(Arc::new)
+            .map_err(ServicesError::Archive)?;
         Ok(Services {
             resolver,
             spf,
             store,
             smtp,
             dkim,
+            archive,
         })
     }
 }

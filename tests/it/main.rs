@@ -7,6 +7,7 @@ mod cases;
 mod cbv;
 mod chain;
 mod cli;
+mod content;
 mod control_plane;
 mod dkim;
 mod dns;

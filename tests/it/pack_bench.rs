@@ -260,3 +260,45 @@ async fn dkim_throughput() {
         );
     }
 }
+
+/// The content policies: the body collected in Lua, parsed and defanged, and archived to a
+/// Maildir (fsync'd by the writer thread, off the milter's path), against the trivial policy.
+/// `cargo test --release --test it content_throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run by hand"]
+async fn content_throughput() {
+    let dns = TestDns::start().await;
+    let maildir = tempfile::TempDir::new().unwrap();
+    let archive = format!(
+        "[policies]\nchain = [\"defang\", \"archive\"]\n[archive]\nmaildir = {:?}\nqueue = 4096\n",
+        maildir.path().join("Maildir")
+    );
+    for c in [1, 8] {
+        let trivial = measure(
+            "trivial (bench.lua)",
+            &dns,
+            "[policies]\nchain = [\"bench\"]\n",
+            c,
+            2000,
+        )
+        .await;
+        let defang = measure(
+            "defang",
+            &dns,
+            "[policies]\nchain = [\"defang\"]\n",
+            c,
+            2000,
+        )
+        .await;
+        let both = measure("defang + archive", &dns, &archive, c, 2000).await;
+        println!(
+            "ratios to trivial at c={c}: defang {:.2}, defang + archive {:.2}",
+            defang.0 / trivial.0,
+            both.0 / trivial.0
+        );
+    }
+    let kept = std::fs::read_dir(maildir.path().join("Maildir/new"))
+        .unwrap()
+        .count();
+    println!("archived: {kept} messages");
+}

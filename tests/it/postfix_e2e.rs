@@ -1,5 +1,5 @@
 //! End to end: a private Postfix on loopback with luamilter in `smtpd_milters`, mail sent by
-//! swaks, running the example policy `examples/hygiene.lua`.
+//! swaks, running the example policy `examples/hygiene.lua` (and stock policies: defang, routing).
 
 use crate::support::postfix::{Postfix, Stage, TEST_DOMAIN, e2e_ready};
 use luamilter::{config::Config, daemon::Daemon};
@@ -732,4 +732,60 @@ fn a_forged_authentication_results_header_is_removed_and_ours_written() {
         "ours is missing:\n{delivered}"
     );
     assert_eq!(results.len(), 2, "{delivered}");
+}
+
+#[test]
+fn defang_and_a_smart_alias_through_postfix() {
+    if !e2e_ready() {
+        return;
+    }
+    let milter = Luamilter::start_with(
+        "inet",
+        &format!(
+            "[policies]\nchain = [\"defang\", \"routing\"]\n[policy.routing]\n\
+             smart_alias = [{{ sender = \"boss@{TEST_DOMAIN}\", recipient = \"{RECIPIENT}\", \
+             dest = [\"assistant@{TEST_DOMAIN}\"] }}]\n"
+        ),
+    );
+    let postfix = Postfix::start(&milter.socket).expect("start private postfix");
+    let marker = "defang-e2e-marker-0815";
+    // The parts spell `Content-type`: swaks replaces the first `Content-Type:` line it finds,
+    // in the body too, with the --header of that name.
+    let body = "--b1\nContent-type: text/plain\n\nPlease open the tool.\n\
+                --b1\nContent-type: application/octet-stream; name=\"tool.exe\"\n\
+                Content-Transfer-Encoding: base64\n\nTVqQAAMAAAAEAAAA\n--b1--\n";
+    let sent = postfix
+        .send(
+            &format!("boss@{TEST_DOMAIN}"),
+            RECIPIENT,
+            &[
+                ("Subject", marker),
+                ("MIME-Version", "1.0"),
+                ("Content-Type", "multipart/mixed; boundary=\"b1\""),
+            ],
+            body,
+        )
+        .unwrap();
+    assert_eq!(sent.exit_code, 0, "{}", sent.transcript);
+    let delivered = postfix
+        .wait_delivered(|m| m.contains(marker), WAIT)
+        .unwrap_or_else(|| panic!("not delivered; mail log:\n{}", postfix.maillog()));
+    assert!(
+        delivered.contains(&format!("Delivered-To: assistant@{TEST_DOMAIN}"))
+            && !delivered.contains(&format!("Delivered-To: {RECIPIENT}")),
+        "the smart alias replaced the recipient:\n{delivered}"
+    );
+    let parts = crate::content::python(crate::content::READ, delivered.as_bytes());
+    assert!(
+        parts.contains("text/plain - Please open the tool. 0"),
+        "{parts}"
+    );
+    assert!(
+        parts.contains("text/plain WARNING.TXT This message appeared to contain a virus. It was originally named 'tool.exe'"),
+        "{parts}"
+    );
+    assert!(
+        !parts.contains("octet-stream") && parts.contains("top-defects 0"),
+        "{parts}"
+    );
 }

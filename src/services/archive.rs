@@ -1,0 +1,270 @@
+//! The mail archive: whole messages written to a Maildir by one writer thread behind a bounded
+//! queue. Each message is written to `tmp/`, fsync'd, renamed into `new/` and the directory
+//! fsync'd, so a reader never sees half a message and a crash loses none that was reported
+//! saved. Handing a message over never waits: when the queue is full, or the disk refuses a
+//! write, the message is counted as lost and a warning is logged at most once per interval.
+
+use serde::Deserialize;
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Write},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+/// `[archive]`: where accepted messages are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveConfig {
+    /// The Maildir (created with its `tmp`, `new` and `cur` if missing); relative to the config
+    /// file's directory. None: no archive.
+    pub maildir: Option<PathBuf>,
+    /// Messages waiting for the writer; more are lost (and counted).
+    pub queue: usize,
+    /// The least time between two warnings about lost messages.
+    #[serde(deserialize_with = "crate::duration::serde_duration::deserialize")]
+    pub warn_interval: Duration,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> ArchiveConfig {
+        ArchiveConfig {
+            maildir: None,
+            queue: 256,
+            warn_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why a message was not taken.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ArchiveError {
+    /// No `[archive] maildir` is configured.
+    #[error("no [archive] maildir is configured")]
+    Off,
+    /// The writer's queue is full; the message is lost.
+    #[error("the archive queue is full")]
+    Full,
+}
+
+impl ArchiveError {
+    /// The short stable word the Lua module returns.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Full => "full",
+        }
+    }
+}
+
+/// Counters shared by the hand-over side and the writer.
+#[derive(Debug)]
+struct Losses {
+    lost: AtomicU64,
+    last_warning: Mutex<Option<Instant>>,
+    interval: Duration,
+}
+
+impl Losses {
+    /// Counts one lost message and warns unless a warning was logged within the interval.
+    fn lose(&self, why: &str) {
+        let lost = self.lost.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|at| at.elapsed() >= self.interval) {
+            *last = Some(Instant::now());
+            tracing::warn!(lost, reason = why, "archive: message not archived");
+        }
+    }
+}
+
+/// The archive of one daemon: a queue to the writer thread, or nothing when off.
+#[derive(Debug)]
+pub struct Archive {
+    queue: Option<SyncSender<Vec<u8>>>,
+    losses: Arc<Losses>,
+}
+
+impl Archive {
+    /// Opens the archive of `config` (relative paths from `base_dir`): creates the Maildir and
+    /// starts the writer. No maildir: an archive that takes nothing.
+    pub fn start(config: &ArchiveConfig, base_dir: &Path) -> io::Result<Archive> {
+        let losses = Arc::new(Losses {
+            lost: AtomicU64::new(0),
+            last_warning: Mutex::new(None),
+            interval: config.warn_interval,
+        });
+        let Some(dir) = &config.maildir else {
+            return Ok(Archive {
+                queue: None,
+                losses,
+            });
+        };
+        let dir = base_dir.join(dir);
+        for sub in ["tmp", "new", "cur"] {
+            fs::create_dir_all(dir.join(sub))?;
+        }
+        let (queue, messages) = sync_channel(config.queue.max(1));
+        let writer = Writer {
+            dir,
+            losses: Arc::clone(&losses),
+            seq: 0,
+            host: crate::services::site::system_hostname().replace(['/', ':'], "_"),
+        };
+        std::thread::Builder::new()
+            .name("archive".into())
+            .spawn(move || writer.run(messages))?;
+        Ok(Archive {
+            queue: Some(queue),
+            losses,
+        })
+    }
+
+    /// Hands `message` to the writer without waiting.
+    pub fn save(&self, message: Vec<u8>) -> Result<(), ArchiveError> {
+        let queue = self.queue.as_ref().ok_or(ArchiveError::Off)?;
+        match queue.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.losses.lose("queue full");
+                Err(ArchiveError::Full)
+            }
+        }
+    }
+
+    /// Messages lost so far (queue full or write failed).
+    pub fn lost(&self) -> u64 {
+        self.losses.lost.load(Ordering::Relaxed)
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    dir: PathBuf,
+    losses: Arc<Losses>,
+    seq: u64,
+    host: String,
+}
+
+impl Writer {
+    /// Writes messages until every sender is gone.
+    fn run(mut self, messages: Receiver<Vec<u8>>) {
+        for message in messages {
+            if let Err(e) = self.write(&message) {
+                self.losses.lose(&e.to_string());
+            }
+        }
+    }
+
+    /// A Maildir file name: unique per host, process and message.
+    fn file_name(&mut self) -> String {
+        self.seq += 1;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        format!(
+            "{}.M{}P{}Q{}.{}",
+            now.as_secs(),
+            now.subsec_micros(),
+            std::process::id(),
+            self.seq,
+            self.host
+        )
+    }
+
+    fn write(&mut self, message: &[u8]) -> io::Result<()> {
+        let name = self.file_name();
+        let tmp = self.dir.join("tmp").join(&name);
+        let written = (|| {
+            let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            file.write_all(message)?;
+            file.sync_all()?;
+            fs::rename(&tmp, self.dir.join("new").join(&name))?;
+            File::open(self.dir.join("new"))?.sync_all()
+        })();
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait_for(dir: &Path, n: usize) -> Vec<PathBuf> {
+        for _ in 0..200 {
+            let files: Vec<PathBuf> = fs::read_dir(dir.join("new"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            if files.len() >= n {
+                return files;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("no {n} messages in {}", dir.display());
+    }
+
+    #[test]
+    fn writes_whole_messages_into_new() {
+        let base = tempfile::tempdir().unwrap();
+        let config = ArchiveConfig {
+            maildir: Some("Maildir".into()),
+            ..ArchiveConfig::default()
+        };
+        let archive = Archive::start(&config, base.path()).unwrap();
+        archive
+            .save(b"Subject: one\r\n\r\nbody 1\r\n".to_vec())
+            .unwrap();
+        archive
+            .save(b"Subject: two\r\n\r\nbody 2\r\n".to_vec())
+            .unwrap();
+        let dir = base.path().join("Maildir");
+        let files = wait_for(&dir, 2);
+        let mut bodies: Vec<String> = files
+            .iter()
+            .map(|f| fs::read_to_string(f).unwrap())
+            .collect();
+        bodies.sort();
+        assert_eq!(
+            bodies,
+            [
+                "Subject: one\r\n\r\nbody 1\r\n",
+                "Subject: two\r\n\r\nbody 2\r\n"
+            ]
+        );
+        assert_eq!(fs::read_dir(dir.join("tmp")).unwrap().count(), 0);
+        assert_eq!(archive.lost(), 0);
+    }
+
+    #[test]
+    fn a_full_queue_loses_the_copy_without_waiting() {
+        // A queue of one with no writer draining it: the second message finds it full.
+        let (queue, _messages) = sync_channel(1);
+        let archive = Archive {
+            queue: Some(queue),
+            losses: Arc::new(Losses {
+                lost: AtomicU64::new(0),
+                last_warning: Mutex::new(None),
+                interval: Duration::from_secs(3600),
+            }),
+        };
+        assert_eq!(archive.save(b"one".to_vec()), Ok(()));
+        assert_eq!(archive.save(b"two".to_vec()), Err(ArchiveError::Full));
+        assert_eq!(archive.save(b"three".to_vec()), Err(ArchiveError::Full));
+        assert_eq!(archive.lost(), 2);
+    }
+
+    #[test]
+    fn off_without_a_maildir() {
+        let base = tempfile::tempdir().unwrap();
+        let archive = Archive::start(&ArchiveConfig::default(), base.path()).unwrap();
+        assert_eq!(archive.save(b"x".to_vec()), Err(ArchiveError::Off));
+    }
+}
