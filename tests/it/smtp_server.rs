@@ -13,7 +13,7 @@
 //! [`TestMx::refusing_null_sender`] answers `MAIL FROM:<>` with 550 5.7.1.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -124,8 +124,9 @@ impl TestMx {
                 let open = seen.open.fetch_add(1, Ordering::SeqCst) + 1;
                 seen.max_open.fetch_max(open, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let _ = serve(Box::new(stream), mode, hold, &seen, true).await;
-                    seen.open.fetch_sub(1, Ordering::SeqCst);
+                    let closed = AtomicBool::new(false);
+                    let _ = serve(Box::new(stream), mode, hold, &seen, &closed, true).await;
+                    close(&seen, &closed);
                 });
             }
         });
@@ -163,12 +164,22 @@ impl Drop for TestMx {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// One SMTP session on `stream`; `greet`: say 220 first (not after STARTTLS).
+/// Counts a connection as closed once (`closed` says whether it was).
+fn close(seen: &Seen, closed: &AtomicBool) {
+    if !closed.swap(true, Ordering::SeqCst) {
+        seen.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One SMTP session on `stream`; `greet`: say 220 first (not after STARTTLS). The session counts
+/// as closed (`closed`) when it ends, or at QUIT before the 221 (a client that waits for the
+/// 221 before it starts its next session then never overlaps two in the count).
 async fn serve(
     stream: Box<dyn Io>,
     mode: Mode,
     hold: Duration,
     seen: &Seen,
+    closed: &AtomicBool,
     greet: bool,
 ) -> std::io::Result<()> {
     let (read, mut write) = tokio::io::split(stream);
@@ -195,7 +206,15 @@ async fn serve(
             let stream = lines.into_inner().into_inner().unsplit(write);
             let tls = TlsAcceptor::from(Arc::clone(config)).accept(stream).await?;
             seen.commands.lock().unwrap().push("<TLS>".into());
-            return Box::pin(serve(Box::new(tls), Mode::Scripted, hold, seen, false)).await;
+            return Box::pin(serve(
+                Box::new(tls),
+                Mode::Scripted,
+                hold,
+                seen,
+                closed,
+                false,
+            ))
+            .await;
         } else if upper == "STARTTLS" {
             write.write_all(b"220 2.0.0 go ahead\r\n").await?;
             write
@@ -235,6 +254,7 @@ async fn serve(
                 b"250 2.1.5 Ok\r\n"
             }
         } else if upper == "QUIT" {
+            close(seen, closed);
             write.write_all(b"221 2.0.0 Bye\r\n").await?;
             return Ok(());
         } else {
