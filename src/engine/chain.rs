@@ -1,6 +1,6 @@
 //! The chain: one milter stage becomes a Lua call per policy that handles it, in chain order,
-//! until one gives a final verdict. Every call runs in a fresh coroutine under the stage's time
-//! limit; faults (errors, bad return values, limits) are logged with policy, stage and
+//! until one gives a final verdict. Every call runs in its own coroutine (a fresh one, or one
+//! whose last handler returned) under the stage's time limit; faults (errors, bad return values, limits) are logged with policy, stage and
 //! `file:line`, and answered by the exception policy.
 
 use super::{
@@ -189,7 +189,7 @@ impl VmLease {
             )
         };
         session.lock().running = Some((stage, index));
-        let thread = vm.lua.create_thread(handler.clone()).map_err(lua_error)?;
+        let thread = vm.thread(handler).map_err(lua_error)?;
         let (triggers, hook) = sandbox::deadline_hook(deadline);
         thread.set_hook(triggers, hook).map_err(lua_error)?;
         let mut call_args = Vec::with_capacity(args.len() + 2);
@@ -197,12 +197,14 @@ impl VmLease {
         call_args.extend(args.iter().cloned());
         call_args.push(Value::Table(loaded.options.clone()));
         let call = thread
+            .clone()
             .into_async::<Value>(MultiValue::from_vec(call_args))
             .map_err(lua_error)?;
         let result = match tokio::time::timeout_at(deadline.into(), call).await {
             Err(_) => return Err(time_limit()),
             Ok(r) => r,
         };
+        vm.release(thread);
         match result {
             Ok(value) => to_verdict(value, stage).map_err(|e| {
                 let at = policy::defined_at(handler, &decl.path);

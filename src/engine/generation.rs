@@ -12,17 +12,53 @@ use crate::{
     services::{Services, site::Site},
     stage::{Stage, StageMap},
 };
-use mlua::{AnyUserData, Lua};
+use mlua::{AnyUserData, Function, Lua, Thread, thread::ThreadStatus};
 use std::sync::{
-    Arc, OnceLock,
+    Arc, Mutex, OnceLock,
     atomic::{AtomicU64, AtomicUsize, Ordering},
 };
+
+/// Finished coroutines a Lua state keeps for later handler calls.
+const IDLE_THREADS: usize = 64;
 
 /// One Lua state with the chain's policies loaded into it.
 pub(super) struct Vm {
     pub(super) lua: Lua,
     pub(super) policies: Vec<LoadedPolicy>,
     connections: AtomicUsize,
+    /// Coroutines whose handler returned, ready to run the next one (creating a coroutine per
+    /// call costs an allocation and a registry slot).
+    idle_threads: Mutex<Vec<Thread>>,
+}
+
+impl Vm {
+    /// A coroutine that will run `handler`: an idle one reset to it, or a new one.
+    pub(super) fn thread(&self, handler: &Function) -> mlua::Result<Thread> {
+        let idle = self
+            .idle_threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        match idle {
+            Some(thread) => {
+                thread.reset(handler.clone())?;
+                Ok(thread)
+            }
+            None => self.lua.create_thread(handler.clone()),
+        }
+    }
+
+    /// Keeps `thread` for a later call when its handler returned normally; a coroutine left
+    /// yielded (time limit) or in error is dropped.
+    pub(super) fn release(&self, thread: Thread) {
+        if thread.status() != ThreadStatus::Finished {
+            return;
+        }
+        let mut idle = self.idle_threads.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < IDLE_THREADS {
+            idle.push(thread);
+        }
+    }
 }
 
 /// A complete, validated set of policies loaded into its Lua states. Connections keep the
@@ -160,6 +196,7 @@ impl Generation {
                 lua,
                 policies,
                 connections: AtomicUsize::new(0),
+                idle_threads: Mutex::new(Vec::new()),
             });
         }
         let chain = StageMap::from_fn(|stage| {
