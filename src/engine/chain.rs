@@ -189,14 +189,13 @@ impl VmLease {
             )
         };
         session.lock().running = Some((stage, index));
-        let thread = vm.thread(handler).map_err(lua_error)?;
-        let (triggers, hook) = sandbox::deadline_hook(deadline);
-        thread.set_hook(triggers, hook).map_err(lua_error)?;
+        let coroutine = vm.coroutine(handler, deadline).map_err(lua_error)?;
         let mut call_args = Vec::with_capacity(args.len() + 2);
         call_args.push(Value::UserData(ctx.clone()));
         call_args.extend(args.iter().cloned());
         call_args.push(Value::Table(loaded.options.clone()));
-        let call = thread
+        let call = coroutine
+            .thread
             .clone()
             .into_async::<Value>(MultiValue::from_vec(call_args))
             .map_err(lua_error)?;
@@ -204,7 +203,7 @@ impl VmLease {
             Err(_) => return Err(time_limit()),
             Ok(r) => r,
         };
-        vm.release(thread);
+        vm.release(coroutine);
         match result {
             Ok(value) => to_verdict(value, stage).map_err(|e| {
                 let at = policy::defined_at(handler, &decl.path);

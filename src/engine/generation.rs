@@ -4,7 +4,7 @@
 use super::{
     plan::Plan,
     policy::{self, LoadedPolicy, PolicyDecl, PolicySource},
-    sandbox,
+    sandbox::{self, Deadline},
 };
 use crate::{
     config::Config,
@@ -13,50 +13,71 @@ use crate::{
     stage::{Stage, StageMap},
 };
 use mlua::{AnyUserData, Function, Lua, Thread, thread::ThreadStatus};
-use std::sync::{
-    Arc, Mutex, OnceLock,
-    atomic::{AtomicU64, AtomicUsize, Ordering},
+use std::{
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Instant,
 };
 
 /// Finished coroutines a Lua state keeps for later handler calls.
-const IDLE_THREADS: usize = 64;
+const IDLE_COROUTINES: usize = 64;
 
 /// One Lua state with the chain's policies loaded into it.
 pub(super) struct Vm {
     pub(super) lua: Lua,
     pub(super) policies: Vec<LoadedPolicy>,
     connections: AtomicUsize,
-    /// Coroutines whose handler returned, ready to run the next one (creating a coroutine per
-    /// call costs an allocation and a registry slot).
-    idle_threads: Mutex<Vec<Thread>>,
+    /// Coroutines whose handler returned, ready to run the next one, with the deadline their
+    /// time-limit hook reads (creating a coroutine and installing its hook per call costs
+    /// allocations and registry writes).
+    idle_coroutines: Mutex<Vec<Coroutine>>,
+}
+
+/// A coroutine of a Lua state with its time-limit hook installed.
+pub(super) struct Coroutine {
+    pub(super) thread: Thread,
+    deadline: Deadline,
 }
 
 impl Vm {
-    /// A coroutine that will run `handler`: an idle one reset to it, or a new one.
-    pub(super) fn thread(&self, handler: &Function) -> mlua::Result<Thread> {
+    /// A coroutine that will run `handler` under `deadline`: an idle one reset to it, or a new
+    /// one.
+    pub(super) fn coroutine(
+        &self,
+        handler: &Function,
+        deadline: Instant,
+    ) -> mlua::Result<Coroutine> {
         let idle = self
-            .idle_threads
+            .idle_coroutines
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop();
-        match idle {
-            Some(thread) => {
-                thread.reset(handler.clone())?;
-                Ok(thread)
-            }
-            None => self.lua.create_thread(handler.clone()),
+        if let Some(coroutine) = idle {
+            coroutine.thread.reset(handler.clone())?;
+            coroutine.deadline.set(deadline);
+            return Ok(coroutine);
         }
+        let thread = self.lua.create_thread(handler.clone())?;
+        let deadline = Deadline::new(deadline);
+        let (triggers, hook) = sandbox::deadline_hook(deadline.clone());
+        thread.set_hook(triggers, hook)?;
+        Ok(Coroutine { thread, deadline })
     }
 
-    /// Keeps `thread` for a later call when its handler returned normally; a coroutine left
-    /// yielded (time limit) or in error is dropped.
-    pub(super) fn release(&self, thread: Thread) {
-        if thread.status() != ThreadStatus::Finished {
+    /// Keeps `coroutine` for a later call when its handler returned normally; one left yielded
+    /// (time limit) or in error is dropped.
+    pub(super) fn release(&self, coroutine: Coroutine) {
+        if coroutine.thread.status() != ThreadStatus::Finished {
             return;
         }
-        let mut idle = self.idle_threads.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < IDLE_THREADS {
-            idle.push(thread);
+        let mut idle = self
+            .idle_coroutines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if idle.len() < IDLE_COROUTINES {
+            idle.push(coroutine);
         }
     }
 }
@@ -196,7 +217,7 @@ impl Generation {
                 lua,
                 policies,
                 connections: AtomicUsize::new(0),
-                idle_threads: Mutex::new(Vec::new()),
+                idle_coroutines: Mutex::new(Vec::new()),
             });
         }
         let chain = StageMap::from_fn(|stage| {
