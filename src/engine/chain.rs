@@ -1,7 +1,8 @@
 //! The chain: one milter stage becomes a Lua call per policy that handles it, in chain order,
-//! until one gives a final verdict. Every call runs in its own coroutine (a fresh one, or one
-//! whose last handler returned) under the stage's time limit; faults (errors, bad return values, limits) are logged with policy, stage and
-//! `file:line`, and answered by the exception policy.
+//! until one gives a final verdict. Every call runs in its own coroutine (a new one, or one
+//! whose last handler returned) under the stage's time limit; faults (errors, bad return
+//! values, limits) are logged with policy, stage and `file:line`, and answered by the
+//! exception policy.
 
 use super::{
     generation::{Generation, VmLease},
