@@ -8,6 +8,8 @@
 #   AFTER=target/release benches/versus.sh
 #
 # Settings: TRANSPORTS ("unix tcp"), CONC ("1 8 64"), ROUNDS (2), OUT (a new /tmp dir),
+# POLICY (`trivial`: examples/bench.lua; `full`: the every-stage examples/bench_full.lua, and
+# the baseline's `full` mode), QUICK=1 (a fifth of the messages),
 # AFTER_EXTRA / BEFORE_EXTRA (TOML appended to that side's config, replacing its [trace]
 # section when it has one; printf escapes allowed; BEFORE_EXTRA=' ' just drops [trace] for a
 # build older than it). Prints medians and the ratios; msg/cpu-s
@@ -22,6 +24,12 @@ OUT=${OUT:-$(mktemp -d /tmp/luamilter-versus.XXXXXX)}
 TRANSPORTS=${TRANSPORTS:-unix tcp}
 CONC=${CONC:-1 8 64}
 ROUNDS=${ROUNDS:-2}
+POLICY=${POLICY:-trivial}
+case $POLICY in
+trivial) CHAIN=bench NATIVE_MODE=() ;;
+full) CHAIN=bench_full NATIVE_MODE=(full) ;;
+*) echo "POLICY is trivial or full" >&2 && exit 2 ;;
+esac
 mkdir -p "$OUT"
 declare -A PID=()
 trap 'for p in "${PID[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
@@ -37,10 +45,11 @@ start() { # role transport
     local spec bin examples extra
     spec=$(sock "$1" "$2")
     if [[ $1 == native ]]; then
-        "$AFTER/examples/native_baseline" "$spec" 2>>"$OUT/$1.log" &
+        "$AFTER/examples/native_baseline" "$spec" "${NATIVE_MODE[@]}" 2>>"$OUT/$1.log" &
     else
         if [[ $1 == before ]]; then bin=$BEFORE examples=$BEFORE_EXAMPLES extra=${BEFORE_EXTRA:-}; else bin=$AFTER examples=$ROOT/examples extra=${AFTER_EXTRA:-}; fi
         sed -e "s|^listen = .*|listen = \"$spec\"|" -e "s|^dirs = .*|dirs = [\"$examples\"]|" \
+            -e "s|^chain = .*|chain = [\"$CHAIN\"]|" \
             "$ROOT/benches/bench.toml" >"$OUT/$1.toml"
         if [[ -n $extra ]]; then
             sed -i '/^\[trace\]/,$d' "$OUT/$1.toml"
@@ -65,6 +74,7 @@ for t in $TRANSPORTS; do
     for round in $(seq "$ROUNDS"); do
         for c in $CONC; do
             case $c in 1) n=3000 ;; 8) n=8000 ;; *) n=15000 ;; esac
+            [[ -n ${QUICK:-} ]] && n=$((n / 5))
             roles=(native before after)
             k=$((i % 3))
             order=("${roles[@]:$k}" "${roles[@]:0:$k}")
@@ -89,12 +99,13 @@ for path in glob.glob(out + "/*-r*.json"):
     if text.strip():
         runs.setdefault((m[1], int(m[2])), {}).setdefault(m[3], []).append(json.loads(text))
 print(f"{'transport':9} {'conc':>4} | {'native':>7} {'before':>7} {'after':>7} msg/s | before/nat after/nat after/before"
-      f" | {'native':>7} {'before':>7} {'after':>7} msg/cpu-s | after/before")
+      f" | {'native':>7} {'before':>7} {'after':>7} msg/cpu-s | before/nat after/nat after/before")
 for key in sorted(runs, key=lambda k: (k[0] != "unix", k[1])):
     med = lambda role, f: statistics.median(f(r) for r in runs[key][role])
     t = {r: med(r, lambda x: x["messages_per_sec"]) for r in ("native", "before", "after")}
     e = {r: med(r, lambda x: x["server"]["messages_per_cpu_sec"]) for r in ("native", "before", "after")}
     print(f"{key[0]:9} {key[1]:>4} | {t['native']:7.0f} {t['before']:7.0f} {t['after']:7.0f}       | "
           f"{t['before']/t['native']:10.2f} {t['after']/t['native']:9.2f} {t['after']/t['before']:12.2f} | "
-          f"{e['native']:7.0f} {e['before']:7.0f} {e['after']:7.0f}           | {e['after']/e['before']:12.2f}")
+          f"{e['native']:7.0f} {e['before']:7.0f} {e['after']:7.0f}           | "
+          f"{e['before']/e['native']:10.2f} {e['after']/e['native']:9.2f} {e['after']/e['before']:12.2f}")
 PY

@@ -1,7 +1,8 @@
 //! The chain: one milter stage becomes a Lua call per policy that handles it, in chain order,
-//! until one gives a final verdict. Every call runs in a fresh coroutine under the stage's time
-//! limit; faults (errors, bad return values, limits) are logged with policy, stage and
-//! `file:line`, and answered by the exception policy.
+//! until one gives a final verdict. Every call runs in its own coroutine (a new one, or one
+//! whose last handler returned) under the stage's time limit; faults (errors, bad return
+//! values, limits) are logged with policy, stage and `file:line`, and answered by the
+//! exception policy.
 
 use super::{
     generation::{Generation, VmLease},
@@ -189,14 +190,14 @@ impl VmLease {
             )
         };
         session.lock().running = Some((stage, index));
-        let thread = vm.lua.create_thread(handler.clone()).map_err(lua_error)?;
-        let (triggers, hook) = sandbox::deadline_hook(deadline);
-        thread.set_hook(triggers, hook).map_err(lua_error)?;
+        let coroutine = vm.coroutine(handler, deadline).map_err(lua_error)?;
         let mut call_args = Vec::with_capacity(args.len() + 2);
         call_args.push(Value::UserData(ctx.clone()));
         call_args.extend(args.iter().cloned());
         call_args.push(Value::Table(loaded.options.clone()));
-        let call = thread
+        let call = coroutine
+            .thread
+            .clone()
             .into_async::<Value>(MultiValue::from_vec(call_args))
             .map_err(lua_error)?;
         let result = tokio::time::timeout_at(deadline.into(), call).await;
@@ -206,6 +207,7 @@ impl VmLease {
             Err(_) => return Err(time_limit()),
             Ok(r) => r,
         };
+        vm.release(coroutine);
         match result {
             Ok(value) => to_verdict(value, stage).map_err(|e| {
                 let at = policy::defined_at(handler, &decl.path);

@@ -4,7 +4,7 @@
 use super::{
     plan::Plan,
     policy::{self, LoadedPolicy, PolicyDecl, PolicySource},
-    sandbox,
+    sandbox::{self, Deadline},
 };
 use crate::{
     config::Config,
@@ -12,17 +12,74 @@ use crate::{
     services::{Services, site::Site},
     stage::{Stage, StageMap},
 };
-use mlua::{AnyUserData, Lua};
-use std::sync::{
-    Arc, OnceLock,
-    atomic::{AtomicU64, AtomicUsize, Ordering},
+use mlua::{AnyUserData, Function, Lua, Thread, thread::ThreadStatus};
+use std::{
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Instant,
 };
+
+/// Finished coroutines a Lua state keeps for later handler calls.
+const IDLE_COROUTINES: usize = 64;
 
 /// One Lua state with the chain's policies loaded into it.
 pub(super) struct Vm {
     pub(super) lua: Lua,
     pub(super) policies: Vec<LoadedPolicy>,
     connections: AtomicUsize,
+    /// Coroutines whose handler returned, ready to run the next one, with the deadline their
+    /// time-limit hook reads (creating a coroutine and installing its hook per call costs
+    /// allocations and registry writes).
+    idle_coroutines: Mutex<Vec<Coroutine>>,
+}
+
+/// A coroutine of a Lua state with its time-limit hook installed.
+pub(super) struct Coroutine {
+    pub(super) thread: Thread,
+    deadline: Deadline,
+}
+
+impl Vm {
+    /// A coroutine that will run `handler` under `deadline`: an idle one reset to it, or a new
+    /// one.
+    pub(super) fn coroutine(
+        &self,
+        handler: &Function,
+        deadline: Instant,
+    ) -> mlua::Result<Coroutine> {
+        let idle = self
+            .idle_coroutines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        if let Some(coroutine) = idle {
+            coroutine.thread.reset(handler.clone())?;
+            coroutine.deadline.set(deadline);
+            return Ok(coroutine);
+        }
+        let thread = self.lua.create_thread(handler.clone())?;
+        let deadline = Deadline::new(deadline);
+        let (triggers, hook) = sandbox::deadline_hook(deadline.clone());
+        thread.set_hook(triggers, hook)?;
+        Ok(Coroutine { thread, deadline })
+    }
+
+    /// Keeps `coroutine` for a later call when its handler returned normally; one left yielded
+    /// (time limit) or in error is dropped.
+    pub(super) fn release(&self, coroutine: Coroutine) {
+        if coroutine.thread.status() != ThreadStatus::Finished {
+            return;
+        }
+        let mut idle = self
+            .idle_coroutines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if idle.len() < IDLE_COROUTINES {
+            idle.push(coroutine);
+        }
+    }
 }
 
 /// A complete, validated set of policies loaded into its Lua states. Connections keep the
@@ -160,6 +217,7 @@ impl Generation {
                 lua,
                 policies,
                 connections: AtomicUsize::new(0),
+                idle_coroutines: Mutex::new(Vec::new()),
             });
         }
         let chain = StageMap::from_fn(|stage| {

@@ -12,23 +12,55 @@ use mlua::{
 };
 use std::{
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        Arc, LazyLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 /// Instructions between two checks of the time limit inside running Lua code.
 const HOOK_INTERVAL: u32 = 1000;
 
-/// The instruction-count hook that enforces a deadline: once past it, every check raises the
+/// A deadline shared with the hook of a coroutine: the hook is installed once per coroutine
+/// (installing one costs an allocation and a registry write) and each call sets the deadline.
+#[derive(Clone)]
+pub struct Deadline(Arc<AtomicU64>);
+
+/// The origin of [`Deadline`]'s clock.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+impl Deadline {
+    /// A deadline at `at`.
+    pub fn new(at: Instant) -> Deadline {
+        let deadline = Deadline(Arc::new(AtomicU64::new(0)));
+        deadline.set(at);
+        deadline
+    }
+
+    /// Moves the deadline to `at`.
+    pub fn set(&self, at: Instant) {
+        let nanos = at.saturating_duration_since(*EPOCH).as_nanos();
+        self.0
+            .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn passed(&self) -> bool {
+        let nanos = self.0.load(Ordering::Relaxed);
+        EPOCH.elapsed() >= Duration::from_nanos(nanos)
+    }
+}
+
+/// The instruction-count hook that enforces `deadline`: once past it, every check raises the
 /// time-limit error again, so a `pcall` that catches one cannot keep the code running.
 pub fn deadline_hook(
-    deadline: Instant,
+    deadline: Deadline,
 ) -> (
     HookTriggers,
     impl Fn(&Lua, &Debug) -> mlua::Result<VmState> + Send + 'static,
 ) {
     let hook = move |_: &Lua, _: &Debug| {
-        if Instant::now() >= deadline {
+        if deadline.passed() {
             Err(mlua::Error::runtime(TIME_LIMIT_MARKER))
         } else {
             Ok(VmState::Continue)
@@ -46,7 +78,7 @@ pub fn with_time_limit<R>(
     limit: Duration,
     f: impl FnOnce() -> mlua::Result<R>,
 ) -> mlua::Result<R> {
-    let (triggers, hook) = deadline_hook(Instant::now() + limit);
+    let (triggers, hook) = deadline_hook(Deadline::new(Instant::now() + limit));
     lua.set_hook(triggers, hook)?;
     let result = f();
     lua.remove_hook();

@@ -594,3 +594,33 @@ async fn redis_killed_and_restarted_mid_traffic() {
     );
     d.stop().await;
 }
+
+#[tokio::test]
+async fn a_reused_coroutine_runs_under_its_own_deadline() {
+    // One Lua state: after the first call, handlers run on coroutines an earlier one returned
+    // from, whose deadline is long past by the time they run again.
+    let counting = r#"
+return {
+  mail = function(ctx, sender)
+    if sender:match("^loop@") then while true do end end
+    local n = 0
+    for i = 1, 200000 do n = n + i end
+  end,
+}
+"#;
+    let d = TestDaemon::start(
+        &[("counting", counting)],
+        "[engine]\ntime_limit = \"500ms\"\nvms = 1\n",
+    )
+    .await;
+    for _ in 0..2 {
+        assert_eq!(mail_status(&d, "a@example.org").await, Status::Continue);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(mail_status(&d, "b@example.org").await, Status::Continue);
+        assert_eq!(
+            reply_text(&mail_status(&d, "loop@example.org").await),
+            "451 4.3.0 Temporary policy failure, try again later"
+        );
+    }
+    d.stop().await;
+}
