@@ -156,8 +156,8 @@ async fn run_reloads_on_sighup_and_answers_ctl() {
         .unwrap()
         .replace("[policies]\n", "[policies]\nwatch = false\n");
     std::fs::write(&config, text).unwrap();
-    let daemon = crate::support::DaemonProcess::spawn(&config, sock.clone()).await;
-    let mut child = daemon.child;
+    let mut daemon =
+        crate::support::DaemonProcess::start_config(dir, config.clone(), sock.clone()).unwrap();
     let refused = |sender: &'static str| {
         let sock = sock.clone();
         async move {
@@ -178,15 +178,13 @@ async fn run_reloads_on_sighup_and_answers_ctl() {
         }
     };
     assert!(refused("a@example.org").await);
-    std::fs::write(dir.path().join("gate.lua"), refusing("b@example.org")).unwrap();
+    std::fs::write(daemon.path("gate.lua"), refusing("b@example.org")).unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(
         refused("a@example.org").await,
         "watch = false: no reload without a signal"
     );
-    let pid = child.id().unwrap() as i32;
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(pid, libc::SIGHUP) };
+    daemon.signal(libc::SIGHUP);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !refused("b@example.org").await {
         assert!(
@@ -213,7 +211,7 @@ async fn run_reloads_on_sighup_and_answers_ctl() {
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("ok: generation")
     );
-    std::fs::write(dir.path().join("gate.lua"), "return {").unwrap();
+    std::fs::write(daemon.path("gate.lua"), "return {").unwrap();
     let out = luamilter()
         .args(["ctl", "--config"])
         .arg(&config)
@@ -226,16 +224,14 @@ async fn run_reloads_on_sighup_and_answers_ctl() {
         "{answer}"
     );
 
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    daemon.signal(libc::SIGTERM);
+    let status = daemon
+        .exits_within(std::time::Duration::from_secs(10))
+        .await;
     assert!(status.success());
     assert!(!sock.exists(), "milter socket removed at exit");
     assert!(
-        !dir.path().join("ctl.sock").exists(),
+        !daemon.control_socket().exists(),
         "control socket removed at exit"
     );
 }
