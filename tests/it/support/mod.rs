@@ -11,7 +11,12 @@ pub use process::DaemonProcess;
 
 use indymilter_test::{TestConnection, TestConnectionBuilder};
 use luamilter::{config::Config, daemon::Daemon, listen::ListenAddr};
-use std::{path::PathBuf, sync::Once, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::Once,
+    time::Duration,
+};
 use tempfile::TempDir;
 
 /// A daemon running in this test's runtime, with its policy directory.
@@ -146,6 +151,16 @@ impl TestDaemon {
             d.stop(Duration::from_secs(5)).await;
         }
     }
+}
+
+/// Runs `luamilter COMMAND --config CONFIG ARGS...` to its end and returns its output.
+pub fn luamilter_cli(command: &str, config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_luamilter"))
+        .args([command, "--config"])
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run luamilter {command}: {e}"))
 }
 
 /// The reply text of a reject or tempfail status.
