@@ -1,11 +1,7 @@
 //! The `luamilter` binary: `check` and `run`.
 
-use crate::support::write_config;
+use crate::support::{luamilter_cli, write_config};
 use std::process::Command;
-
-fn luamilter() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_luamilter"))
-}
 
 #[test]
 fn check_reports_every_error_with_file_and_line_and_exits_78() {
@@ -25,11 +21,7 @@ fn check_reports_every_error_with_file_and_line_and_exits_78() {
         ],
         "[policy.good]\nn = \"x\"\n",
     );
-    let out = luamilter()
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = luamilter_cli("check", &config, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(78), "{stdout}");
     assert!(stdout.contains("broken.lua:3:"), "{stdout}");
@@ -51,11 +43,7 @@ fn check_prints_state_source_and_options() {
         )],
         "[policy.good]\nn = \"5m\"\nadd_words = [\"b\"]\nmode = \"shadow\"\n",
     );
-    let out = luamilter()
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = luamilter_cli("check", &config, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("policy good: ok"), "{stdout}");
@@ -85,20 +73,12 @@ fn check_accepts_call_back_access_values_and_names_misplaced_ones() {
         &policy,
         "[site]\naccess_file = \"access\"\n[site.access]\n\"SPF-Fail:abeb@adelphia.net\" = \"DSN\"\n",
     );
-    let out = luamilter()
-        .args(["check", "--config"])
-        .arg(&good)
-        .output()
-        .unwrap();
+    let out = luamilter_cli("check", &good, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
 
     std::fs::write(dir.path().join("access"), "SMTP-Auth:example.com CBV\n").unwrap();
-    let out = luamilter()
-        .args(["check", "--config"])
-        .arg(&good)
-        .output()
-        .unwrap();
+    let out = luamilter_cli("check", &good, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(78), "{stdout}");
     assert!(
@@ -109,7 +89,7 @@ fn check_accepts_call_back_access_values_and_names_misplaced_ones() {
 
 #[test]
 fn check_of_the_built_in_default_uses_the_examples() {
-    let out = luamilter()
+    let out = Command::new(env!("CARGO_BIN_EXE_luamilter"))
         .arg("check")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
@@ -125,11 +105,7 @@ fn run_refuses_a_bad_config_with_78() {
     let dir = tempfile::TempDir::new().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "[milter]\nlisten = \"inet:x@y\"\n").unwrap();
-    let out = luamilter()
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = luamilter_cli("run", &path, &[]);
     assert_eq!(out.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bad.toml:2:"), "{stderr}");
@@ -156,8 +132,8 @@ async fn run_reloads_on_sighup_and_answers_ctl() {
         .unwrap()
         .replace("[policies]\n", "[policies]\nwatch = false\n");
     std::fs::write(&config, text).unwrap();
-    let daemon = crate::support::DaemonProcess::spawn(&config, sock.clone()).await;
-    let mut child = daemon.child;
+    let mut daemon =
+        crate::support::DaemonProcess::start_config(dir, config.clone(), sock.clone()).unwrap();
     let refused = |sender: &'static str| {
         let sock = sock.clone();
         async move {
@@ -178,15 +154,13 @@ async fn run_reloads_on_sighup_and_answers_ctl() {
         }
     };
     assert!(refused("a@example.org").await);
-    std::fs::write(dir.path().join("gate.lua"), refusing("b@example.org")).unwrap();
+    std::fs::write(daemon.path("gate.lua"), refusing("b@example.org")).unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(
         refused("a@example.org").await,
         "watch = false: no reload without a signal"
     );
-    let pid = child.id().unwrap() as i32;
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(pid, libc::SIGHUP) };
+    daemon.signal(libc::SIGHUP);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !refused("b@example.org").await {
         assert!(
@@ -195,47 +169,30 @@ async fn run_reloads_on_sighup_and_answers_ctl() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let out = luamilter()
-        .args(["ctl", "--config"])
-        .arg(&config)
-        .arg("stats")
-        .output()
-        .unwrap();
+    let out = luamilter_cli("ctl", &config, &["stats"]);
     let stats = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stats}");
     assert!(stats.contains("reloads_ok 1"), "{stats}");
-    let out = luamilter()
-        .args(["ctl", "--config"])
-        .arg(&config)
-        .arg("reload")
-        .output()
-        .unwrap();
+    let out = luamilter_cli("ctl", &config, &["reload"]);
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("ok: generation")
     );
-    std::fs::write(dir.path().join("gate.lua"), "return {").unwrap();
-    let out = luamilter()
-        .args(["ctl", "--config"])
-        .arg(&config)
-        .arg("reload")
-        .output()
-        .unwrap();
+    std::fs::write(daemon.path("gate.lua"), "return {").unwrap();
+    let out = luamilter_cli("ctl", &config, &["reload"]);
     let answer = String::from_utf8_lossy(&out.stdout);
     assert!(
         !out.status.success() && answer.contains("gate.lua:1:"),
         "{answer}"
     );
 
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    daemon.signal(libc::SIGTERM);
+    let status = daemon
+        .exits_within(std::time::Duration::from_secs(10))
+        .await;
     assert!(status.success());
     assert!(!sock.exists(), "milter socket removed at exit");
     assert!(
-        !dir.path().join("ctl.sock").exists(),
+        !daemon.control_socket().exists(),
         "control socket removed at exit"
     );
 }

@@ -1,7 +1,7 @@
 //! Who may talk to the daemon: the socket permissions, and what an unprivileged local user
 //! (`nobody`, through `setpriv`) can do with the milter and control sockets and `luamilter ctl`.
 
-use crate::support::ChildDaemon;
+use crate::support::DaemonProcess;
 use std::{os::unix::fs::PermissionsExt, path::Path, process::Output};
 
 fn mode(path: &Path) -> u32 {
@@ -34,13 +34,13 @@ async fn an_unprivileged_user_can_neither_filter_nor_control() {
         return;
     }
     // No file watcher: the chmod below must not count as an edit.
-    let d = ChildDaemon::start(
+    // Only the sockets' own modes stand in the way: the daemon's directory is open to everyone.
+    let d = DaemonProcess::start(
         &[("gate", "return { mail = function() end }")],
+        "",
         "watch = false\n",
     )
-    .await;
-    // Only the sockets' own modes stand in the way: the directory is open to everyone.
-    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    .unwrap();
     let ctl_socket = d.control_socket();
     assert_eq!(
         mode(&d.socket),

@@ -563,11 +563,7 @@ fn luamilter_check_names_the_line_of_an_unreadable_key() {
         "[policies]\nchain = [\"dkim\"]\n\n[dkim.keys.\"example.org\"]\nselector = \"s1\"\nkey = \"missing.pem\"\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_luamilter"))
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = crate::support::luamilter_cli("check", &config, &[]);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -493,7 +493,7 @@ return {
 /// recipient the daemon had accepted (so stored, `synchronous = "full"`) is in the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_milter_load_loses_no_acknowledged_write() {
-    let mut d = crate::support::ChildDaemon::start(&[("recorder", RECORDER)], "").await;
+    let mut d = crate::support::DaemonProcess::start(&[("recorder", RECORDER)], "", "").unwrap();
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let clients: Vec<_> = (0..8)
         .map(|t| {

@@ -13,7 +13,6 @@ use indymilter_test::Status;
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -122,12 +121,7 @@ async fn send(daemon: &DaemonProcess, sender: &str) -> Status {
 }
 
 fn ctl_stats(daemon: &DaemonProcess) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_luamilter"))
-        .args(["ctl", "--config"])
-        .arg(&daemon.config)
-        .arg("stats")
-        .output()
-        .unwrap();
+    let out = crate::support::luamilter_cli("ctl", &daemon.config, &["stats"]);
     let stats = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stats}");
     stats

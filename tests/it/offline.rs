@@ -93,13 +93,7 @@ fn message(name: &str) -> PathBuf {
 
 /// Runs `luamilter test --config DIR/luamilter.toml ARGS…`.
 fn test(dir: &TempDir, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_luamilter"))
-        .arg("test")
-        .arg("--config")
-        .arg(dir.path().join("luamilter.toml"))
-        .args(args)
-        .output()
-        .unwrap()
+    crate::support::luamilter_cli("test", &dir.path().join("luamilter.toml"), args)
 }
 
 fn stdout(out: &Output) -> String {
@@ -334,17 +328,8 @@ fn the_store_is_a_throwaway_copy_unless_told_otherwise() {
     let lf = message("lf.eml");
     let config = dir.path().join("luamilter.toml");
     // Give the configured store a count of 1.
-    let db = Command::new(env!("CARGO_BIN_EXE_luamilter"))
-        .args([
-            "db",
-            "--config",
-            path(&config),
-            "whitelist",
-            "add",
-            "someone@example.com",
-        ])
-        .output()
-        .unwrap();
+    let db =
+        crate::support::luamilter_cli("db", &config, &["whitelist", "add", "someone@example.com"]);
     assert!(
         db.status.success(),
         "{}",

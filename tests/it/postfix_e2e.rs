@@ -266,12 +266,7 @@ fn shadow_and_why_through_postfix(name: &str, redis: Option<&str>) {
         .unwrap_or_else(|| panic!("not delivered; mail log:\n{}", postfix.maillog()));
 
     let config = milter._dir.path().join("luamilter.toml");
-    let stats = std::process::Command::new(env!("CARGO_BIN_EXE_luamilter"))
-        .args(["ctl", "--config"])
-        .arg(&config)
-        .arg("stats")
-        .output()
-        .unwrap();
+    let stats = crate::support::luamilter_cli("ctl", &config, &["stats"]);
     let stats = String::from_utf8_lossy(&stats.stdout);
     assert!(
         stats.contains(&format!("shadow_would {name} mail reject 1")),
@@ -279,12 +274,7 @@ fn shadow_and_why_through_postfix(name: &str, redis: Option<&str>) {
     );
     let deadline = std::time::Instant::now() + WAIT;
     let why = loop {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_luamilter"))
-            .args(["why", "--config"])
-            .arg(&config)
-            .arg(&queue_id)
-            .output()
-            .unwrap();
+        let out = crate::support::luamilter_cli("why", &config, &[&queue_id]);
         if out.status.success() {
             break String::from_utf8_lossy(&out.stdout).into_owned();
         }

@@ -17,7 +17,6 @@ use crate::support::{DaemonProcess, Mta, TestDaemon, added_header, reply_text};
 /// the shared Redis store.
 struct MxHost {
     process: DaemonProcess,
-    _dir: TempDir,
 }
 
 async fn mx_host(redis: &RedisServer) -> MxHost {
@@ -34,8 +33,7 @@ async fn mx_host(redis: &RedisServer) -> MxHost {
         .replace("chain = []", "chain = [\"reputation\", \"honeypot\"]");
     std::fs::write(&path, text).unwrap();
     MxHost {
-        process: DaemonProcess::spawn(&path, socket).await,
-        _dir: dir,
+        process: DaemonProcess::start_config(dir, path, socket).unwrap(),
     }
 }
 

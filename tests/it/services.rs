@@ -9,7 +9,6 @@ use crate::{
 use indymilter_test::Status;
 use std::{
     net::{IpAddr, Ipv4Addr},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -199,13 +198,7 @@ async fn greylisting_and_bans_with_the_embedded_store_and_the_db_cli() {
     greylist_and_ban(&d).await;
     let config = d.dir.path().join("luamilter.toml");
     let db = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_luamilter"))
-            .arg("db")
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .output()
-            .unwrap();
+        let out = crate::support::luamilter_cli("db", &config, args);
         assert!(
             out.status.success(),
             "{}",

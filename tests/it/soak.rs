@@ -3,7 +3,7 @@
 //! storm of reloads (no message fails; how long a reload takes), and SIGTERM with sessions open
 //! (each finishes the command it is in, then the daemon exits and removes its socket).
 
-use crate::support::ChildDaemon;
+use crate::support::DaemonProcess;
 use indymilter_test::Status;
 use luamilter::control;
 use std::{
@@ -19,7 +19,7 @@ const PASS: &str = "return { connect = function(ctx) end, mail = function(ctx) e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_idle_connections() {
-    let d = ChildDaemon::start(&[("pass", PASS)], "").await;
+    let d = DaemonProcess::start(&[("pass", PASS)], "", "").unwrap();
     let rss_before = d.rss_kib();
     let started = Instant::now();
     let mut idle = Vec::with_capacity(1000);
@@ -61,7 +61,7 @@ fn stamping(n: u32) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_sessions_through_fifty_reloads() {
-    let d = ChildDaemon::start(&[("stamp", &stamping(0))], "").await;
+    let d = DaemonProcess::start(&[("stamp", &stamping(0))], "", "").unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let messages = Arc::new(AtomicU64::new(0));
     let sessions: Vec<_> = (0..200)
@@ -151,7 +151,7 @@ return { mail = function(ctx, sender) if sender == "slow@example.org" then milte
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_open_sessions_finish_their_command_then_exits() {
-    let mut d = ChildDaemon::start(&[("slow", SLOW_MAIL)], "").await;
+    let mut d = DaemonProcess::start(&[("slow", SLOW_MAIL)], "", "").unwrap();
     let mut idle = d.client().await;
     idle.connect("h", Ipv4Addr::LOCALHOST).await.unwrap();
     let mut busy = d.client().await;

@@ -7,7 +7,7 @@
 //!
 //! Set `LUAMILTER_TORTURE_SEED` to replay a run; the seed is printed.
 
-use crate::support::ChildDaemon;
+use crate::support::DaemonProcess;
 use indymilter::{Actions, ProtoOpts};
 use indymilter_test::Status;
 use std::{
@@ -262,7 +262,7 @@ async fn send_garbage(socket: &Path, bytes: Vec<u8>) -> Replies {
 }
 
 /// One well-formed message through the real milter client; panics on a wrong answer.
-async fn probe(d: &ChildDaemon, good: bool) {
+async fn probe(d: &DaemonProcess, good: bool) {
     let mut c = d.client().await;
     assert_eq!(
         c.connect("client.example", Ipv4Addr::new(192, 0, 2, 9))
@@ -299,7 +299,8 @@ async fn garbage_never_kills_delays_or_gets_accepted() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| fastrand::u64(..));
     println!("torture seed {seed} (LUAMILTER_TORTURE_SEED={seed} replays it)");
-    let mut d = ChildDaemon::start(&[("gate", GATE)], "[engine]\ntime_limit = \"2s\"\n").await;
+    let mut d =
+        DaemonProcess::start(&[("gate", GATE)], "", "[engine]\ntime_limit = \"2s\"\n").unwrap();
     let d_socket = d.socket.clone();
     for _ in 0..20 {
         probe(&d, true).await;
@@ -422,7 +423,7 @@ async fn garbage_never_kills_delays_or_gets_accepted() {
 /// command led on to body and end of message, and the refused message was accepted.
 #[tokio::test]
 async fn a_message_stage_after_a_refused_mail_is_tempfailed_not_accepted() {
-    let d = ChildDaemon::start(&[("gate", GATE)], "").await;
+    let d = DaemonProcess::start(&[("gate", GATE)], "", "").unwrap();
     let bad = transcript("bad@example.org");
     let bytes = [
         &bad[..6],
@@ -446,7 +447,7 @@ async fn a_message_stage_after_a_refused_mail_is_tempfailed_not_accepted() {
 /// accepted with the MAIL policy never run. Such a stage is now a temporary failure.
 #[tokio::test]
 async fn a_message_stage_without_mail_is_tempfailed_not_accepted() {
-    let d = ChildDaemon::start(&[("gate", GATE)], "").await;
+    let d = DaemonProcess::start(&[("gate", GATE)], "", "").unwrap();
     let bytes = [
         negotiate(),
         connect_info(),

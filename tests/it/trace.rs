@@ -8,7 +8,6 @@ use luamilter::control;
 use std::{
     net::Ipv4Addr,
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -48,13 +47,7 @@ async fn send(d: &TestDaemon, queue_id: &str, ip: Ipv4Addr) {
 
 /// `luamilter why ARGS` with the daemon's config: (exit code, stdout).
 fn why(config: &Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_luamilter"))
-        .arg("why")
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .unwrap();
+    let out = crate::support::luamilter_cli("why", config, args);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -7,12 +7,16 @@ pub mod postfix;
 pub mod process;
 
 pub use clock::TestClock;
-mod child;
-pub use child::ChildDaemon;
+pub use process::DaemonProcess;
 
 use indymilter_test::{TestConnection, TestConnectionBuilder};
 use luamilter::{config::Config, daemon::Daemon, listen::ListenAddr};
-use std::{path::PathBuf, sync::Once, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::Once,
+    time::Duration,
+};
 use tempfile::TempDir;
 
 /// A daemon running in this test's runtime, with its policy directory.
@@ -149,39 +153,14 @@ impl TestDaemon {
     }
 }
 
-/// The daemon as a separate process (`luamilter run --config PATH`) listening on a unix socket;
-/// killed when dropped.
-pub struct DaemonProcess {
-    pub child: tokio::process::Child,
-    pub socket: PathBuf,
-}
-
-impl DaemonProcess {
-    /// Starts `luamilter run` on the config file `config`, whose `[milter] listen` is
-    /// `unix:SOCKET`, and waits until it listens.
-    pub async fn spawn(config: &std::path::Path, socket: PathBuf) -> DaemonProcess {
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_luamilter"))
-            .args(["run", "--config"])
-            .arg(config)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(std::time::Instant::now() < deadline, "daemon did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        DaemonProcess { child, socket }
-    }
-
-    /// A client connection with the defaults.
-    pub async fn client(&self) -> Mta {
-        Mta(TestConnection::configure()
-            .read_timeout(Duration::from_secs(10))
-            .open_unix(&self.socket)
-            .await
-            .unwrap())
-    }
+/// Runs `luamilter COMMAND --config CONFIG ARGS...` to its end and returns its output.
+pub fn luamilter_cli(command: &str, config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_luamilter"))
+        .args([command, "--config"])
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run luamilter {command}: {e}"))
 }
 
 /// The reply text of a reject or tempfail status.

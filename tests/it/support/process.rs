@@ -1,6 +1,7 @@
 //! The daemon as a separate process (`luamilter run`), for what a process owns alone: the
-//! global metrics recorder, its log output, its pid and privileges, its signals. Its standard
-//! error is collected while it runs; it is killed if the test drops it still running.
+//! global metrics recorder, its log output, its pid, privileges, memory and signals, whether
+//! it stays alive. Its standard error is collected while it runs; it is killed if the test
+//! drops it still running.
 
 use super::{Mta, write_config};
 use std::{
@@ -41,19 +42,24 @@ impl DaemonProcess {
         )
         .unwrap();
         let socket = dir.path().join("milter.sock");
-        let store = format!("[store]\npath = {:?}\n", dir.path().join("store.db"));
-        let config = write_config(
-            &dir,
-            &format!("unix:{}", socket.display()),
-            policies,
-            &format!("{store}{extra}"),
-        );
+        let config = write_config(&dir, &format!("unix:{}", socket.display()), policies, extra);
         let text = std::fs::read_to_string(&config).unwrap().replacen(
             "[milter]\n",
             &format!("[milter]\n{milter}\n"),
             1,
         );
         std::fs::write(&config, text).unwrap();
+        Self::start_config(dir, config, socket)
+    }
+
+    /// Starts the daemon on the config file `config` (in `dir`), whose `[milter] listen` is
+    /// `unix:SOCKET`; returns once the milter socket accepts connections and the control socket
+    /// (bound after it) is there.
+    pub fn start_config(
+        dir: TempDir,
+        config: PathBuf,
+        socket: PathBuf,
+    ) -> Result<DaemonProcess, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_luamilter"))
             .args(["run", "--config"])
             .arg(&config)
@@ -82,8 +88,10 @@ impl DaemonProcess {
             socket,
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err()
+            || !daemon.control_socket().exists()
+        {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(100));
                 return Err(format!("luamilter exited ({status}):\n{}", daemon.log()));
@@ -99,6 +107,31 @@ impl DaemonProcess {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Resident memory (VmRSS) in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// The control socket path.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path().join("ctl.sock")
+    }
+
+    /// A file in the daemon's directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
     }
 
     /// Everything it wrote to standard error so far.
@@ -132,6 +165,21 @@ impl DaemonProcess {
     pub fn signal(&self, signal: i32) {
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// Waits for the process to exit, at most `within`.
+    pub async fn exits_within(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// SIGTERM, then waits (at most 10 s) for it to exit; returns its status and its log.
