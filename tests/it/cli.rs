@@ -196,3 +196,28 @@ async fn run_reloads_on_sighup_and_answers_ctl() {
         "control socket removed at exit"
     );
 }
+
+/// `[policy.spf] authentication_results` and `authserv_id` moved to the authres policy; a
+/// config written before that still loads, as docs/policies/spf.md says.
+#[test]
+fn check_accepts_the_spf_options_that_moved_to_authres() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = write_config(
+        &dir,
+        "inet:0@127.0.0.1",
+        &[],
+        "[policy.spf]\nauthentication_results = true\nauthserv_id = \"mx.example.org\"\n",
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("chain = []", "chain = [\"spf\"]");
+    std::fs::write(&config, text).unwrap();
+    let out = luamilter_cli("check", &config, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("policy spf: ok"), "{stdout}");
+    assert!(
+        stdout.contains("option:  authserv_id = \"mx.example.org\""),
+        "{stdout}"
+    );
+}
