@@ -44,7 +44,9 @@ local function secrets(opts)
   return out
 end
 
+-- The policy's signer: its own secrets, else the site's ([srs] secrets).
 local function signer(opts)
+  if #opts.secrets == 0 then return (srs.site()) end
   local s = signers[opts]
   if not s then
     s = srs.new{ secrets = secrets(opts), max_age = opts.max_age, hash_length = opts.hash_length }
@@ -183,7 +185,10 @@ return {
   -- No secret, or a bad max_age or hash_length, stops the policy from loading (`luamilter
   -- check` says so). Secret files are read at first use (reading a file may not block here).
   setup = function(opts)
-    if #opts.secrets == 0 then error("[policy.srs] secrets: at least one secret is needed", 0) end
+    if #opts.secrets == 0 then
+      if srs.site() then return end
+      error("[policy.srs] secrets: at least one secret is needed (here or in [srs])", 0)
+    end
     for _, item in ipairs(opts.secrets) do
       if item:match("^file:") then return end
     end
@@ -246,7 +251,9 @@ return {
   eom = function(ctx, opts)
     if ctx.vars.returned then
       local token = find_token(ctx.vars.returned)
-      local original = token and signer(opts):reverse(token)
+      local site_signer = srs.site()
+      local original = token and (signer(opts):reverse(token)
+        or (site_signer and site_signer:reverse(token)))
       if original then
         local subject = ctx:header("Subject") or "DSN"
         local ttl = opts.blacklist_ttl > 0 and opts.blacklist_ttl or nil

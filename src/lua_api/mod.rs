@@ -66,7 +66,7 @@ pub fn builtin_module(
         "milter.access" => access::module(lua, Arc::clone(site)),
         "milter.mime" => mime::module(lua),
         "milter.smtp" => smtp::module(lua, Arc::clone(&services.smtp)),
-        "milter.srs" => srs::module(lua, Arc::clone(&services.store)),
+        "milter.srs" => srs::module(lua, Arc::clone(&services.store), services.srs.clone()),
         "milter.dkim" => dkim::module(lua, Arc::clone(&services.dkim)),
         "milter.dmarc" => dmarc::module(
             lua,

@@ -57,6 +57,9 @@ pub enum ServicesError {
     /// The archive Maildir cannot be created.
     #[error("[archive]: {0}")]
     Archive(std::io::Error),
+    /// The SRS secrets (`[srs]`) cannot be read or are invalid.
+    #[error("[srs]: {0}")]
+    Srs(String),
 }
 
 /// The `[store]` section with a relative database path resolved against the config file's
@@ -83,6 +86,8 @@ pub struct Services {
     pub dkim: Arc<Dkim>,
     /// The mail archive (`[archive]`), off when no maildir is configured.
     pub archive: Arc<archive::Archive>,
+    /// The site's SRS signer (`[srs]`), when secrets are configured.
+    pub srs: Option<Arc<srs::SiteSrs>>,
 }
 
 impl Services {
@@ -113,6 +118,9 @@ impl Services {
         let helo = (config.site.hostname.clone())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(site::system_hostname);
+        let srs = srs::SiteSrs::start(&config.srs, &config.source.base_dir(), &helo)
+            .map_err(ServicesError::Srs)?
+            .map(Arc::new);
         let smtp = Smtp::new(
             Arc::clone(&resolver),
             Arc::clone(&store),
@@ -136,6 +144,7 @@ impl Services {
             smtp,
             dkim,
             archive,
+            srs,
         })
     }
 }
