@@ -22,6 +22,16 @@ pub const SCRIPT_NOTICE: &str = "<!-- WARNING: embedded script removed -->";
 /// Nested messages and multiparts deeper than this are not looked into.
 const MAX_DEPTH: usize = 16;
 
+/// ZIPs inside a ZIP attachment are unpacked and checked down to this many levels of nesting;
+/// a ZIP deeper than that counts as bad.
+pub const ZIP_MAX_DEPTH: usize = 3;
+/// The most bytes one inner ZIP may unpack to; a bigger one counts as bad (a zip bomb).
+pub const ZIP_MAX_INNER: u64 = 8 * 1024 * 1024;
+/// The most bytes unpacked for one attachment, all its inner ZIPs together.
+pub const ZIP_MAX_UNPACKED: u64 = 32 * 1024 * 1024;
+/// The most members (names) looked at in one attachment, all levels together.
+pub const ZIP_MAX_MEMBERS: usize = 10_000;
+
 /// What to look for.
 #[derive(Clone, Debug)]
 pub struct DefangOptions {
@@ -292,14 +302,54 @@ impl Walk<'_> {
             let Ok(bytes) = part.get_body_raw() else {
                 return Some(zip_name);
             };
-            return match zip::ZipArchive::new(Cursor::new(bytes)) {
-                Err(_) => Some(zip_name),
-                Ok(archive) => archive.file_names().find_map(|member| match member {
-                    Ok(member) if self.banned(&member) => Some(format!("{zip_name}/{member}")),
-                    Ok(_) => None,
-                    Err(_) => Some(zip_name.clone()),
-                }),
+            let mut spent = ZipBudget::default();
+            return self
+                .bad_in_zip(&bytes, 0, &mut spent)
+                .map(|inside| match inside.as_str() {
+                    "" => zip_name,
+                    inside => format!("{zip_name}/{inside}"),
+                });
+        }
+        None
+    }
+
+    /// What makes the ZIP `bytes` bad: the path of a member with a banned name (through the
+    /// inner ZIPs, `inner.zip/setup.exe`), or `""` when the ZIP itself cannot be read or passes
+    /// a bound (`ZIP_MAX_*`). Inner ZIPs (members named `*.zip`) are unpacked and checked too.
+    fn bad_in_zip(&self, bytes: &[u8], depth: usize, spent: &mut ZipBudget) -> Option<String> {
+        let Ok(mut archive) = zip::ZipArchive::new(Cursor::new(bytes)) else {
+            return Some(String::new());
+        };
+        spent.members += archive.len();
+        if spent.members > ZIP_MAX_MEMBERS {
+            return Some(String::new());
+        }
+        let mut inner = Vec::new();
+        for index in 0..archive.len() {
+            let Some(Ok(member)) = archive.name_for_index(index) else {
+                return Some(String::new());
             };
+            if self.banned(&member) {
+                return Some(member.into_owned());
+            }
+            if member.to_ascii_lowercase().ends_with(".zip") {
+                inner.push((index, member.into_owned()));
+            }
+        }
+        for (index, member) in inner {
+            let bad_here = Some(member.clone());
+            if depth + 1 > ZIP_MAX_DEPTH {
+                return bad_here;
+            }
+            let Some(unpacked) = unpack(&mut archive, index, spent) else {
+                return bad_here;
+            };
+            if let Some(inside) = self.bad_in_zip(&unpacked, depth + 1, spent) {
+                return Some(match inside.as_str() {
+                    "" => member,
+                    inside => format!("{member}/{inside}"),
+                });
+            }
         }
         None
     }
@@ -326,6 +376,32 @@ impl Walk<'_> {
         .write_part(&mut out);
         out
     }
+}
+
+/// What the look into one ZIP attachment has used up of the `ZIP_MAX_*` bounds.
+#[derive(Default)]
+struct ZipBudget {
+    unpacked: u64,
+    members: usize,
+}
+
+/// Member `index` of `archive`, unpacked within [`ZIP_MAX_INNER`] and what is left of
+/// [`ZIP_MAX_UNPACKED`]; `None` when it cannot be unpacked (encrypted, an unknown method,
+/// corrupt) or is too big.
+fn unpack(
+    archive: &mut zip::ZipArchive<Cursor<&[u8]>>,
+    index: usize,
+    spent: &mut ZipBudget,
+) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let limit = ZIP_MAX_INNER.min(ZIP_MAX_UNPACKED.saturating_sub(spent.unpacked));
+    let file = archive.by_index(index).ok()?;
+    let mut out = Vec::new();
+    // The declared size may lie: read one byte past the limit to see whether it is passed.
+    file.take(limit + 1).read_to_end(&mut out).ok()?;
+    let read = out.len() as u64;
+    spent.unpacked += read;
+    (read <= limit).then_some(out)
 }
 
 /// The length of a part's header block, blank line included.

@@ -225,6 +225,68 @@ async fn defang_rewrites_what_python_reads_as_valid_mime() {
     d.stop().await;
 }
 
+/// A message written by Python's email package whose ZIP attachments (Python's zipfile,
+/// deflated) hold ZIPs: an .exe two levels down, a clean nested ZIP, a zip bomb (an inner ZIP
+/// that unpacks past 8 MiB) and ZIPs nested four deep.
+const NESTED_ZIPS: &str = r#"
+import io, sys, zipfile
+from email.message import EmailMessage
+def zipped(members, method=zipfile.ZIP_DEFLATED):
+    z = io.BytesIO()
+    with zipfile.ZipFile(z, "w", compression=method) as f:
+        for name, data in members:
+            f.writestr(name, data)
+    return z.getvalue()
+msg = EmailMessage()
+msg["From"] = "Sender <sender@example.com>"
+msg["To"] = "user@example.org"
+msg["Subject"] = "zips in zips"
+msg.set_content("See the archives.\n")
+bad = zipped([("notes.txt", "x"), ("docs.zip", zipped([("readme.txt", "hi"), ("run.exe", "MZ")]))])
+clean = zipped([("docs.zip", zipped([("readme.txt", "hi")]))])
+bomb = zipped([("inner.zip", zipped([("zeros.bin", bytes(9 * 1024 * 1024))], zipfile.ZIP_STORED))])
+deep = zipped([("readme.txt", "bottom")])
+for level in (4, 3, 2, 1):
+    deep = zipped([("l%d.zip" % level, deep)])
+for name, data in (("nested-bad.zip", bad), ("nested-clean.zip", clean), ("bomb.zip", bomb), ("deep.zip", deep)):
+    msg.add_attachment(data, maintype="application", subtype="zip", filename=name)
+sys.stdout.buffer.write(msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))
+"#;
+
+#[tokio::test]
+async fn defang_unpacks_zips_inside_zips_within_bounds() {
+    let original = python(NESTED_ZIPS, b"").into_bytes();
+    assert!(original.len() < 200_000, "the bomb is deflated");
+    let d = TestDaemon::start(&[stock("defang")], "").await;
+    let (actions, status) = send(
+        &d,
+        &original,
+        Ipv4Addr::new(192, 0, 2, 9),
+        "<sender@example.com>",
+    )
+    .await;
+    assert_eq!(status, Status::Continue);
+    let after = python(READ, &edited(&original, &actions));
+    let notice = |name: &str| {
+        let needle = format!("originally named '{name}'");
+        assert!(
+            after
+                .lines()
+                .any(|l| l.starts_with("text/plain WARNING.TXT") && l.contains(&needle)),
+            "no notice for {name}:\n{after}"
+        );
+    };
+    notice("nested-bad.zip/docs.zip/run.exe");
+    notice("bomb.zip/inner.zip");
+    notice("deep.zip/l1.zip/l2.zip/l3.zip/l4.zip");
+    assert!(
+        after.contains("application/zip nested-clean.zip"),
+        "the clean nested ZIP stays:\n{after}"
+    );
+    assert_eq!(after.matches("WARNING.TXT").count(), 3, "{after}");
+    d.stop().await;
+}
+
 /// Sends `message` `n` times through the daemon; each must go through.
 async fn send_all(d: &TestDaemon, message: &[u8], n: usize) {
     for _ in 0..n {
