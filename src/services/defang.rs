@@ -212,9 +212,9 @@ impl Walk<'_> {
         Ok(())
     }
 
-    /// An attached message: walked in place when it is not transfer-encoded, else decoded,
-    /// defanged on its own and written back unencoded (8bit, as RFC 2046 wants for
-    /// message/rfc822).
+    /// An attached message: walked in place when it is not transfer-encoded, else decoded and
+    /// defanged on its own; written back as `7bit` (what RFC 2046 wants for message/rfc822)
+    /// when the result is 7-bit text, else in base64 again, so a 7-bit clean message stays so.
     fn attached_message(
         &mut self,
         part: &ParsedMail,
@@ -249,10 +249,15 @@ impl Walk<'_> {
                 .eq_ignore_ascii_case("Content-Transfer-Encoding")
         });
         write_raw_headers(&mut bytes, kept);
-        bytes.extend_from_slice(b"Content-Transfer-Encoding: 8bit\r\n\r\n");
-        let (changes, body) = (inner.headers, inner.body);
-        bytes.extend_from_slice(&rewrite_headers(inner_head, &changes));
-        bytes.extend_from_slice(&body);
+        let mut message = rewrite_headers(inner_head, &inner.headers);
+        message.extend_from_slice(&inner.body);
+        if is_7bit(&message) {
+            bytes.extend_from_slice(b"Content-Transfer-Encoding: 7bit\r\n\r\n");
+            bytes.extend_from_slice(&message);
+        } else {
+            bytes.extend_from_slice(b"Content-Transfer-Encoding: base64\r\n\r\n");
+            bytes.extend_from_slice(&base64_lines(&message));
+        }
         let at = offset(base, part.raw_bytes);
         self.splices.push(Splice {
             start: at,
@@ -402,6 +407,44 @@ fn unpack(
     let read = out.len() as u64;
     spent.unpacked += read;
     (read <= limit).then_some(out)
+}
+
+/// Whether `bytes` can be sent as `7bit` (RFC 2045): ASCII without NUL and bare CR or LF,
+/// lines of at most 998 characters.
+fn is_7bit(bytes: &[u8]) -> bool {
+    let mut line = 0;
+    let mut previous = 0u8;
+    for &b in bytes {
+        match b {
+            b'\n' if previous == b'\r' => line = 0,
+            b'\r' => {}
+            b'\n' | 0 | 0x80.. => return false,
+            _ => line += 1,
+        }
+        if previous == b'\r' && b != b'\n' {
+            return false;
+        }
+        if line > 998 {
+            return false;
+        }
+        previous = b;
+    }
+    previous != b'\r'
+}
+
+/// `bytes` in base64, in lines of 76 characters (RFC 2045), each ending in CRLF.
+fn base64_lines(bytes: &[u8]) -> Vec<u8> {
+    use base64::Engine;
+    let mut out = Vec::with_capacity(bytes.len() * 4 / 3 + bytes.len() / 28 + 4);
+    for chunk in bytes.chunks(57) {
+        out.extend_from_slice(
+            base64::engine::general_purpose::STANDARD
+                .encode(chunk)
+                .as_bytes(),
+        );
+        out.extend_from_slice(b"\r\n");
+    }
+    out
 }
 
 /// The length of a part's header block, blank line included.

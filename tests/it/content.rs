@@ -287,6 +287,97 @@ async fn defang_unpacks_zips_inside_zips_within_bounds() {
     d.stop().await;
 }
 
+/// A message (Python's email package) with two attached messages sent base64-encoded, each
+/// carrying a .scr: one all ASCII, one with a UTF-8 text part sent 8bit. The whole is 7-bit.
+const ENCODED_RFC822: &str = r#"
+import base64, sys
+from email.message import EmailMessage
+from email.mime.base import MIMEBase
+def inner(text, cte):
+    m = EmailMessage()
+    m["From"] = "x@example.net"
+    m["Subject"] = "forwarded"
+    m.set_content(text, cte=cte)
+    m.add_attachment(b"MZ....", maintype="application", subtype="octet-stream", filename="screensaver.scr")
+    return m.as_bytes(policy=m.policy.clone(linesep="\r\n"))
+msg = EmailMessage()
+msg["From"] = "Sender <sender@example.com>"
+msg["To"] = "user@example.org"
+msg["Subject"] = "encoded forwards"
+msg.set_content("Two forwards.\n")
+msg.make_mixed()
+for text, cte in (("plain inner text\n", "7bit"), ("Grüße aus Köln\n", "8bit")):
+    part = MIMEBase("message", "rfc822")
+    part["Content-Transfer-Encoding"] = "base64"
+    part.set_payload(base64.encodebytes(inner(text, cte)).decode())
+    msg.attach(part)
+sys.stdout.buffer.write(msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))
+"#;
+
+/// Reads a message from stdin and prints, for each attached message (decoding its transfer
+/// encoding), its transfer encoding, then READ's line per leaf part of it.
+const READ_ATTACHED: &str = r#"
+import base64, sys, email
+from email import policy
+from email.parser import BytesParser
+raw = sys.stdin.buffer.read()
+# Python parses a message/rfc822 part as a message without undoing its transfer encoding, so
+# the top-level parts are split at the boundary and each is read header-only (body kept raw).
+top = BytesParser(policy=policy.default).parsebytes(raw, headersonly=True)
+body = top.get_payload().encode("ascii", "surrogateescape")
+for chunk in body.split(b"--" + top.get_boundary().encode())[1:-1]:
+    part = BytesParser(policy=policy.default).parsebytes(chunk.lstrip(b"\r\n"), headersonly=True)
+    if part.get_content_type() != "message/rfc822":
+        continue
+    cte = part.get("Content-Transfer-Encoding", "7bit").strip().lower()
+    payload = part.get_payload().encode("ascii", "surrogateescape")
+    if cte == "base64":
+        payload = base64.b64decode(payload, validate=False)
+    inner = email.message_from_bytes(payload, policy=policy.default)
+    print("attached", cte, len(inner.defects))
+    for leaf in inner.walk():
+        if leaf.is_multipart():
+            continue
+        text = leaf.get_content()
+        text = text.replace("\r", "").replace("\n", " ")[:120] if isinstance(text, str) else "%d bytes" % len(text)
+        print(" ", leaf.get_content_type(), leaf.get_filename() or "-", text, len(leaf.defects))
+"#;
+
+#[tokio::test]
+async fn a_defanged_encoded_attached_message_stays_7bit() {
+    let original = python(ENCODED_RFC822, b"").into_bytes();
+    assert!(original.is_ascii());
+    let d = TestDaemon::start(&[stock("defang")], "").await;
+    let (actions, status) = send(
+        &d,
+        &original,
+        Ipv4Addr::new(192, 0, 2, 9),
+        "<sender@example.com>",
+    )
+    .await;
+    assert_eq!(status, Status::Continue);
+    let edited = edited(&original, &actions);
+    assert!(edited.is_ascii(), "the result is 7-bit clean");
+    let after = python(READ_ATTACHED, &edited);
+    let lines: Vec<&str> = after.lines().map(str::trim).collect();
+    assert_eq!(lines.len(), 6, "two messages of two leaves each:\n{after}");
+    // The ASCII forward is now 7bit (RFC 2046), the one with 8-bit text base64 again.
+    assert_eq!(lines[0], "attached 7bit 0", "{after}");
+    assert!(
+        lines[1].starts_with("text/plain - plain inner text"),
+        "{after}"
+    );
+    assert!(lines[2].starts_with("text/plain WARNING.TXT"), "{after}");
+    assert_eq!(lines[3], "attached base64 0", "{after}");
+    assert!(
+        lines[4].starts_with("text/plain - Grüße aus Köln"),
+        "{after}"
+    );
+    assert!(lines[5].starts_with("text/plain WARNING.TXT"), "{after}");
+    assert!(after.contains("'screensaver.scr'"), "{after}");
+    d.stop().await;
+}
+
 /// Sends `message` `n` times through the daemon; each must go through.
 async fn send_all(d: &TestDaemon, message: &[u8], n: usize) {
     for _ in 0..n {
