@@ -15,12 +15,14 @@
 -- EOM of an unsigned bounce (null sender, bounce_senders, or a delivery-status report): a
 -- returned header (Message-ID, X-Mailer, Sender, References) that carries one of our SRS
 -- tokens is a delayed failure of a message we sent to that address: the address is
--- blacklisted and the bounce discarded.
+-- blacklisted and the bounce discarded (a copy is kept in [site] save_dir, "dsn").
 local milter = require "milter"
+local archive = require "milter.archive"
 local srs = require "milter.srs"
 local site = require "milter.site"
 local net = require "milter.net"
 local store = require "milter.store"
+local message = require "lib.message"
 
 local fill = milter.fill
 
@@ -180,6 +182,7 @@ return {
     },
     blacklist_ttl = 0,
     max_scan = 262144,
+    keep_copies = true,
   },
 
   -- No secret, or a bad max_age or hash_length, stops the policy from loading (`luamilter
@@ -260,6 +263,9 @@ return {
         local ok, err = store.list_add("blacklist", original, "delayed failure: " .. subject, ttl)
         if not ok then milter.log.warn("srs: cannot blacklist", original, err) end
         milter.log.info("srs: DISCARD delayed failure for", original, "blacklisted:", subject)
+        if opts.keep_copies then
+          archive.keep("dsn", message.header_block(ctx) .. ctx.vars.returned)
+        end
         return milter.discard()
       end
     end

@@ -73,7 +73,11 @@ pub fn builtin_module(
             Arc::clone(&services.resolver),
             Arc::clone(&services.dkim),
         ),
-        "milter.archive" => archive::module(lua, Arc::clone(&services.archive)),
+        "milter.archive" => archive::module(
+            lua,
+            Arc::clone(&services.archive),
+            Arc::clone(&services.saved),
+        ),
         _ => return None,
     };
     Some(module.map(Value::Table))

@@ -4,6 +4,7 @@
 //! one as the relay that captures the DSNs, which are parsed with `mailparse` (not the builder
 //! that wrote them). Call-backs and DSNs are counted at the MX and at the relay.
 
+use crate::content::maildir_new;
 use crate::dns_server::TestDns;
 use crate::dsn::{original_header, report_parts, status_blocks};
 use crate::smtp::session;
@@ -343,8 +344,9 @@ fn bounce_of(dsn_header: &str) -> (Vec<(&'static str, String)>, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bounce_of_our_signed_dsn_blacklists_its_target_and_is_discarded() {
-    let config =
-        format!("{DSN_ON_NEUTRAL}[srs]\nsecrets = [\"s3cret\"]\ndomain = \"fwd.receiver.test\"\n");
+    let config = format!(
+        "save_dir = \"saved\"\n{DSN_ON_NEUTRAL}[srs]\nsecrets = [\"s3cret\"]\ndomain = \"fwd.receiver.test\"\n"
+    );
     let more = [stock("srs"), stock("whitelist")];
     let World {
         relay,
@@ -400,8 +402,13 @@ async fn a_bounce_of_our_signed_dsn_blacklists_its_target_and_is_discarded() {
         "not blacklisted by a forged token"
     );
 
-    // The real bounce quotes our token: discarded, and the target is blacklisted.
+    // The real bounce quotes our token: discarded (a copy kept), the target blacklisted.
     assert_eq!(deliver(dsn_header.to_string()).await, Status::Discard);
+    let kept = maildir_new(&d.dir.path().join("saved"), 1);
+    assert_eq!(kept.len(), 1);
+    let copy = std::fs::read_to_string(&kept[0]).unwrap();
+    assert!(copy.starts_with("X-Luamilter-Kept: dsn\r\n"), "{copy}");
+    assert!(copy.contains(&id), "the kept bounce quotes the token");
     let mut c = session(&d).await;
     assert_eq!(
         reply_text(&c.mail(["<ok@good.cbv.test>"]).await.unwrap()),

@@ -163,7 +163,7 @@ async fn defang_rewrites_what_python_reads_as_valid_mime() {
         before.contains("invoice.zip") && before.contains("alert"),
         "{before}"
     );
-    let d = TestDaemon::start(&[stock("defang")], "").await;
+    let d = TestDaemon::start(&[stock("defang")], "[site]\nsave_dir = \"saved\"").await;
     let (actions, status) = send(
         &d,
         &original,
@@ -172,6 +172,14 @@ async fn defang_rewrites_what_python_reads_as_valid_mime() {
     )
     .await;
     assert_eq!(status, Status::Continue);
+    // The original is kept in [site] save_dir, marked with its kind.
+    let kept = maildir_new(&d.dir.path().join("saved"), 1);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let copy = std::fs::read(&kept[0]).unwrap();
+    let copy = copy
+        .strip_prefix(b"X-Luamilter-Kept: defang\r\n".as_slice())
+        .expect("marked as a defang copy");
+    assert_eq!(python(READ, copy), before);
     assert!(
         actions
             .actions
@@ -387,7 +395,7 @@ async fn send_all(d: &TestDaemon, message: &[u8], n: usize) {
 }
 
 /// Lists the files of the Maildir's `new/`, waiting up to 5 s for `n` of them.
-fn maildir_new(dir: &Path, n: usize) -> Vec<std::path::PathBuf> {
+pub(crate) fn maildir_new(dir: &Path, n: usize) -> Vec<std::path::PathBuf> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let files: Vec<_> = std::fs::read_dir(dir.join("new"))
