@@ -79,7 +79,7 @@ print("top-defects", len(msg.defects))
 "#;
 
 /// The header fields of `message` (folded lines joined with CRLF) and its body.
-fn split_message(message: &[u8]) -> (Vec<(String, String)>, Vec<u8>) {
+pub(crate) fn split_message(message: &[u8]) -> (Vec<(String, String)>, Vec<u8>) {
     let end = message
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -99,7 +99,12 @@ fn split_message(message: &[u8]) -> (Vec<(String, String)>, Vec<u8>) {
 }
 
 /// Sends `message` from `ip` as an MTA does and returns the end-of-message answer.
-async fn send(d: &TestDaemon, message: &[u8], ip: Ipv4Addr, sender: &str) -> (EomActions, Status) {
+pub(crate) async fn send(
+    d: &TestDaemon,
+    message: &[u8],
+    ip: Ipv4Addr,
+    sender: &str,
+) -> (EomActions, Status) {
     let (headers, body) = split_message(message);
     let mut c = d.client().await;
     c.connect("client.example", ip).await.unwrap();
