@@ -387,7 +387,7 @@ async fn a_bounce_of_our_signed_dsn_blacklists_its_target_and_is_discarded() {
             let status = c.rcpt(["<postmaster@receiver.test>"]).await.unwrap();
             assert_eq!(status, Status::Continue);
             for (name, value) in &headers {
-                c.header(*name, value.as_str()).await.unwrap();
+                c.header(name, value.as_str()).await.unwrap();
             }
             c.eoh().await.unwrap();
             c.body(body).await.unwrap();
