@@ -160,6 +160,21 @@ fn stock(name: &str) -> (&str, &'static str) {
     (name, luamilter::stock::get(name).unwrap())
 }
 
+/// Starts a daemon with the defang policy (and `extra` config), sends it `original` from an
+/// external client; the daemon and the end-of-message actions of a message that went through.
+async fn defanged(original: &[u8], extra: &str) -> (TestDaemon, EomActions) {
+    let d = TestDaemon::start(&[stock("defang")], extra).await;
+    let (actions, status) = send(
+        &d,
+        original,
+        Ipv4Addr::new(192, 0, 2, 9),
+        "<sender@example.com>",
+    )
+    .await;
+    assert_eq!(status, Status::Continue);
+    (d, actions)
+}
+
 #[tokio::test]
 async fn defang_rewrites_what_python_reads_as_valid_mime() {
     let original = python(BUILD, b"").into_bytes();
@@ -168,15 +183,7 @@ async fn defang_rewrites_what_python_reads_as_valid_mime() {
         before.contains("invoice.zip") && before.contains("alert"),
         "{before}"
     );
-    let d = TestDaemon::start(&[stock("defang")], "[site]\nsave_dir = \"saved\"").await;
-    let (actions, status) = send(
-        &d,
-        &original,
-        Ipv4Addr::new(192, 0, 2, 9),
-        "<sender@example.com>",
-    )
-    .await;
-    assert_eq!(status, Status::Continue);
+    let (d, actions) = defanged(&original, "[site]\nsave_dir = \"saved\"").await;
     // The original is kept in [site] save_dir, marked with its kind.
     let kept = maildir_new(&d.dir.path().join("saved"), 1);
     assert_eq!(kept.len(), 1, "{kept:?}");
@@ -270,15 +277,7 @@ sys.stdout.buffer.write(msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))
 async fn defang_unpacks_zips_inside_zips_within_bounds() {
     let original = python(NESTED_ZIPS, b"").into_bytes();
     assert!(original.len() < 200_000, "the bomb is deflated");
-    let d = TestDaemon::start(&[stock("defang")], "").await;
-    let (actions, status) = send(
-        &d,
-        &original,
-        Ipv4Addr::new(192, 0, 2, 9),
-        "<sender@example.com>",
-    )
-    .await;
-    assert_eq!(status, Status::Continue);
+    let (d, actions) = defanged(&original, "").await;
     let after = python(READ, &edited(&original, &actions));
     let notice = |name: &str| {
         let needle = format!("originally named '{name}'");
@@ -360,15 +359,7 @@ for chunk in body.split(b"--" + top.get_boundary().encode())[1:-1]:
 async fn a_defanged_encoded_attached_message_stays_7bit() {
     let original = python(ENCODED_RFC822, b"").into_bytes();
     assert!(original.is_ascii());
-    let d = TestDaemon::start(&[stock("defang")], "").await;
-    let (actions, status) = send(
-        &d,
-        &original,
-        Ipv4Addr::new(192, 0, 2, 9),
-        "<sender@example.com>",
-    )
-    .await;
-    assert_eq!(status, Status::Continue);
+    let (d, actions) = defanged(&original, "").await;
     let edited = edited(&original, &actions);
     assert!(edited.is_ascii(), "the result is 7-bit clean");
     let after = python(READ_ATTACHED, &edited);
