@@ -653,15 +653,20 @@ mod tests {
         assert!(!body.contains("alert"), "{body}");
     }
 
-    fn zip_of(names: &[&str]) -> Vec<u8> {
+    fn zip_with(members: &[(&str, &[u8])]) -> Vec<u8> {
         let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
         let options = zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Stored);
-        for name in names {
+        for (name, data) in members {
             zip.start_file(*name, options).unwrap();
-            zip.write_all(b"data").unwrap();
+            zip.write_all(data).unwrap();
         }
         zip.finish().unwrap().into_inner()
+    }
+
+    fn zip_of(names: &[&str]) -> Vec<u8> {
+        let members: Vec<(&str, &[u8])> = names.iter().map(|n| (*n, b"data".as_slice())).collect();
+        zip_with(&members)
     }
 
     fn zip_part(bytes: &[u8]) -> String {
@@ -726,5 +731,47 @@ mod tests {
             defang(msg.as_bytes(), &opts()).unwrap_err().code(),
             "boundary"
         );
+    }
+
+    #[test]
+    fn unpacks_zips_inside_a_zip_within_bounds() {
+        let removed = |zip: &[u8]| {
+            defang(multipart(&zip_part(zip)).as_bytes(), &opts())
+                .unwrap()
+                .map(|out| out.removed)
+        };
+        let inner = zip_with(&[("readme.txt", b"hi"), ("setup.exe", b"MZ")]);
+        let nested = zip_with(&[("notes.txt", b"x"), ("inner.zip", &inner)]);
+        assert_eq!(removed(&nested).unwrap(), ["files.zip/inner.zip/setup.exe"]);
+        let clean = zip_with(&[("inner.zip", &zip_of(&["readme.txt"]))]);
+        assert_eq!(removed(&clean), None);
+        let corrupt = zip_with(&[("inner.zip", b"PK\x03\x04 not really")]);
+        assert_eq!(removed(&corrupt).unwrap(), ["files.zip/inner.zip"]);
+        let mut deep = zip_of(&["readme.txt"]);
+        for level in (1..=ZIP_MAX_DEPTH + 1).rev() {
+            deep = zip_with(&[(&format!("l{level}.zip"), &deep)]);
+        }
+        assert_eq!(
+            removed(&deep).unwrap(),
+            ["files.zip/l1.zip/l2.zip/l3.zip/l4.zip"]
+        );
+        let names: Vec<String> = (0..=ZIP_MAX_MEMBERS).map(|i| format!("f{i}.txt")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        assert_eq!(removed(&zip_of(&names)).unwrap(), ["files.zip"]);
+    }
+
+    #[test]
+    fn seven_bit_text_and_base64_lines() {
+        assert!(is_7bit(b"Subject: x\r\n\r\nplain\r\n"));
+        assert!(!is_7bit("Grüße\r\n".as_bytes()));
+        assert!(!is_7bit(b"bare\nline feed"));
+        assert!(!is_7bit(b"bare\rreturn"));
+        assert!(!is_7bit(b"nul\x00\r\n"));
+        assert!(!is_7bit(&[b'a'; 999]));
+        assert!(is_7bit(&[b'a'; 998]));
+        let encoded = base64_lines(&[0u8; 100]);
+        let lines: Vec<&[u8]> = encoded.split(|b| *b == b'\n').collect();
+        assert_eq!(lines[0].len(), 77, "76 characters and CR");
+        assert!(encoded.ends_with(b"\r\n"));
     }
 }
