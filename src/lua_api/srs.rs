@@ -1,7 +1,7 @@
 //! `milter.srs`: `new` builds a [`Signer`] over the SRS service (SRS forward/reverse, BATV
 //! sign/verify, with a rotating secret list and a maximum age); `site` gives the signer of
-//! `[srs]` and its domain; `is_srs` and `is_batv` tell the kinds apart. Time comes from the store's clock, which case files move with `advance`. See
-//! `docs/lua-api/srs.md`.
+//! `[srs]` and its domain; `is_srs` and `is_batv` tell the kinds apart. Time comes from the
+//! store's clock, which case files move with `advance`. See `docs/lua-api/srs.md`.
 
 use crate::services::{
     srs::{SiteSrs, Srs, SrsError},

@@ -588,4 +588,49 @@ mod tests {
                 .contains("hash length")
         );
     }
+
+    #[test]
+    fn the_site_signer_reads_file_secrets_relative_to_the_config() {
+        let dir = tempfile::TempDir::new().unwrap();
+        std::fs::write(
+            dir.path().join("secrets"),
+            "# rotated\nnew secret\nold secret\n",
+        )
+        .unwrap();
+        let config = |secrets: &[&str]| SrsConfig {
+            secrets: secrets.iter().map(|s| s.to_string()).collect(),
+            ..SrsConfig::default()
+        };
+        assert!(
+            SiteSrs::start(&config(&[]), dir.path(), "mx.test")
+                .unwrap()
+                .is_none()
+        );
+        let site = SiteSrs::start(&config(&["file:secrets"]), dir.path(), "mx.test")
+            .unwrap()
+            .unwrap();
+        assert_eq!(site.domain, "mx.test");
+        let now = 1_700_000_000;
+        let signed = site
+            .srs
+            .forward("a@remote.example", "mx.test", now)
+            .unwrap();
+        let old = Srs::new(&["old secret".into()], 21, 4).unwrap();
+        let by_old = old.forward("a@remote.example", "mx.test", now).unwrap();
+        assert_eq!(site.srs.reverse(&by_old, now).unwrap(), "a@remote.example");
+        assert_ne!(signed, by_old, "the first secret signs");
+        let missing = SiteSrs::start(&config(&["file:absent"]), dir.path(), "mx.test");
+        assert!(missing.unwrap_err().contains("cannot read"));
+        let domain = SrsConfig {
+            domain: Some("fwd.test".into()),
+            ..config(&["s"])
+        };
+        assert_eq!(
+            SiteSrs::start(&domain, dir.path(), "mx.test")
+                .unwrap()
+                .unwrap()
+                .domain,
+            "fwd.test"
+        );
+    }
 }
