@@ -6,13 +6,23 @@
 -- reject_virus_from: a sender of those domains gets a refusal instead (your own outgoing mail).
 -- A message that cannot be read: a MIME boundary error is refused from external clients and
 -- accepted from internal ones; a header parse error is refused.
+-- With keep_copies, the original of a changed message ("defang") and a message that cannot be
+-- read ("fail") are kept in the [site] save_dir Maildir (milter.archive.keep).
 local milter = require "milter"
+local archive = require "milter.archive"
 local mime = require "milter.mime"
 local net = require "milter.net"
 local message = require "lib.message"
 
 local function refuse(code, xcode, text)
   return milter.reject{ code = code, xcode = xcode, text = text }
+end
+
+-- Keeps `text` as a copy of `kind` when asked to; a save_dir that is not set is not an error.
+local function keep(kind, text, opts)
+  if not opts.keep_copies then return end
+  local kept, err = archive.keep(kind, text)
+  if not kept and err ~= "off" then milter.log.warn("defang: copy not kept:", err) end
 end
 
 local function listed(domain, domains)
@@ -50,6 +60,7 @@ return {
     boundary_reply = "Boundary error in your message, are you a spammer?",
     header_reply = "Header parse error in your message, are you a spammer?",
     max_size = 10 * 1024 * 1024,
+    keep_copies = true,
   },
 
   body = function(ctx, chunk, opts) message.collect(ctx, chunk, "defang", opts.max_size) end,
@@ -64,6 +75,7 @@ return {
       scan_html = opts.scan_html,
       notice = opts.notice:gsub("\r?\n", "\r\n"),
     })
+    if err then keep("fail", text, opts) end
     if err == "boundary" then
       milter.log.info("defang: MIME boundary error", detail)
       if ctx.client.internal then return end
@@ -80,6 +92,7 @@ return {
         return refuse(550, "5.7.1", opts.virus_reply)
       end
     end
+    keep("defang", text, opts)
     for _, h in ipairs(result.headers) do set_header(ctx, h.name, h.value) end
     ctx:replace_body(result.body)
     ctx.msg.defanged = result.removed

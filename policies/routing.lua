@@ -5,7 +5,9 @@
 -- * wiretap: mail from (and, with tap_recipients, to) a tapped user also goes to `dest`
 --   (smart aliases apply to it); blind = false adds a `Cc: <dest>` header as well;
 -- * discard: mail from a listed sender loses every original recipient, silently; recipients
---   added here (wiretap, aliases) are kept, so discard + wiretap intercepts.
+--   added here (wiretap, aliases) are kept, so discard + wiretap intercepts;
+-- * hide_path: mail to a listed recipient domain loses its Received headers (the classic
+--   [scrub] hide_path), so the recipient does not see the internal path.
 -- The sender is ctx.msg.original_sender when an earlier policy published one (the SRS-reversed
 -- address of a forwarded bounce), else the envelope sender.
 local milter = require "milter"
@@ -72,6 +74,19 @@ end
 local function bracket(address)
   return address:find("^<") and address or "<" .. address .. ">"
 end
+-- Whether a recipient's domain is one of hide_path.
+local function hides_path(ctx, opts)
+  for _, rcpt in ipairs(ctx.recipients) do
+    local domain = rcpt:match("@([^@>]+)>?$")
+    if domain then
+      domain = domain:lower()
+      for _, d in ipairs(opts.hide_path) do
+        if d:lower() == domain then return true end
+      end
+    end
+  end
+  return false
+end
 
 return {
   description = "wiretap, discard and smart aliases: envelope recipient rewriting at end of message",
@@ -85,6 +100,7 @@ return {
     discard_files = {},
     smart_alias = {},            -- { sender = "a@x" or "@x", recipient = "r@y", dest = { "d@z", ... } }
     case_sensitive_localpart = false,
+    hide_path = {},              -- recipient domains for which every Received header is removed
   },
 
   eom = function(ctx, opts)
@@ -117,6 +133,15 @@ return {
         end
         milter.log.info("wiretap", sender, "->", opts.dest)
       end
+    end
+
+    if hides_path(ctx, opts) then
+      local received = 0
+      for _, h in ipairs(ctx.headers) do
+        if h.name:lower() == "received" then received = received + 1 end
+      end
+      for i = received, 1, -1 do ctx:change_header("Received", i, nil) end
+      milter.log.info("hide_path: Received headers removed", received)
     end
 
     if in_lists(sender, opts.discard, opts.discard_files, opts) then

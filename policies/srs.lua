@@ -15,12 +15,14 @@
 -- EOM of an unsigned bounce (null sender, bounce_senders, or a delivery-status report): a
 -- returned header (Message-ID, X-Mailer, Sender, References) that carries one of our SRS
 -- tokens is a delayed failure of a message we sent to that address: the address is
--- blacklisted and the bounce discarded.
+-- blacklisted and the bounce discarded (a copy is kept in [site] save_dir, "dsn").
 local milter = require "milter"
+local archive = require "milter.archive"
 local srs = require "milter.srs"
 local site = require "milter.site"
 local net = require "milter.net"
 local store = require "milter.store"
+local message = require "lib.message"
 
 local fill = milter.fill
 
@@ -44,7 +46,9 @@ local function secrets(opts)
   return out
 end
 
+-- The policy's signer: its own secrets, else the site's ([srs] secrets).
 local function signer(opts)
+  if #opts.secrets == 0 then return (srs.site()) end
   local s = signers[opts]
   if not s then
     s = srs.new{ secrets = secrets(opts), max_age = opts.max_age, hash_length = opts.hash_length }
@@ -178,12 +182,16 @@ return {
     },
     blacklist_ttl = 0,
     max_scan = 262144,
+    keep_copies = true,
   },
 
   -- No secret, or a bad max_age or hash_length, stops the policy from loading (`luamilter
   -- check` says so). Secret files are read at first use (reading a file may not block here).
   setup = function(opts)
-    if #opts.secrets == 0 then error("[policy.srs] secrets: at least one secret is needed", 0) end
+    if #opts.secrets == 0 then
+      if srs.site() then return end
+      error("[policy.srs] secrets: at least one secret is needed (here or in [srs])", 0)
+    end
     for _, item in ipairs(opts.secrets) do
       if item:match("^file:") then return end
     end
@@ -246,13 +254,18 @@ return {
   eom = function(ctx, opts)
     if ctx.vars.returned then
       local token = find_token(ctx.vars.returned)
-      local original = token and signer(opts):reverse(token)
+      local site_signer = srs.site()
+      local original = token and (signer(opts):reverse(token)
+        or (site_signer and site_signer:reverse(token)))
       if original then
         local subject = ctx:header("Subject") or "DSN"
         local ttl = opts.blacklist_ttl > 0 and opts.blacklist_ttl or nil
         local ok, err = store.list_add("blacklist", original, "delayed failure: " .. subject, ttl)
         if not ok then milter.log.warn("srs: cannot blacklist", original, err) end
         milter.log.info("srs: DISCARD delayed failure for", original, "blacklisted:", subject)
+        if opts.keep_copies then
+          archive.keep("dsn", message.header_block(ctx) .. ctx.vars.returned)
+        end
         return milter.discard()
       end
     end

@@ -46,6 +46,9 @@ pub struct Config {
     /// The Maildir archive of accepted messages.
     #[serde(default)]
     pub archive: crate::services::archive::ArchiveConfig,
+    /// The site's SRS/BATV secrets (signed DSN tokens; the srs policy's default).
+    #[serde(default)]
+    pub srs: crate::services::srs::SrsConfig,
     /// Facts about the site: internal networks, trusted relays, own domains, access map.
     #[serde(default)]
     pub site: crate::services::site::SiteConfig,

@@ -233,6 +233,8 @@ fn pin_boot_settings(config: &mut Config, boot: &Config) -> Vec<String> {
     pin!(spf, "spf");
     pin!(store, "store");
     pin!(archive, "archive");
+    pin!(site.save_dir, "site.save_dir");
+    pin!(srs, "srs");
     pin!(log.level, "log.level");
     pin!(log.format, "log.format");
     changed

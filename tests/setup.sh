@@ -4,7 +4,8 @@
 # TLS test), man-db and groff (`man -l` on the generated pages), lintian (the Debian package,
 # .ci/deb), and dkimpy with PyNaCl, dnspython and authres (DKIM and ARC tests: the second
 # implementation, signing and sealing for luamilter to verify, and verifying what luamilter
-# signs). Idempotent; needs root (as do the Postfix tests).
+# signs), and python3-flufl.bounce for its corpus of real-world bounces (the srs policy's
+# delayed-failure tests). Idempotent; needs root (as do the Postfix tests).
 set -euo pipefail
 missing=()
 command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || missing+=(postfix)
@@ -18,6 +19,7 @@ command -v dkimverify >/dev/null 2>&1 || missing+=(python3-dkim)
 /usr/bin/python3 -c 'import nacl' >/dev/null 2>&1 || missing+=(python3-nacl)
 /usr/bin/python3 -c 'import dns.resolver' >/dev/null 2>&1 || missing+=(python3-dnspython)
 /usr/bin/python3 -c 'import authres' >/dev/null 2>&1 || missing+=(python3-authres)
+[ -d /usr/lib/python3/dist-packages/flufl/bounce/tests/data ] || missing+=(python3-flufl.bounce)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -7,6 +7,7 @@
 -- Documented in docs/policies/lib/notice.md.
 local milter = require "milter"
 local smtp = require "milter.smtp"
+local srs = require "milter.srs"
 local site = require "milter.site"
 local store = require "milter.store"
 local replies = require "lib.replies"
@@ -100,6 +101,16 @@ local function values(ctx, target, recipients, extra)
   return out
 end
 
+-- The SRS address of `target` under `[srs] domain`, which the DSN carries as its Message-ID
+-- (and in X-Mailer), so that the srs policy knows a bounce of it; nil without `[srs]`.
+local function token(target)
+  local signer, domain = srs.site()
+  if not signer then return nil end
+  local signed = signer:forward(target, domain)
+  if signed and srs.is_srs(signed) then return signed end
+  return nil
+end
+
 -- Sends `target` (default: the sender) a DSN from template `template` about the recipients
 -- whose NOTIFY allows it (`opts.notify`: "DELAY", the default, or "any"), at eom.
 -- Returns true, or nil and why: "notemplate", "notify" (no recipient allows it), "remembered"
@@ -132,6 +143,7 @@ function M.send(ctx, template, opts)
     action = "delayed",
     status = opts.status or "4.7.0",
     headers = ctx.headers,
+    token = token(target),
   }, { timeout = option(opts, "timeout") })
   if sent then store.set("notice:sent:" .. key, template, option(opts, "dsn_remember")) end
   return sent, err, reply

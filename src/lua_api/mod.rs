@@ -66,14 +66,18 @@ pub fn builtin_module(
         "milter.access" => access::module(lua, Arc::clone(site)),
         "milter.mime" => mime::module(lua),
         "milter.smtp" => smtp::module(lua, Arc::clone(&services.smtp)),
-        "milter.srs" => srs::module(lua, Arc::clone(&services.store)),
+        "milter.srs" => srs::module(lua, Arc::clone(&services.store), services.srs.clone()),
         "milter.dkim" => dkim::module(lua, Arc::clone(&services.dkim)),
         "milter.dmarc" => dmarc::module(
             lua,
             Arc::clone(&services.resolver),
             Arc::clone(&services.dkim),
         ),
-        "milter.archive" => archive::module(lua, Arc::clone(&services.archive)),
+        "milter.archive" => archive::module(
+            lua,
+            Arc::clone(&services.archive),
+            Arc::clone(&services.saved),
+        ),
         _ => return None,
     };
     Some(module.map(Value::Table))

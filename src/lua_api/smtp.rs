@@ -113,6 +113,7 @@ fn dsn(table: Table) -> mlua::Result<Dsn> {
         status: None,
         diagnostic: None,
         headers: Vec::new(),
+        token: None,
     };
     for pair in table.pairs::<String, Value>() {
         let (key, value) = pair?;
@@ -122,6 +123,7 @@ fn dsn(table: Table) -> mlua::Result<Dsn> {
             "subject" => dsn.subject = Some(text_field(&key, value)?),
             "text" => dsn.text = text_field(&key, value)?,
             "diagnostic" => dsn.diagnostic = Some(text_field(&key, value)?),
+            "token" => dsn.token = Some(text_field(&key, value)?),
             "status" => {
                 let status = text_field(&key, value)?;
                 if !valid_status(&status) {

@@ -1,10 +1,10 @@
 //! `milter.srs`: `new` builds a [`Signer`] over the SRS service (SRS forward/reverse, BATV
-//! sign/verify, with a rotating secret list and a maximum age); `is_srs` and `is_batv` tell the
-//! kinds apart. Time comes from the store's clock, which case files move with `advance`. See
-//! `docs/lua-api/srs.md`.
+//! sign/verify, with a rotating secret list and a maximum age); `site` gives the signer of
+//! `[srs]` and its domain; `is_srs` and `is_batv` tell the kinds apart. Time comes from the
+//! store's clock, which case files move with `advance`. See `docs/lua-api/srs.md`.
 
 use crate::services::{
-    srs::{Srs, SrsError},
+    srs::{SiteSrs, Srs, SrsError},
     store::Store,
 };
 use mlua::{Lua, Table, UserData, UserDataMethods};
@@ -15,7 +15,7 @@ const DAY: i64 = 86_400;
 
 /// An SRS/BATV signer as scripts hold it.
 pub struct Signer {
-    srs: Srs,
+    srs: Arc<Srs>,
     store: Arc<dyn Store>,
 }
 
@@ -74,14 +74,29 @@ fn signer(options: &Table, store: &Arc<dyn Store>) -> mlua::Result<Signer> {
     let srs = Srs::new(&secrets, days, hash_length)
         .map_err(|e| mlua::Error::runtime(format!("milter.srs.new: {e}")))?;
     Ok(Signer {
-        srs,
+        srs: Arc::new(srs),
         store: Arc::clone(store),
     })
 }
 
-/// Builds the `milter.srs` module; signers read the time from `store`'s clock.
-pub fn module(lua: &Lua, store: Arc<dyn Store>) -> mlua::Result<Table> {
+/// Builds the `milter.srs` module; signers read the time from `store`'s clock; `site` is the
+/// signer of `[srs]`, if any.
+pub fn module(lua: &Lua, store: Arc<dyn Store>, site: Option<Arc<SiteSrs>>) -> mlua::Result<Table> {
     let module = lua.create_table()?;
+    let site_store = Arc::clone(&store);
+    module.set(
+        "site",
+        lua.create_function(move |_, ()| {
+            let Some(site) = &site else {
+                return Ok((None, None));
+            };
+            let signer = Signer {
+                srs: Arc::clone(&site.srs),
+                store: Arc::clone(&site_store),
+            };
+            Ok((Some(signer), Some(site.domain.clone())))
+        })?,
+    )?;
     module.set(
         "new",
         lua.create_function(move |_, options: Table| signer(&options, &store))?,

@@ -22,6 +22,16 @@ pub const SCRIPT_NOTICE: &str = "<!-- WARNING: embedded script removed -->";
 /// Nested messages and multiparts deeper than this are not looked into.
 const MAX_DEPTH: usize = 16;
 
+/// ZIPs inside a ZIP attachment are unpacked and checked down to this many levels of nesting;
+/// a ZIP deeper than that counts as bad.
+pub const ZIP_MAX_DEPTH: usize = 3;
+/// The most bytes one inner ZIP may unpack to; a bigger one counts as bad (a zip bomb).
+pub const ZIP_MAX_INNER: u64 = 8 * 1024 * 1024;
+/// The most bytes unpacked for one attachment, all its inner ZIPs together.
+pub const ZIP_MAX_UNPACKED: u64 = 32 * 1024 * 1024;
+/// The most members (names) looked at in one attachment, all levels together.
+pub const ZIP_MAX_MEMBERS: usize = 10_000;
+
 /// What to look for.
 #[derive(Clone, Debug)]
 pub struct DefangOptions {
@@ -202,9 +212,9 @@ impl Walk<'_> {
         Ok(())
     }
 
-    /// An attached message: walked in place when it is not transfer-encoded, else decoded,
-    /// defanged on its own and written back unencoded (8bit, as RFC 2046 wants for
-    /// message/rfc822).
+    /// An attached message: walked in place when it is not transfer-encoded, else decoded and
+    /// defanged on its own; written back as `7bit` (what RFC 2046 wants for message/rfc822)
+    /// when the result is 7-bit text, else in base64 again, so a 7-bit clean message stays so.
     fn attached_message(
         &mut self,
         part: &ParsedMail,
@@ -239,10 +249,15 @@ impl Walk<'_> {
                 .eq_ignore_ascii_case("Content-Transfer-Encoding")
         });
         write_raw_headers(&mut bytes, kept);
-        bytes.extend_from_slice(b"Content-Transfer-Encoding: 8bit\r\n\r\n");
-        let (changes, body) = (inner.headers, inner.body);
-        bytes.extend_from_slice(&rewrite_headers(inner_head, &changes));
-        bytes.extend_from_slice(&body);
+        let mut message = rewrite_headers(inner_head, &inner.headers);
+        message.extend_from_slice(&inner.body);
+        if is_7bit(&message) {
+            bytes.extend_from_slice(b"Content-Transfer-Encoding: 7bit\r\n\r\n");
+            bytes.extend_from_slice(&message);
+        } else {
+            bytes.extend_from_slice(b"Content-Transfer-Encoding: base64\r\n\r\n");
+            bytes.extend_from_slice(&base64_lines(&message));
+        }
         let at = offset(base, part.raw_bytes);
         self.splices.push(Splice {
             start: at,
@@ -292,14 +307,54 @@ impl Walk<'_> {
             let Ok(bytes) = part.get_body_raw() else {
                 return Some(zip_name);
             };
-            return match zip::ZipArchive::new(Cursor::new(bytes)) {
-                Err(_) => Some(zip_name),
-                Ok(archive) => archive.file_names().find_map(|member| match member {
-                    Ok(member) if self.banned(&member) => Some(format!("{zip_name}/{member}")),
-                    Ok(_) => None,
-                    Err(_) => Some(zip_name.clone()),
-                }),
+            let mut spent = ZipBudget::default();
+            return self
+                .bad_in_zip(&bytes, 0, &mut spent)
+                .map(|inside| match inside.as_str() {
+                    "" => zip_name,
+                    inside => format!("{zip_name}/{inside}"),
+                });
+        }
+        None
+    }
+
+    /// What makes the ZIP `bytes` bad: the path of a member with a banned name (through the
+    /// inner ZIPs, `inner.zip/setup.exe`), or `""` when the ZIP itself cannot be read or passes
+    /// a bound (`ZIP_MAX_*`). Inner ZIPs (members named `*.zip`) are unpacked and checked too.
+    fn bad_in_zip(&self, bytes: &[u8], depth: usize, spent: &mut ZipBudget) -> Option<String> {
+        let Ok(mut archive) = zip::ZipArchive::new(Cursor::new(bytes)) else {
+            return Some(String::new());
+        };
+        spent.members += archive.len();
+        if spent.members > ZIP_MAX_MEMBERS {
+            return Some(String::new());
+        }
+        let mut inner = Vec::new();
+        for index in 0..archive.len() {
+            let Some(Ok(member)) = archive.name_for_index(index) else {
+                return Some(String::new());
             };
+            if self.banned(&member) {
+                return Some(member.into_owned());
+            }
+            if member.to_ascii_lowercase().ends_with(".zip") {
+                inner.push((index, member.into_owned()));
+            }
+        }
+        for (index, member) in inner {
+            let bad_here = Some(member.clone());
+            if depth + 1 > ZIP_MAX_DEPTH {
+                return bad_here;
+            }
+            let Some(unpacked) = unpack(&mut archive, index, spent) else {
+                return bad_here;
+            };
+            if let Some(inside) = self.bad_in_zip(&unpacked, depth + 1, spent) {
+                return Some(match inside.as_str() {
+                    "" => member,
+                    inside => format!("{member}/{inside}"),
+                });
+            }
         }
         None
     }
@@ -326,6 +381,70 @@ impl Walk<'_> {
         .write_part(&mut out);
         out
     }
+}
+
+/// What the look into one ZIP attachment has used up of the `ZIP_MAX_*` bounds.
+#[derive(Default)]
+struct ZipBudget {
+    unpacked: u64,
+    members: usize,
+}
+
+/// Member `index` of `archive`, unpacked within [`ZIP_MAX_INNER`] and what is left of
+/// [`ZIP_MAX_UNPACKED`]; `None` when it cannot be unpacked (encrypted, an unknown method,
+/// corrupt) or is too big.
+fn unpack(
+    archive: &mut zip::ZipArchive<Cursor<&[u8]>>,
+    index: usize,
+    spent: &mut ZipBudget,
+) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let limit = ZIP_MAX_INNER.min(ZIP_MAX_UNPACKED.saturating_sub(spent.unpacked));
+    let file = archive.by_index(index).ok()?;
+    let mut out = Vec::new();
+    // The declared size may lie: read one byte past the limit to see whether it is passed.
+    file.take(limit + 1).read_to_end(&mut out).ok()?;
+    let read = out.len() as u64;
+    spent.unpacked += read;
+    (read <= limit).then_some(out)
+}
+
+/// Whether `bytes` can be sent as `7bit` (RFC 2045): ASCII without NUL and bare CR or LF,
+/// lines of at most 998 characters.
+fn is_7bit(bytes: &[u8]) -> bool {
+    let mut line = 0;
+    let mut previous = 0u8;
+    for &b in bytes {
+        match b {
+            b'\n' if previous == b'\r' => line = 0,
+            b'\r' => {}
+            b'\n' | 0 | 0x80.. => return false,
+            _ => line += 1,
+        }
+        if previous == b'\r' && b != b'\n' {
+            return false;
+        }
+        if line > 998 {
+            return false;
+        }
+        previous = b;
+    }
+    previous != b'\r'
+}
+
+/// `bytes` in base64, in lines of 76 characters (RFC 2045), each ending in CRLF.
+fn base64_lines(bytes: &[u8]) -> Vec<u8> {
+    use base64::Engine;
+    let mut out = Vec::with_capacity(bytes.len() * 4 / 3 + bytes.len() / 28 + 4);
+    for chunk in bytes.chunks(57) {
+        out.extend_from_slice(
+            base64::engine::general_purpose::STANDARD
+                .encode(chunk)
+                .as_bytes(),
+        );
+        out.extend_from_slice(b"\r\n");
+    }
+    out
 }
 
 /// The length of a part's header block, blank line included.
@@ -534,15 +653,20 @@ mod tests {
         assert!(!body.contains("alert"), "{body}");
     }
 
-    fn zip_of(names: &[&str]) -> Vec<u8> {
+    fn zip_with(members: &[(&str, &[u8])]) -> Vec<u8> {
         let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
         let options = zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Stored);
-        for name in names {
+        for (name, data) in members {
             zip.start_file(*name, options).unwrap();
-            zip.write_all(b"data").unwrap();
+            zip.write_all(data).unwrap();
         }
         zip.finish().unwrap().into_inner()
+    }
+
+    fn zip_of(names: &[&str]) -> Vec<u8> {
+        let members: Vec<(&str, &[u8])> = names.iter().map(|n| (*n, b"data".as_slice())).collect();
+        zip_with(&members)
     }
 
     fn zip_part(bytes: &[u8]) -> String {
@@ -607,5 +731,47 @@ mod tests {
             defang(msg.as_bytes(), &opts()).unwrap_err().code(),
             "boundary"
         );
+    }
+
+    #[test]
+    fn unpacks_zips_inside_a_zip_within_bounds() {
+        let removed = |zip: &[u8]| {
+            defang(multipart(&zip_part(zip)).as_bytes(), &opts())
+                .unwrap()
+                .map(|out| out.removed)
+        };
+        let inner = zip_with(&[("readme.txt", b"hi"), ("setup.exe", b"MZ")]);
+        let nested = zip_with(&[("notes.txt", b"x"), ("inner.zip", &inner)]);
+        assert_eq!(removed(&nested).unwrap(), ["files.zip/inner.zip/setup.exe"]);
+        let clean = zip_with(&[("inner.zip", &zip_of(&["readme.txt"]))]);
+        assert_eq!(removed(&clean), None);
+        let corrupt = zip_with(&[("inner.zip", b"PK\x03\x04 not really")]);
+        assert_eq!(removed(&corrupt).unwrap(), ["files.zip/inner.zip"]);
+        let mut deep = zip_of(&["readme.txt"]);
+        for level in (1..=ZIP_MAX_DEPTH + 1).rev() {
+            deep = zip_with(&[(&format!("l{level}.zip"), &deep)]);
+        }
+        assert_eq!(
+            removed(&deep).unwrap(),
+            ["files.zip/l1.zip/l2.zip/l3.zip/l4.zip"]
+        );
+        let names: Vec<String> = (0..=ZIP_MAX_MEMBERS).map(|i| format!("f{i}.txt")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        assert_eq!(removed(&zip_of(&names)).unwrap(), ["files.zip"]);
+    }
+
+    #[test]
+    fn seven_bit_text_and_base64_lines() {
+        assert!(is_7bit(b"Subject: x\r\n\r\nplain\r\n"));
+        assert!(!is_7bit("Grüße\r\n".as_bytes()));
+        assert!(!is_7bit(b"bare\nline feed"));
+        assert!(!is_7bit(b"bare\rreturn"));
+        assert!(!is_7bit(b"nul\x00\r\n"));
+        assert!(!is_7bit(&[b'a'; 999]));
+        assert!(is_7bit(&[b'a'; 998]));
+        let encoded = base64_lines(&[0u8; 100]);
+        let lines: Vec<&[u8]> = encoded.split(|b| *b == b'\n').collect();
+        assert_eq!(lines[0].len(), 77, "76 characters and CR");
+        assert!(encoded.ends_with(b"\r\n"));
     }
 }

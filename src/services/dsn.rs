@@ -106,6 +106,10 @@ pub struct Dsn {
     pub diagnostic: Option<String>,
     /// The original header fields, in order, as (name, value).
     pub headers: Vec<(String, String)>,
+    /// An address (an SRS address of `to`, as the classic milter made) written as the
+    /// `Message-ID` and in `X-Mailer`, so that a bounce of this DSN quotes it; `None`: a
+    /// unique Message-ID.
+    pub token: Option<String>,
 }
 
 /// Why a [`Dsn`] cannot be built.
@@ -247,6 +251,9 @@ impl Dsn {
         if !valid_status(self.status()) {
             return Err(DsnError::Invalid("status", self.status().to_string()));
         }
+        if let Some(token) = self.token.as_deref().filter(|t| !valid_address(t)) {
+            return Err(DsnError::Invalid("token", token.to_string()));
+        }
         let reporting = self.reporting.as_deref().unwrap_or(reporting);
         if !valid_host(reporting) {
             return Err(DsnError::Invalid("reporting", reporting.to_string()));
@@ -315,19 +322,20 @@ impl Dsn {
             Some(subject) => cut(subject, MAX_FIELD).replace(['\r', '\n'], " "),
             None => self.action.default_subject().to_string(),
         };
-        MessageBuilder::new()
-            .from((
-                "Mail Delivery System",
-                format!("MAILER-DAEMON@{reporting}").as_str(),
-            ))
+        let mailer_daemon = format!("MAILER-DAEMON@{reporting}");
+        let mut builder = MessageBuilder::new()
+            .from(("Mail Delivery System", mailer_daemon.as_str()))
             .to(self.to.as_str())
             .subject(subject)
             .date(now)
-            .message_id(message_id(reporting))
-            .header("Auto-Submitted", Raw::new("auto-replied"))
-            .body(report)
-            .write_to_vec()
-            .unwrap_or_default()
+            .header("Auto-Submitted", Raw::new("auto-replied"));
+        builder = match &self.token {
+            Some(token) => builder
+                .message_id(token.as_str())
+                .header("X-Mailer", Raw::new(format!("luamilter <{token}>"))),
+            None => builder.message_id(message_id(reporting)),
+        };
+        builder.body(report).write_to_vec().unwrap_or_default()
     }
 }
 

@@ -57,6 +57,12 @@ pub enum ServicesError {
     /// The archive Maildir cannot be created.
     #[error("[archive]: {0}")]
     Archive(std::io::Error),
+    /// The Maildir of kept copies (`[site] save_dir`) cannot be created.
+    #[error("[site] save_dir: {0}")]
+    SaveDir(std::io::Error),
+    /// The SRS secrets (`[srs]`) cannot be read or are invalid.
+    #[error("[srs]: {0}")]
+    Srs(String),
 }
 
 /// The `[store]` section with a relative database path resolved against the config file's
@@ -83,6 +89,10 @@ pub struct Services {
     pub dkim: Arc<Dkim>,
     /// The mail archive (`[archive]`), off when no maildir is configured.
     pub archive: Arc<archive::Archive>,
+    /// The Maildir of kept copies (`[site] save_dir`), off when none is configured.
+    pub saved: Arc<archive::Archive>,
+    /// The site's SRS signer (`[srs]`), when secrets are configured.
+    pub srs: Option<Arc<srs::SiteSrs>>,
 }
 
 impl Services {
@@ -113,6 +123,9 @@ impl Services {
         let helo = (config.site.hostname.clone())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(site::system_hostname);
+        let srs = srs::SiteSrs::start(&config.srs, &config.source.base_dir(), &helo)
+            .map_err(ServicesError::Srs)?
+            .map(Arc::new);
         let smtp = Smtp::new(
             Arc::clone(&resolver),
             Arc::clone(&store),
@@ -129,6 +142,13 @@ impl Services {
         let archive = archive::Archive::start(&config.archive, &config.source.base_dir())
             .map(Arc::new)
             .map_err(ServicesError::Archive)?;
+        let saved_config = archive::ArchiveConfig {
+            maildir: config.site.save_dir.clone(),
+            ..archive::ArchiveConfig::default()
+        };
+        let saved = archive::Archive::start(&saved_config, &config.source.base_dir())
+            .map(Arc::new)
+            .map_err(ServicesError::SaveDir)?;
         Ok(Services {
             resolver,
             spf,
@@ -136,6 +156,8 @@ impl Services {
             smtp,
             dkim,
             archive,
+            saved,
+            srs,
         })
     }
 }

@@ -38,6 +38,9 @@ pub struct SiteConfig {
     pub access: BTreeMap<String, String>,
     /// The base URL of templated replies: their first line is `<errors_url>/<template>?<params>`.
     pub errors_url: Option<String>,
+    /// A Maildir for the copies policies keep of messages they changed or could not read
+    /// (`milter.archive.keep`, the classic `tempdir`); relative to the config file. None: off.
+    pub save_dir: Option<PathBuf>,
     /// The policy directories, resolved (not a `[site]` key: [`Config::parse`] copies them
     /// from `[policies] dirs`). List files may be read there and in the config file's
     /// directory.

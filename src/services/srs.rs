@@ -12,7 +12,9 @@
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
+use serde::Deserialize;
 use sha1::Sha1;
+use std::{path::Path, time::Duration};
 
 /// Seconds in the SRS day.
 const DAY: i64 = 86_400;
@@ -61,6 +63,79 @@ impl SrsError {
             SrsError::Expired => "expired",
             SrsError::BadHash => "bad-hash",
         }
+    }
+}
+
+/// `[srs]`: the site's signing secrets, for the stock srs policy and the tokens of the DSNs
+/// and notices the site sends (`lib/notice`). No secrets: the site signs nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SrsConfig {
+    /// The secrets, the first signs; an entry `file:PATH` (relative to the config file's
+    /// directory) stands for the secrets listed in that file, read when the config loads.
+    pub secrets: Vec<String>,
+    /// How long a signature stays valid (whole days).
+    #[serde(deserialize_with = "crate::duration::serde_duration::deserialize")]
+    pub max_age: Duration,
+    /// Base64 characters of an SRS hash.
+    pub hash_length: usize,
+    /// The domain of the SRS addresses the site makes; None: `[site] hostname`.
+    pub domain: Option<String>,
+}
+
+impl Default for SrsConfig {
+    fn default() -> SrsConfig {
+        SrsConfig {
+            secrets: Vec::new(),
+            max_age: Duration::from_secs(21 * DAY as u64),
+            hash_length: 4,
+            domain: None,
+        }
+    }
+}
+
+/// The site's signer (`[srs]`) and the domain of the addresses it makes.
+#[derive(Debug)]
+pub struct SiteSrs {
+    /// The signer over `[srs] secrets`.
+    pub srs: std::sync::Arc<Srs>,
+    /// `[srs] domain`, else the host name.
+    pub domain: String,
+}
+
+impl SiteSrs {
+    /// The signer of `config` (`file:` secrets read relative to `base_dir`), whose addresses
+    /// fall under `config.domain` or else `hostname`; `None` when no secret is configured.
+    pub fn start(
+        config: &SrsConfig,
+        base_dir: &Path,
+        hostname: &str,
+    ) -> Result<Option<SiteSrs>, String> {
+        if config.secrets.is_empty() {
+            return Ok(None);
+        }
+        let mut secrets = Vec::new();
+        for item in &config.secrets {
+            match item.strip_prefix("file:") {
+                Some(path) => {
+                    let path = base_dir.join(path);
+                    let bytes = std::fs::read(&path)
+                        .map_err(|e| format!("secrets: cannot read {}: {e}", path.display()))?;
+                    secrets.extend(crate::services::site::list_entries(&bytes));
+                }
+                None => secrets.push(item.clone()),
+            }
+        }
+        let days = u32::try_from(config.max_age.as_secs() / DAY as u64).unwrap_or(0);
+        let srs = Srs::new(&secrets, days, config.hash_length)?;
+        let domain = config
+            .domain
+            .clone()
+            .unwrap_or_else(|| hostname.to_string());
+        Ok(Some(SiteSrs {
+            srs: std::sync::Arc::new(srs),
+            domain,
+        }))
     }
 }
 
@@ -511,6 +586,51 @@ mod tests {
             Srs::new(&["s".to_owned()], 21, 2)
                 .unwrap_err()
                 .contains("hash length")
+        );
+    }
+
+    #[test]
+    fn the_site_signer_reads_file_secrets_relative_to_the_config() {
+        let dir = tempfile::TempDir::new().unwrap();
+        std::fs::write(
+            dir.path().join("secrets"),
+            "# rotated\nnew secret\nold secret\n",
+        )
+        .unwrap();
+        let config = |secrets: &[&str]| SrsConfig {
+            secrets: secrets.iter().map(|s| s.to_string()).collect(),
+            ..SrsConfig::default()
+        };
+        assert!(
+            SiteSrs::start(&config(&[]), dir.path(), "mx.test")
+                .unwrap()
+                .is_none()
+        );
+        let site = SiteSrs::start(&config(&["file:secrets"]), dir.path(), "mx.test")
+            .unwrap()
+            .unwrap();
+        assert_eq!(site.domain, "mx.test");
+        let now = 1_700_000_000;
+        let signed = site
+            .srs
+            .forward("a@remote.example", "mx.test", now)
+            .unwrap();
+        let old = Srs::new(&["old secret".into()], 21, 4).unwrap();
+        let by_old = old.forward("a@remote.example", "mx.test", now).unwrap();
+        assert_eq!(site.srs.reverse(&by_old, now).unwrap(), "a@remote.example");
+        assert_ne!(signed, by_old, "the first secret signs");
+        let missing = SiteSrs::start(&config(&["file:absent"]), dir.path(), "mx.test");
+        assert!(missing.unwrap_err().contains("cannot read"));
+        let domain = SrsConfig {
+            domain: Some("fwd.test".into()),
+            ..config(&["s"])
+        };
+        assert_eq!(
+            SiteSrs::start(&domain, dir.path(), "mx.test")
+                .unwrap()
+                .unwrap()
+                .domain,
+            "fwd.test"
         );
     }
 }

@@ -27,6 +27,7 @@
 ---@field status? string enhanced status code, "5.7.1" (default by action)
 ---@field diagnostic? string the `Diagnostic-Code: smtp;` text
 ---@field headers? {name: string, value: string}[] the original header (`ctx.headers`)
+---@field token? string an address (SRS address of `to`) used as Message-ID and in X-Mailer
 
 ---Options of `smtp.send`.
 ---@class luamilter.SendOptions

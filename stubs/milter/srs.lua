@@ -48,6 +48,12 @@ local srs = {}
 ---@return luamilter.SrsSigner
 function srs.new(options) end
 
+---The site's signer (`[srs]` secrets) and the domain of its SRS addresses (`[srs] domain`, else
+---`[site] hostname`); nil when `[srs]` has no secrets.
+---@return luamilter.SrsSigner|nil signer
+---@return string|nil domain
+function srs.site() end
+
 ---Whether the local part of `address` starts with SRS0 or SRS1 and a separator (any case).
 ---@param address string
 ---@return boolean

@@ -4,6 +4,7 @@
 //! one as the relay that captures the DSNs, which are parsed with `mailparse` (not the builder
 //! that wrote them). Call-backs and DSNs are counted at the MX and at the relay.
 
+use crate::content::maildir_new;
 use crate::dns_server::TestDns;
 use crate::dsn::{original_header, report_parts, status_blocks};
 use crate::smtp::session;
@@ -11,6 +12,7 @@ use crate::smtp_server::TestMx;
 use crate::support::{TestDaemon, reply_text};
 use indymilter_test::{EomActions, Status};
 use mailparse::{MailHeaderMap, parse_mail};
+use std::net::Ipv4Addr;
 use tempfile::TempDir;
 
 /// The access map of most tests: a DSN for SPF neutral.
@@ -314,5 +316,120 @@ async fn quarantine_tells_an_spf_pass_sender_and_calls_back_the_others() {
         ["ok@good.cbv.test", "unknown@good.cbv.test"]
     );
     assert_eq!(relay.messages().len(), 1);
+    d.stop().await;
+}
+
+/// The bounce a remote MTA writes when it accepted a DSN of ours and then could not deliver it:
+/// to postmaster, a delivery-status report quoting the DSN's header (`dsn_header`).
+fn bounce_of(dsn_header: &str) -> (Vec<(&'static str, String)>, String) {
+    let headers = vec![
+        ("From", "MAILER-DAEMON@good.cbv.test".to_string()),
+        ("To", "postmaster@receiver.test".to_string()),
+        ("Subject", "Undelivered Mail Returned to Sender".to_string()),
+        ("MIME-Version", "1.0".to_string()),
+        (
+            "Content-Type",
+            "multipart/report; report-type=delivery-status; boundary=\"b1\"".to_string(),
+        ),
+    ];
+    let body = format!(
+        "--b1\r\nContent-Type: text/plain\r\n\r\nI'm sorry to have to inform you that your message \
+         could not be delivered.\r\n\r\n--b1\r\nContent-Type: message/delivery-status\r\n\r\n\
+         Reporting-MTA: dns; mx.good.cbv.test\r\n\r\nFinal-Recipient: rfc822; ok@good.cbv.test\r\n\
+         Action: failed\r\nStatus: 5.1.1\r\n\r\n--b1\r\nContent-Type: text/rfc822-headers\r\n\r\n\
+         {dsn_header}\r\n--b1--\r\n"
+    );
+    (headers, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounce_of_our_signed_dsn_blacklists_its_target_and_is_discarded() {
+    let config = format!(
+        "save_dir = \"saved\"\n{DSN_ON_NEUTRAL}[srs]\nsecrets = [\"s3cret\"]\ndomain = \"fwd.receiver.test\"\n"
+    );
+    let more = [stock("srs"), stock("whitelist")];
+    let World {
+        relay,
+        d,
+        mx: _mx,
+        _dns,
+    } = World::start(TempDir::new().unwrap(), "", &config, &more).await;
+
+    // SPF neutral: the template DSN goes to the sender, signed with the [srs] secret.
+    let (_, status) = message(&d, "ok@good.cbv.test", &["<alice@receiver.test>"]).await;
+    assert_eq!(status, Status::Continue);
+    let messages = relay.messages();
+    assert_eq!(messages.len(), 1);
+    let dsn = parse_mail(messages[0].as_bytes()).unwrap();
+    let id = dsn.headers.get_first_value("Message-ID").unwrap();
+    assert!(
+        id.starts_with("<SRS0=") && id.ends_with("=good.cbv.test=ok@fwd.receiver.test>"),
+        "{id}"
+    );
+    let mailer = dsn.headers.get_first_value("X-Mailer").unwrap();
+    assert!(mailer.ends_with(&id), "{mailer}");
+
+    // A forged token in a bounce is nobody's: the bounce goes through.
+    let header_end = messages[0].find("\r\n\r\n").unwrap();
+    let dsn_header = &messages[0][..header_end + 2];
+    let forged = dsn_header.replacen("SRS0=", "SRS0=x", 2);
+    let deliver = |text: String| {
+        let d = &d;
+        async move {
+            let (headers, body) = bounce_of(&text);
+            // the bouncing MTA's HELO has an SPF record (the null sender is checked by it)
+            let mut c = d.client().await;
+            c.connect("mx.good.cbv.test", Ipv4Addr::new(192, 0, 2, 1))
+                .await
+                .unwrap();
+            c.helo("good.cbv.test").await.unwrap();
+            assert_eq!(c.mail(["<>"]).await.unwrap(), Status::Continue);
+            let status = c.rcpt(["<postmaster@receiver.test>"]).await.unwrap();
+            assert_eq!(status, Status::Continue);
+            for (name, value) in &headers {
+                c.header(name, value.as_str()).await.unwrap();
+            }
+            c.eoh().await.unwrap();
+            c.body(body).await.unwrap();
+            c.eom().await.unwrap().1
+        }
+    };
+    assert_eq!(deliver(forged).await, Status::Continue);
+    let (_, status) = message(&d, "ok@good.cbv.test", &["<bob@receiver.test>"]).await;
+    assert_eq!(
+        status,
+        Status::Continue,
+        "not blacklisted by a forged token"
+    );
+
+    // The real bounce quotes our token: discarded (a copy kept), the target blacklisted.
+    assert_eq!(deliver(dsn_header.to_string()).await, Status::Discard);
+    let kept = maildir_new(&d.dir.path().join("saved"), 1);
+    assert_eq!(kept.len(), 1);
+    let copy = std::fs::read_to_string(&kept[0]).unwrap();
+    assert!(copy.starts_with("X-Luamilter-Kept: dsn\r\n"), "{copy}");
+    assert!(copy.contains(&id), "the kept bounce quotes the token");
+    let mut c = session(&d).await;
+    assert_eq!(
+        reply_text(&c.mail(["<ok@good.cbv.test>"]).await.unwrap()),
+        "550 5.7.1 Sender email local blacklist"
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_srs_secrets_a_dsn_has_a_plain_message_id() {
+    let World {
+        relay,
+        d,
+        mx: _mx,
+        _dns,
+    } = World::dsn_on_neutral().await;
+    message(&d, "ok@good.cbv.test", &["<alice@receiver.test>"]).await;
+    let messages = relay.messages();
+    let dsn = parse_mail(messages[0].as_bytes()).unwrap();
+    let id = dsn.headers.get_first_value("Message-ID").unwrap();
+    assert!(id.ends_with(".dsn@mx.receiver.test>"), "{id}");
+    assert!(dsn.headers.get_first_value("X-Mailer").is_none());
     d.stop().await;
 }

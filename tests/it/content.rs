@@ -79,7 +79,7 @@ print("top-defects", len(msg.defects))
 "#;
 
 /// The header fields of `message` (folded lines joined with CRLF) and its body.
-fn split_message(message: &[u8]) -> (Vec<(String, String)>, Vec<u8>) {
+pub(crate) fn split_message(message: &[u8]) -> (Vec<(String, String)>, Vec<u8>) {
     let end = message
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -99,7 +99,12 @@ fn split_message(message: &[u8]) -> (Vec<(String, String)>, Vec<u8>) {
 }
 
 /// Sends `message` from `ip` as an MTA does and returns the end-of-message answer.
-async fn send(d: &TestDaemon, message: &[u8], ip: Ipv4Addr, sender: &str) -> (EomActions, Status) {
+pub(crate) async fn send(
+    d: &TestDaemon,
+    message: &[u8],
+    ip: Ipv4Addr,
+    sender: &str,
+) -> (EomActions, Status) {
     let (headers, body) = split_message(message);
     let mut c = d.client().await;
     c.connect("client.example", ip).await.unwrap();
@@ -155,6 +160,21 @@ fn stock(name: &str) -> (&str, &'static str) {
     (name, luamilter::stock::get(name).unwrap())
 }
 
+/// Starts a daemon with the defang policy (and `extra` config), sends it `original` from an
+/// external client; the daemon and the end-of-message actions of a message that went through.
+async fn defanged(original: &[u8], extra: &str) -> (TestDaemon, EomActions) {
+    let d = TestDaemon::start(&[stock("defang")], extra).await;
+    let (actions, status) = send(
+        &d,
+        original,
+        Ipv4Addr::new(192, 0, 2, 9),
+        "<sender@example.com>",
+    )
+    .await;
+    assert_eq!(status, Status::Continue);
+    (d, actions)
+}
+
 #[tokio::test]
 async fn defang_rewrites_what_python_reads_as_valid_mime() {
     let original = python(BUILD, b"").into_bytes();
@@ -163,15 +183,15 @@ async fn defang_rewrites_what_python_reads_as_valid_mime() {
         before.contains("invoice.zip") && before.contains("alert"),
         "{before}"
     );
-    let d = TestDaemon::start(&[stock("defang")], "").await;
-    let (actions, status) = send(
-        &d,
-        &original,
-        Ipv4Addr::new(192, 0, 2, 9),
-        "<sender@example.com>",
-    )
-    .await;
-    assert_eq!(status, Status::Continue);
+    let (d, actions) = defanged(&original, "[site]\nsave_dir = \"saved\"").await;
+    // The original is kept in [site] save_dir, marked with its kind.
+    let kept = maildir_new(&d.dir.path().join("saved"), 1);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let copy = std::fs::read(&kept[0]).unwrap();
+    let copy = copy
+        .strip_prefix(b"X-Luamilter-Kept: defang\r\n".as_slice())
+        .expect("marked as a defang copy");
+    assert_eq!(python(READ, copy), before);
     assert!(
         actions
             .actions
@@ -225,6 +245,143 @@ async fn defang_rewrites_what_python_reads_as_valid_mime() {
     d.stop().await;
 }
 
+/// A message written by Python's email package whose ZIP attachments (Python's zipfile,
+/// deflated) hold ZIPs: an .exe two levels down, a clean nested ZIP, a zip bomb (an inner ZIP
+/// that unpacks past 8 MiB) and ZIPs nested four deep.
+const NESTED_ZIPS: &str = r#"
+import io, sys, zipfile
+from email.message import EmailMessage
+def zipped(members, method=zipfile.ZIP_DEFLATED):
+    z = io.BytesIO()
+    with zipfile.ZipFile(z, "w", compression=method) as f:
+        for name, data in members:
+            f.writestr(name, data)
+    return z.getvalue()
+msg = EmailMessage()
+msg["From"] = "Sender <sender@example.com>"
+msg["To"] = "user@example.org"
+msg["Subject"] = "zips in zips"
+msg.set_content("See the archives.\n")
+bad = zipped([("notes.txt", "x"), ("docs.zip", zipped([("readme.txt", "hi"), ("run.exe", "MZ")]))])
+clean = zipped([("docs.zip", zipped([("readme.txt", "hi")]))])
+bomb = zipped([("inner.zip", zipped([("zeros.bin", bytes(9 * 1024 * 1024))], zipfile.ZIP_STORED))])
+deep = zipped([("readme.txt", "bottom")])
+for level in (4, 3, 2, 1):
+    deep = zipped([("l%d.zip" % level, deep)])
+for name, data in (("nested-bad.zip", bad), ("nested-clean.zip", clean), ("bomb.zip", bomb), ("deep.zip", deep)):
+    msg.add_attachment(data, maintype="application", subtype="zip", filename=name)
+sys.stdout.buffer.write(msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))
+"#;
+
+#[tokio::test]
+async fn defang_unpacks_zips_inside_zips_within_bounds() {
+    let original = python(NESTED_ZIPS, b"").into_bytes();
+    assert!(original.len() < 200_000, "the bomb is deflated");
+    let (d, actions) = defanged(&original, "").await;
+    let after = python(READ, &edited(&original, &actions));
+    let notice = |name: &str| {
+        let needle = format!("originally named '{name}'");
+        assert!(
+            after
+                .lines()
+                .any(|l| l.starts_with("text/plain WARNING.TXT") && l.contains(&needle)),
+            "no notice for {name}:\n{after}"
+        );
+    };
+    notice("nested-bad.zip/docs.zip/run.exe");
+    notice("bomb.zip/inner.zip");
+    notice("deep.zip/l1.zip/l2.zip/l3.zip/l4.zip");
+    assert!(
+        after.contains("application/zip nested-clean.zip"),
+        "the clean nested ZIP stays:\n{after}"
+    );
+    assert_eq!(after.matches("WARNING.TXT").count(), 3, "{after}");
+    d.stop().await;
+}
+
+/// A message (Python's email package) with two attached messages sent base64-encoded, each
+/// carrying a .scr: one all ASCII, one with a UTF-8 text part sent 8bit. The whole is 7-bit.
+const ENCODED_RFC822: &str = r#"
+import base64, sys
+from email.message import EmailMessage
+from email.mime.base import MIMEBase
+def inner(text, cte):
+    m = EmailMessage()
+    m["From"] = "x@example.net"
+    m["Subject"] = "forwarded"
+    m.set_content(text, cte=cte)
+    m.add_attachment(b"MZ....", maintype="application", subtype="octet-stream", filename="screensaver.scr")
+    return m.as_bytes(policy=m.policy.clone(linesep="\r\n"))
+msg = EmailMessage()
+msg["From"] = "Sender <sender@example.com>"
+msg["To"] = "user@example.org"
+msg["Subject"] = "encoded forwards"
+msg.set_content("Two forwards.\n")
+msg.make_mixed()
+for text, cte in (("plain inner text\n", "7bit"), ("Grüße aus Köln\n", "8bit")):
+    part = MIMEBase("message", "rfc822")
+    part["Content-Transfer-Encoding"] = "base64"
+    part.set_payload(base64.encodebytes(inner(text, cte)).decode())
+    msg.attach(part)
+sys.stdout.buffer.write(msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))
+"#;
+
+/// Reads a message from stdin and prints, for each attached message (decoding its transfer
+/// encoding), its transfer encoding, then READ's line per leaf part of it.
+const READ_ATTACHED: &str = r#"
+import base64, sys, email
+from email import policy
+from email.parser import BytesParser
+raw = sys.stdin.buffer.read()
+# Python parses a message/rfc822 part as a message without undoing its transfer encoding, so
+# the top-level parts are split at the boundary and each is read header-only (body kept raw).
+top = BytesParser(policy=policy.default).parsebytes(raw, headersonly=True)
+body = top.get_payload().encode("ascii", "surrogateescape")
+for chunk in body.split(b"--" + top.get_boundary().encode())[1:-1]:
+    part = BytesParser(policy=policy.default).parsebytes(chunk.lstrip(b"\r\n"), headersonly=True)
+    if part.get_content_type() != "message/rfc822":
+        continue
+    cte = part.get("Content-Transfer-Encoding", "7bit").strip().lower()
+    payload = part.get_payload().encode("ascii", "surrogateescape")
+    if cte == "base64":
+        payload = base64.b64decode(payload, validate=False)
+    inner = email.message_from_bytes(payload, policy=policy.default)
+    print("attached", cte, len(inner.defects))
+    for leaf in inner.walk():
+        if leaf.is_multipart():
+            continue
+        text = leaf.get_content()
+        text = text.replace("\r", "").replace("\n", " ")[:120] if isinstance(text, str) else "%d bytes" % len(text)
+        print(" ", leaf.get_content_type(), leaf.get_filename() or "-", text, len(leaf.defects))
+"#;
+
+#[tokio::test]
+async fn a_defanged_encoded_attached_message_stays_7bit() {
+    let original = python(ENCODED_RFC822, b"").into_bytes();
+    assert!(original.is_ascii());
+    let (d, actions) = defanged(&original, "").await;
+    let edited = edited(&original, &actions);
+    assert!(edited.is_ascii(), "the result is 7-bit clean");
+    let after = python(READ_ATTACHED, &edited);
+    let lines: Vec<&str> = after.lines().map(str::trim).collect();
+    assert_eq!(lines.len(), 6, "two messages of two leaves each:\n{after}");
+    // The ASCII forward is now 7bit (RFC 2046), the one with 8-bit text base64 again.
+    assert_eq!(lines[0], "attached 7bit 0", "{after}");
+    assert!(
+        lines[1].starts_with("text/plain - plain inner text"),
+        "{after}"
+    );
+    assert!(lines[2].starts_with("text/plain WARNING.TXT"), "{after}");
+    assert_eq!(lines[3], "attached base64 0", "{after}");
+    assert!(
+        lines[4].starts_with("text/plain - Grüße aus Köln"),
+        "{after}"
+    );
+    assert!(lines[5].starts_with("text/plain WARNING.TXT"), "{after}");
+    assert!(after.contains("'screensaver.scr'"), "{after}");
+    d.stop().await;
+}
+
 /// Sends `message` `n` times through the daemon; each must go through.
 async fn send_all(d: &TestDaemon, message: &[u8], n: usize) {
     for _ in 0..n {
@@ -234,7 +391,7 @@ async fn send_all(d: &TestDaemon, message: &[u8], n: usize) {
 }
 
 /// Lists the files of the Maildir's `new/`, waiting up to 5 s for `n` of them.
-fn maildir_new(dir: &Path, n: usize) -> Vec<std::path::PathBuf> {
+pub(crate) fn maildir_new(dir: &Path, n: usize) -> Vec<std::path::PathBuf> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let files: Vec<_> = std::fs::read_dir(dir.join("new"))

@@ -168,3 +168,150 @@ async fn the_stock_pack_sample_loads_every_stock_policy() {
             .all(|p| p.origin == luamilter::engine::policy::Origin::Stock)
     );
 }
+
+/// Every key of the classic milter's `milter.cfg` (milter-app notes §3), by section.
+const CLASSIC_KEYS: &[(&str, &[&str])] = &[
+    (
+        "milter",
+        &[
+            "datadir",
+            "logdir",
+            "socket",
+            "tempdir",
+            "timeout",
+            "log_headers",
+            "internal_connect",
+            "internal_domains",
+            "trusted_relay",
+            "private_relay",
+            "internal_mta",
+            "hello_blacklist",
+            "check_user",
+            "case_sensitive_localpart",
+            "max_demerits",
+            "email_providers",
+            "errors_url",
+            "banned_exts",
+        ],
+    ),
+    (
+        "defang",
+        &[
+            "banned_exts",
+            "scan_rfc822",
+            "scan_zip",
+            "scan_html",
+            "block_chinese",
+            "block_forward",
+            "porn_words",
+            "spam_words",
+            "from_words",
+        ],
+    ),
+    (
+        "scrub",
+        &["hide_path", "reject_virus_from", "internal_policy"],
+    ),
+    (
+        "wiretap",
+        &[
+            "blind",
+            "users",
+            "discard",
+            "dest",
+            "archive",
+            "smart_alias",
+        ],
+    ),
+    ("smart_alias", &["name"]),
+    (
+        "dspam",
+        &[
+            "whitelist_senders",
+            "whitelist_mx",
+            "dspam_dict",
+            "dspam_userdir",
+            "dspam_users",
+            "dspam_train",
+            "dspam_screener",
+            "dspam_exempt",
+            "dspam_whitelist",
+            "dspam_reject",
+            "dspam_internal",
+            "dspam_sizelimit",
+        ],
+    ),
+    (
+        "spf",
+        &[
+            "delegate",
+            "reject_neutral",
+            "accept_softfail",
+            "accept_fail",
+            "best_guess",
+            "reject_noptr",
+            "supply_sender",
+            "access_file",
+            "access_file_nulls",
+            "access_file_colon",
+            "trusted_forwarder",
+        ],
+    ),
+    (
+        "srs",
+        &[
+            "config",
+            "secret",
+            "maxage",
+            "hashlength",
+            "separator",
+            "database",
+            "ses",
+            "srs",
+            "sign",
+            "fwdomain",
+            "reject_spoofed",
+            "banned_users",
+        ],
+    ),
+    ("gossip", &["server", "peers", "ttl"]),
+    ("greylist", &["dbfile", "time", "expire", "retain"]),
+    ("dkim", &["privkey", "domain", "selector"]),
+];
+
+#[test]
+fn the_migration_guide_maps_every_classic_key() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/migrating-from-pymilter.md");
+    let guide = std::fs::read_to_string(path).unwrap();
+    // (the heading above the row, the row's first cell, its last cell)
+    let mut rows = Vec::new();
+    let mut heading = "";
+    for line in guide.lines() {
+        if line.starts_with('#') {
+            heading = line;
+        } else if let Some(row) = line.strip_prefix('|') {
+            let cells: Vec<&str> = row.split(" | ").map(str::trim).collect();
+            let last = cells.last().unwrap().trim_end_matches('|').trim();
+            rows.push((heading, cells[0], last));
+        }
+    }
+    let mut missing = Vec::new();
+    for (section, keys) in CLASSIC_KEYS {
+        let tag = format!("[{section}]");
+        for key in *keys {
+            let mapped = rows.iter().any(|(heading, first, last)| {
+                let names_key =
+                    first.contains(&format!("`{key}`")) || first.contains(&format!("{tag} {key}"));
+                let in_section = first.contains(&tag) || heading.contains(&tag);
+                names_key && in_section && !last.starts_with("not yet")
+            });
+            if !mapped {
+                missing.push(format!("{tag} {key}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "classic keys the migration guide does not map: {missing:?}"
+    );
+}

@@ -42,6 +42,7 @@ fn sample() -> Dsn {
             ("Subject".into(), "Grüße, the original".into()),
             ("Message-ID".into(), "<orig.1@origin.test>".into()),
         ],
+        token: None,
     }
 }
 

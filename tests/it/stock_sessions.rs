@@ -142,3 +142,93 @@ async fn a_bounce_to_the_address_srs_signed_reaches_the_original_sender() {
     );
     d.stop().await;
 }
+
+/// Real-world bounces that a package ships: the corpus of flufl.bounce (Mailman's bounce
+/// detectors; Debian's python3-flufl.bounce, installed by tests/setup.sh): DSNs and the
+/// free-form bounces of many MTAs.
+const BOUNCE_CORPUS: &str = "/usr/lib/python3/dist-packages/flufl/bounce/tests/data";
+
+/// A corpus bounce with CRLF line ends, and the same with each quoted `Message-ID:` line of
+/// its body (the returned message's header) carrying `token` (`None` when its body quotes no
+/// Message-ID), with whether a report line `Action:` other than `failed` comes before the first
+/// such line (a delay warning, which the srs policy does not count).
+type CorpusBounce = (Vec<u8>, Option<(Vec<u8>, bool)>);
+
+fn corpus_bounce(raw: &[u8], token: &str) -> Option<CorpusBounce> {
+    let text = String::from_utf8_lossy(raw)
+        .replace("\r\n", "\n")
+        .replace('\n', "\r\n");
+    let end = text.find("\r\n\r\n")? + 4;
+    let (head, body) = text.split_at(end);
+    let mut quoted = false;
+    let mut not_failed = false;
+    let mut lines = Vec::new();
+    for line in body.split("\r\n") {
+        let lower = line.to_ascii_lowercase();
+        if let Some(action) = lower.strip_prefix("action:")
+            && !quoted
+            && action.split_whitespace().last() != Some("failed")
+        {
+            not_failed = true;
+        }
+        if lower.starts_with("message-id:") && line.contains('<') {
+            quoted = true;
+            lines.push(format!("Message-ID: <{token}>"));
+        } else {
+            lines.push(line.to_string());
+        }
+    }
+    let signed = quoted.then(|| {
+        let signed = format!("{head}{}", lines.join("\r\n"));
+        (signed.into_bytes(), not_failed)
+    });
+    Some((text.into_bytes(), signed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_world_bounces_quoting_our_token_are_discarded_and_the_others_pass() {
+    let d = TestDaemon::start(
+        &[stock_policy("srs")],
+        "[srs]\nsecrets = [\"corpus secret\"]\ndomain = \"fwd.example.org\"\n",
+    )
+    .await;
+    let srs = luamilter::services::srs::Srs::new(&["corpus secret".into()], 21, 4).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut files: Vec<_> = std::fs::read_dir(BOUNCE_CORPUS)
+        .unwrap_or_else(|e| panic!("{BOUNCE_CORPUS} (tests/setup.sh installs it): {e}"))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+        .collect();
+    files.sort();
+    let ip = Ipv4Addr::new(198, 51, 100, 25);
+    let (mut recognized, mut delays) = (0, 0);
+    for (i, file) in files.iter().enumerate() {
+        let victim = format!("victim{i}@remote.example");
+        let token = srs.forward(&victim, "fwd.example.org", now).unwrap();
+        let name = file.display();
+        let (plain, signed) = corpus_bounce(&std::fs::read(file).unwrap(), &token)
+            .unwrap_or_else(|| panic!("{name}: no header block"));
+        let (_, status) = crate::content::send(&d, &plain, ip, "<>").await;
+        assert_eq!(status, Status::Continue, "{name} as it was");
+        let Some((signed, delay)) = signed else {
+            continue;
+        };
+        let (_, status) = crate::content::send(&d, &signed, ip, "<>").await;
+        if delay {
+            delays += 1;
+            assert_eq!(status, Status::Continue, "{name}: a delay warning");
+        } else {
+            recognized += 1;
+            assert_eq!(status, Status::Discard, "{name} quoting {token}");
+        }
+    }
+    assert!(
+        recognized >= 15 && delays >= 1,
+        "{recognized} recognized, {delays} delay warnings of {} samples",
+        files.len()
+    );
+    d.stop().await;
+}
