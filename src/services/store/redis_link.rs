@@ -1,6 +1,7 @@
 //! How the Redis store reaches the master: a fixed URL or Sentinel discovery (with AUTH and TLS
-//! towards the sentinels too), TLS with an optional private CA, passwords from files, a fresh connection when the master moved
-//! (a `READONLY` answer, or a lost connection under Sentinel), and `WAIT` for replicas.
+//! towards the sentinels too), TLS with an optional private CA, passwords from files, a fresh
+//! connection when the master moved (a `READONLY` answer, or a lost connection under Sentinel),
+//! and `WAIT` for replicas.
 
 use std::sync::Mutex;
 use std::time::Duration;
