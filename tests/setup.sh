@@ -2,9 +2,10 @@
 # Installs the system packages the test suite drives for real: Postfix and swaks (end-to-end
 # tests), redis-server (shared-store tests, Sentinel too), openssl (certificates for the Redis
 # TLS tests), man-db and groff (`man -l` on the generated pages), zsh and fish (the generated
-# shell completions, completing), lintian (the Debian package, .ci/deb), and dkimpy with PyNaCl, dnspython and authres (DKIM and ARC tests: the second
-# implementation, signing and sealing for luamilter to verify, and verifying what luamilter
-# signs). Idempotent; needs root (as do the Postfix tests).
+# shell completions, completing), lintian (the Debian package, .ci/deb), and dkimpy with
+# PyNaCl, dnspython and authres (DKIM and ARC tests: the second implementation, signing and
+# sealing for luamilter to verify, and verifying what luamilter signs). Idempotent; needs root
+# (as do the Postfix tests).
 set -euo pipefail
 missing=()
 command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || missing+=(postfix)
