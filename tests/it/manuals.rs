@@ -8,16 +8,17 @@ use std::process::Command;
 
 use clap::CommandFactory;
 
+/// Runs `command`, which must succeed, and returns its standard output.
+fn stdout_of(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Runs `luamilter generate WHAT DIR` and returns the files it printed.
 fn generate(what: &str, dir: &Path) -> BTreeSet<String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_luamilter"))
-        .args(["generate", what])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8(out.stdout)
-        .unwrap()
+    let mut command = Command::new(env!("CARGO_BIN_EXE_luamilter"));
+    stdout_of(command.args(["generate", what]).arg(dir))
         .lines()
         .map(|l| {
             let name = Path::new(l).file_name().unwrap();
@@ -139,15 +140,9 @@ fn fish_completes(file: &Path, line: &str) -> Vec<String> {
     let check = Command::new("fish").arg("-n").arg(file).status();
     let check = check.unwrap_or_else(|e| panic!("fish ({e}): tests/setup.sh installs fish"));
     assert!(check.success(), "fish -n {}", file.display());
-    let out = Command::new("fish")
-        .args(["-c", "source $argv[1]; complete -C $argv[2]"])
-        .arg(file)
-        .arg(line)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8(out.stdout)
-        .unwrap()
+    let mut fish = Command::new("fish");
+    let script = "source $argv[1]; complete -C $argv[2]";
+    stdout_of(fish.args(["-c", script]).arg(file).arg(line))
         .lines()
         .map(|l| l.split('\t').next().unwrap().to_string())
         .collect()

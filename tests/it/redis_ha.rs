@@ -324,6 +324,13 @@ async fn refused(config: &StoreConfig) -> String {
     err.to_string()
 }
 
+/// [`refused`], with an error that names `sentinel`.
+async fn refused_naming(config: &StoreConfig, sentinel: &str) -> String {
+    let err = refused(config).await;
+    assert!(err.contains(sentinel), "{err}");
+    err
+}
+
 /// The error of `store::open` on `config`, which must be a configuration error.
 fn invalid(config: &StoreConfig) -> String {
     let err = store::open(config, store::system_clock()).err().unwrap();
@@ -507,16 +514,14 @@ async fn sentinels_with_a_password_from_a_file() {
     assert_round_trip(&config).await;
 
     // Without the sentinels' password, or with a wrong one: "unavailable", naming the sentinel.
-    let err = refused(&StoreConfig {
+    let without = StoreConfig {
         sentinel_password_file: None,
         ..config.clone()
-    })
-    .await;
-    assert!(err.contains(&sentinel.address()), "{err}");
+    };
+    let err = refused_naming(&without, &sentinel.address()).await;
     assert!(err.contains("NOAUTH"), "{err}");
     std::fs::write(&sentinel_password, "wrong\n").unwrap();
-    let err = refused(&config).await;
-    assert!(err.contains(&sentinel.address()), "{err}");
+    refused_naming(&config, &sentinel.address()).await;
 
     // Configuration errors at start: an empty password file, a user without a password, a
     // sentinel password without sentinels.
@@ -566,20 +571,18 @@ async fn sentinels_over_tls_with_a_private_ca() {
     assert_round_trip(&config).await;
 
     // The system roots do not know our CA: "unavailable", naming the sentinel.
-    let err = refused(&StoreConfig {
+    let system_roots = StoreConfig {
         tls_ca_file: None,
         ..config.clone()
-    })
-    .await;
-    assert!(err.contains(&tls_address), "{err}");
+    };
+    refused_naming(&system_roots, &tls_address).await;
     // The TLS port does not answer in clear.
     let clear = format!("127.0.0.1:{tls_port}");
-    let err = refused(&StoreConfig {
+    let in_clear = StoreConfig {
         sentinels: vec![clear.clone()],
         ..config.clone()
-    })
-    .await;
-    assert!(err.contains(&clear), "{err}");
+    };
+    refused_naming(&in_clear, &clear).await;
     // Either every sentinel speaks TLS or none does.
     let err = invalid(&StoreConfig {
         sentinels: vec![tls_address, sentinel.address()],
