@@ -125,7 +125,7 @@ return {
       entry = ban and ban.entry
     end
     if entry then
-      milter.log.info("banned domain", domain, "by", entry)
+      milter.log.debug("banned domain", domain, "by", entry)
       return refuse(replies.lines("bandom", { { "domain", domain } },
         fill(opts.domain_reply, { domain = domain })))
     end

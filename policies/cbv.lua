@@ -65,14 +65,14 @@ end
 local function answer(ctx, target, result, err, values, opts)
   if result == "ok" then
     ctx.msg.cbv_result = "ok"
-    milter.log.info("CBV: " .. target .. " ok")
+    milter.log.debug("CBV: " .. target .. " ok")
     return
   end
   local code, text
   if result then
     code, text = result.code, clean(result.text)
   elseif err == "invalid" then
-    milter.log.info("CBV: " .. target .. " skipped: not an address")
+    milter.log.debug("CBV: " .. target .. " skipped: not an address")
     return
   else
     code, text = 450, milter.fill(NO_ANSWER[err] or err, values)
@@ -80,17 +80,17 @@ local function answer(ctx, target, result, err, values, opts)
   local desc = "CBV: " .. code .. " " .. text
   if result and result.permanent then
     ctx.msg.cbv_result = "refused"
-    milter.log.info(desc .. " (" .. target .. "): REJECT")
+    milter.log.debug(desc .. " (" .. target .. "): REJECT")
     values.code, values.text = code, text
     return milter.reject{ code = 550, xcode = "5.7.1", text = replies.lines("dsnrefused",
       { { "mfrom", target }, { "msg", code .. " " .. text } }, lines(opts.refused_reply, values)) }
   end
   ctx.msg.cbv_result = result and "temporary" or err
   if not result and opts.error_action == "continue" then
-    milter.log.info(desc .. " (" .. target .. "): continue")
+    milter.log.debug(desc .. " (" .. target .. "): continue")
     return
   end
-  milter.log.info(desc .. " (" .. target .. "): TEMPFAIL")
+  milter.log.debug(desc .. " (" .. target .. "): TEMPFAIL")
   return milter.tempfail{ code = 450, xcode = "4.2.0", text = desc }
 end
 
@@ -120,7 +120,7 @@ return {
     local result = smtp.cached(ctx.sender)
     if type(result) ~= "table" or not result.permanent then return end
     ctx.msg.listed = "BLACKLIST"
-    milter.log.info("CBV: blacklisted " .. ctx.sender .. ": " .. result.code .. " " .. result.text)
+    milter.log.debug("CBV: blacklisted " .. ctx.sender .. ": " .. result.code .. " " .. result.text)
     if opts.blacklist_demerits > 0 then
       ctx:demerit(opts.blacklist_demerits, "cbv: call-back of " .. ctx.sender .. " failed")
     end
@@ -140,14 +140,14 @@ return {
     local spf = ctx.msg.spf
     local effective = type(spf) == "table" and spf.effective or nil
     if whitelisted(ctx) and effective ~= "softfail" and effective ~= "permerror" then
-      milter.log.info("CBV: " .. sender .. " skipped: " .. ctx.msg.listed)
+      milter.log.debug("CBV: " .. sender .. " skipped: " .. ctx.msg.listed)
       return
     end
     local target = ctx.msg.cbv_target or sender
     local domain = target:match("@([^@]+)$") or ""
     local sender_domain = sender:match("@([^@]+)$") or ""
     if site.internal_domain(sender_domain) or site.internal_domain(domain) then
-      milter.log.info("CBV: " .. target .. " skipped: internal domain (Fraudulent MX)")
+      milter.log.debug("CBV: " .. target .. " skipped: internal domain (Fraudulent MX)")
       return
     end
     local template = ctx.msg.cbv_template
@@ -156,7 +156,7 @@ return {
       local remembered = smtp.cached(target)
       if remembered == "ok" then
         ctx.msg.cbv_result = "ok"
-        milter.log.info("DSN: " .. target .. " ok (remembered)")
+        milter.log.debug("DSN: " .. target .. " ok (remembered)")
         return
       end
       local sent, err, reply = nil, "notemplate", nil
@@ -173,13 +173,13 @@ return {
         return
       elseif err == "remembered" then
         ctx.msg.cbv_result = "ok"
-        milter.log.info("DSN: " .. target .. " was sent " .. template .. " lately")
+        milter.log.debug("DSN: " .. target .. " was sent " .. template .. " lately")
         return
       elseif err == "rejected" then
-        milter.log.info("DSN: " .. template .. " to " .. target .. " rejected by the relay")
+        milter.log.debug("DSN: " .. template .. " to " .. target .. " rejected by the relay")
         return answer(ctx, target, reply, nil, values, opts)
       end
-      milter.log.info("DSN: not sending " .. tostring(template) .. " to " .. target .. ": "
+      milter.log.debug("DSN: not sending " .. tostring(template) .. " to " .. target .. ": "
         .. err .. " (a plain call-back instead)")
     end
     local result, err = smtp.verify(target, { timeout = timeout(opts) })

@@ -77,18 +77,18 @@ return {
     })
     if err then keep("fail", text, opts) end
     if err == "boundary" then
-      milter.log.info("defang: MIME boundary error", detail)
+      milter.log.debug("defang: MIME boundary error", detail)
       if ctx.client.internal then return end
       return refuse(554, "5.7.7", opts.boundary_reply)
     elseif err then
-      milter.log.info("defang: header parse error", detail)
+      milter.log.debug("defang: header parse error", detail)
       return refuse(554, "5.7.7", opts.header_reply)
     end
     if not result then return end
     if #result.removed > 0 then
       local _, domain = net.split(ctx.sender or "")
       if listed(domain, opts.reject_virus_from) then
-        milter.log.info("defang: banned attachment from", ctx.sender, table.concat(result.removed, ", "))
+        milter.log.debug("defang: banned attachment from", ctx.sender, table.concat(result.removed, ", "))
         return refuse(550, "5.7.1", opts.virus_reply)
       end
     end
@@ -96,6 +96,6 @@ return {
     for _, h in ipairs(result.headers) do set_header(ctx, h.name, h.value) end
     ctx:replace_body(result.body)
     ctx.msg.defanged = result.removed
-    milter.log.info("defanged", table.concat(result.removed, ", "), "scripts cut:", result.scripts)
+    milter.log.debug("defanged", table.concat(result.removed, ", "), "scripts cut:", result.scripts)
   end,
 }

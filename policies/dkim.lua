@@ -42,7 +42,7 @@ local function act(ctx, result, domain, opts)
     return nil
   end
   local text = milter.fill(opts.reply, { result = result, domain = domain })
-  milter.log.info("dkim: " .. action .. " " .. text)
+  milter.log.debug("dkim: " .. action .. " " .. text)
   if action == "TEMPFAIL" then
     return milter.tempfail{ code = 451, xcode = "4.7.1", text = text }
   end

@@ -8,7 +8,8 @@
 --     `mailing_lists`, or an ARC chain that passed while `arc_override` is on;
 --   * `report_only`: nothing is enforced, the disposition is only logged;
 --   * every evaluated message logs one `dmarc-report` line with the fields of a DMARC aggregate
---     report record (RFC 7489 appendix C), for a report generator.
+--     report record (RFC 7489 appendix C), for a report generator: at debug, or at info with
+--     `report_log` (so that info keeps one line per message unless reports are wanted).
 -- Every default and reply is documented in docs/policies/dmarc.md.
 local milter = require "milter"
 local dmarc = require "milter.dmarc"
@@ -36,13 +37,14 @@ local function override(ctx, opts)
 end
 
 -- The aggregate-report data line: one record of RFC 7489 appendix C.
-local function report(ctx, r, disposition, reason)
+local function report(ctx, r, disposition, reason, opts)
   local dkim_domains = {}
   for _, sig in ipairs(ctx.msg.dkim or {}) do
     dkim_domains[#dkim_domains + 1] = sig.domain .. "=" .. sig.result
   end
   local spf = ctx.msg.spf
-  milter.log.info(string.format(
+  local log = opts.report_log and milter.log.info or milter.log.debug
+  log(string.format(
     "dmarc-report: source_ip=%s header_from=%s policy_domain=%s p=%s disposition=%s "
       .. "dmarc=%s dkim_aligned=%s spf_aligned=%s dkim=%s spf=%s spf_domain=%s reason=%s rua=%s",
     tostring(ctx.client.ip), r.domain, tostring(r.record_domain), r.policy, disposition,
@@ -56,6 +58,7 @@ return {
   description = "evaluate DMARC and honour p=reject and p=quarantine, with overrides and an aggregate-report log",
   options = {
     report_only = false,
+    report_log = false,
     trusted_forwarders = {},
     mailing_lists = {},
     arc_override = false,
@@ -76,7 +79,7 @@ return {
       reason = override(ctx, opts)
       if not reason then disposition = r.policy end
     end
-    if r.result ~= "none" then report(ctx, r, disposition, reason) end
+    if r.result ~= "none" then report(ctx, r, disposition, reason, opts) end
     if opts.report_only or disposition == "none" then return end
     local values = { domain = r.domain }
     if disposition == "reject" then

@@ -256,7 +256,7 @@ local function decide(ctx, opts, questions, answers)
         local hit = { zone = zone.zone, list = zone.kind, what = target.what, name = target.name,
                       codes = codes, reason = answer.reason, action = zone.action, reply = zone.reply }
         table.insert(hits, hit)
-        milter.log.info("dnsbl:", target.what, target.name, "listed in", zone.zone,
+        milter.log.debug("dnsbl:", target.what, target.name, "listed in", zone.zone,
                         table.concat(codes, ","), "action", zone.action)
         if zone.action == "tag" then
           local value = ("%s: %s %s listed (%s)"):format(zone.zone, target.what, target.name,
@@ -314,7 +314,7 @@ return {
         local codes = counted_codes(target.zone, answers[i])
         if codes then
           ctx.msg.dnswl = { zone = target.zone.zone, codes = codes, reason = answers[i].reason }
-          milter.log.info("dnsbl: client", client.ip, "whitelisted by", target.zone.zone)
+          milter.log.debug("dnsbl: client", client.ip, "whitelisted by", target.zone.zone)
           return
         end
       end

@@ -56,7 +56,7 @@ return {
     if verdict == "wait" then
       local values = { minutes = tostring(math.ceil(n / 60)), seconds = tostring(n) }
       local text = fill(opts.reply, values)
-      milter.log.info("greylisted", client, ctx.sender, rcpt, "for", n, "s")
+      milter.log.debug("greylisted", client, ctx.sender, rcpt, "for", n, "s")
       return milter.tempfail{ code = 451, xcode = "4.7.1", text = text }
     elseif verdict == "pass" then
       milter.log.debug("greylist passed", client, ctx.sender, rcpt, n)

@@ -36,7 +36,7 @@ return {
     if not trapped(rcpt, opts.addresses) then return end
     ctx:demerit(opts.demerits, "honeypot recipient " .. rcpt)
     ctx.msg.spam = "honeypot " .. rcpt
-    milter.log.info("honeypot: " .. rcpt .. " from " .. (ctx.sender or "?"))
+    milter.log.debug("honeypot: " .. rcpt .. " from " .. (ctx.sender or "?"))
   end,
 
   eom = function(ctx, opts)

@@ -74,7 +74,7 @@ return {
     local ip = client.ip
     if sender == "" and opts.refuse_pc_dsn and ip and not client.localhost
         and site.internal(ip) and not site.internal_mta(ip) then
-      milter.log.info("internal: REJECT: pretend MTA at", ip, "sending a DSN")
+      milter.log.debug("internal: REJECT: pretend MTA at", ip, "sending a DSN")
       return refuse(opts.pc_dsn_reply)
     end
     if opts.zombie_check and sender ~= "" and client.internal and not client.authenticated
@@ -82,7 +82,7 @@ return {
         and not site.internal_mta(ip) then
       local _, domain = parts(sender)
       if not domain or not site.internal_domain(domain) then
-        milter.log.info("internal: REJECT: zombie PC at", ip, "sending MAIL FROM", sender)
+        milter.log.debug("internal: REJECT: zombie PC at", ip, "sending MAIL FROM", sender)
         return refuse(opts.zombie_reply)
       end
     end
@@ -92,7 +92,7 @@ return {
       local _, domain = parts(identity)
       local policy = access.lookup("SPF-Pass", identity)
       if policy == "REJECT" or policy == "BAN" or policy == "TEMPFAIL" then
-        milter.log.info("internal: REJECT: internal mail from", identity, "policy", policy)
+        milter.log.debug("internal: REJECT: internal mail from", identity, "policy", policy)
         local text = fill(opts.internal_policy_reply, { domain = domain or identity })
         if policy == "TEMPFAIL" then
           return milter.tempfail{ code = 451, xcode = "4.7.1", text = text }

@@ -99,9 +99,9 @@ local function ban_sender(ctx, name, opts)
     blacklist_ttl = opts.blacklist_ttl,
   })
   if kind == "domain" then
-    milter.log.info("keywords: banned domain", what)
+    milter.log.debug("keywords: banned domain", what)
   elseif kind == "mailbox" then
-    milter.log.info("keywords: blacklisted", what)
+    milter.log.debug("keywords: blacklisted", what)
   elseif what ~= "unidentified" then
     milter.log.warn("keywords: cannot ban the sender:", what)
   end
@@ -171,7 +171,7 @@ return {
     local verdict
     if lname == "message-id" or lname == "x-mailer" then
       verdict = check_trace(lname, value, opts)
-      if verdict then milter.log.info("keywords: REJECT", name .. ":", value) end
+      if verdict then milter.log.debug("keywords: REJECT", name .. ":", value) end
       return verdict
     end
     local l = lists(opts)
@@ -181,7 +181,7 @@ return {
       verdict = check_from(ctx, value, l, opts)
     end
     if verdict then
-      milter.log.info("keywords: REJECT", name .. ":", mime.decode(value))
+      milter.log.debug("keywords: REJECT", name .. ":", mime.decode(value))
     end
     return verdict
   end,

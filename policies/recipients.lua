@@ -100,7 +100,7 @@ return {
   rcpt = function(ctx, rcpt, args, opts)
     local notify, bad = parse_params(args)
     if not notify then
-      milter.log.info("recipients: REJECT bad RCPT parameter", bad, "for", rcpt)
+      milter.log.debug("recipients: REJECT bad RCPT parameter", bad, "for", rcpt)
       return refuse(opts.params_reply)
     end
     ctx.msg.notify = ctx.msg.notify or {}
@@ -112,7 +112,7 @@ return {
     local signed = ctx.msg.signed and ctx.msg.signed[rcpt]
     if known and not known[user:lower()] and not signed then
       ctx:demerit(opts.unknown_user_demerits, "unknown user " .. rcpt)
-      milter.log.info("recipients: REJECT unknown user", rcpt)
+      milter.log.debug("recipients: REJECT unknown user", rcpt)
       return refuse(opts.unknown_user_reply, { rcpt = rcpt }, 550, "5.1.1")
     end
     local haters = users_of(address_set(opts, "block_forward"), domain)
@@ -125,7 +125,7 @@ return {
     local subject = mime.decode(value):lower():match("^%s*(.-)%s*$")
     for _, prefix in ipairs(opts.forward_prefixes) do
       if prefix ~= "" and subject:sub(1, #prefix) == prefix:lower() then
-        milter.log.info("recipients: REJECT unedited forward:", subject)
+        milter.log.debug("recipients: REJECT unedited forward:", subject)
         return refuse(opts.forward_reply)
       end
     end

@@ -99,7 +99,7 @@ local function learn(rep, what, why, opts)
   rep.learned = what
   local ok, err = store.decay(key(rep.identity), opts.half_life, { [what] = 1 })
   if ok then
-    milter.log.info("reputation: " .. rep.identity .. " learned " .. what .. " (" .. why .. ")")
+    milter.log.debug("reputation: " .. rep.identity .. " learned " .. what .. " (" .. why .. ")")
   else
     milter.log.warn("reputation: cannot learn", rep.identity, err)
   end
@@ -169,7 +169,7 @@ return {
     if rep.score < opts.bad_score and rep.confidence >= opts.bad_confidence
       and not exempt_recipient(rcpt, opts.exempt_recipients) then
       rep.own_refusals = rep.own_refusals + 1
-      milter.log.info(("reputation: refused %s (score %.2f, confidence %.2f)")
+      milter.log.debug(("reputation: refused %s (score %.2f, confidence %.2f)")
         :format(rep.identity, rep.score, rep.confidence))
       local name = rep.identity:gsub("^%a+:", "")
       return milter.reject{ code = 550, xcode = "5.7.1",

@@ -112,7 +112,7 @@ return {
         ctx:delete_rcpt(bracket(rcpt))
         deleted[rcpt] = true
         for _, d in ipairs(dest) do ctx:add_rcpt(bracket(d)) end
-        milter.log.info("smart alias", sender, rcpt, "->", table.concat(dest, ", "))
+        milter.log.debug("smart alias", sender, rcpt, "->", table.concat(dest, ", "))
       end
     end
 
@@ -131,7 +131,7 @@ return {
           ctx:add_rcpt(bracket(d))
           if not opts.blind then ctx:add_header("Cc", bracket(d)) end
         end
-        milter.log.info("wiretap", sender, "->", opts.dest)
+        milter.log.debug("wiretap", sender, "->", opts.dest)
       end
     end
 
@@ -148,7 +148,7 @@ return {
       for _, rcpt in ipairs(ctx.recipients) do
         if not deleted[rcpt] then ctx:delete_rcpt(bracket(rcpt)) end
       end
-      milter.log.info("discard: recipients dropped", sender, table.concat(ctx.recipients, ", "))
+      milter.log.debug("discard: recipients dropped", sender, table.concat(ctx.recipients, ", "))
     end
   end,
 }

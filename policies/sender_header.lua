@@ -46,10 +46,10 @@ return {
     end
     local ours = "<" .. sender .. ">"
     if not present then
-      milter.log.info("sender_header: supplying MAIL FROM as Sender:", ours)
+      milter.log.debug("sender_header: supplying MAIL FROM as Sender:", ours)
       ctx:add_header("Sender", ours)
     elseif opts.rename_sender then
-      milter.log.info("sender_header: replacing Sender", present, "by", ours)
+      milter.log.debug("sender_header: replacing Sender", present, "by", ours)
       ctx:change_header("Sender", 1, ours)
       ctx:add_header(opts.original_sender_header, present)
     end

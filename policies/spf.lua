@@ -102,7 +102,7 @@ local function act(ctx, state, action, reply, reason, opts)
     state.whitelist, ctx.msg.listed = true, "WHITELIST"
     return nil
   end
-  milter.log.info("spf: " .. action .. " " .. reason)
+  milter.log.debug("spf: " .. action .. " " .. reason)
   if action == "BAN" then
     ban_client(ctx, reason, opts)
   elseif ctx.demerits > 0 then
@@ -165,7 +165,7 @@ local function official_result(ctx, state, sender, helo, opts)
     local r = spf.check_host(ip, "", forwarder)
     if r.result == "none" then r = spf.best_guess(ip, "", forwarder, opts.forwarder_guess) end
     if r.result == "pass" then
-      milter.log.info("spf: trusted forwarder " .. forwarder)
+      milter.log.debug("spf: trusted forwarder " .. forwarder)
       state.forwarder, state.whitelist, ctx.msg.listed = forwarder, true, "WHITELIST"
       state.identity, state.domain = "postmaster@" .. forwarder, forwarder
       return r

@@ -219,23 +219,23 @@ return {
       original, err = s:verify(address)
     end
     if original then
-      milter.log.info("srs: signed bounce to", address, "for", original)
+      milter.log.debug("srs: signed bounce to", address, "for", original)
       ctx.msg.signed = ctx.msg.signed or {}
       ctx.msg.signed[rcpt] = original
       return
     end
     if not outsider(ctx.client) then
-      if kind then milter.log.info("srs: invalid", kind, "address from inside:", address, err) end
+      if kind then milter.log.debug("srs: invalid", kind, "address from inside:", address, err) end
       return
     end
     if kind then
-      milter.log.info("srs: REJECT invalid", kind, "signature", address, err)
+      milter.log.debug("srs: REJECT invalid", kind, "signature", address, err)
       return refuse(kind == "SRS" and opts.srs_reply or opts.batv_reply)
     end
     -- postmaster takes every bounce (RFC 5321): delayed failures are reported there.
     if opts.reject_unsigned and member(opts.batv_domains, domain) and user:lower() ~= "postmaster" then
       if ctx.sender ~= "" and store.listed("whitelist", ctx.sender) then return end
-      milter.log.info("srs: REJECT unsigned bounce from", ctx.sender, "to", address)
+      milter.log.debug("srs: REJECT unsigned bounce from", ctx.sender, "to", address)
       if ctx.sender == "" then return refuse(opts.null_bounce_reply) end
       return refuse(opts.pseudo_bounce_reply, { user = parts(ctx.sender) })
     end
@@ -277,7 +277,7 @@ return {
     end
     local new, err = signed_sender(ctx, opts)
     if new then
-      milter.log.info("srs: sender", ctx.sender, "signed as", new)
+      milter.log.debug("srs: sender", ctx.sender, "signed as", new)
       ctx:change_sender("<" .. new .. ">")
     elseif err then
       milter.log.warn("srs: cannot sign", ctx.sender, err)

@@ -109,7 +109,7 @@ return {
       else
         ctx.msg.listed = "PROBATION"
       end
-      milter.log.info(ctx.msg.listed, sender, "by", entry.entry)
+      milter.log.debug(ctx.msg.listed, sender, "by", entry.entry)
       return
     end
     if ctx.client.internal then return end
@@ -137,7 +137,7 @@ return {
     end
     local why = autoreply(ctx, opts)
     if why then
-      milter.log.info("autoreply, recipients not whitelisted:", why)
+      milter.log.debug("autoreply, recipients not whitelisted:", why)
       return
     end
     for _, rcpt in ipairs(ctx.recipients) do

@@ -133,15 +133,18 @@ fn stats(reloader: &Reloader) -> String {
             error.replace('\n', " | ")
         ));
     }
-    for line in crate::engine::shadow::report() {
-        out.push_str(&format!("shadow_would {line}\n"));
-    }
     match crate::metrics::render() {
+        // The registry has the shadow counts too (`luamilter_shadow_decisions_total`).
         Some(metrics) => {
             out.push_str("# metrics (the same registry as the Prometheus endpoint)\n");
             out.push_str(&metrics);
         }
-        None => out.push_str("# metrics off: set [metrics] listen to record them\n"),
+        None => {
+            for line in crate::engine::shadow::report() {
+                out.push_str(&format!("shadow_would {line}\n"));
+            }
+            out.push_str("# metrics off: set [metrics] listen to record them\n");
+        }
     }
     out
 }

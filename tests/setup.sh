@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite drives for real: Postfix and swaks (end-to-end
 # tests), redis-server (shared-store tests, Sentinel too), openssl (certificates for the Redis
-# TLS test), man-db and groff (`man -l` on the generated pages), lintian (the Debian package,
-# .ci/deb), and dkimpy with PyNaCl, dnspython and authres (DKIM and ARC tests: the second
-# implementation, signing and sealing for luamilter to verify, and verifying what luamilter
-# signs), and python3-flufl.bounce for its corpus of real-world bounces (the srs policy's
-# delayed-failure tests). Idempotent; needs root (as do the Postfix tests).
+# TLS tests), man-db and groff (`man -l` on the generated pages), zsh and fish (the generated
+# shell completions, completing), lintian (the Debian package, .ci/deb), dkimpy with PyNaCl,
+# dnspython and authres (DKIM and ARC tests: the second implementation, signing and sealing for
+# luamilter to verify, and verifying what luamilter signs), and python3-flufl.bounce for its
+# corpus of real-world bounces (the srs policy's delayed-failure tests). Idempotent; needs root
+# (as do the Postfix tests).
 set -euo pipefail
 missing=()
 command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || missing+=(postfix)
@@ -15,6 +16,8 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v man >/dev/null 2>&1 || missing+=(man-db)
 command -v nroff >/dev/null 2>&1 || missing+=(groff-base)
 command -v lintian >/dev/null 2>&1 || missing+=(lintian)
+command -v zsh >/dev/null 2>&1 || missing+=(zsh)
+command -v fish >/dev/null 2>&1 || missing+=(fish)
 command -v dkimverify >/dev/null 2>&1 || missing+=(python3-dkim)
 /usr/bin/python3 -c 'import nacl' >/dev/null 2>&1 || missing+=(python3-nacl)
 /usr/bin/python3 -c 'import dns.resolver' >/dev/null 2>&1 || missing+=(python3-dnspython)

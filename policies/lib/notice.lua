@@ -165,19 +165,20 @@ function M.quarantine(ctx, reason, opts)
       { notify = "any", values = { reason = reason }, status = "4.7.0",
         dsn_rate = opts.dsn_rate, dsn_window = opts.dsn_window,
         dsn_remember = opts.dsn_remember, timeout = opts.timeout })
-    milter.log.info("DSN: quarantine notice to " .. sender .. ": "
-      .. (sent and "sent" or tostring(err)))
+    -- A notice that left the host is worth an info line; one that did not, a debug line.
+    local log = sent and milter.log.info or milter.log.debug
+    log("DSN: quarantine notice to " .. sender .. ": " .. (sent and "sent" or tostring(err)))
     return nil
   end
   local result, err = smtp.verify(sender, { timeout = opts.timeout })
   if type(result) == "table" and result.permanent then
     local text = result.code .. " " .. result.text
-    milter.log.info("CBV: " .. text .. " (" .. sender .. "): REJECT (quarantined: " .. reason .. ")")
+    milter.log.debug("CBV: " .. text .. " (" .. sender .. "): REJECT (quarantined: " .. reason .. ")")
     return milter.reject{ code = 550, xcode = "5.7.1",
       text = replies.lines("dsnrefused", { { "mfrom", sender }, { "msg", text } },
         "CBV: " .. text) }
   end
-  milter.log.info("CBV: " .. sender .. " " .. (result == "ok" and "ok" or tostring(err or
+  milter.log.debug("CBV: " .. sender .. " " .. (result == "ok" and "ok" or tostring(err or
     (type(result) == "table" and result.code))) .. " (quarantined: " .. reason .. ")")
   return nil
 end

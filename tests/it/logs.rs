@@ -2,7 +2,7 @@
 //! message gets one info line with its queue id, client, deciding policy, stage, verdict and
 //! trace; policy lines and failures carry the same fields; nothing at warn in a normal run.
 
-use crate::support::process::DaemonProcess;
+use crate::{dns_server::TestDns, support::process::DaemonProcess};
 use indymilter_test::Status;
 use serde_json::Value;
 use std::net::Ipv4Addr;
@@ -189,4 +189,160 @@ fn logfmt(line: &str) -> Value {
 async fn logfmt_lines_carry_the_same_fields() {
     let (log, lines) = logged("logfmt", logfmt).await;
     assert_message_fields(&lines, &log);
+}
+
+/// Whether the conversation goes on after `status`.
+fn goes_on(status: &Status) -> bool {
+    matches!(status, Status::Continue | Status::Skip)
+}
+
+/// One message on a new connection from `ip` (named and saying HELO `host`), with queue id
+/// `queue_id`, taken as far as the daemon lets it go.
+async fn message(
+    daemon: &DaemonProcess,
+    ip: Ipv4Addr,
+    host: &str,
+    queue_id: &str,
+    from: &str,
+    to: &str,
+) {
+    let mut mta = daemon.client().await;
+    assert!(goes_on(&mta.connect(host, ip).await.unwrap()));
+    assert!(goes_on(&mta.helo(host).await.unwrap()));
+    mta.0
+        .macros(indymilter::MacroStage::Mail, [("i", queue_id)])
+        .await
+        .unwrap();
+    let mut status = mta.mail([format!("<{from}>")]).await.unwrap();
+    if goes_on(&status) {
+        status = mta.rcpt([format!("<{to}>")]).await.unwrap();
+    }
+    if goes_on(&status) {
+        mta.data().await.unwrap();
+        for (name, value) in [
+            ("From", format!("<{from}>")),
+            ("To", format!("<{to}>")),
+            ("Subject", "Lunch on Friday".to_string()),
+            ("Message-ID", format!("<{queue_id}@{host}>")),
+            ("Date", "Fri, 4 Dec 2026 10:00:00 +0000".to_string()),
+        ] {
+            mta.header(name, &value).await.unwrap();
+        }
+        mta.eoh().await.unwrap();
+        mta.body("See you at noon.\r\n").await.unwrap();
+        mta.0.eom().await.unwrap();
+    } else {
+        mta.0.abort().await.unwrap();
+    }
+    mta.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_through_the_stock_chain_logs_one_info_line() {
+    let dns = TestDns::start().await;
+    let archive = tempfile::tempdir().unwrap();
+    // The chain of examples/stock-pack.toml, this site's settings.
+    let sample: toml::Table =
+        toml::from_str(include_str!("../../examples/stock-pack.toml")).unwrap();
+    let chain: Vec<&str> = sample["policies"]["chain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let extra = format!(
+        "[log]\nformat = \"json\"\nlevel = \"info\"\n\
+         [dns]\nnameservers = [\"{}\"]\ntimeout = \"2s\"\nattempts = 1\n\
+         [site]\nhostname = \"mx.example.org\"\ninternal_networks = [\"10.0.0.0/8\"]\n\
+         internal_domains = [\"example.org\"]\n\
+         [archive]\nmaildir = {:?}\n\
+         [policy.srs]\nsecrets = [\"log test secret\"]\nsrs_domain = \"fwd.example.org\"\n\
+         [policy.whitelist]\nwhitelist_senders = [\"@example.org\"]\n\
+         [policy.honeypot]\naddresses = [\"trap@example.org\"]\n",
+        dns.addr,
+        archive.path()
+    );
+    let daemon = DaemonProcess::start_stock(&chain, &extra).unwrap();
+    let outside = Ipv4Addr::new(192, 0, 2, 25);
+    let inside = Ipv4Addr::new(10, 1, 2, 3);
+    let host = "mail.example.test";
+    // Ordinary mail: a stranger (greylisted); mail from inside going out, which whitelists its
+    // recipient; that correspondent's answer, accepted. Then a stranger writing to a trap.
+    message(
+        &daemon,
+        outside,
+        host,
+        "Q1",
+        "user@example.test",
+        "ann@example.org",
+    )
+    .await;
+    message(
+        &daemon,
+        inside,
+        "pc.example.org",
+        "Q2",
+        "ann@example.org",
+        "bob@example.test",
+    )
+    .await;
+    message(
+        &daemon,
+        outside,
+        host,
+        "Q3",
+        "bob@example.test",
+        "ann@example.org",
+    )
+    .await;
+    message(
+        &daemon,
+        outside,
+        host,
+        "Q4",
+        "user@example.test",
+        "trap@example.org",
+    )
+    .await;
+    // The last message's abort handlers run when the connection closes: wait for its line.
+    daemon.wait_for_log(r#""message":"message","queue_id":"Q4""#);
+    let (_, log) = daemon.stop();
+    println!("{log}");
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let info = |queue_id: &str| -> Vec<&Value> {
+        lines
+            .iter()
+            .filter(|l| l["level"] == "INFO" && l["queue_id"] == queue_id)
+            .collect()
+    };
+    for queue_id in ["Q1", "Q2", "Q3"] {
+        let info = info(queue_id);
+        assert_eq!(info.len(), 1, "{queue_id}: {info:#?}");
+        assert_eq!(info[0]["message"], "message", "{queue_id}: {info:#?}");
+    }
+    assert!(info("Q3")[0]["verdict"] == "accept", "{log}");
+    // The trap hit costs the client a ban: a rare event, which has its own info line.
+    let messages: Vec<&str> = info("Q4")
+        .iter()
+        .map(|l| l["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert!(messages.contains(&"message"), "{messages:?}");
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("banned IP 192.0.2.25")),
+        "{messages:?}"
+    );
+    // Policies said nothing else at info (before a queue id either), and warned of nothing.
+    let chatter: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["level"] == "INFO" && l["target"] == "luamilter::policy")
+        .filter(|l| !l["message"].as_str().unwrap().starts_with("banned IP"))
+        .collect();
+    assert!(chatter.is_empty(), "{chatter:#?}");
+    assert!(!lines.iter().any(|l| l["level"] == "WARN"), "{log}");
 }

@@ -1,6 +1,6 @@
 //! `luamilter generate man|completions`: every page renders with `man -l` and shows its
 //! command's options, luamilter.toml(5) shows every key of the example configuration, and the
-//! bash completion, sourced by bash, completes subcommands.
+//! bash, zsh and fish completions, loaded by their shells, complete subcommands.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -8,16 +8,17 @@ use std::process::Command;
 
 use clap::CommandFactory;
 
+/// Runs `command`, which must succeed, and returns its standard output.
+fn stdout_of(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Runs `luamilter generate WHAT DIR` and returns the files it printed.
 fn generate(what: &str, dir: &Path) -> BTreeSet<String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_luamilter"))
-        .args(["generate", what])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8(out.stdout)
-        .unwrap()
+    let mut command = Command::new(env!("CARGO_BIN_EXE_luamilter"));
+    stdout_of(command.args(["generate", what]).arg(dir))
         .lines()
         .map(|l| {
             let name = Path::new(l).file_name().unwrap();
@@ -131,4 +132,67 @@ fn bash_completion_completes_subcommands() {
     assert!(stdout.contains("-F _luamilter luamilter"), "{stdout}");
     assert!(stdout.contains("top: generate\n"), "{stdout}");
     assert!(stdout.contains("db: blacklist\n"), "{stdout}");
+}
+
+/// What fish offers for `line`, with the completion file `file`: `fish -n` checks its syntax,
+/// `complete -C` completes.
+fn fish_completes(file: &Path, line: &str) -> Vec<String> {
+    let check = Command::new("fish").arg("-n").arg(file).status();
+    let check = check.unwrap_or_else(|e| panic!("fish ({e}): tests/setup.sh installs fish"));
+    assert!(check.success(), "fish -n {}", file.display());
+    let mut fish = Command::new("fish");
+    let script = "source $argv[1]; complete -C $argv[2]";
+    stdout_of(fish.args(["-c", script]).arg(file).arg(line))
+        .lines()
+        .map(|l| l.split('\t').next().unwrap().to_string())
+        .collect()
+}
+
+/// Types `$2` and TAB in an interactive zsh (on a pseudo-terminal) whose completion system
+/// loads the file `$1` from its `fpath`, and prints `HIT:candidate` for what it offers (written
+/// `"HI""T:"` so that the terminal's echo of the command does not look like a hit).
+const ZSH_COMPLETE: &str = r#"
+zmodload zsh/zpty
+zpty z zsh -f -i
+zpty -w z "PS1=''; fpath=(${1:h} \$fpath); autoload -Uz compinit; compinit -u -D"
+zpty -w z 'compadd() { builtin compadd -O __hits "$@"; print -l -- "HI""T:"${^__hits}" " > /dev/tty; builtin compadd "$@" }'
+zpty -w z "$2"$'\t'
+integer i
+for i in {1..50}; do
+  zpty -r -t z line && print -r -- "$line"
+  [[ $line == *HIT:* ]] && break
+  sleep 0.1
+done
+zpty -d z
+"#;
+
+/// What zsh offers for `line`, with the completion file `file` (`zsh -n` checks its syntax).
+fn zsh_completes(file: &Path, line: &str) -> Vec<String> {
+    let check = Command::new("zsh").arg("-n").arg(file).status();
+    let check = check.unwrap_or_else(|e| panic!("zsh ({e}): tests/setup.sh installs zsh"));
+    assert!(check.success(), "zsh -n {}", file.display());
+    let out = Command::new("timeout")
+        .args(["20", "zsh", "-f", "-c", ZSH_COMPLETE, "zsh"])
+        .arg(file)
+        .arg(line)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("HIT:")
+        .skip(1)
+        .filter_map(|hit| hit.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn zsh_and_fish_completions_complete_subcommands() {
+    let dir = tempfile::tempdir().unwrap();
+    generate("completions", dir.path());
+    let zsh = dir.path().join("_luamilter");
+    assert_eq!(zsh_completes(&zsh, "luamilter ge"), ["generate"]);
+    assert_eq!(zsh_completes(&zsh, "luamilter db bl"), ["blacklist"]);
+    let fish = dir.path().join("luamilter.fish");
+    assert_eq!(fish_completes(&fish, "luamilter ge"), ["generate"]);
+    assert_eq!(fish_completes(&fish, "luamilter db bl"), ["blacklist"]);
 }

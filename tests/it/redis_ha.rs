@@ -307,6 +307,37 @@ async fn sentinel_failover_keeps_acknowledged_writes() {
     assert_kept(st.as_ref(), &more).await;
 }
 
+/// Opens a store on `config` and writes and reads a key through it.
+async fn assert_round_trip(config: &StoreConfig) {
+    let st = store::open(config, store::system_clock()).unwrap();
+    let value = Value::Scalar(Scalar::Str("round trip".into()));
+    st.set("k", &value, None).await.unwrap();
+    assert_eq!(st.get("k").await.unwrap(), Some(value));
+}
+
+/// Opens a store on `config` (which succeeds: nothing connects yet) and returns the error of its
+/// first call, which must be "unavailable".
+async fn refused(config: &StoreConfig) -> String {
+    let st = store::open(config, store::system_clock()).unwrap();
+    let err = st.get("k").await.unwrap_err();
+    assert_eq!(err.code(), "unavailable", "{err}");
+    err.to_string()
+}
+
+/// [`refused`], with an error that names `sentinel`.
+async fn refused_naming(config: &StoreConfig, sentinel: &str) -> String {
+    let err = refused(config).await;
+    assert!(err.contains(sentinel), "{err}");
+    err
+}
+
+/// The error of `store::open` on `config`, which must be a configuration error.
+fn invalid(config: &StoreConfig) -> String {
+    let err = store::open(config, store::system_clock()).err().unwrap();
+    assert_eq!(err.code(), "invalid", "{err}");
+    err.to_string()
+}
+
 /// Runs the openssl CLI in `dir`.
 fn openssl(dir: &Path, args: &[&str]) {
     let status = Command::new("openssl")
@@ -420,17 +451,8 @@ async fn tls_with_private_ca_and_password_file() {
         timeout: Duration::from_secs(2),
         ..StoreConfig::default()
     };
-    let st = store::open(&config, store::system_clock()).unwrap();
-    let value = Value::Scalar(Scalar::Str("over TLS".into()));
-    st.set("k", &value, None).await.unwrap();
-    assert_eq!(st.get("k").await.unwrap(), Some(value));
+    assert_round_trip(&config).await;
 
-    // A store opened on `config` answers "unavailable", quickly.
-    let refused = async |config: &StoreConfig| {
-        let st = store::open(config, store::system_clock()).unwrap();
-        let err = st.get("k").await.unwrap_err();
-        assert_eq!(err.code(), "unavailable", "{err}");
-    };
     // The system roots do not know our CA.
     refused(&StoreConfig {
         tls_ca_file: None,
@@ -446,9 +468,127 @@ async fn tls_with_private_ca_and_password_file() {
         password_file: Some(dir.path().join("absent")),
         ..config
     };
-    let err = store::open(&missing, store::system_clock()).err().unwrap();
-    assert_eq!(err.code(), "invalid", "{err}");
-    assert!(err.to_string().contains("absent"), "{err}");
+    let err = invalid(&missing);
+    assert!(err.contains("absent"), "{err}");
+}
+
+/// A Redis store configuration that finds the master through `sentinels`.
+fn sentinel_config(sentinels: Vec<String>) -> StoreConfig {
+    StoreConfig {
+        backend: Backend::Redis,
+        url: "redis://127.0.0.1/".into(),
+        sentinels,
+        sentinel_master: "mymaster".into(),
+        timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_millis(500),
+        ..StoreConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_with_a_password_from_a_file() {
+    // The master and the sentinel each have their own password.
+    let master = RedisServer::start_with(&["--requirepass", "master-pw"]);
+    let sentinel = RedisSentinel::start_with(
+        master.port,
+        1,
+        &[
+            "--requirepass",
+            "sentinel-pw",
+            "--sentinel",
+            "auth-pass",
+            "mymaster",
+            "master-pw",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let master_password = dir.path().join("redis.password");
+    std::fs::write(&master_password, "master-pw\n").unwrap();
+    let sentinel_password = dir.path().join("sentinel.password");
+    std::fs::write(&sentinel_password, "sentinel-pw\n").unwrap();
+    let config = StoreConfig {
+        password_file: Some(master_password),
+        sentinel_password_file: Some(sentinel_password.clone()),
+        ..sentinel_config(vec![sentinel.address()])
+    };
+    assert_round_trip(&config).await;
+
+    // Without the sentinels' password, or with a wrong one: "unavailable", naming the sentinel.
+    let without = StoreConfig {
+        sentinel_password_file: None,
+        ..config.clone()
+    };
+    let err = refused_naming(&without, &sentinel.address()).await;
+    assert!(err.contains("NOAUTH"), "{err}");
+    std::fs::write(&sentinel_password, "wrong\n").unwrap();
+    refused_naming(&config, &sentinel.address()).await;
+
+    // Configuration errors at start: an empty password file, a user without a password, a
+    // sentinel password without sentinels.
+    std::fs::write(&sentinel_password, "\n").unwrap();
+    let err = invalid(&config);
+    assert!(err.contains("store.sentinel_password_file"), "{err}");
+    assert!(err.contains("empty"), "{err}");
+    let err = invalid(&StoreConfig {
+        sentinel_password_file: None,
+        sentinel_user: Some("mx".into()),
+        ..config.clone()
+    });
+    assert!(err.contains("store.sentinel_user"), "{err}");
+    let err = invalid(&StoreConfig {
+        sentinels: Vec::new(),
+        ..config
+    });
+    assert!(err.contains("store.sentinels"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_over_tls_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = private_ca(dir.path());
+    let master = RedisServer::start();
+    // The sentinel also listens in clear, on another port, for the test's own checks.
+    let tls_port = crate::redis_server::free_port().to_string();
+    let sentinel = RedisSentinel::start_with(
+        master.port,
+        1,
+        &[
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-auth-clients",
+            "no",
+        ],
+    );
+    let tls_address = format!("rediss://127.0.0.1:{tls_port}");
+    let config = StoreConfig {
+        tls_ca_file: Some(ca.into()),
+        ..sentinel_config(vec![tls_address.clone()])
+    };
+    assert_round_trip(&config).await;
+
+    // The system roots do not know our CA: "unavailable", naming the sentinel.
+    let system_roots = StoreConfig {
+        tls_ca_file: None,
+        ..config.clone()
+    };
+    refused_naming(&system_roots, &tls_address).await;
+    // The TLS port does not answer in clear.
+    let clear = format!("127.0.0.1:{tls_port}");
+    let in_clear = StoreConfig {
+        sentinels: vec![clear.clone()],
+        ..config.clone()
+    };
+    refused_naming(&in_clear, &clear).await;
+    // Either every sentinel speaks TLS or none does.
+    let err = invalid(&StoreConfig {
+        sentinels: vec![tls_address, sentinel.address()],
+        ..config
+    });
+    assert!(err.contains("rediss://"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,13 +127,19 @@ pub struct RedisSentinel(RedisServer);
 impl RedisSentinel {
     /// Starts a sentinel for the master on `master_port`; `quorum` sentinels must agree.
     pub fn start(master_port: u16, quorum: u32) -> RedisSentinel {
+        RedisSentinel::start_with(master_port, quorum, &[])
+    }
+
+    /// [`RedisSentinel::start`] with extra arguments, as [`RedisServer::start_with`] takes them
+    /// (`--requirepass`, `--tls-port`, `--sentinel auth-pass mymaster PASSWORD`...).
+    pub fn start_with(master_port: u16, quorum: u32, extra: &[&str]) -> RedisSentinel {
         let config = format!(
             "sentinel monitor mymaster 127.0.0.1 {master_port} {quorum}\n\
              sentinel down-after-milliseconds mymaster 500\n\
              sentinel failover-timeout mymaster 5000\n\
              sentinel parallel-syncs mymaster 1\n"
         );
-        RedisSentinel(RedisServer::spawn(free_port(), &[], Some(config)))
+        RedisSentinel(RedisServer::spawn(free_port(), extra, Some(config)))
     }
 
     /// `127.0.0.1:PORT`, as `[store] sentinels` takes it.

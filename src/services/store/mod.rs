@@ -589,9 +589,14 @@ pub struct StoreConfig {
     /// PEM file of the CA that signed the Redis server's certificate, for `rediss://` URLs;
     /// without it the system's roots are used (redis).
     pub tls_ca_file: Option<PathBuf>,
-    /// Sentinels ("host:port") that know where the master is; the URL then gives only the
-    /// scheme, credentials and database (redis).
+    /// Sentinels ("host:port", or "rediss://host:port" for TLS with `tls_ca_file`) that know
+    /// where the master is; the URL then gives only the scheme, credentials and database (redis).
     pub sentinels: Vec<String>,
+    /// File whose first line is the sentinels' password (their `requirepass` or an ACL user's);
+    /// without it the sentinels are asked without AUTH (redis).
+    pub sentinel_password_file: Option<PathBuf>,
+    /// The ACL user of `sentinel_password_file`; without it the sentinels' default user (redis).
+    pub sentinel_user: Option<String>,
     /// The master's name as the sentinels know it (`sentinel monitor NAME ...`) (redis).
     pub sentinel_master: String,
     /// A write is acknowledged only once this many replicas have it (Redis `WAIT`); 0 (the
@@ -612,6 +617,8 @@ impl Default for StoreConfig {
             password_file: None,
             tls_ca_file: None,
             sentinels: Vec::new(),
+            sentinel_password_file: None,
+            sentinel_user: None,
             sentinel_master: "mymaster".into(),
             min_replicas: 0,
         }

@@ -1,6 +1,7 @@
-//! How the Redis store reaches the master: a fixed URL or Sentinel discovery, TLS with an
-//! optional private CA, the password from a file, a fresh connection when the master moved
-//! (a `READONLY` answer, or a lost connection under Sentinel), and `WAIT` for replicas.
+//! How the Redis store reaches the master: a fixed URL or Sentinel discovery (with AUTH and TLS
+//! towards the sentinels too), TLS with an optional private CA, passwords from files, a fresh
+//! connection when the master moved (a `READONLY` answer, or a lost connection under Sentinel),
+//! and `WAIT` for replicas.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -37,7 +38,11 @@ enum Locator {
     /// The URL's host (a name is resolved again on every fresh connection).
     Fixed(Client),
     /// Asked of the sentinels on every fresh connection.
-    Sentinel(tokio::sync::Mutex<SentinelClient>),
+    Sentinel {
+        client: tokio::sync::Mutex<SentinelClient>,
+        /// The configured sentinels, for the errors.
+        names: String,
+    },
 }
 
 /// The current connection to the master and the number of times it was replaced.
@@ -105,25 +110,15 @@ fn read_file(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| invalid(format_args!("{what} {}: {e}", path.display())))
 }
 
-/// The password: the first line of `password_file`.
-fn password(config: &StoreConfig) -> Result<Option<String>> {
-    let Some(path) = &config.password_file else {
-        return Ok(None);
-    };
-    let text = String::from_utf8(read_file(path, "store.password_file")?).map_err(|_| {
-        invalid(format_args!(
-            "store.password_file {}: not UTF-8",
-            path.display()
-        ))
-    })?;
+/// The first line of the secret file at `path`, which the config key `key` names.
+fn secret_file(path: &std::path::Path, key: &str) -> Result<String> {
+    let text = String::from_utf8(read_file(path, key)?)
+        .map_err(|_| invalid(format_args!("{key} {}: not UTF-8", path.display())))?;
     let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
     if line.is_empty() {
-        return Err(invalid(format_args!(
-            "store.password_file {}: empty",
-            path.display()
-        )));
+        return Err(invalid(format_args!("{key} {}: empty", path.display())));
     }
-    Ok(Some(line.to_string()))
+    Ok(line.to_string())
 }
 
 /// The URL with the password from the file.
@@ -133,7 +128,12 @@ fn connection_info(config: &StoreConfig) -> Result<ConnectionInfo> {
         .as_str()
         .into_connection_info()
         .map_err(|e| invalid(format_args!("redis url {:?}: {e}", config.url)))?;
-    Ok(match password(config)? {
+    let password = config
+        .password_file
+        .as_deref()
+        .map(|path| secret_file(path, "store.password_file"))
+        .transpose()?;
+    Ok(match password {
         Some(password) => {
             let settings = info.redis_settings().clone().set_password(password);
             info.set_redis_settings(settings)
@@ -160,6 +160,21 @@ fn fixed_client(config: &StoreConfig, info: ConnectionInfo) -> Result<Client> {
     client.map_err(|e| invalid(format_args!("redis url {:?}: {e}", config.url)))
 }
 
+/// A sentinel's address: "host:port" or "redis://host:port" in clear, "rediss://host:port" over
+/// TLS.
+fn sentinel_addr(sentinel: &str) -> Result<ConnectionAddr> {
+    let url = if sentinel.contains("://") {
+        sentinel.to_string()
+    } else {
+        format!("redis://{sentinel}")
+    };
+    url.into_connection_info()
+        .map(|i| i.addr().clone())
+        .map_err(|e| invalid(format_args!("store.sentinels {sentinel:?}: {e}")))
+}
+
+/// The client that asks the sentinels for the master: AUTH and TLS towards the sentinels from
+/// the `sentinel_*` keys and the addresses' scheme, towards the master from the URL.
 fn sentinel_client(config: &StoreConfig, info: &ConnectionInfo) -> Result<SentinelClient> {
     if config.sentinel_master.is_empty() {
         return Err(invalid("store.sentinel_master is empty"));
@@ -167,13 +182,17 @@ fn sentinel_client(config: &StoreConfig, info: &ConnectionInfo) -> Result<Sentin
     let sentinels = config
         .sentinels
         .iter()
-        .map(|s| {
-            format!("redis://{s}")
-                .into_connection_info()
-                .map(|i| i.addr().clone())
-                .map_err(|e| invalid(format_args!("store.sentinels {s:?}: {e}")))
-        })
+        .map(|s| sentinel_addr(s))
         .collect::<Result<Vec<ConnectionAddr>>>()?;
+    let tls = sentinels
+        .iter()
+        .filter(|a| matches!(a, ConnectionAddr::TcpTls { .. }))
+        .count();
+    if tls != 0 && tls != sentinels.len() {
+        return Err(invalid(
+            "store.sentinels: either every sentinel is rediss:// or none is",
+        ));
+    }
     let settings = info.redis_settings();
     let mut builder = SentinelClientBuilder::new(
         sentinels,
@@ -194,6 +213,24 @@ fn sentinel_client(config: &StoreConfig, info: &ConnectionInfo) -> Result<Sentin
             builder = builder.set_client_to_redis_certificates(certs);
         }
     }
+    if let Some(path) = &config.sentinel_password_file {
+        let password = secret_file(path, "store.sentinel_password_file")?;
+        builder = builder.set_client_to_sentinel_password(password);
+    }
+    match &config.sentinel_user {
+        Some(_) if config.sentinel_password_file.is_none() => {
+            return Err(invalid(
+                "store.sentinel_user needs store.sentinel_password_file",
+            ));
+        }
+        Some(user) => builder = builder.set_client_to_sentinel_username(user),
+        None => {}
+    }
+    if tls > 0
+        && let Some(certs) = certificates(config)?
+    {
+        builder = builder.set_client_to_sentinel_certificates(certs);
+    }
     builder
         .build()
         .map_err(|e| invalid(format_args!("store.sentinels: {e}")))
@@ -204,9 +241,17 @@ impl Link {
     pub fn new(config: &StoreConfig) -> Result<Link> {
         let info = connection_info(config)?;
         let locator = if config.sentinels.is_empty() {
+            if config.sentinel_password_file.is_some() || config.sentinel_user.is_some() {
+                return Err(invalid(
+                    "store.sentinel_password_file and store.sentinel_user need store.sentinels",
+                ));
+            }
             Locator::Fixed(fixed_client(config, info)?)
         } else {
-            Locator::Sentinel(tokio::sync::Mutex::new(sentinel_client(config, &info)?))
+            Locator::Sentinel {
+                client: tokio::sync::Mutex::new(sentinel_client(config, &info)?),
+                names: config.sentinels.join(", "),
+            }
         };
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
@@ -232,21 +277,24 @@ impl Link {
     }
 
     /// A new connection manager to wherever the master is now.
-    async fn locate(&self) -> std::result::Result<ConnectionManager, RedisError> {
+    async fn locate(&self) -> Result<ConnectionManager> {
         let client = match &self.locator {
             Locator::Fixed(client) => client.clone(),
-            Locator::Sentinel(sentinel) => {
-                let client = sentinel.lock().await.async_get_client().await?;
+            Locator::Sentinel { client, names } => {
+                let client = client.lock().await.async_get_client().await.map_err(|e| {
+                    StoreError::Unavailable(format!("redis sentinels {names}: {e}"))
+                })?;
                 let master = client.get_connection_info().addr();
                 tracing::info!(%master, "redis: the sentinels name the master");
                 client
             }
         };
         ConnectionManager::new_lazy_with_config(client, self.manager_config.clone())
+            .map_err(map_err)
     }
 
     /// Replaces the connection of `generation` (unless another call already did).
-    async fn replace(&self, generation: u64) -> std::result::Result<(), RedisError> {
+    async fn replace(&self, generation: u64) -> Result<()> {
         let _one_at_a_time = self.replacing.lock().await;
         if self.snapshot().0 != generation {
             return Ok(());
@@ -259,7 +307,7 @@ impl Link {
     }
 
     /// The current connection, located first if there is none yet.
-    async fn connection(&self) -> std::result::Result<(u64, ConnectionManager), RedisError> {
+    async fn connection(&self) -> Result<(u64, ConnectionManager)> {
         loop {
             match self.snapshot() {
                 (generation, Some(conn)) => return Ok((generation, conn)),
@@ -275,15 +323,15 @@ impl Link {
         write: bool,
         request: Request<'_>,
     ) -> Result<T> {
-        let sentinel = matches!(self.locator, Locator::Sentinel(_));
-        let (generation, mut conn) = self.connection().await.map_err(map_err)?;
+        let sentinel = matches!(self.locator, Locator::Sentinel { .. });
+        let (generation, mut conn) = self.connection().await?;
         let value = match request.send(&mut conn).await {
             Ok(value) => value,
             Err(e) => match moved(&e, sentinel) {
                 Moved::Retry => {
                     tracing::debug!(error = %e, "redis master moved; finding it again");
-                    self.replace(generation).await.map_err(map_err)?;
-                    conn = self.connection().await.map_err(map_err)?.1;
+                    self.replace(generation).await?;
+                    conn = self.connection().await?.1;
                     request.send(&mut conn).await.map_err(map_err)?
                 }
                 Moved::Relocate => {

@@ -61,6 +61,17 @@ pub fn write_config(
     path
 }
 
+/// [`write_config`] for a chain of policies of the stock pack, by name.
+pub fn write_stock_config(dir: &TempDir, listen: &str, stock: &[&str], extra: &str) -> PathBuf {
+    let path = write_config(dir, listen, &[], extra);
+    let chain: Vec<String> = stock.iter().map(|n| format!("{n:?}")).collect();
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("chain = []", &format!("chain = [{}]", chain.join(", ")));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 impl TestDaemon {
     /// Starts a daemon on TCP loopback with these policies.
     pub async fn start(policies: &[(&str, &str)], extra: &str) -> TestDaemon {
@@ -90,12 +101,7 @@ impl TestDaemon {
     /// Starts a daemon on TCP loopback whose chain is policies of the stock pack, by name.
     pub async fn try_start_stock(stock: &[&str], extra: &str) -> Result<TestDaemon, String> {
         let dir = TempDir::new().unwrap();
-        let path = write_config(&dir, "inet:0@127.0.0.1", &[], extra);
-        let chain: Vec<String> = stock.iter().map(|n| format!("{n:?}")).collect();
-        let text = std::fs::read_to_string(&path)
-            .unwrap()
-            .replace("chain = []", &format!("chain = [{}]", chain.join(", ")));
-        std::fs::write(&path, text).unwrap();
+        let path = write_stock_config(&dir, "inet:0@127.0.0.1", stock, extra);
         Self::start_config(dir, &path).await
     }
 

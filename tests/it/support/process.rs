@@ -3,7 +3,7 @@
 //! it stays alive. Its standard error is collected while it runs; it is killed if the test
 //! drops it still running.
 
-use super::{Mta, write_config};
+use super::{Mta, write_config, write_stock_config};
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
@@ -27,21 +27,15 @@ pub struct DaemonProcess {
 }
 
 impl DaemonProcess {
-    /// Writes `policies` and a config into a new temp dir (mode 0755, so Postfix and an
-    /// unprivileged daemon can reach the socket) and starts the daemon on it: `milter` is added
-    /// to the `[milter]` table, `extra` TOML at the end.
+    /// Writes `policies` and a config into a new temp dir (see [`DaemonProcess::new_dir`]) and
+    /// starts the daemon on it: `milter` is added to the `[milter]` table, `extra` TOML at the
+    /// end.
     pub fn start(
         policies: &[(&str, &str)],
         milter: &str,
         extra: &str,
     ) -> Result<DaemonProcess, String> {
-        let dir = TempDir::new().unwrap();
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-        let socket = dir.path().join("milter.sock");
+        let (dir, socket) = Self::new_dir();
         let config = write_config(&dir, &format!("unix:{}", socket.display()), policies, extra);
         let text = std::fs::read_to_string(&config).unwrap().replacen(
             "[milter]\n",
@@ -50,6 +44,27 @@ impl DaemonProcess {
         );
         std::fs::write(&config, text).unwrap();
         Self::start_config(dir, config, socket)
+    }
+
+    /// [`DaemonProcess::start`] for a chain of policies of the stock pack, by name.
+    pub fn start_stock(stock: &[&str], extra: &str) -> Result<DaemonProcess, String> {
+        let (dir, socket) = Self::new_dir();
+        let listen = format!("unix:{}", socket.display());
+        let config = write_stock_config(&dir, &listen, stock, extra);
+        Self::start_config(dir, config, socket)
+    }
+
+    /// A new temp dir (mode 0755, so Postfix and an unprivileged daemon can reach the socket)
+    /// and the path of the milter socket in it.
+    fn new_dir() -> (TempDir, PathBuf) {
+        let dir = TempDir::new().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let socket = dir.path().join("milter.sock");
+        (dir, socket)
     }
 
     /// Starts the daemon on the config file `config` (in `dir`), whose `[milter] listen` is
