@@ -141,7 +141,7 @@ return {
         if h.name:lower() == "received" then received = received + 1 end
       end
       for i = received, 1, -1 do ctx:change_header("Received", i, nil) end
-      milter.log.info("hide_path: Received headers removed", received)
+      milter.log.debug("hide_path: Received headers removed", received)
     end
 
     if in_lists(sender, opts.discard, opts.discard_files, opts) then
