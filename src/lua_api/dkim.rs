@@ -1,4 +1,4 @@
-//! `milter.dkim`: `verify(ctx)`, `arc(ctx)` and `sign(ctx [, domain])` over the DKIM service,
+//! `milter.dkim`: `verify(ctx)`, `arc(ctx)`, `seal(ctx, results, domain)` and `sign(ctx [, domain])` over the DKIM service,
 //! on the message as received (at eom). See `docs/lua-api/dkim.md`.
 
 use super::ctx::Ctx;
@@ -109,6 +109,33 @@ pub fn module(lua: &Lua, dkim: Arc<Dkim>) -> mlua::Result<Table> {
         Ok(t)
     })?;
     module.set("arc", arc)?;
+    let sealing = Arc::clone(&dkim);
+    module.set(
+        "seal",
+        lua.create_async_function(
+            move |_, (ctx, results, domain): (AnyUserData, String, String)| {
+                let dkim = Arc::clone(&sealing);
+                let message = received("dkim.seal", &ctx);
+                async move {
+                    let message = message?;
+                    if message.truncated {
+                        return Ok((None, Some("message longer than [dkim] max_body".into())));
+                    }
+                    match dkim.seal(&domain, &message.raw, &results).await {
+                        Ok(set) => {
+                            let ctx = ctx.borrow::<Ctx>()?;
+                            // Each at the top, last first: ARC-Seal ends up first.
+                            for (name, value) in set.into_iter().rev() {
+                                ctx.queue("dkim.seal", Edit::InsertHeader(0, name, value))?;
+                            }
+                            Ok((Some(true), None))
+                        }
+                        Err(e) => Ok((None, Some(e))),
+                    }
+                }
+            },
+        )?,
+    )?;
     module.set(
         "sign",
         lua.create_function(move |_, (ctx, domain): (AnyUserData, Option<String>)| {

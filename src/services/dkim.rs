@@ -8,7 +8,9 @@
 use super::dns::{DnsError, Resolver};
 use crate::config::ConfigSource;
 use mail_auth::{
-    AuthenticatedMessage, DkimResult, MessageAuthenticator, Parameters, ResolverCache, Txt,
+    AuthenticatedMessage, AuthenticationResults, DkimResult, MessageAuthenticator, Parameters,
+    ResolverCache, Txt,
+    arc::ArcSealer,
     common::verify::DomainKey,
     common::{
         crypto::{Ed25519Key, RsaKey, Sha256, SigningKey},
@@ -122,6 +124,12 @@ enum Signer {
     Ed25519(Box<DkimSigner<Ed25519Key, Done>>),
 }
 
+/// The ARC sealer of a `[dkim.keys]` key (the same key, domain, selector and headers).
+enum Sealer {
+    Rsa(Box<ArcSealer<RsaKey<Sha256>, Done>>),
+    Ed25519(Box<ArcSealer<Ed25519Key, Done>>),
+}
+
 impl ArcCheck {
     /// No chain.
     pub fn none() -> ArcCheck {
@@ -139,7 +147,7 @@ pub struct Dkim {
     /// `mail-auth`'s entry point, over a resolver without nameservers: every record it needs is
     /// in the per-message cache.
     authenticator: MessageAuthenticator,
-    signers: HashMap<String, Signer>,
+    signers: HashMap<String, (Signer, Sealer)>,
     max_body: usize,
 }
 
@@ -155,7 +163,7 @@ impl Dkim {
         for (domain, key) in &config.keys {
             let path = source.base_dir().join(key.key.get_ref());
             let signer =
-                load_signer(&path, domain, &key.selector, &config.sign_headers).map_err(|e| {
+                load_signers(&path, domain, &key.selector, &config.sign_headers).map_err(|e| {
                     KeyError(format!(
                         "{}: [dkim.keys.\"{domain}\"] key {}: {e}",
                         source.locate(key.key.span().start),
@@ -285,7 +293,7 @@ impl Dkim {
     pub fn sign(&self, domain: &str, message: &[u8]) -> Result<String, String> {
         let signer = (self.signers.get(&domain.to_ascii_lowercase()))
             .ok_or_else(|| format!("no [dkim] key for {domain}"))?;
-        let signature = match signer {
+        let signature = match &signer.0 {
             Signer::Rsa(s) => s.sign(message),
             Signer::Ed25519(s) => s.sign(message),
         }
@@ -297,6 +305,56 @@ impl Dkim {
             .trim()
             .replace("\r\n", "\n");
         Ok(value)
+    }
+
+    /// Adds an ARC set to `message` with the key of `domain`: `results` (an
+    /// Authentication-Results value, `authserv-id; method=result ...`) becomes its
+    /// ARC-Authentication-Results, and the seal's `cv=` is the validation of the chain the
+    /// message already has. Returns the ARC-Seal, ARC-Message-Signature and
+    /// ARC-Authentication-Results headers as (name, value) pairs, values folded with LF.
+    pub async fn seal(
+        &self,
+        domain: &str,
+        message: &[u8],
+        results: &str,
+    ) -> Result<Vec<(String, String)>, String> {
+        let (_, sealer) = (self.signers.get(&domain.to_ascii_lowercase()))
+            .ok_or_else(|| format!("no [dkim] key for {domain}"))?;
+        let parsed = AuthenticatedMessage::parse(message).ok_or("the message cannot be parsed")?;
+        let names = (parsed.ams_headers.iter())
+            .map(|h| key_name(&h.header.s, &h.header.d))
+            .chain((parsed.as_headers.iter()).map(|h| key_name(&h.header.s, &h.header.d)));
+        let keys = self.prefetch(names).await;
+        let chain = self
+            .authenticator
+            .verify_arc(Parameters::new(&parsed).with_txt_cache(&keys))
+            .await;
+        // The whole value as the "authserv-id": mail-auth writes it as given, so its
+        // whitespace is collapsed here as relaxed canonicalization will read it.
+        let results = results.split_whitespace().collect::<Vec<_>>().join(" ");
+        let results = AuthenticationResults::new(&results);
+        let set = match sealer {
+            Sealer::Rsa(s) => s.seal(&parsed, &results, &chain),
+            Sealer::Ed25519(s) => s.seal(&parsed, &results, &chain),
+        }
+        .map_err(|e| format!("cannot seal: {e}"))?;
+        Ok(set.to_header().split("\r\n").fold(
+            Vec::new(),
+            |mut headers: Vec<(String, String)>, line| {
+                match headers.last_mut() {
+                    Some(last) if line.starts_with([' ', '\t']) => {
+                        last.1.push('\n');
+                        last.1.push_str(line);
+                    }
+                    _ => {
+                        if let Some((name, value)) = line.split_once(':') {
+                            headers.push((name.to_string(), value.trim().to_string()));
+                        }
+                    }
+                }
+                headers
+            },
+        ))
     }
 
     /// Looks up every key record named in `names` through the shared resolver, concurrently,
@@ -365,27 +423,47 @@ fn algorithm_name(algorithm: mail_auth::common::crypto::Algorithm) -> String {
     .to_string()
 }
 
-/// Reads a PEM private key (RSA or Ed25519) and builds its relaxed/relaxed signer.
-fn load_signer(
+/// Reads a PEM private key (RSA or Ed25519) and builds its relaxed/relaxed DKIM signer and its
+/// ARC sealer (each owns a copy of the key).
+fn load_signers(
     path: &std::path::Path,
     domain: &str,
     selector: &str,
     headers: &[String],
-) -> Result<Signer, String> {
+) -> Result<(Signer, Sealer), String> {
     let pem = std::fs::read(path).map_err(|e| e.to_string())?;
     let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| format!("not a PEM key: {e}"))?;
-    if let PrivateKeyDer::Pkcs8(pkcs8) = &der
-        && let Ok(key) = Ed25519Key::from_pkcs8_maybe_unchecked_der(pkcs8.secret_pkcs8_der())
-    {
-        return Ok(Signer::Ed25519(Box::new(signer(
-            key, domain, selector, headers,
-        ))));
+    if let PrivateKeyDer::Pkcs8(pkcs8) = &der {
+        let ed25519 = || Ed25519Key::from_pkcs8_maybe_unchecked_der(pkcs8.secret_pkcs8_der());
+        if let (Ok(key), Ok(seal_key)) = (ed25519(), ed25519()) {
+            return Ok((
+                Signer::Ed25519(Box::new(signer(key, domain, selector, headers))),
+                Sealer::Ed25519(Box::new(sealer(seal_key, domain, selector, headers))),
+            ));
+        }
     }
-    let key = RsaKey::<Sha256>::from_key_der(der)
-        .map_err(|e| format!("not an RSA or Ed25519 private key: {e}"))?;
-    Ok(Signer::Rsa(Box::new(signer(
-        key, domain, selector, headers,
-    ))))
+    let rsa = |der: PrivateKeyDer<'_>| {
+        RsaKey::<Sha256>::from_key_der(der)
+            .map_err(|e| format!("not an RSA or Ed25519 private key: {e}"))
+    };
+    let seal_key = rsa(der.clone_key())?;
+    let key = rsa(der)?;
+    Ok((
+        Signer::Rsa(Box::new(signer(key, domain, selector, headers))),
+        Sealer::Rsa(Box::new(sealer(seal_key, domain, selector, headers))),
+    ))
+}
+
+fn sealer<T: SigningKey<Hasher = Sha256>>(
+    key: T,
+    domain: &str,
+    selector: &str,
+    headers: &[String],
+) -> ArcSealer<T, Done> {
+    ArcSealer::from_key(key)
+        .domain(domain)
+        .selector(selector)
+        .headers(headers.iter().cloned())
 }
 
 fn signer<T: SigningKey>(

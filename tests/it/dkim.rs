@@ -20,7 +20,8 @@ const PYTHON: &str = "/usr/bin/python3";
 
 /// dkimpy as a second implementation. `sign SELECTOR DOMAIN KEY CANON ALGO` reads a message on
 /// stdin and writes it signed; `arc SELECTOR DOMAIN KEY SRV_ID` writes it with an ARC set added
-/// (sealing the Authentication-Results of SRV_ID); `verify PORT` verifies the first signature of
+/// (sealing the Authentication-Results of SRV_ID); `arcverify PORT` validates the ARC chain of
+/// the message on stdin and exits 0 when it passes; `verify PORT` verifies the first signature of
 /// the message on stdin, looking keys up at the test DNS server on 127.0.0.1:PORT, and exits 0
 /// on pass.
 const DKIMPY: &str = r#"
@@ -38,6 +39,16 @@ elif sys.argv[1] == "arc":
     headers = dkim.arc_sign(msg, selector.encode(), domain.encode(), open(key, "rb").read(),
                             srv_id.encode())
     sys.stdout.buffer.write(b"".join(headers) + msg)
+elif sys.argv[1] == "arcverify":
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = ["127.0.0.1"]
+    resolver.port = int(sys.argv[2])
+    def txt(name, timeout=5):
+        answer = resolver.resolve(name.decode().rstrip("."), "TXT", lifetime=timeout)
+        return b"".join(answer[0].strings)
+    cv, results, reason = dkim.arc_verify(msg, dnsfunc=txt)
+    print(cv, reason, results, file=sys.stderr)
+    sys.exit(0 if cv == b"pass" else 1)
 else:
     resolver = dns.resolver.Resolver(configure=False)
     resolver.nameservers = ["127.0.0.1"]
@@ -551,6 +562,109 @@ async fn arc_chains_sealed_by_dkimpy_are_validated() {
     );
 
     assert_eq!(added(&deliver(&d, &msg).await, "X-Arc"), ["none 0"]);
+    d.stop().await;
+}
+
+/// `msg` with the headers the milter inserted applied, as the MTA does.
+fn with_inserted(msg: &[u8], actions: &EomActions) -> Vec<u8> {
+    let (mut headers, body) = split(msg);
+    for action in &actions.actions {
+        if let EomAction::InsertHeader { index, name, value } = action {
+            let header = (
+                name.to_string_lossy().into_owned(),
+                value.to_string_lossy().into_owned(),
+            );
+            headers.insert(*index as usize, header);
+        }
+    }
+    let mut out = String::new();
+    for (name, value) in headers {
+        out.push_str(&format!("{name}: {}\r\n", value.replace('\n', "\r\n")));
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+// Multi-threaded: dkimpy blocks this thread while it queries the test DNS server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_authres_policy_arc_seals_when_asked_and_dkimpy_validates_the_chain() {
+    let s = setup().await;
+    let stock = |name: &'static str| (name, luamilter::stock::get(name).unwrap());
+    let keys = format!(
+        "[dkim.keys.\"example.test\"]\nselector = \"rsa\"\nkey = {:?}\n",
+        s.rsa.path
+    );
+    let config = |options: &str| {
+        format!(
+            "[site]\nhostname = \"mx.test\"\n{options}{}{keys}",
+            dns_config(&s.dns)
+        )
+    };
+    let arc_verifies = |msg: &[u8]| {
+        let port = s.dns.addr.port().to_string();
+        run_logged(PYTHON, &["-c", DKIMPY, "arcverify", &port], msg)
+    };
+    let plain = message("ann@example.org", "forwarded", "Hi.\r\n");
+    let mut upstream =
+        b"Authentication-Results: fwd.example.test; spf=pass smtp.mailfrom=ann@example.org\r\n"
+            .to_vec();
+    upstream.extend_from_slice(&plain);
+    let key = s.rsa.dkimpy.to_str().unwrap();
+    let (ok, chained) = run(
+        PYTHON,
+        &[
+            "-c",
+            DKIMPY,
+            "arc",
+            "rsa",
+            "example.test",
+            key,
+            "fwd.example.test",
+        ],
+        &upstream,
+    );
+    assert!(ok, "dkimpy could not seal");
+
+    let sealing = config("[policy.authres]\narc_seal = \"example.test\"\n");
+    let d = TestDaemon::start(&[stock("dkim"), stock("authres")], &sealing).await;
+    for (msg, instance, cv) in [(&plain, "i=1", "cv=none"), (&chained, "i=2", "cv=pass")] {
+        let actions = deliver(&d, msg).await;
+        let seal = added(&actions, "ARC-Seal");
+        assert_eq!(seal.len(), 1, "{actions:?}");
+        assert!(
+            seal[0].contains(instance) && seal[0].contains(cv),
+            "{seal:?}"
+        );
+        let results = added(&actions, "ARC-Authentication-Results");
+        assert!(
+            results[0].starts_with(&format!("{instance}; mx.test; ")),
+            "{results:?}"
+        );
+        assert_eq!(added(&actions, "ARC-Message-Signature").len(), 1);
+        let delivered = with_inserted(msg, &actions);
+        let (ok, _, log) = arc_verifies(&delivered);
+        assert!(ok, "dkimpy rejects the chain: {log}");
+        let tampered = String::from_utf8(delivered).unwrap().replace("Hi.", "Bye.");
+        assert!(!arc_verifies(tampered.as_bytes()).0, "tampered passes");
+    }
+    d.stop().await;
+
+    let d = TestDaemon::start(&[stock("dkim"), stock("authres")], &config("")).await;
+    let actions = deliver(&d, &plain).await;
+    assert_eq!(
+        added(&actions, "Authentication-Results").len(),
+        1,
+        "{actions:?}"
+    );
+    for name in [
+        "ARC-Seal",
+        "ARC-Message-Signature",
+        "ARC-Authentication-Results",
+    ] {
+        assert!(added(&actions, name).is_empty(), "{name}: {actions:?}");
+    }
     d.stop().await;
 }
 
