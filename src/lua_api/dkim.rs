@@ -1,5 +1,6 @@
-//! `milter.dkim`: `verify(ctx)`, `arc(ctx)`, `seal(ctx, results, domain)` and `sign(ctx [, domain])` over the DKIM service,
-//! on the message as received (at eom). See `docs/lua-api/dkim.md`.
+//! `milter.dkim`: `verify(ctx)`, `arc(ctx)`, `seal(ctx, results, domain)` and
+//! `sign(ctx [, domain])` over the DKIM service, on the message as received (at eom). See
+//! `docs/lua-api/dkim.md`.
 
 use super::ctx::Ctx;
 use crate::{

@@ -33,6 +33,16 @@ function dkim.verify(ctx) end
 ---@return luamilter.ArcResult
 function dkim.arc(ctx) end
 
+---ARC-seals the message with the `[dkim] keys` entry of `domain`: queues ARC-Seal,
+---ARC-Message-Signature and ARC-Authentication-Results (recording `results`, an
+---Authentication-Results value) at the top; cv= is the validation of the message's chain.
+---@param ctx luamilter.Ctx
+---@param results string "authserv-id; method=result ..."
+---@param domain string
+---@return true|nil ok
+---@return string|nil err "no [dkim] key for example.org", "cannot seal: ...", ...
+function dkim.seal(ctx, results, domain) end
+
 ---Signs the message with the `[dkim] keys` entry of `domain` (default: the From domain) and
 ---queues the DKIM-Signature header at the top.
 ---@param ctx luamilter.Ctx
