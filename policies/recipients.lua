@@ -14,6 +14,7 @@ local milter = require "milter"
 local site = require "milter.site"
 local net = require "milter.net"
 local mime = require "milter.mime"
+local notice = require "lib.notice"
 
 local fill = milter.fill
 
@@ -61,8 +62,6 @@ local function users_of(set, domain)
   return domain and set[domain] or nil
 end
 
-local NOTIFY_WORDS = { SUCCESS = true, FAILURE = true, DELAY = true }
-
 -- The NOTIFY request of RCPT parameters (`args`: name → value, or true without a value): a
 -- set of words, empty for NEVER; or nil and the offending parameter when one is malformed
 -- (RFC 5321 esmtp-keyword, esmtp-value: printable ASCII but "=").
@@ -74,14 +73,8 @@ local function parse_params(args)
     end
     if key == "NOTIFY" then
       if value == true then return nil, key end
-      notify = {}
-      local upper = value:upper()
-      if upper ~= "NEVER" then
-        for word in (upper .. ","):gmatch("([^,]*),") do
-          if not NOTIFY_WORDS[word] then return nil, key .. "=" .. value end
-          notify[word] = true
-        end
-      end
+      notify = notice.notify_words(value)
+      if not notify then return nil, key .. "=" .. value end
     end
   end
   return notify

@@ -27,18 +27,28 @@ local function option(opts, key)
   return value
 end
 
+local NOTIFY_WORDS = { SUCCESS = true, FAILURE = true, DELAY = true }
+
+-- The words of a NOTIFY value (RFC 3461) as a set, empty for NEVER; nil when a word is not
+-- SUCCESS, FAILURE or DELAY (or NEVER alone).
+function M.notify_words(value)
+  local upper = value:upper()
+  if upper == "NEVER" then return {} end
+  local set = {}
+  for word in (upper .. ","):gmatch("([^,]*),") do
+    if not NOTIFY_WORDS[word] then return nil end
+    set[word] = true
+  end
+  return set
+end
+
 -- The NOTIFY keywords of one recipient's ESMTP parameters, as a set: RFC 3461's default
--- (no NOTIFY) is FAILURE,DELAY, as the classic milter read it; NOTIFY=NEVER is the empty set.
+-- (no NOTIFY, or one the recipients policy would refuse) is FAILURE,DELAY, as the classic
+-- milter read it; NOTIFY=NEVER is the empty set.
 function M.notify(args)
   for _, arg in ipairs(args or {}) do
     local value = arg:match("^[Nn][Oo][Tt][Ii][Ff][Yy]=(.*)$")
-    if value then
-      local set = {}
-      for word in value:upper():gmatch("[^,%s]+") do
-        if word ~= "NEVER" then set[word] = true end
-      end
-      return set
-    end
+    if value then return M.notify_words(value) or { FAILURE = true, DELAY = true } end
   end
   return { FAILURE = true, DELAY = true }
 end

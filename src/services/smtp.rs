@@ -46,6 +46,7 @@ use super::dns::{DnsError, Resolver};
 use super::dsn::{Dsn, DsnError};
 use super::store::{Scalar, Store, Value};
 use crate::duration::{parse_duration, serde_duration};
+use crate::stage::Stage;
 
 /// Mail exchanger addresses tried at most per call-back.
 const MAX_ADDRESSES: usize = 5;
@@ -149,44 +150,6 @@ impl<'de> Deserialize<'de> for Rate {
         String::deserialize(d)?
             .parse()
             .map_err(serde::de::Error::custom)
-    }
-}
-
-/// Where in the dialogue a reply came.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    /// The greeting.
-    Connect,
-    /// EHLO (or HELO).
-    Helo,
-    /// `MAIL FROM:<>`.
-    Mail,
-    /// `RCPT TO:<address>`.
-    Rcpt,
-    /// `DATA` and the message (DSN submission only).
-    Data,
-}
-
-impl Stage {
-    /// The stage's name for Lua: "connect", "helo", "mail" or "rcpt".
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Connect => "connect",
-            Stage::Helo => "helo",
-            Stage::Mail => "mail",
-            Stage::Rcpt => "rcpt",
-            Stage::Data => "data",
-        }
-    }
-
-    fn from_name(name: &str) -> Stage {
-        match name {
-            "connect" => Stage::Connect,
-            "helo" => Stage::Helo,
-            "mail" => Stage::Mail,
-            "data" => Stage::Data,
-            _ => Stage::Rcpt,
-        }
     }
 }
 
@@ -911,7 +874,7 @@ fn decode(value: &Value) -> Option<Outcome> {
                 _ => String::new(),
             };
             let stage = match map.get("stage") {
-                Some(Scalar::Str(stage)) => Stage::from_name(stage),
+                Some(Scalar::Str(stage)) => Stage::from_name(stage).unwrap_or(Stage::Rcpt),
                 _ => Stage::Rcpt,
             };
             Some(Outcome::Refused(Reply { code, text, stage }))

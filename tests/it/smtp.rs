@@ -9,9 +9,10 @@ use crate::smtp_server::TestMx;
 use crate::support::{Mta, TestClock, TestDaemon, reply_text};
 use indymilter_test::Status;
 use luamilter::services::smtp::{
-    Outcome, Rate, Reply, Smtp, SmtpConfig, SmtpError, SmtpStats, Stage, VerifyOptions,
+    Outcome, Rate, Reply, Smtp, SmtpConfig, SmtpError, SmtpStats, VerifyOptions,
 };
 use luamilter::services::store::{self, Backend, StoreConfig};
+use luamilter::stage::Stage;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
