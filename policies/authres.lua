@@ -12,10 +12,13 @@
 --   3. with `arc_seal` set (a domain with a `[dkim.keys]` entry; off when empty), the message is
 --      ARC-sealed (RFC 8617) with that key: ARC-Seal, ARC-Message-Signature and
 --      ARC-Authentication-Results (the same results) at the top, cv= from the chain it has.
+--      milter.dkim is required by setup only then: sealing reads the body, so only then does
+--      the MTA send it.
 -- Every default is documented in docs/policies/authres.md.
 local dns = require "milter.dns"
-local dkim = require "milter.dkim"
 local milter = require "milter"
+-- milter.dkim when arc_seal is set (see setup).
+local dkim
 
 -- An RFC 8601 property value: as is when it is a token or a plain mailbox, else quoted.
 local function pvalue(text)
@@ -97,6 +100,10 @@ return {
     arc_seal = "",
   },
 
+  setup = function(opts)
+    if opts.arc_seal ~= "" then dkim = require "milter.dkim" end
+  end,
+
   eom = function(ctx, opts)
     local id = opts.authserv_id ~= "" and opts.authserv_id or ctx.receiver
     if opts.remove_forged then
@@ -114,7 +121,7 @@ return {
     if #results == 0 then return end
     local value = id .. "; " .. table.concat(results, "; ")
     ctx:insert_header(0, "Authentication-Results", value)
-    if opts.arc_seal ~= "" then
+    if dkim then
       local ok, err = dkim.seal(ctx, value, opts.arc_seal)
       if not ok then milter.log.warn("authres: cannot ARC-seal: " .. err) end
     end

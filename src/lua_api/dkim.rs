@@ -33,8 +33,8 @@ pub(crate) fn received(function: &str, ctx: &AnyUserData) -> mlua::Result<Receiv
     }
     if session.body_limit.is_none() {
         return Err(mlua::Error::runtime(format!(
-            "{function}: the body was not kept on this connection; add needs = {{ \"body\" }} \
-             to the policy"
+            "{function}: the body was not kept on this connection: require milter.dkim (or \
+             milter.dmarc) when the policy loads, at its top level or in setup, not in a handler"
         )));
     }
     Ok(Received {

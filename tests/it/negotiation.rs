@@ -323,3 +323,68 @@ return {
     assert!(actions.has_add_header("X-Rcpts", "user@b.example"));
     d.stop().await;
 }
+
+/// The body crosses the socket only for a policy that loads milter.dkim or milter.dmarc: the
+/// stock authres policy requires milter.dkim in `setup` only when `arc_seal` is set, and a
+/// module a policy requires counts as the policy.
+#[tokio::test]
+async fn the_body_is_sent_only_to_chains_that_load_the_dkim_module() {
+    let off = TestDaemon::try_start_stock(&["authres"], "").await.unwrap();
+    let opts = off.client().await.negotiated_opts();
+    assert!(opts.contains(ProtoOpts::NO_BODY), "arc_seal off: {opts:?}");
+    assert!(
+        !opts.contains(ProtoOpts::NO_HEADER),
+        "authres reads headers"
+    );
+    off.stop().await;
+
+    let sealing = "[policy.authres]\narc_seal = \"example.test\"\n";
+    let on = TestDaemon::try_start_stock(&["authres"], sealing)
+        .await
+        .unwrap();
+    let opts = on.client().await.negotiated_opts();
+    assert!(!opts.contains(ProtoOpts::NO_BODY), "arc_seal on: {opts:?}");
+    on.stop().await;
+
+    // A module required at the top level loads milter.dkim: the policy gets the body. One
+    // that requires it only in a handler is too late: the MTA was not asked for the body, and
+    // the module says so.
+    let dir = tempfile::TempDir::new().unwrap();
+    std::fs::create_dir(dir.path().join("lib")).unwrap();
+    let lib = r#"local dkim = require "milter.dkim"
+return { count = function(ctx) return #dkim.verify(ctx) end }"#;
+    std::fs::write(dir.path().join("lib/sigs.lua"), lib).unwrap();
+    let through_module = r#"
+local sigs = require "lib.sigs"
+return { eom = function(ctx) ctx:add_header("X-Sigs", tostring(sigs.count(ctx))) end }"#;
+    let d = TestDaemon::start_in(dir, &[("p", through_module)], "", "inet:0@127.0.0.1")
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    assert!(!c.negotiated_opts().contains(ProtoOpts::NO_BODY));
+    c.mail(["<a@b.example>"]).await.unwrap();
+    c.rcpt(["<r@b.example>"]).await.unwrap();
+    c.header("Subject", "x").await.unwrap();
+    c.body("hi\r\n").await.unwrap();
+    let (actions, _) = c.eom().await.unwrap();
+    assert!(actions.has_add_header("X-Sigs", "0"), "{actions:?}");
+    d.stop().await;
+
+    let late = r#"
+return { eom = function(ctx)
+  local ok, err = pcall(function() return require("milter.dkim").verify(ctx) end)
+  ctx:add_header("X-Late", tostring(err))
+end }"#;
+    let d = TestDaemon::start(&[("p", late)], "").await;
+    let mut c = d.client().await;
+    assert!(c.negotiated_opts().contains(ProtoOpts::NO_BODY));
+    c.mail(["<a@b.example>"]).await.unwrap();
+    c.rcpt(["<r@b.example>"]).await.unwrap();
+    let (actions, _) = c.eom().await.unwrap();
+    let late = crate::support::added_header(&actions, "X-Late").unwrap_or_default();
+    assert!(
+        late.contains("the body was not kept") && late.contains("when the policy loads"),
+        "{late}"
+    );
+    d.stop().await;
+}
