@@ -4,7 +4,7 @@
 //! are served by the test DNS server, which dkimpy queries too (through dnspython).
 
 use crate::dns_server::TestDns;
-use crate::support::TestDaemon;
+use crate::support::{Mta, TestDaemon, process::DaemonProcess};
 use hickory_server::proto::rr::{Name, RData, Record, rdata::TXT};
 use indymilter_test::{EomAction, EomActions, Status};
 use std::{
@@ -218,12 +218,27 @@ async fn deliver(d: &TestDaemon, msg: &[u8]) -> EomActions {
 
 /// [`deliver`] with the MAIL FROM `sender`; also the end-of-message status.
 async fn deliver_from(d: &TestDaemon, sender: &str, msg: &[u8]) -> (EomActions, Status) {
+    deliver_on(d.client().await, sender, None, msg).await
+}
+
+/// Sends `msg` over the connection `c` from an outside client with the MAIL FROM `sender` and
+/// the queue id (macro `i`) `queue_id`; the end-of-message edits and status.
+async fn deliver_on(
+    mut c: Mta,
+    sender: &str,
+    queue_id: Option<&str>,
+    msg: &[u8],
+) -> (EomActions, Status) {
     let (headers, body) = split(msg);
-    let mut c = d.client().await;
     c.connect("mail.example.test", Ipv4Addr::new(192, 0, 2, 25))
         .await
         .unwrap();
     c.helo("mail.example.test").await.unwrap();
+    if let Some(id) = queue_id {
+        c.0.macros(indymilter::MacroStage::Mail, [("i", id)])
+            .await
+            .unwrap();
+    }
     c.mail([format!("<{sender}>")]).await.unwrap();
     c.rcpt(["<bob@example.org>"]).await.unwrap();
     c.data().await.unwrap();
@@ -736,4 +751,59 @@ async fn the_dmarc_policy_quarantines_rejects_or_only_reports() {
         );
     }
     d.stop().await;
+}
+
+/// RFC 7489 §6.6.4: half.co.uk publishes p=reject with pct=50. A failing message whose queue id
+/// falls in the sample is refused; one outside it gets the next lower policy, quarantine, and
+/// its report line says so (`reason=sampled_out`, the published `p=` and `pct=`).
+#[tokio::test]
+async fn dmarc_pct_samples_failing_messages_by_queue_id_and_the_report_line_says_so() {
+    let dns = TestDns::start().await;
+    let stock = |name: &'static str| (name, luamilter::stock::get(name).unwrap());
+    let config = format!("[site]\nhostname = \"mx.test\"\n{}", dns_config(&dns));
+    let d =
+        DaemonProcess::start(&[stock("spf"), stock("dkim"), stock("dmarc")], "", &config).unwrap();
+    let queue_id = |inside: bool| {
+        (0..)
+            .map(|i| format!("4Q{i}"))
+            .find(|id| (luamilter::services::dmarc::sample_of(id) < 50.0) == inside)
+            .unwrap()
+    };
+    let (inside, outside) = (queue_id(true), queue_id(false));
+    let msg = message("a@half.co.uk", "half", "x\r\n");
+
+    let (_, status) = deliver_on(d.client().await, "u@other.co.uk", Some(&inside), &msg).await;
+    assert!(
+        crate::support::reply_text(&status).starts_with("550 5.7.1 DMARC policy of half.co.uk"),
+        "{inside}: {status:?}"
+    );
+    let (actions, status) =
+        deliver_on(d.client().await, "u@other.co.uk", Some(&outside), &msg).await;
+    assert_eq!(status, Status::Continue, "{outside}: {actions:?}");
+    assert!(
+        actions
+            .actions
+            .iter()
+            .any(|a| matches!(a, EomAction::Quarantine { reason }
+            if reason.to_str() == Ok("DMARC policy of half.co.uk: quarantine"))),
+        "{actions:?}"
+    );
+    let log = d.wait_for_log("reason=sampled_out");
+    let line = |id: &str| {
+        log.lines()
+            .find(|l| l.contains("dmarc-report:") && l.contains(id))
+            .unwrap_or_else(|| panic!("no report line for {id}: {log}"))
+            .to_string()
+    };
+    let refused = line(&inside);
+    assert!(
+        refused.contains("p=reject pct=50 disposition=reject") && refused.contains("reason=-"),
+        "{refused}"
+    );
+    let sampled_out = line(&outside);
+    assert!(
+        sampled_out.contains("p=reject pct=50 disposition=quarantine")
+            && sampled_out.contains("reason=sampled_out"),
+        "{sampled_out}"
+    );
 }
