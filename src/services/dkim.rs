@@ -8,8 +8,8 @@
 use super::dns::{DnsError, Resolver};
 use crate::config::ConfigSource;
 use mail_auth::{
-    AuthenticatedMessage, AuthenticationResults, DkimResult, MessageAuthenticator, Parameters,
-    ResolverCache, Txt,
+    AuthenticatedMessage, AuthenticationResults, DkimResult, Error, MessageAuthenticator,
+    Parameters, ResolverCache, Txt,
     arc::ArcSealer,
     common::verify::DomainKey,
     common::{
@@ -18,7 +18,7 @@ use mail_auth::{
         parse::TxtRecordParser,
         resolver::ToFqdn,
     },
-    dkim::{Canonicalization, DkimSigner, Done},
+    dkim::{Canonicalization, DkimError, DkimSigner, Done},
     hickory_resolver::{
         TokioResolver, config::ResolverConfig, net::runtime::TokioRuntimeProvider,
         proto::op::ResponseCode,
@@ -32,7 +32,7 @@ use std::{
     hash::Hash,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 /// The headers signed when `[dkim] sign_headers` is not set (RFC 6376 §5.4.1's list, less the
@@ -84,6 +84,22 @@ pub struct KeyConfig {
     /// A PEM file with an RSA (PKCS#1 or PKCS#8) or Ed25519 (PKCS#8) private key; relative to
     /// the config file's directory.
     pub key: toml::Spanned<PathBuf>,
+    /// How long its signatures are valid: the `x=` tag, that long after signing (RFC 6376
+    /// §3.5). None: no `x=`.
+    #[serde(default, deserialize_with = "expiry")]
+    pub expire_after: Option<Duration>,
+}
+
+/// `expire_after` as a duration ("30d" or seconds); at least one second, since `x=` counts
+/// whole seconds and must be after `t=`.
+fn expiry<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let after = crate::duration::serde_duration::deserialize(d)?;
+    if after < Duration::from_secs(1) {
+        return Err(serde::de::Error::custom(
+            "expire_after must be at least 1s (x= counts whole seconds after t=)",
+        ));
+    }
+    Ok(Some(after))
 }
 
 /// A signing key could not be loaded.
@@ -94,7 +110,8 @@ pub struct KeyError(String);
 /// One signature's verification, as `milter.dkim.verify` returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignatureCheck {
-    /// `pass`, `fail`, `neutral`, `temperror`, `permerror` (RFC 8601 words).
+    /// `pass`, `fail`, `policy` (expired), `neutral`, `temperror`, `permerror` (RFC 8601
+    /// words).
     pub result: &'static str,
     /// The signing domain (`d=`).
     pub domain: String,
@@ -162,14 +179,13 @@ impl Dkim {
         let mut signers = HashMap::new();
         for (domain, key) in &config.keys {
             let path = source.base_dir().join(key.key.get_ref());
-            let signer =
-                load_signers(&path, domain, &key.selector, &config.sign_headers).map_err(|e| {
-                    KeyError(format!(
-                        "{}: [dkim.keys.\"{domain}\"] key {}: {e}",
-                        source.locate(key.key.span().start),
-                        path.display()
-                    ))
-                })?;
+            let signer = load_signers(&path, domain, key, &config.sign_headers).map_err(|e| {
+                KeyError(format!(
+                    "{}: [dkim.keys.\"{domain}\"] key {}: {e}",
+                    source.locate(key.key.span().start),
+                    path.display()
+                ))
+            })?;
             signers.insert(domain.to_ascii_lowercase(), signer);
         }
         let offline = TokioResolver::builder_with_config(
@@ -404,6 +420,11 @@ fn result_words(result: &DkimResult) -> (&'static str, Option<String>) {
     match result {
         DkimResult::Pass => ("pass", None),
         DkimResult::None => ("none", None),
+        // RFC 8601 §2.7.1 `policy`: signed, but not acceptable here, as RFC 6376 §3.5 allows
+        // for a signature past its x= (mail-auth reports it as neutral).
+        DkimResult::Neutral(Error::Dkim(DkimError::SignatureExpired)) => {
+            ("policy", Some("signature expired (x= is past)".to_string()))
+        }
         DkimResult::Neutral(e) => ("neutral", Some(e.to_string())),
         DkimResult::Fail(e) => ("fail", Some(e.to_string())),
         DkimResult::PermError(e) => ("permerror", Some(e.to_string())),
@@ -428,16 +449,17 @@ fn algorithm_name(algorithm: mail_auth::common::crypto::Algorithm) -> String {
 fn load_signers(
     path: &std::path::Path,
     domain: &str,
-    selector: &str,
+    config: &KeyConfig,
     headers: &[String],
 ) -> Result<(Signer, Sealer), String> {
+    let selector = config.selector.as_str();
     let pem = std::fs::read(path).map_err(|e| e.to_string())?;
     let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| format!("not a PEM key: {e}"))?;
     if let PrivateKeyDer::Pkcs8(pkcs8) = &der {
         let ed25519 = || Ed25519Key::from_pkcs8_maybe_unchecked_der(pkcs8.secret_pkcs8_der());
         if let (Ok(key), Ok(seal_key)) = (ed25519(), ed25519()) {
             return Ok((
-                Signer::Ed25519(Box::new(signer(key, domain, selector, headers))),
+                Signer::Ed25519(Box::new(signer(key, domain, config, headers))),
                 Sealer::Ed25519(Box::new(sealer(seal_key, domain, selector, headers))),
             ));
         }
@@ -449,7 +471,7 @@ fn load_signers(
     let seal_key = rsa(der.clone_key())?;
     let key = rsa(der)?;
     Ok((
-        Signer::Rsa(Box::new(signer(key, domain, selector, headers))),
+        Signer::Rsa(Box::new(signer(key, domain, config, headers))),
         Sealer::Rsa(Box::new(sealer(seal_key, domain, selector, headers))),
     ))
 }
@@ -469,15 +491,19 @@ fn sealer<T: SigningKey<Hasher = Sha256>>(
 fn signer<T: SigningKey>(
     key: T,
     domain: &str,
-    selector: &str,
+    config: &KeyConfig,
     headers: &[String],
 ) -> DkimSigner<T, Done> {
-    DkimSigner::from_key(key)
+    let signer = DkimSigner::from_key(key)
         .domain(domain)
-        .selector(selector)
+        .selector(&config.selector)
         .headers(headers.iter().cloned())
         .header_canonicalization(Canonicalization::Relaxed)
-        .body_canonicalization(Canonicalization::Relaxed)
+        .body_canonicalization(Canonicalization::Relaxed);
+    match config.expire_after {
+        Some(after) => signer.expiration(after.as_secs()),
+        None => signer,
+    }
 }
 
 /// Key records looked up for one message, read by `mail-auth` as its TXT cache.

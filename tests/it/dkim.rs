@@ -21,9 +21,9 @@ const PYTHON: &str = "/usr/bin/python3";
 /// dkimpy as a second implementation. `sign SELECTOR DOMAIN KEY CANON ALGO` reads a message on
 /// stdin and writes it signed; `arc SELECTOR DOMAIN KEY SRV_ID` writes it with an ARC set added
 /// (sealing the Authentication-Results of SRV_ID); `arcverify PORT` validates the ARC chain of
-/// the message on stdin and exits 0 when it passes; `verify PORT` verifies the first signature of
-/// the message on stdin, looking keys up at the test DNS server on 127.0.0.1:PORT, and exits 0
-/// on pass.
+/// the message on stdin and exits 0 when it passes; `verify PORT [LATER]` verifies the first
+/// signature of the message on stdin, looking keys up at the test DNS server on 127.0.0.1:PORT,
+/// as if the time were LATER seconds from now (default 0), and exits 0 on pass.
 const DKIMPY: &str = r#"
 import sys, dkim, dns.resolver
 msg = sys.stdin.buffer.read()
@@ -56,6 +56,10 @@ else:
     def txt(name, timeout=5):
         answer = resolver.resolve(name.decode().rstrip("."), "TXT", lifetime=timeout)
         return b"".join(answer[0].strings)
+    if len(sys.argv) > 3:
+        import time
+        now, later = time.time, int(sys.argv[3])
+        time.time = lambda: now() + later
     d = dkim.DKIM(msg, logger=__import__("logging").getLogger())
     __import__("logging").basicConfig(level="DEBUG")
     sys.exit(0 if d.verify(dnsfunc=txt) else 1)
@@ -185,11 +189,14 @@ pub(crate) fn dkimpy_sign(
 
 /// Whether dkimpy verifies the first signature of `msg`, with keys from `dns`, and its log.
 fn dkimpy_verifies(msg: &[u8], dns: &TestDns) -> (bool, String) {
-    let (ok, _, log) = run_logged(
-        PYTHON,
-        &["-c", DKIMPY, "verify", &dns.addr.port().to_string()],
-        msg,
-    );
+    dkimpy_verifies_later(msg, dns, 0)
+}
+
+/// [`dkimpy_verifies`] as if the time were `later` seconds from now.
+fn dkimpy_verifies_later(msg: &[u8], dns: &TestDns, later: u64) -> (bool, String) {
+    let port = dns.addr.port().to_string();
+    let later = later.to_string();
+    let (ok, _, log) = run_logged(PYTHON, &["-c", DKIMPY, "verify", &port, &later], msg);
     (ok, log)
 }
 
@@ -465,6 +472,17 @@ fn with_signature(msg: &[u8], value: &str) -> Vec<u8> {
     out
 }
 
+/// The index and value of the DKIM-Signature header the milter inserted.
+fn inserted_signature(actions: &EomActions) -> (i32, String) {
+    let inserted = actions.actions.iter().find_map(|a| match a {
+        EomAction::InsertHeader { index, name, value } if name.to_str() == Ok("DKIM-Signature") => {
+            Some((*index, value.to_string_lossy().into_owned()))
+        }
+        _ => None,
+    });
+    inserted.expect("a DKIM-Signature inserted")
+}
+
 // Multi-threaded: dkimpy blocks this thread while it queries the test DNS server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn luamilter_signatures_are_verified_by_dkimpy_and_by_luamilter() {
@@ -485,15 +503,7 @@ async fn luamilter_signatures_are_verified_by_dkimpy_and_by_luamilter() {
         let plain = message(from, "report", "Figures attached.\r\n  \r\n\r\n");
         let actions = deliver(&d, &plain).await;
         assert_eq!(added(&actions, "X-Signed"), ["yes"], "{from}");
-        let inserted = actions.actions.iter().find_map(|a| match a {
-            EomAction::InsertHeader { index, name, value }
-                if name.to_str() == Ok("DKIM-Signature") =>
-            {
-                Some((*index, value.to_string_lossy().into_owned()))
-            }
-            _ => None,
-        });
-        let (index, value) = inserted.expect("a DKIM-Signature inserted");
+        let (index, value) = inserted_signature(&actions);
         assert_eq!(index, 0, "at the top");
         assert!(value.contains("c=relaxed/relaxed"), "{value}");
         let signed = with_signature(&plain, &value);
@@ -806,4 +816,57 @@ async fn dmarc_pct_samples_failing_messages_by_queue_id_and_the_report_line_says
             && sampled_out.contains("reason=sampled_out"),
         "{sampled_out}"
     );
+}
+
+/// The number in tag `tag=` of a DKIM-Signature value.
+fn tag_number(value: &str, tag: &str) -> u64 {
+    value
+        .split(';')
+        .find_map(|t| t.trim().strip_prefix(&format!("{tag}=")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {tag}= in {value}"))
+}
+
+/// RFC 6376 §3.5: a key with `expire_after` signs with `x=` that long after `t=`. dkimpy checks
+/// `x=` (allowing 10 hours of clock skew): it accepts the signature now and refuses it a day
+/// later; luamilter, verifying once `x=` is past, reports `policy` with the reason.
+// Multi-threaded: dkimpy blocks this thread while it queries the test DNS server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_past_their_expiry_fail_in_dkimpy_and_are_policy_in_luamilter() {
+    let s = setup().await;
+    let keys = format!(
+        "[dkim.keys.\"example.test\"]\nselector = \"rsa\"\nkey = {:?}\nexpire_after = \"1s\"\n",
+        s.rsa.path
+    );
+    let config = format!("{}{keys}", dns_config(&s.dns));
+    let d = TestDaemon::start(&[("sign", SIGN), ("report", REPORT)], &config).await;
+    let plain = message("ann@example.test", "today only", "Read me today.\r\n");
+    let (_, value) = inserted_signature(&deliver(&d, &plain).await);
+    let (t, x) = (tag_number(&value, "t"), tag_number(&value, "x"));
+    assert_eq!(x, t + 1, "{value}");
+    let signed = with_signature(&plain, &value);
+    let (ok, log) = dkimpy_verifies(&signed, &s.dns);
+    assert!(ok, "dkimpy, within its clock leeway: {log}");
+    let (ok, log) = dkimpy_verifies_later(&signed, &s.dns, 86_400);
+    assert!(
+        !ok && log.contains("x= value is past"),
+        "dkimpy a day later: {log}"
+    );
+
+    // Until x= is past, luamilter accepts it too.
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        <= x
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let got = added(&deliver(&d, &signed).await, "X-Dkim");
+    assert_eq!(
+        got.first().map(String::as_str),
+        Some("policy example.test rsa rsa-sha256 @example.test signature expired (x= is past)"),
+        "{got:?}"
+    );
+    d.stop().await;
 }
