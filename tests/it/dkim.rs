@@ -200,22 +200,25 @@ fn dkimpy_verifies_later(msg: &[u8], dns: &TestDns, later: u64) -> (bool, String
     (ok, log)
 }
 
-/// Splits a raw message into unfolded-as-the-MTA-sends-them headers and the body.
-fn split(msg: &[u8]) -> (Vec<(String, String)>, Vec<u8>) {
-    let text = String::from_utf8(msg.to_vec()).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let mut headers: Vec<(String, String)> = Vec::new();
-    for line in head.split("\r\n") {
-        if line.starts_with([' ', '\t']) {
+/// Splits a raw message into its headers as the MTA sends them (a folded value's lines joined
+/// with LF) and the body. Header values are bytes: they need not be UTF-8.
+fn split(msg: &[u8]) -> (Vec<(String, Vec<u8>)>, Vec<u8>) {
+    let end = msg.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let (head, body) = (&msg[..end], &msg[end + 4..]);
+    let mut headers: Vec<(String, Vec<u8>)> = Vec::new();
+    for line in head.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.starts_with(b" ") || line.starts_with(b"\t") {
             let last = headers.last_mut().unwrap();
-            last.1.push('\n');
-            last.1.push_str(line);
+            last.1.push(b'\n');
+            last.1.extend_from_slice(line);
         } else {
-            let (name, value) = line.split_once(':').unwrap();
-            headers.push((name.to_string(), value.trim_start().to_string()));
+            let colon = line.iter().position(|b| *b == b':').unwrap();
+            let name = String::from_utf8(line[..colon].to_vec()).unwrap();
+            headers.push((name, line[colon + 1..].trim_ascii_start().to_vec()));
         }
     }
-    (headers, body.as_bytes().to_vec())
+    (headers, body.to_vec())
 }
 
 /// Sends `msg` through the daemon from an outside client and returns the end-of-message edits.
@@ -376,6 +379,41 @@ async fn signatures_made_by_dkimpy_are_verified() {
 
     // No signature: no result.
     assert!(added(&deliver(&d, &plain).await, "X-Dkim").is_empty());
+    d.stop().await;
+}
+
+/// Reports the first signature's result and the Subject as policies read it.
+const REPORT_SUBJECT: &str = r#"
+local dkim = require "milter.dkim"
+return {
+  eom = function(ctx)
+    local first = dkim.verify(ctx)[1]
+    ctx:add_header("X-Dkim", first.result .. " " .. (first.reason or "-"))
+    ctx:add_header("X-Subject", ctx:header("Subject"))
+  end,
+}
+"#;
+
+/// A Subject in Latin-1, not UTF-8, as old mailers still send it: the MTA passes the bytes on,
+/// luamilter verifies the signature over those bytes (policies read the text with U+FFFD).
+#[tokio::test]
+async fn signatures_over_header_bytes_that_are_not_utf8_verify() {
+    let s = setup().await;
+    let d = TestDaemon::start(&[("report", REPORT_SUBJECT)], &dns_config(&s.dns)).await;
+    let utf8 = message("ann@example.test", "SUBJECT", "Bonjour.\r\n");
+    let at = utf8.windows(7).position(|w| w == b"SUBJECT").unwrap();
+    let latin1 = [&utf8[..at], b"Caf\xe9 cr\xe8me", &utf8[at + 7..]].concat();
+    assert!(String::from_utf8(latin1.clone()).is_err());
+    for canon in ["relaxed/relaxed", "simple/simple"] {
+        let signed = dkimpy_sign(&latin1, "rsa", "example.test", &s.rsa, canon, "rsa-sha256");
+        let actions = deliver(&d, &signed).await;
+        assert_eq!(added(&actions, "X-Dkim"), ["pass -"], "{canon}");
+        assert_eq!(added(&actions, "X-Subject"), ["Caf\u{fffd} cr\u{fffd}me"]);
+        let at = signed.windows(3).position(|w| w == b"cr\xe8").unwrap();
+        let tampered = [&signed[..at], b"cr\xe9", &signed[at + 3..]].concat();
+        let got = added(&deliver(&d, &tampered).await, "X-Dkim");
+        assert!(got[0].starts_with("fail "), "{canon}: {got:?}");
+    }
     d.stop().await;
 }
 
@@ -597,17 +635,23 @@ fn with_inserted(msg: &[u8], actions: &EomActions) -> Vec<u8> {
         if let EomAction::InsertHeader { index, name, value } = action {
             let header = (
                 name.to_string_lossy().into_owned(),
-                value.to_string_lossy().into_owned(),
+                value.to_bytes().to_vec(),
             );
             headers.insert(*index as usize, header);
         }
     }
-    let mut out = String::new();
+    let mut out = Vec::new();
     for (name, value) in headers {
-        out.push_str(&format!("{name}: {}\r\n", value.replace('\n', "\r\n")));
+        out.extend_from_slice(format!("{name}: ").as_bytes());
+        for (i, line) in value.split(|b| *b == b'\n').enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(line);
+        }
+        out.extend_from_slice(b"\r\n");
     }
-    out.push_str("\r\n");
-    let mut out = out.into_bytes();
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&body);
     out
 }
