@@ -1,7 +1,7 @@
 ---@meta
 -- luamilter editor stubs: `require "milter.dkim"`. Reference: docs/lua-api/dkim.md.
 
----@alias luamilter.DkimResultCode "pass"|"fail"|"neutral"|"temperror"|"permerror"
+---@alias luamilter.DkimResultCode "pass"|"fail"|"policy"|"neutral"|"temperror"|"permerror"
 
 ---One DKIM-Signature header's verification.
 ---@class luamilter.DkimSignature
@@ -19,7 +19,8 @@
 ---@field reason string|nil why it failed
 
 ---DKIM (RFC 6376) and ARC (RFC 8617) on the message as received, at eom only. A policy that
----requires this module gets headers and body from the MTA.
+---requires this module while it loads (top level, a module, or setup) gets headers and body
+---from the MTA; a require in a handler comes too late to ask for them.
 ---@class milter.dkim
 local dkim = {}
 
