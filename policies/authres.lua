@@ -13,7 +13,7 @@
 --      ARC-sealed (RFC 8617) with that key: ARC-Seal, ARC-Message-Signature and
 --      ARC-Authentication-Results (the same results) at the top, cv= from the chain it has.
 --      milter.dkim is required by setup only then: sealing reads the body, so only then does
---      the MTA send it.
+--      the MTA send it. A domain without a key is a load error.
 -- Every default is documented in docs/policies/authres.md.
 local dns = require "milter.dns"
 local milter = require "milter"
@@ -101,7 +101,11 @@ return {
   },
 
   setup = function(opts)
-    if opts.arc_seal ~= "" then dkim = require "milter.dkim" end
+    if opts.arc_seal == "" then return end
+    dkim = require "milter.dkim"
+    if not dkim.has_key(opts.arc_seal) then
+      error("arc_seal: no [dkim.keys] entry for " .. opts.arc_seal, 0)
+    end
   end,
 
   eom = function(ctx, opts)

@@ -1,5 +1,5 @@
-//! `milter.dkim`: `verify(ctx)`, `arc(ctx)`, `seal(ctx, results, domain)` and
-//! `sign(ctx [, domain])` over the DKIM service, on the message as received (at eom). See
+//! `milter.dkim`: `verify(ctx)`, `arc(ctx)`, `seal(ctx, results, domain)`,
+//! `sign(ctx [, domain])` and `has_key(domain)` over the DKIM service, on the message as received (at eom). See
 //! `docs/lua-api/dkim.md`.
 
 use super::ctx::Ctx;
@@ -136,6 +136,11 @@ pub fn module(lua: &Lua, dkim: Arc<Dkim>) -> mlua::Result<Table> {
                 }
             },
         )?,
+    )?;
+    let keys = Arc::clone(&dkim);
+    module.set(
+        "has_key",
+        lua.create_function(move |_, domain: String| Ok(keys.signs_for(&domain)))?,
     )?;
     module.set(
         "sign",

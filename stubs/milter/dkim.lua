@@ -52,4 +52,9 @@ function dkim.seal(ctx, results, domain) end
 ---@return string|nil err "no [dkim] key for example.org", "no From domain", ...
 function dkim.sign(ctx, domain) end
 
+---Whether `[dkim] keys` has a key for `domain` (any stage, the top level and setup).
+---@param domain string
+---@return boolean
+function dkim.has_key(domain) end
+
 return dkim

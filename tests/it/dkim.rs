@@ -93,7 +93,8 @@ fn openssl(args: &[&str]) -> Vec<u8> {
 
 /// A private key file, the same key as dkimpy reads it, and its DKIM public key record.
 pub(crate) struct Key {
-    path: PathBuf,
+    /// The PEM file luamilter reads (`[dkim.keys]`).
+    pub(crate) path: PathBuf,
     dkimpy: PathBuf,
     /// The `v=DKIM1` TXT record of the public key.
     pub(crate) record: String,
@@ -719,6 +720,17 @@ async fn the_authres_policy_arc_seals_when_asked_and_dkimpy_validates_the_chain(
         assert!(!arc_verifies(tampered.as_bytes()).0, "tampered passes");
     }
     d.stop().await;
+
+    // A domain without a key is refused at load, not found out message by message.
+    let err =
+        TestDaemon::try_start_stock(&["authres"], "[policy.authres]\narc_seal = \"x.test\"\n")
+            .await
+            .err()
+            .expect("arc_seal without a key must not load");
+    assert!(
+        err.contains("authres.lua: setup: arc_seal: no [dkim.keys] entry for x.test"),
+        "{err}"
+    );
 
     let d = TestDaemon::start(&[stock("dkim"), stock("authres")], &config("")).await;
     let actions = deliver(&d, &plain).await;

@@ -338,8 +338,14 @@ async fn the_body_is_sent_only_to_chains_that_load_the_dkim_module() {
     );
     off.stop().await;
 
-    let sealing = "[policy.authres]\narc_seal = \"example.test\"\n";
-    let on = TestDaemon::try_start_stock(&["authres"], sealing)
+    let keys = tempfile::TempDir::new().unwrap();
+    let key = crate::dkim::Key::rsa(keys.path(), "k", 2048);
+    let sealing = format!(
+        "[policy.authres]\narc_seal = \"example.test\"\n[dkim.keys.\"example.test\"]\n\
+         selector = \"k\"\nkey = {:?}\n",
+        key.path
+    );
+    let on = TestDaemon::try_start_stock(&["authres"], &sealing)
         .await
         .unwrap();
     let opts = on.client().await.negotiated_opts();
