@@ -118,6 +118,17 @@ return {
     }
 }
 
+/// A daemon on TCP loopback whose one policy is `policy`, with the Lua module `lib.NAME`
+/// (`module`) in its policy directory.
+async fn start_with_module(name: &str, module: &str, policy: &str) -> TestDaemon {
+    let dir = tempfile::TempDir::new().unwrap();
+    std::fs::create_dir(dir.path().join("lib")).unwrap();
+    std::fs::write(dir.path().join(format!("lib/{name}.lua")), module).unwrap();
+    TestDaemon::start_in(dir, &[("p", policy)], "", "inet:0@127.0.0.1")
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn headers_read_at_eom_are_sent_without_declaring_them() {
     // The policy reads headers only at eom: its source mentions them, so the MTA sends them.
@@ -129,12 +140,7 @@ async fn headers_read_at_eom_are_sent_without_declaring_them() {
 local lib = require "lib.subject"
 return { eom = function(ctx) ctx:add_header("X-Subject", lib.subject(ctx)) end }"#;
     for policy in [direct, indirect] {
-        let dir = tempfile::TempDir::new().unwrap();
-        std::fs::create_dir(dir.path().join("lib")).unwrap();
-        std::fs::write(dir.path().join("lib/subject.lua"), module).unwrap();
-        let d = TestDaemon::start_in(dir, &[("p", policy)], "", "inet:0@127.0.0.1")
-            .await
-            .unwrap();
+        let d = start_with_module("subject", module, policy).await;
         let mut c = d.client().await;
         assert!(!c.negotiated_opts().contains(ProtoOpts::NO_HEADER));
         c.mail(["<a@b.example>"]).await.unwrap();
@@ -355,17 +361,12 @@ async fn the_body_is_sent_only_to_chains_that_load_the_dkim_module() {
     // A module required at the top level loads milter.dkim: the policy gets the body. One
     // that requires it only in a handler is too late: the MTA was not asked for the body, and
     // the module says so.
-    let dir = tempfile::TempDir::new().unwrap();
-    std::fs::create_dir(dir.path().join("lib")).unwrap();
     let lib = r#"local dkim = require "milter.dkim"
 return { count = function(ctx) return #dkim.verify(ctx) end }"#;
-    std::fs::write(dir.path().join("lib/sigs.lua"), lib).unwrap();
     let through_module = r#"
 local sigs = require "lib.sigs"
 return { eom = function(ctx) ctx:add_header("X-Sigs", tostring(sigs.count(ctx))) end }"#;
-    let d = TestDaemon::start_in(dir, &[("p", through_module)], "", "inet:0@127.0.0.1")
-        .await
-        .unwrap();
+    let d = start_with_module("sigs", lib, through_module).await;
     let mut c = d.client().await;
     assert!(!c.negotiated_opts().contains(ProtoOpts::NO_BODY));
     c.mail(["<a@b.example>"]).await.unwrap();
