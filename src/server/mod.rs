@@ -157,10 +157,10 @@ async fn rcpt(cx: &mut Context<Conn>, args: Vec<CString>) -> Status {
 }
 
 async fn header(cx: &mut Context<Conn>, name: CString, value: CString) -> Status {
-    if let Some(conn) = &cx.data {
-        (conn.session.lock()).keep_header(name.as_bytes(), value.as_bytes());
-    }
-    let (name, value) = (lossy(&name), lossy(&value));
+    let (name, value) = match &cx.data {
+        Some(conn) => (conn.session.lock()).keep_header(name.as_bytes(), value.as_bytes()),
+        None => (lossy(&name), lossy(&value)),
+    };
     run(cx, Stage::Header, StageArgs::Header(name, value)).await
 }
 

@@ -320,12 +320,19 @@ impl Session {
     }
 
     /// Records a header: as text for the policies, and as bytes when the message is kept.
-    pub fn keep_header(&mut self, name: &[u8], value: &[u8]) {
+    /// Returns the text.
+    pub fn keep_header(&mut self, name: &[u8], value: &[u8]) -> (String, String) {
         let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-        self.message.headers.push((text(name), text(value)));
-        if self.body_limit.is_none() {
-            return;
+        let header = (text(name), text(value));
+        self.message.headers.push(header.clone());
+        if self.body_limit.is_some() {
+            self.keep_raw_header(name, value);
         }
+        header
+    }
+
+    /// Appends a header's bytes to the message as received.
+    fn keep_raw_header(&mut self, name: &[u8], value: &[u8]) {
         let raw = &mut self.message.raw_headers;
         raw.extend_from_slice(name);
         raw.extend_from_slice(b": ");
