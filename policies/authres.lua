@@ -8,9 +8,17 @@
 --      the results present: auth= (SMTP AUTH), spf= (ctx.msg.spf), iprev= (clients that are
 --      not internal, authenticated, trusted or localhost), dkim= (ctx.msg.dkim, one per
 --      signature, or dkim=none), dmarc= (ctx.msg.dmarc), arc= (ctx.msg.arc). With none of them
---      present, no header is added.
+--      present, no header is added;
+--   3. with `arc_seal` set (a domain with a `[dkim.keys]` entry; off when empty), the message is
+--      ARC-sealed (RFC 8617) with that key: ARC-Seal, ARC-Message-Signature and
+--      ARC-Authentication-Results (the same results) at the top, cv= from the chain it has.
+--      milter.dkim is required by setup only then: sealing reads the body, so only then does
+--      the MTA send it. A domain without a key is a load error.
 -- Every default is documented in docs/policies/authres.md.
 local dns = require "milter.dns"
+local milter = require "milter"
+-- milter.dkim when arc_seal is set (see setup).
+local dkim
 
 -- An RFC 8601 property value: as is when it is a token or a plain mailbox, else quoted.
 local function pvalue(text)
@@ -89,7 +97,16 @@ return {
     authserv_id = "",
     iprev = true,
     remove_forged = true,
+    arc_seal = "",
   },
+
+  setup = function(opts)
+    if opts.arc_seal == "" then return end
+    dkim = require "milter.dkim"
+    if not dkim.has_key(opts.arc_seal) then
+      error("arc_seal: no [dkim.keys] entry for " .. opts.arc_seal, 0)
+    end
+  end,
 
   eom = function(ctx, opts)
     local id = opts.authserv_id ~= "" and opts.authserv_id or ctx.receiver
@@ -106,6 +123,11 @@ return {
     end
     local results = parts(ctx, opts)
     if #results == 0 then return end
-    ctx:insert_header(0, "Authentication-Results", id .. "; " .. table.concat(results, "; "))
+    local value = id .. "; " .. table.concat(results, "; ")
+    ctx:insert_header(0, "Authentication-Results", value)
+    if dkim then
+      local ok, err = dkim.seal(ctx, value, opts.arc_seal)
+      if not ok then milter.log.warn("authres: cannot ARC-seal: " .. err) end
+    end
   end,
 }

@@ -17,7 +17,7 @@ local access = require "milter.access"
 
 -- The access-map tag spelling of each result.
 local TAG = {
-  pass = "Pass", fail = "Fail", neutral = "Neutral", permerror = "PermError",
+  pass = "Pass", fail = "Fail", policy = "Policy", neutral = "Neutral", permerror = "PermError",
   temperror = "TempError", none = "None",
 }
 

@@ -5,7 +5,8 @@
 -- (ctx.msg.dkim; verified here when the dkim policy did not run). Publishes ctx.msg.dmarc.
 --   * p=reject: refused (550 5.7.1), p=quarantine: the message is quarantined (held by the MTA),
 --     unless an override applies: a client in `trusted_forwarders`, a List-Id in
---     `mailing_lists`, or an ARC chain that passed while `arc_override` is on;
+--     `mailing_lists`, or an ARC chain that passed while `arc_override` is on; a message outside
+--     the record's pct= sample gets the next lower policy (dmarc.check lowers r.policy);
 --   * `report_only`: nothing is enforced, the disposition is only logged;
 --   * every evaluated message logs one `dmarc-report` line with the fields of a DMARC aggregate
 --     report record (RFC 7489 appendix C), for a report generator: at debug, or at info with
@@ -45,9 +46,9 @@ local function report(ctx, r, disposition, reason, opts)
   local spf = ctx.msg.spf
   local log = opts.report_log and milter.log.info or milter.log.debug
   log(string.format(
-    "dmarc-report: source_ip=%s header_from=%s policy_domain=%s p=%s disposition=%s "
+    "dmarc-report: source_ip=%s header_from=%s policy_domain=%s p=%s pct=%d disposition=%s "
       .. "dmarc=%s dkim_aligned=%s spf_aligned=%s dkim=%s spf=%s spf_domain=%s reason=%s rua=%s",
-    tostring(ctx.client.ip), r.domain, tostring(r.record_domain), r.policy, disposition,
+    tostring(ctx.client.ip), r.domain, tostring(r.record_domain), r.published, r.pct, disposition,
     r.result, tostring(r.alignment.dkim), tostring(r.alignment.spf),
     #dkim_domains > 0 and table.concat(dkim_domains, ",") or "none",
     spf and spf.official or "none", spf and spf.domain or "-", reason or "-",
@@ -79,6 +80,7 @@ return {
       reason = override(ctx, opts)
       if not reason then disposition = r.policy end
     end
+    if not reason and not r.sampled then reason = "sampled_out" end
     if r.result ~= "none" then report(ctx, r, disposition, reason, opts) end
     if opts.report_only or disposition == "none" then return end
     local values = { domain = r.domain }

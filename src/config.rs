@@ -440,6 +440,15 @@ delay = "10m"
         assert!(err.contains("invalid duration"), "{err}");
         let err = parse("[milter]\nsocket_mode = \"999\"\n").unwrap_err();
         assert!(err.contains("socket mode"), "{err}");
+        let keys = "[dkim.keys.\"example.org\"]\nselector = \"s\"\nkey = \"k.pem\"\n";
+        let err = parse(&format!("{keys}expire_after = \"0s\"\n")).unwrap_err();
+        assert!(err.starts_with("test.toml:4:"), "{err}");
+        assert!(err.contains("at least 1s"), "{err}");
+        let c = parse(&format!("{keys}expire_after = \"30d\"\n")).unwrap();
+        assert_eq!(
+            c.dkim.keys["example.org"].expire_after,
+            Some(std::time::Duration::from_secs(30 * 86400))
+        );
     }
 
     #[test]

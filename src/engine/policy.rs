@@ -3,7 +3,8 @@
 //! A policy returns a table whose keys are the stage handlers plus these declarations:
 //! `name` (must match the file), `description`, `options` (defaults), `needs` (`"headers"`: have
 //! the MTA send headers although nothing visible in the source reads them; `"body"`: have it
-//! send the body and keep it for `milter.dkim`;
+//! send the body and keep it for `milter.dkim`, which a policy that requires `milter.dkim` or
+//! `milter.dmarc` while it loads, at its top level or in `setup`, gets without declaring it;
 //! `"rejected_recipients"`: see recipients the MTA refused itself), `noreply` (stages whose
 //! handlers never answer), `macros` (per stage, the macros to ask the MTA for), `setup` (a
 //! function run at load with the effective options, to check them or precompute from them; an
@@ -38,7 +39,8 @@ const MODE_KEY: &str = "mode";
 /// see [`mentions_headers`]). "rejected_recipients": recipients the MTA itself refused (unknown
 /// users) are passed to rcpt handlers too, with the macro {rcpt_mailer} = "error" (Postfix);
 /// they never join ctx.recipients. "body": the MTA sends the body and the session keeps it (up to
-/// `[dkim] max_body` bytes) for `milter.dkim` and `milter.dmarc`. The envelope entries are
+/// `[dkim] max_body` bytes) for `milter.dkim` and `milter.dmarc` (normally known from what the
+/// policy requires while it loads, see [`sandbox::RequireLog`]). The envelope entries are
 /// accepted and change nothing: the envelope is always sent.
 const NEEDS: &[&str] = &[
     "headers",
@@ -136,8 +138,9 @@ pub struct PolicyDecl {
     pub shadow: bool,
     /// Whether it wants the recipients the MTA refused itself (`needs` "rejected_recipients").
     pub rejected_recipients: bool,
-    /// Whether it reads the message as received (`needs` "body"): headers and body are sent
-    /// and the body kept.
+    /// Whether it reads the message as received (it required `milter.dkim` or `milter.dmarc`
+    /// while it loaded, or declares `needs` "body"): headers and body are sent and the body
+    /// kept.
     pub reads_body: bool,
     /// Macros to request, per stage.
     pub macros: BTreeMap<Stage, Vec<String>>,
@@ -178,8 +181,25 @@ pub fn load(
     sandbox::RequireLog::start(lua);
     let returned =
         sandbox::with_time_limit(lua, config.engine.time_limit, || chunk.call::<Value>(()));
-    let required_mention_headers = sandbox::RequireLog::finish(lua);
-    let table = match returned.map_err(one)? {
+    // What setup(opts) requires counts too: the log runs until the policy is loaded.
+    let loaded = load_table(lua, source, config, returned.map_err(&one));
+    let required = sandbox::RequireLog::finish(lua);
+    let (mut decl, policy) = loaded?;
+    decl.reads_headers |= required.headers || required.message;
+    decl.reads_body |= required.message;
+    Ok((decl, policy))
+}
+
+/// Checks the table a policy's top level `returned`, computes its effective options and runs
+/// its `setup(opts)`.
+fn load_table(
+    lua: &Lua,
+    source: &PolicySource,
+    config: &Config,
+    returned: Result<Value, Vec<String>>,
+) -> Result<(PolicyDecl, LoadedPolicy), Vec<String>> {
+    let at = source.path.display().to_string();
+    let table = match returned? {
         Value::Table(t) => t,
         other => {
             return Err(vec![format!(
@@ -198,12 +218,10 @@ pub fn load(
         origin: source.origin,
         handles: StageMap::default(),
         noreply: Vec::new(),
-        reads_headers: required_mention_headers
-            || mentions_headers(&source.text)
-            || mentions_message_auth(&source.text),
+        reads_headers: mentions_headers(&source.text),
         shadow: false,
         rejected_recipients: false,
-        reads_body: mentions_message_auth(&source.text),
+        reads_body: false,
         macros: BTreeMap::new(),
         options: BTreeMap::new(),
     };
@@ -313,7 +331,7 @@ pub fn load(
     }
     let declared_options = match declared_options {
         Some(t) => t,
-        None => lua.create_table().map_err(one)?,
+        None => lua.create_table().map_err(|e| vec![format!("{at}: {e}")])?,
     };
     let mut overrides: Vec<Override<'_>> = config
         .policy
@@ -482,12 +500,6 @@ pub fn mentions_headers(source: &str) -> bool {
     source
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .any(|word| word == "header" || word == "headers")
-}
-
-/// Whether Lua source uses `milter.dkim` or `milter.dmarc`, which read the message as received:
-/// such a policy gets headers and body without declaring `needs = { "body" }`.
-pub fn mentions_message_auth(source: &str) -> bool {
-    source.contains("milter.dkim") || source.contains("milter.dmarc")
 }
 
 /// The first line of a Lua error message (the traceback follows on later lines).

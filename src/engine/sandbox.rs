@@ -258,57 +258,95 @@ fn require_function(
     })
 }
 
-/// What `require` served while a policy's top level ran, so that a policy whose module reads
-/// headers counts as reading them. Kept in the Lua state's app data.
+/// What `require` served while a policy loaded (its top level and its `setup(opts)`), so that a
+/// policy whose module reads headers counts as reading them, and one that loaded `milter.dkim`
+/// or `milter.dmarc` (itself or through a module) gets the message. Kept in the Lua state's app
+/// data.
 #[derive(Default)]
 pub struct RequireLog {
+    /// Whether a policy is loading: what handlers require is not logged.
+    active: bool,
     /// Module names required since [`RequireLog::start`], in order (cached ones too).
     names: Vec<String>,
-    /// File modules whose source, or a module they required while loading, mentions headers.
-    header_modules: std::collections::HashSet<String>,
+    /// What each file module loaded so far reads: its source, and what it required while
+    /// loading.
+    file_modules: std::collections::HashMap<String, Required>,
+}
+
+/// The built-in modules that read the message as received: a policy that requires one of them
+/// while it loads has the MTA send headers and body, and the session keep the body.
+pub const MESSAGE_MODULES: &[&str] = &["milter.dkim", "milter.dmarc"];
+
+/// What a policy, or a module, required while it loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Required {
+    /// A file module it required mentions headers.
+    pub headers: bool,
+    /// One of [`MESSAGE_MODULES`].
+    pub message: bool,
 }
 
 impl RequireLog {
     /// Starts logging the requires of a policy's top level.
     pub fn start(lua: &Lua) {
         match lua.app_data_mut::<RequireLog>() {
-            Some(mut log) => log.names.clear(),
+            Some(mut log) => {
+                log.names.clear();
+                log.active = true;
+            }
             None => {
-                lua.set_app_data(RequireLog::default());
+                lua.set_app_data(RequireLog {
+                    active: true,
+                    ..RequireLog::default()
+                });
             }
         }
     }
 
-    /// Whether a module required since `start` reads headers.
-    pub fn finish(lua: &Lua) -> bool {
-        lua.app_data_ref::<RequireLog>().is_some_and(|log| {
-            log.names
-                .iter()
-                .any(|name| log.header_modules.contains(name))
+    /// Stops logging; what was required since `start`.
+    pub fn finish(lua: &Lua) -> Required {
+        let Some(mut log) = lua.app_data_mut::<RequireLog>() else {
+            return Required::default();
+        };
+        log.active = false;
+        let names = std::mem::take(&mut log.names);
+        log.reads(&names)
+    }
+
+    /// What the modules `names` read.
+    fn reads(&self, names: &[String]) -> Required {
+        names.iter().fold(Required::default(), |acc, name| {
+            let file = self.file_modules.get(name).copied().unwrap_or_default();
+            Required {
+                headers: acc.headers || file.headers,
+                message: acc.message || file.message || MESSAGE_MODULES.contains(&name.as_str()),
+            }
         })
     }
 
-    /// Logs a `require` of `name`; returns the log position of what it requires in turn.
+    /// Logs a `require` of `name` made while a policy loads; returns the log position of what
+    /// it requires in turn.
     fn note(lua: &Lua, name: &str) -> usize {
         match lua.app_data_mut::<RequireLog>() {
-            Some(mut log) => {
+            Some(mut log) if log.active => {
                 log.names.push(name.to_string());
                 log.names.len()
             }
-            None => 0,
+            _ => 0,
         }
     }
 
-    /// Records a file module loaded: it reads headers when its source mentions them or a
-    /// module it required (logged from `nested` on) does.
+    /// Records a file module loaded: it reads headers when its source mentions them, and
+    /// whatever a module it required (logged from `nested` on) reads.
     fn loaded(lua: &Lua, name: &str, mentions: bool, nested: usize) {
         if let Some(mut log) = lua.app_data_mut::<RequireLog>() {
-            let inherited = log.names[nested.min(log.names.len())..]
-                .iter()
-                .any(|n| log.header_modules.contains(n));
-            if mentions || inherited {
-                log.header_modules.insert(name.to_string());
-            }
+            let from = nested.min(log.names.len());
+            let inherited = log.reads(&log.names[from..]);
+            let reads = Required {
+                headers: mentions || inherited.headers,
+                message: inherited.message,
+            };
+            log.file_modules.insert(name.to_string(), reads);
         }
     }
 }

@@ -1,5 +1,6 @@
-//! `milter.dkim`: `verify(ctx)`, `arc(ctx)` and `sign(ctx [, domain])` over the DKIM service,
-//! on the message as received (at eom). See `docs/lua-api/dkim.md`.
+//! `milter.dkim`: `verify(ctx)`, `arc(ctx)`, `seal(ctx, results, domain)`,
+//! `sign(ctx [, domain])` and `has_key(domain)` over the DKIM service, on the message as received (at eom). See
+//! `docs/lua-api/dkim.md`.
 
 use super::ctx::Ctx;
 use crate::{
@@ -32,8 +33,8 @@ pub(crate) fn received(function: &str, ctx: &AnyUserData) -> mlua::Result<Receiv
     }
     if session.body_limit.is_none() {
         return Err(mlua::Error::runtime(format!(
-            "{function}: the body was not kept on this connection; add needs = {{ \"body\" }} \
-             to the policy"
+            "{function}: the body was not kept on this connection: require milter.dkim (or \
+             milter.dmarc) when the policy loads, at its top level or in setup, not in a handler"
         )));
     }
     Ok(Received {
@@ -109,6 +110,38 @@ pub fn module(lua: &Lua, dkim: Arc<Dkim>) -> mlua::Result<Table> {
         Ok(t)
     })?;
     module.set("arc", arc)?;
+    let sealing = Arc::clone(&dkim);
+    module.set(
+        "seal",
+        lua.create_async_function(
+            move |_, (ctx, results, domain): (AnyUserData, String, String)| {
+                let dkim = Arc::clone(&sealing);
+                let message = received("dkim.seal", &ctx);
+                async move {
+                    let message = message?;
+                    if message.truncated {
+                        return Ok((None, Some("message longer than [dkim] max_body".into())));
+                    }
+                    match dkim.seal(&domain, &message.raw, &results).await {
+                        Ok(set) => {
+                            let ctx = ctx.borrow::<Ctx>()?;
+                            // Each at the top, last first: ARC-Seal ends up first.
+                            for (name, value) in set.into_iter().rev() {
+                                ctx.queue("dkim.seal", Edit::InsertHeader(0, name, value))?;
+                            }
+                            Ok((Some(true), None))
+                        }
+                        Err(e) => Ok((None, Some(e))),
+                    }
+                }
+            },
+        )?,
+    )?;
+    let keys = Arc::clone(&dkim);
+    module.set(
+        "has_key",
+        lua.create_function(move |_, domain: String| Ok(keys.signs_for(&domain)))?,
+    )?;
     module.set(
         "sign",
         lua.create_function(move |_, (ctx, domain): (AnyUserData, Option<String>)| {

@@ -61,15 +61,31 @@ pub fn module(lua: &Lua, resolver: Arc<Resolver>, dkim: Arc<Dkim>) -> mlua::Resu
                         dkim_pass.push(sig.get::<String>("domain")?);
                     }
                 }
+                let sample = match inputs.as_ref().map(|t| t.get::<Option<f64>>("sample")) {
+                    Some(Ok(Some(place))) if (0.0..100.0).contains(&place) => place,
+                    Some(Ok(Some(place))) => {
+                        return Err(mlua::Error::runtime(format!(
+                            "dmarc.check: inputs.sample must be in [0, 100), got {place}"
+                        )));
+                    }
+                    Some(Err(e)) => return Err(e),
+                    _ => dmarc::sample_of(
+                        &ctx.get::<Option<String>>("queue_id")?.unwrap_or_default(),
+                    ),
+                };
                 let input = DmarcInput {
                     from_domain: dmarc::author_domain(&message.headers).unwrap_or_default(),
                     spf,
                     dkim_pass,
+                    sample,
                 };
                 let outcome = dmarc::check(&resolver, &input).await;
                 let t = lua.create_table()?;
                 t.set("result", outcome.result)?;
                 t.set("policy", outcome.policy)?;
+                t.set("published", outcome.published)?;
+                t.set("pct", outcome.pct)?;
+                t.set("sampled", outcome.sampled)?;
                 t.set("domain", outcome.domain)?;
                 t.set("org_domain", outcome.org_domain)?;
                 t.set("record_domain", outcome.record_domain)?;

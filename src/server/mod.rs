@@ -157,11 +157,10 @@ async fn rcpt(cx: &mut Context<Conn>, args: Vec<CString>) -> Status {
 }
 
 async fn header(cx: &mut Context<Conn>, name: CString, value: CString) -> Status {
-    let (name, value) = (lossy(&name), lossy(&value));
-    if let Some(conn) = &cx.data {
-        let header = (name.clone(), value.clone());
-        conn.session.lock().message.headers.push(header);
-    }
+    let (name, value) = match &cx.data {
+        Some(conn) => (conn.session.lock()).keep_header(name.as_bytes(), value.as_bytes()),
+        None => (lossy(&name), lossy(&value)),
+    };
     run(cx, Stage::Header, StageArgs::Header(name, value)).await
 }
 

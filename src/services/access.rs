@@ -31,6 +31,7 @@ fn checked_tag(key: &str) -> bool {
 const DKIM_TAGS: &[&str] = &[
     "dkim-pass",
     "dkim-fail",
+    "dkim-policy",
     "dkim-neutral",
     "dkim-permerror",
     "dkim-temperror",
@@ -51,7 +52,7 @@ pub enum EntryError {
     },
     /// A `DKIM-` tag that names no DKIM result.
     #[error(
-        "{key:?}: unknown tag (DKIM tags: DKIM-Pass, DKIM-Fail, DKIM-Neutral, DKIM-PermError, DKIM-TempError, DKIM-None)"
+        "{key:?}: unknown tag (DKIM tags: DKIM-Pass, DKIM-Fail, DKIM-Policy, DKIM-Neutral, DKIM-PermError, DKIM-TempError, DKIM-None)"
     )]
     UnknownTag {
         /// The entry's key.

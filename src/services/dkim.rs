@@ -8,7 +8,9 @@
 use super::dns::{DnsError, Resolver};
 use crate::config::ConfigSource;
 use mail_auth::{
-    AuthenticatedMessage, DkimResult, MessageAuthenticator, Parameters, ResolverCache, Txt,
+    AuthenticatedMessage, AuthenticationResults, DkimResult, Error, MessageAuthenticator,
+    Parameters, ResolverCache, Txt,
+    arc::ArcSealer,
     common::verify::DomainKey,
     common::{
         crypto::{Ed25519Key, RsaKey, Sha256, SigningKey},
@@ -16,7 +18,7 @@ use mail_auth::{
         parse::TxtRecordParser,
         resolver::ToFqdn,
     },
-    dkim::{Canonicalization, DkimSigner, Done},
+    dkim::{Canonicalization, DkimError, DkimSigner, Done},
     hickory_resolver::{
         TokioResolver, config::ResolverConfig, net::runtime::TokioRuntimeProvider,
         proto::op::ResponseCode,
@@ -30,7 +32,7 @@ use std::{
     hash::Hash,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 /// The headers signed when `[dkim] sign_headers` is not set (RFC 6376 §5.4.1's list, less the
@@ -82,6 +84,22 @@ pub struct KeyConfig {
     /// A PEM file with an RSA (PKCS#1 or PKCS#8) or Ed25519 (PKCS#8) private key; relative to
     /// the config file's directory.
     pub key: toml::Spanned<PathBuf>,
+    /// How long its signatures are valid: the `x=` tag, that long after signing (RFC 6376
+    /// §3.5). None: no `x=`.
+    #[serde(default, deserialize_with = "expiry")]
+    pub expire_after: Option<Duration>,
+}
+
+/// `expire_after` as a duration ("30d" or seconds); at least one second, since `x=` counts
+/// whole seconds and must be after `t=`.
+fn expiry<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let after = crate::duration::serde_duration::deserialize(d)?;
+    if after < Duration::from_secs(1) {
+        return Err(serde::de::Error::custom(
+            "expire_after must be at least 1s (x= counts whole seconds after t=)",
+        ));
+    }
+    Ok(Some(after))
 }
 
 /// A signing key could not be loaded.
@@ -92,7 +110,8 @@ pub struct KeyError(String);
 /// One signature's verification, as `milter.dkim.verify` returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignatureCheck {
-    /// `pass`, `fail`, `neutral`, `temperror`, `permerror` (RFC 8601 words).
+    /// `pass`, `fail`, `policy` (expired), `neutral`, `temperror`, `permerror` (RFC 8601
+    /// words).
     pub result: &'static str,
     /// The signing domain (`d=`).
     pub domain: String,
@@ -122,6 +141,12 @@ enum Signer {
     Ed25519(Box<DkimSigner<Ed25519Key, Done>>),
 }
 
+/// The ARC sealer of a `[dkim.keys]` key (the same key, domain, selector and headers).
+enum Sealer {
+    Rsa(Box<ArcSealer<RsaKey<Sha256>, Done>>),
+    Ed25519(Box<ArcSealer<Ed25519Key, Done>>),
+}
+
 impl ArcCheck {
     /// No chain.
     pub fn none() -> ArcCheck {
@@ -139,7 +164,7 @@ pub struct Dkim {
     /// `mail-auth`'s entry point, over a resolver without nameservers: every record it needs is
     /// in the per-message cache.
     authenticator: MessageAuthenticator,
-    signers: HashMap<String, Signer>,
+    signers: HashMap<String, (Signer, Sealer)>,
     max_body: usize,
 }
 
@@ -154,14 +179,13 @@ impl Dkim {
         let mut signers = HashMap::new();
         for (domain, key) in &config.keys {
             let path = source.base_dir().join(key.key.get_ref());
-            let signer =
-                load_signer(&path, domain, &key.selector, &config.sign_headers).map_err(|e| {
-                    KeyError(format!(
-                        "{}: [dkim.keys.\"{domain}\"] key {}: {e}",
-                        source.locate(key.key.span().start),
-                        path.display()
-                    ))
-                })?;
+            let signer = load_signers(&path, domain, key, &config.sign_headers).map_err(|e| {
+                KeyError(format!(
+                    "{}: [dkim.keys.\"{domain}\"] key {}: {e}",
+                    source.locate(key.key.span().start),
+                    path.display()
+                ))
+            })?;
             signers.insert(domain.to_ascii_lowercase(), signer);
         }
         let offline = TokioResolver::builder_with_config(
@@ -285,7 +309,7 @@ impl Dkim {
     pub fn sign(&self, domain: &str, message: &[u8]) -> Result<String, String> {
         let signer = (self.signers.get(&domain.to_ascii_lowercase()))
             .ok_or_else(|| format!("no [dkim] key for {domain}"))?;
-        let signature = match signer {
+        let signature = match &signer.0 {
             Signer::Rsa(s) => s.sign(message),
             Signer::Ed25519(s) => s.sign(message),
         }
@@ -297,6 +321,56 @@ impl Dkim {
             .trim()
             .replace("\r\n", "\n");
         Ok(value)
+    }
+
+    /// Adds an ARC set to `message` with the key of `domain`: `results` (an
+    /// Authentication-Results value, `authserv-id; method=result ...`) becomes its
+    /// ARC-Authentication-Results, and the seal's `cv=` is the validation of the chain the
+    /// message already has. Returns the ARC-Seal, ARC-Message-Signature and
+    /// ARC-Authentication-Results headers as (name, value) pairs, values folded with LF.
+    pub async fn seal(
+        &self,
+        domain: &str,
+        message: &[u8],
+        results: &str,
+    ) -> Result<Vec<(String, String)>, String> {
+        let (_, sealer) = (self.signers.get(&domain.to_ascii_lowercase()))
+            .ok_or_else(|| format!("no [dkim] key for {domain}"))?;
+        let parsed = AuthenticatedMessage::parse(message).ok_or("the message cannot be parsed")?;
+        let names = (parsed.ams_headers.iter())
+            .map(|h| key_name(&h.header.s, &h.header.d))
+            .chain((parsed.as_headers.iter()).map(|h| key_name(&h.header.s, &h.header.d)));
+        let keys = self.prefetch(names).await;
+        let chain = self
+            .authenticator
+            .verify_arc(Parameters::new(&parsed).with_txt_cache(&keys))
+            .await;
+        // The whole value as the "authserv-id": mail-auth writes it as given, so its
+        // whitespace is collapsed here as relaxed canonicalization will read it.
+        let results = results.split_whitespace().collect::<Vec<_>>().join(" ");
+        let results = AuthenticationResults::new(&results);
+        let set = match sealer {
+            Sealer::Rsa(s) => s.seal(&parsed, &results, &chain),
+            Sealer::Ed25519(s) => s.seal(&parsed, &results, &chain),
+        }
+        .map_err(|e| format!("cannot seal: {e}"))?;
+        Ok(set.to_header().split("\r\n").fold(
+            Vec::new(),
+            |mut headers: Vec<(String, String)>, line| {
+                match headers.last_mut() {
+                    Some(last) if line.starts_with([' ', '\t']) => {
+                        last.1.push('\n');
+                        last.1.push_str(line);
+                    }
+                    _ => {
+                        if let Some((name, value)) = line.split_once(':') {
+                            headers.push((name.to_string(), value.trim().to_string()));
+                        }
+                    }
+                }
+                headers
+            },
+        ))
     }
 
     /// Looks up every key record named in `names` through the shared resolver, concurrently,
@@ -346,6 +420,11 @@ fn result_words(result: &DkimResult) -> (&'static str, Option<String>) {
     match result {
         DkimResult::Pass => ("pass", None),
         DkimResult::None => ("none", None),
+        // RFC 8601 §2.7.1 `policy`: signed, but not acceptable here, as RFC 6376 §3.5 allows
+        // for a signature past its x= (mail-auth reports it as neutral).
+        DkimResult::Neutral(Error::Dkim(DkimError::SignatureExpired)) => {
+            ("policy", Some("signature expired (x= is past)".to_string()))
+        }
         DkimResult::Neutral(e) => ("neutral", Some(e.to_string())),
         DkimResult::Fail(e) => ("fail", Some(e.to_string())),
         DkimResult::PermError(e) => ("permerror", Some(e.to_string())),
@@ -365,41 +444,66 @@ fn algorithm_name(algorithm: mail_auth::common::crypto::Algorithm) -> String {
     .to_string()
 }
 
-/// Reads a PEM private key (RSA or Ed25519) and builds its relaxed/relaxed signer.
-fn load_signer(
+/// Reads a PEM private key (RSA or Ed25519) and builds its relaxed/relaxed DKIM signer and its
+/// ARC sealer (each owns a copy of the key).
+fn load_signers(
     path: &std::path::Path,
+    domain: &str,
+    config: &KeyConfig,
+    headers: &[String],
+) -> Result<(Signer, Sealer), String> {
+    let selector = config.selector.as_str();
+    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+    let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| format!("not a PEM key: {e}"))?;
+    if let PrivateKeyDer::Pkcs8(pkcs8) = &der {
+        let ed25519 = || Ed25519Key::from_pkcs8_maybe_unchecked_der(pkcs8.secret_pkcs8_der());
+        if let (Ok(key), Ok(seal_key)) = (ed25519(), ed25519()) {
+            return Ok((
+                Signer::Ed25519(Box::new(signer(key, domain, config, headers))),
+                Sealer::Ed25519(Box::new(sealer(seal_key, domain, selector, headers))),
+            ));
+        }
+    }
+    let rsa = |der: PrivateKeyDer<'_>| {
+        RsaKey::<Sha256>::from_key_der(der)
+            .map_err(|e| format!("not an RSA or Ed25519 private key: {e}"))
+    };
+    let seal_key = rsa(der.clone_key())?;
+    let key = rsa(der)?;
+    Ok((
+        Signer::Rsa(Box::new(signer(key, domain, config, headers))),
+        Sealer::Rsa(Box::new(sealer(seal_key, domain, selector, headers))),
+    ))
+}
+
+fn sealer<T: SigningKey<Hasher = Sha256>>(
+    key: T,
     domain: &str,
     selector: &str,
     headers: &[String],
-) -> Result<Signer, String> {
-    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
-    let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| format!("not a PEM key: {e}"))?;
-    if let PrivateKeyDer::Pkcs8(pkcs8) = &der
-        && let Ok(key) = Ed25519Key::from_pkcs8_maybe_unchecked_der(pkcs8.secret_pkcs8_der())
-    {
-        return Ok(Signer::Ed25519(Box::new(signer(
-            key, domain, selector, headers,
-        ))));
-    }
-    let key = RsaKey::<Sha256>::from_key_der(der)
-        .map_err(|e| format!("not an RSA or Ed25519 private key: {e}"))?;
-    Ok(Signer::Rsa(Box::new(signer(
-        key, domain, selector, headers,
-    ))))
+) -> ArcSealer<T, Done> {
+    ArcSealer::from_key(key)
+        .domain(domain)
+        .selector(selector)
+        .headers(headers.iter().cloned())
 }
 
 fn signer<T: SigningKey>(
     key: T,
     domain: &str,
-    selector: &str,
+    config: &KeyConfig,
     headers: &[String],
 ) -> DkimSigner<T, Done> {
-    DkimSigner::from_key(key)
+    let signer = DkimSigner::from_key(key)
         .domain(domain)
-        .selector(selector)
+        .selector(&config.selector)
         .headers(headers.iter().cloned())
         .header_canonicalization(Canonicalization::Relaxed)
-        .body_canonicalization(Canonicalization::Relaxed)
+        .body_canonicalization(Canonicalization::Relaxed);
+    match config.expire_after {
+        Some(after) => signer.expiration(after.as_secs()),
+        None => signer,
+    }
 }
 
 /// Key records looked up for one message, read by `mail-auth` as its TXT cache.

@@ -8,6 +8,7 @@ use mail_auth::{
     common::parse::TxtRecordParser,
     dmarc::{Alignment, Dmarc, Policy},
 };
+use sha1::Digest;
 
 /// What a DMARC check starts from: the From domain and the results already computed.
 #[derive(Debug, Clone, Default)]
@@ -18,6 +19,9 @@ pub struct DmarcInput {
     pub spf: Option<(String, String)>,
     /// The `d=` domains of the DKIM signatures that passed.
     pub dkim_pass: Vec<String>,
+    /// The message's place in the `pct=` sample, in [0, 100): the policy applies to a failing
+    /// message when `sample < pct` (see [`sample_of`]).
+    pub sample: f64,
 }
 
 /// The outcome of a DMARC check.
@@ -25,9 +29,17 @@ pub struct DmarcInput {
 pub struct DmarcOutcome {
     /// `pass`, `fail`, `none` (no policy), `temperror` or `permerror`.
     pub result: &'static str,
-    /// The policy requested for this message: `none`, `quarantine` or `reject` (after `t=y`);
-    /// `none` when there is no record.
+    /// The policy for this message: `none`, `quarantine` or `reject`, lowered one step by
+    /// `t=y` or, for a failing message outside the `pct=` sample, by sampling; `none` when
+    /// there is no record.
     pub policy: &'static str,
+    /// The policy the record publishes for the From domain (`p=`, or `sp=` for a subdomain).
+    pub published: &'static str,
+    /// The record's `pct=` (100 when absent or invalid).
+    pub pct: u8,
+    /// Whether the policy applies in full: false when the message failed and fell outside the
+    /// `pct=` sample, so `policy` is one step below `published`.
+    pub sampled: bool,
     /// The From domain.
     pub domain: String,
     /// Its organizational domain.
@@ -92,6 +104,39 @@ fn policy_word(policy: &Policy) -> &'static str {
     }
 }
 
+/// One step down: `reject` → `quarantine` → `none` (RFC 7489 §6.6.4, `t=y`).
+fn lower(policy: &'static str) -> &'static str {
+    match policy {
+        "reject" => "quarantine",
+        _ => "none",
+    }
+}
+
+/// The `pct=` tag of a DMARC record (RFC 7489 §6.3): 100 when absent or not an integer from 0
+/// to 100 (mail-auth follows DMARCbis, which dropped the tag, and does not parse it).
+fn pct(record: &str) -> u8 {
+    record
+        .split(';')
+        .filter_map(|tag| tag.split_once('='))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("pct"))
+        .and_then(|(_, value)| value.trim().parse::<u8>().ok())
+        .filter(|pct| *pct <= 100)
+        .unwrap_or(100)
+}
+
+/// A message's place in the `pct=` sample, in [0, 100), derived from `key` (the MTA's queue id):
+/// the same message gets the same disposition when it is replayed, and queue ids, which the
+/// sender does not choose, spread evenly. Without a key, a random place.
+pub fn sample_of(key: &str) -> f64 {
+    if key.is_empty() {
+        return fastrand::f64() * 100.0;
+    }
+    let digest = sha1::Sha1::digest(key.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(first) % 10_000) as f64 / 100.0
+}
+
 fn mode_word(mode: &Alignment) -> &'static str {
     match mode {
         Alignment::Strict => "s",
@@ -99,13 +144,12 @@ fn mode_word(mode: &Alignment) -> &'static str {
     }
 }
 
-/// The DMARC record at `_dmarc.<domain>`: `Ok(None)` when there is none.
-async fn record(resolver: &Resolver, domain: &str) -> Result<Option<Dmarc>, DnsError> {
+/// The DMARC record at `_dmarc.<domain>` and its `pct=`: `Ok(None)` when there is none.
+async fn record(resolver: &Resolver, domain: &str) -> Result<Option<(Dmarc, u8)>, DnsError> {
     match resolver.txt(&format!("_dmarc.{domain}")).await {
         Ok(records) => Ok(records
             .iter()
-            .filter_map(|r| Dmarc::parse(r.as_bytes()).ok())
-            .next()),
+            .find_map(|r| Some((Dmarc::parse(r.as_bytes()).ok()?, pct(r))))),
         Err(DnsError::NxDomain | DnsError::NoData) => Ok(None),
         Err(e) => Err(e),
     }
@@ -118,6 +162,9 @@ pub async fn check(resolver: &Resolver, input: &DmarcInput) -> DmarcOutcome {
     let mut outcome = DmarcOutcome {
         result: "none",
         policy: "none",
+        published: "none",
+        pct: 100,
+        sampled: true,
         domain: domain.clone(),
         org_domain: org.clone(),
         record_domain: None,
@@ -137,7 +184,7 @@ pub async fn check(resolver: &Resolver, input: &DmarcInput) -> DmarcOutcome {
         Ok(None) => Ok(None),
         Err(e) => Err(e),
     };
-    let (dmarc, record_domain, own) = match found {
+    let ((dmarc, pct), record_domain, own) = match found {
         Ok(Some(found)) => found,
         Ok(None) => return outcome,
         Err(_) => {
@@ -149,14 +196,13 @@ pub async fn check(resolver: &Resolver, input: &DmarcInput) -> DmarcOutcome {
     if matches!(policy, Policy::Unspecified) {
         policy = &dmarc.p;
     }
-    let mut word = policy_word(policy);
-    if dmarc.t {
-        word = match word {
-            "reject" => "quarantine",
-            _ => "none",
-        };
-    }
-    outcome.policy = word;
+    outcome.published = policy_word(policy);
+    outcome.policy = if dmarc.t {
+        lower(outcome.published)
+    } else {
+        outcome.published
+    };
+    outcome.pct = pct;
     outcome.record_domain = Some(record_domain);
     outcome.modes = (mode_word(&dmarc.aspf), mode_word(&dmarc.adkim));
     outcome.rua = dmarc.rua.iter().map(|u| u.uri().to_string()).collect();
@@ -169,12 +215,42 @@ pub async fn check(resolver: &Resolver, input: &DmarcInput) -> DmarcOutcome {
     } else {
         "fail"
     };
+    // Sampling (RFC 7489 §6.6.4) concerns the messages the policy would act on. DMARCbis
+    // replaced pct= by t=y, so with t=y the record's pct= is not applied a second time.
+    if outcome.result == "fail" && !dmarc.t && input.sample >= f64::from(pct) {
+        outcome.sampled = false;
+        outcome.policy = lower(outcome.policy);
+    }
     outcome
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pct_is_read_from_the_record_and_defaults_to_100() {
+        assert_eq!(
+            pct("v=DMARC1; p=reject; pct=25; rua=mailto:a@b.example"),
+            25
+        );
+        assert_eq!(pct("v=DMARC1; p=reject;PCT = 0"), 0);
+        assert_eq!(pct("v=DMARC1; p=reject"), 100);
+        assert_eq!(pct("v=DMARC1; p=reject; pct=150"), 100);
+        assert_eq!(pct("v=DMARC1; p=reject; pct=half"), 100);
+    }
+
+    #[test]
+    fn the_sample_place_comes_from_the_queue_id() {
+        let place = sample_of("4Z9xKq1Ab2z");
+        assert_eq!(place, sample_of("4Z9xKq1Ab2z"));
+        assert!((0.0..100.0).contains(&place));
+        // Over many queue ids, the places spread over the range: about half under 50.
+        let under = (0..1000)
+            .filter(|i| sample_of(&format!("Q{i:05}")) < 50.0)
+            .count();
+        assert!((400..600).contains(&under), "{under}");
+    }
 
     #[test]
     fn organizational_domains_follow_the_public_suffix_list() {

@@ -96,8 +96,12 @@ pub struct Message {
     pub recipients: Vec<String>,
     /// The ESMTP arguments of each of `recipients`, in the same order.
     pub recipient_args: Vec<Vec<String>>,
-    /// Headers seen so far, in order.
+    /// Headers seen so far, in order, as text (bytes that are not UTF-8 read as U+FFFD).
     pub headers: Vec<(String, String)>,
+    /// The same headers as the MTA sent their bytes, `name: value` with CRLF line ends, kept
+    /// with the body (`Session::body_limit`) so that signatures over bytes that are not UTF-8
+    /// verify.
+    pub raw_headers: Vec<u8>,
     /// The body as received, kept when a policy needs it (`Session::body_limit`).
     pub body: Vec<u8>,
     /// Whether the body was longer than the limit (`body` then holds its start).
@@ -315,6 +319,33 @@ impl Session {
         })
     }
 
+    /// Records a header: as text for the policies, and as bytes when the message is kept.
+    /// Returns the text.
+    pub fn keep_header(&mut self, name: &[u8], value: &[u8]) -> (String, String) {
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        let header = (text(name), text(value));
+        self.message.headers.push(header.clone());
+        if self.body_limit.is_some() {
+            self.keep_raw_header(name, value);
+        }
+        header
+    }
+
+    /// Appends a header's bytes to the message as received.
+    fn keep_raw_header(&mut self, name: &[u8], value: &[u8]) {
+        let raw = &mut self.message.raw_headers;
+        raw.extend_from_slice(name);
+        raw.extend_from_slice(b": ");
+        // Folded lines arrive with LF (Postfix) or CRLF line ends: CRLF on the wire.
+        for (i, line) in value.split(|b| *b == b'\n').enumerate() {
+            if i > 0 {
+                raw.extend_from_slice(b"\r\n");
+            }
+            raw.extend_from_slice(line.strip_suffix(b"\r").unwrap_or(line));
+        }
+        raw.extend_from_slice(b"\r\n");
+    }
+
     /// Keeps a body chunk, up to `body_limit` bytes in all.
     pub fn keep_body(&mut self, chunk: &[u8]) {
         let Some(limit) = self.body_limit else {
@@ -326,17 +357,12 @@ impl Session {
         self.message.body_truncated |= chunk.len() > room;
     }
 
-    /// The message as received: headers in order (`name: value`, CRLF line ends) and the kept
-    /// body.
+    /// The message as received, byte for byte as the MTA sent it: headers in order
+    /// (`name: value`, CRLF line ends) and the kept body. Empty headers unless the body is kept.
     pub fn raw_message(&self) -> Vec<u8> {
-        let mut raw = Vec::with_capacity(self.message.body.len() + 2048);
-        for (name, value) in &self.message.headers {
-            raw.extend_from_slice(name.as_bytes());
-            raw.extend_from_slice(b": ");
-            let folded = value.replace("\r\n", "\n").replace('\n', "\r\n");
-            raw.extend_from_slice(folded.as_bytes());
-            raw.extend_from_slice(b"\r\n");
-        }
+        let headers = &self.message.raw_headers;
+        let mut raw = Vec::with_capacity(headers.len() + 2 + self.message.body.len());
+        raw.extend_from_slice(headers);
         raw.extend_from_slice(b"\r\n");
         raw.extend_from_slice(&self.message.body);
         raw

@@ -11,7 +11,10 @@
 ---A DMARC evaluation.
 ---@class luamilter.DmarcResult
 ---@field result "pass"|"fail"|"none"|"temperror"
----@field policy "none"|"quarantine"|"reject" what the domain asks for this message (after t=y)
+---@field policy "none"|"quarantine"|"reject" the policy for this message (after t=y and pct= sampling)
+---@field published "none"|"quarantine"|"reject" the record's p= (sp= for a subdomain)
+---@field pct integer the record's pct= (100 when absent)
+---@field sampled boolean false when the message failed outside the pct= sample (policy lowered one step)
 ---@field domain string the From domain ("" when DMARC does not apply)
 ---@field org_domain string its organizational domain (Public Suffix List)
 ---@field record_domain string|nil where the applied record was found
@@ -23,6 +26,7 @@
 ---@class luamilter.DmarcInputs
 ---@field spf? {result: string, domain: string}
 ---@field dkim? luamilter.DkimSignature[]
+---@field sample? number the message's place in the pct= sample, in [0, 100) (default: from ctx.queue_id)
 
 ---DMARC (RFC 7489) at eom. A policy that requires this module gets headers and body.
 ---@class milter.dmarc

@@ -4,7 +4,7 @@
 //! are served by the test DNS server, which dkimpy queries too (through dnspython).
 
 use crate::dns_server::TestDns;
-use crate::support::TestDaemon;
+use crate::support::{Mta, TestDaemon, process::DaemonProcess};
 use hickory_server::proto::rr::{Name, RData, Record, rdata::TXT};
 use indymilter_test::{EomAction, EomActions, Status};
 use std::{
@@ -20,9 +20,10 @@ const PYTHON: &str = "/usr/bin/python3";
 
 /// dkimpy as a second implementation. `sign SELECTOR DOMAIN KEY CANON ALGO` reads a message on
 /// stdin and writes it signed; `arc SELECTOR DOMAIN KEY SRV_ID` writes it with an ARC set added
-/// (sealing the Authentication-Results of SRV_ID); `verify PORT` verifies the first signature of
-/// the message on stdin, looking keys up at the test DNS server on 127.0.0.1:PORT, and exits 0
-/// on pass.
+/// (sealing the Authentication-Results of SRV_ID); `arcverify PORT` validates the ARC chain of
+/// the message on stdin and exits 0 when it passes; `verify PORT [LATER]` verifies the first
+/// signature of the message on stdin, looking keys up at the test DNS server on 127.0.0.1:PORT,
+/// as if the time were LATER seconds from now (default 0), and exits 0 on pass.
 const DKIMPY: &str = r#"
 import sys, dkim, dns.resolver
 msg = sys.stdin.buffer.read()
@@ -38,6 +39,16 @@ elif sys.argv[1] == "arc":
     headers = dkim.arc_sign(msg, selector.encode(), domain.encode(), open(key, "rb").read(),
                             srv_id.encode())
     sys.stdout.buffer.write(b"".join(headers) + msg)
+elif sys.argv[1] == "arcverify":
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = ["127.0.0.1"]
+    resolver.port = int(sys.argv[2])
+    def txt(name, timeout=5):
+        answer = resolver.resolve(name.decode().rstrip("."), "TXT", lifetime=timeout)
+        return b"".join(answer[0].strings)
+    cv, results, reason = dkim.arc_verify(msg, dnsfunc=txt)
+    print(cv, reason, results, file=sys.stderr)
+    sys.exit(0 if cv == b"pass" else 1)
 else:
     resolver = dns.resolver.Resolver(configure=False)
     resolver.nameservers = ["127.0.0.1"]
@@ -45,6 +56,10 @@ else:
     def txt(name, timeout=5):
         answer = resolver.resolve(name.decode().rstrip("."), "TXT", lifetime=timeout)
         return b"".join(answer[0].strings)
+    if len(sys.argv) > 3:
+        import time
+        now, later = time.time, int(sys.argv[3])
+        time.time = lambda: now() + later
     d = dkim.DKIM(msg, logger=__import__("logging").getLogger())
     __import__("logging").basicConfig(level="DEBUG")
     sys.exit(0 if d.verify(dnsfunc=txt) else 1)
@@ -78,7 +93,8 @@ fn openssl(args: &[&str]) -> Vec<u8> {
 
 /// A private key file, the same key as dkimpy reads it, and its DKIM public key record.
 pub(crate) struct Key {
-    path: PathBuf,
+    /// The PEM file luamilter reads (`[dkim.keys]`).
+    pub(crate) path: PathBuf,
     dkimpy: PathBuf,
     /// The `v=DKIM1` TXT record of the public key.
     pub(crate) record: String,
@@ -174,30 +190,36 @@ pub(crate) fn dkimpy_sign(
 
 /// Whether dkimpy verifies the first signature of `msg`, with keys from `dns`, and its log.
 fn dkimpy_verifies(msg: &[u8], dns: &TestDns) -> (bool, String) {
-    let (ok, _, log) = run_logged(
-        PYTHON,
-        &["-c", DKIMPY, "verify", &dns.addr.port().to_string()],
-        msg,
-    );
+    dkimpy_verifies_later(msg, dns, 0)
+}
+
+/// [`dkimpy_verifies`] as if the time were `later` seconds from now.
+fn dkimpy_verifies_later(msg: &[u8], dns: &TestDns, later: u64) -> (bool, String) {
+    let port = dns.addr.port().to_string();
+    let later = later.to_string();
+    let (ok, _, log) = run_logged(PYTHON, &["-c", DKIMPY, "verify", &port, &later], msg);
     (ok, log)
 }
 
-/// Splits a raw message into unfolded-as-the-MTA-sends-them headers and the body.
-fn split(msg: &[u8]) -> (Vec<(String, String)>, Vec<u8>) {
-    let text = String::from_utf8(msg.to_vec()).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let mut headers: Vec<(String, String)> = Vec::new();
-    for line in head.split("\r\n") {
-        if line.starts_with([' ', '\t']) {
+/// Splits a raw message into its headers as the MTA sends them (a folded value's lines joined
+/// with LF) and the body. Header values are bytes: they need not be UTF-8.
+fn split(msg: &[u8]) -> (Vec<(String, Vec<u8>)>, Vec<u8>) {
+    let end = msg.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let (head, body) = (&msg[..end], &msg[end + 4..]);
+    let mut headers: Vec<(String, Vec<u8>)> = Vec::new();
+    for line in head.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.starts_with(b" ") || line.starts_with(b"\t") {
             let last = headers.last_mut().unwrap();
-            last.1.push('\n');
-            last.1.push_str(line);
+            last.1.push(b'\n');
+            last.1.extend_from_slice(line);
         } else {
-            let (name, value) = line.split_once(':').unwrap();
-            headers.push((name.to_string(), value.trim_start().to_string()));
+            let colon = line.iter().position(|b| *b == b':').unwrap();
+            let name = String::from_utf8(line[..colon].to_vec()).unwrap();
+            headers.push((name, line[colon + 1..].trim_ascii_start().to_vec()));
         }
     }
-    (headers, body.as_bytes().to_vec())
+    (headers, body.to_vec())
 }
 
 /// Sends `msg` through the daemon from an outside client and returns the end-of-message edits.
@@ -207,12 +229,27 @@ async fn deliver(d: &TestDaemon, msg: &[u8]) -> EomActions {
 
 /// [`deliver`] with the MAIL FROM `sender`; also the end-of-message status.
 async fn deliver_from(d: &TestDaemon, sender: &str, msg: &[u8]) -> (EomActions, Status) {
+    deliver_on(d.client().await, sender, None, msg).await
+}
+
+/// Sends `msg` over the connection `c` from an outside client with the MAIL FROM `sender` and
+/// the queue id (macro `i`) `queue_id`; the end-of-message edits and status.
+async fn deliver_on(
+    mut c: Mta,
+    sender: &str,
+    queue_id: Option<&str>,
+    msg: &[u8],
+) -> (EomActions, Status) {
     let (headers, body) = split(msg);
-    let mut c = d.client().await;
     c.connect("mail.example.test", Ipv4Addr::new(192, 0, 2, 25))
         .await
         .unwrap();
     c.helo("mail.example.test").await.unwrap();
+    if let Some(id) = queue_id {
+        c.0.macros(indymilter::MacroStage::Mail, [("i", id)])
+            .await
+            .unwrap();
+    }
     c.mail([format!("<{sender}>")]).await.unwrap();
     c.rcpt(["<bob@example.org>"]).await.unwrap();
     c.data().await.unwrap();
@@ -346,6 +383,41 @@ async fn signatures_made_by_dkimpy_are_verified() {
     d.stop().await;
 }
 
+/// Reports the first signature's result and the Subject as policies read it.
+const REPORT_SUBJECT: &str = r#"
+local dkim = require "milter.dkim"
+return {
+  eom = function(ctx)
+    local first = dkim.verify(ctx)[1]
+    ctx:add_header("X-Dkim", first.result .. " " .. (first.reason or "-"))
+    ctx:add_header("X-Subject", ctx:header("Subject"))
+  end,
+}
+"#;
+
+/// A Subject in Latin-1, not UTF-8, as old mailers still send it: the MTA passes the bytes on,
+/// luamilter verifies the signature over those bytes (policies read the text with U+FFFD).
+#[tokio::test]
+async fn signatures_over_header_bytes_that_are_not_utf8_verify() {
+    let s = setup().await;
+    let d = TestDaemon::start(&[("report", REPORT_SUBJECT)], &dns_config(&s.dns)).await;
+    let utf8 = message("ann@example.test", "SUBJECT", "Bonjour.\r\n");
+    let at = utf8.windows(7).position(|w| w == b"SUBJECT").unwrap();
+    let latin1 = [&utf8[..at], b"Caf\xe9 cr\xe8me", &utf8[at + 7..]].concat();
+    assert!(String::from_utf8(latin1.clone()).is_err());
+    for canon in ["relaxed/relaxed", "simple/simple"] {
+        let signed = dkimpy_sign(&latin1, "rsa", "example.test", &s.rsa, canon, "rsa-sha256");
+        let actions = deliver(&d, &signed).await;
+        assert_eq!(added(&actions, "X-Dkim"), ["pass -"], "{canon}");
+        assert_eq!(added(&actions, "X-Subject"), ["Caf\u{fffd} cr\u{fffd}me"]);
+        let at = signed.windows(3).position(|w| w == b"cr\xe8").unwrap();
+        let tampered = [&signed[..at], b"cr\xe9", &signed[at + 3..]].concat();
+        let got = added(&deliver(&d, &tampered).await, "X-Dkim");
+        assert!(got[0].starts_with("fail "), "{canon}: {got:?}");
+    }
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn tampering_revoked_and_short_keys_and_dns_timeouts_do_not_pass() {
     let s = setup().await;
@@ -439,6 +511,17 @@ fn with_signature(msg: &[u8], value: &str) -> Vec<u8> {
     out
 }
 
+/// The index and value of the DKIM-Signature header the milter inserted.
+fn inserted_signature(actions: &EomActions) -> (i32, String) {
+    let inserted = actions.actions.iter().find_map(|a| match a {
+        EomAction::InsertHeader { index, name, value } if name.to_str() == Ok("DKIM-Signature") => {
+            Some((*index, value.to_string_lossy().into_owned()))
+        }
+        _ => None,
+    });
+    inserted.expect("a DKIM-Signature inserted")
+}
+
 // Multi-threaded: dkimpy blocks this thread while it queries the test DNS server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn luamilter_signatures_are_verified_by_dkimpy_and_by_luamilter() {
@@ -459,15 +542,7 @@ async fn luamilter_signatures_are_verified_by_dkimpy_and_by_luamilter() {
         let plain = message(from, "report", "Figures attached.\r\n  \r\n\r\n");
         let actions = deliver(&d, &plain).await;
         assert_eq!(added(&actions, "X-Signed"), ["yes"], "{from}");
-        let inserted = actions.actions.iter().find_map(|a| match a {
-            EomAction::InsertHeader { index, name, value }
-                if name.to_str() == Ok("DKIM-Signature") =>
-            {
-                Some((*index, value.to_string_lossy().into_owned()))
-            }
-            _ => None,
-        });
-        let (index, value) = inserted.expect("a DKIM-Signature inserted");
+        let (index, value) = inserted_signature(&actions);
         assert_eq!(index, 0, "at the top");
         assert!(value.contains("c=relaxed/relaxed"), "{value}");
         let signed = with_signature(&plain, &value);
@@ -554,6 +629,126 @@ async fn arc_chains_sealed_by_dkimpy_are_validated() {
     d.stop().await;
 }
 
+/// `msg` with the headers the milter inserted applied, as the MTA does.
+fn with_inserted(msg: &[u8], actions: &EomActions) -> Vec<u8> {
+    let (mut headers, body) = split(msg);
+    for action in &actions.actions {
+        if let EomAction::InsertHeader { index, name, value } = action {
+            let header = (
+                name.to_string_lossy().into_owned(),
+                value.to_bytes().to_vec(),
+            );
+            headers.insert(*index as usize, header);
+        }
+    }
+    let mut out = Vec::new();
+    for (name, value) in headers {
+        out.extend_from_slice(format!("{name}: ").as_bytes());
+        for (i, line) in value.split(|b| *b == b'\n').enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(line);
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&body);
+    out
+}
+
+// Multi-threaded: dkimpy blocks this thread while it queries the test DNS server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_authres_policy_arc_seals_when_asked_and_dkimpy_validates_the_chain() {
+    let s = setup().await;
+    let stock = |name: &'static str| (name, luamilter::stock::get(name).unwrap());
+    let keys = format!(
+        "[dkim.keys.\"example.test\"]\nselector = \"rsa\"\nkey = {:?}\n",
+        s.rsa.path
+    );
+    let config = |options: &str| {
+        format!(
+            "[site]\nhostname = \"mx.test\"\n{options}{}{keys}",
+            dns_config(&s.dns)
+        )
+    };
+    let arc_verifies = |msg: &[u8]| {
+        let port = s.dns.addr.port().to_string();
+        run_logged(PYTHON, &["-c", DKIMPY, "arcverify", &port], msg)
+    };
+    let plain = message("ann@example.org", "forwarded", "Hi.\r\n");
+    let mut upstream =
+        b"Authentication-Results: fwd.example.test; spf=pass smtp.mailfrom=ann@example.org\r\n"
+            .to_vec();
+    upstream.extend_from_slice(&plain);
+    let key = s.rsa.dkimpy.to_str().unwrap();
+    let (ok, chained) = run(
+        PYTHON,
+        &[
+            "-c",
+            DKIMPY,
+            "arc",
+            "rsa",
+            "example.test",
+            key,
+            "fwd.example.test",
+        ],
+        &upstream,
+    );
+    assert!(ok, "dkimpy could not seal");
+
+    let sealing = config("[policy.authres]\narc_seal = \"example.test\"\n");
+    let d = TestDaemon::start(&[stock("dkim"), stock("authres")], &sealing).await;
+    for (msg, instance, cv) in [(&plain, "i=1", "cv=none"), (&chained, "i=2", "cv=pass")] {
+        let actions = deliver(&d, msg).await;
+        let seal = added(&actions, "ARC-Seal");
+        assert_eq!(seal.len(), 1, "{actions:?}");
+        assert!(
+            seal[0].contains(instance) && seal[0].contains(cv),
+            "{seal:?}"
+        );
+        let results = added(&actions, "ARC-Authentication-Results");
+        assert!(
+            results[0].starts_with(&format!("{instance}; mx.test; ")),
+            "{results:?}"
+        );
+        assert_eq!(added(&actions, "ARC-Message-Signature").len(), 1);
+        let delivered = with_inserted(msg, &actions);
+        let (ok, _, log) = arc_verifies(&delivered);
+        assert!(ok, "dkimpy rejects the chain: {log}");
+        let tampered = String::from_utf8(delivered).unwrap().replace("Hi.", "Bye.");
+        assert!(!arc_verifies(tampered.as_bytes()).0, "tampered passes");
+    }
+    d.stop().await;
+
+    // A domain without a key is refused at load, not found out message by message.
+    let err =
+        TestDaemon::try_start_stock(&["authres"], "[policy.authres]\narc_seal = \"x.test\"\n")
+            .await
+            .err()
+            .expect("arc_seal without a key must not load");
+    assert!(
+        err.contains("authres.lua: setup: arc_seal: no [dkim.keys] entry for x.test"),
+        "{err}"
+    );
+
+    let d = TestDaemon::start(&[stock("dkim"), stock("authres")], &config("")).await;
+    let actions = deliver(&d, &plain).await;
+    assert_eq!(
+        added(&actions, "Authentication-Results").len(),
+        1,
+        "{actions:?}"
+    );
+    for name in [
+        "ARC-Seal",
+        "ARC-Message-Signature",
+        "ARC-Authentication-Results",
+    ] {
+        assert!(added(&actions, name).is_empty(), "{name}: {actions:?}");
+    }
+    d.stop().await;
+}
+
 #[test]
 fn luamilter_check_names_the_line_of_an_unreadable_key() {
     let dir = TempDir::new().unwrap();
@@ -621,5 +816,116 @@ async fn the_dmarc_policy_quarantines_rejects_or_only_reports() {
             "report only: {actions:?}"
         );
     }
+    d.stop().await;
+}
+
+/// RFC 7489 §6.6.4: half.co.uk publishes p=reject with pct=50. A failing message whose queue id
+/// falls in the sample is refused; one outside it gets the next lower policy, quarantine, and
+/// its report line says so (`reason=sampled_out`, the published `p=` and `pct=`).
+#[tokio::test]
+async fn dmarc_pct_samples_failing_messages_by_queue_id_and_the_report_line_says_so() {
+    let dns = TestDns::start().await;
+    let stock = |name: &'static str| (name, luamilter::stock::get(name).unwrap());
+    let config = format!(
+        "[site]\nhostname = \"mx.test\"\n[policy.dmarc]\nreport_log = true\n{}",
+        dns_config(&dns)
+    );
+    let d =
+        DaemonProcess::start(&[stock("spf"), stock("dkim"), stock("dmarc")], "", &config).unwrap();
+    let queue_id = |inside: bool| {
+        (0..)
+            .map(|i| format!("4Q{i}"))
+            .find(|id| (luamilter::services::dmarc::sample_of(id) < 50.0) == inside)
+            .unwrap()
+    };
+    let (inside, outside) = (queue_id(true), queue_id(false));
+    let msg = message("a@half.co.uk", "half", "x\r\n");
+
+    let (_, status) = deliver_on(d.client().await, "u@other.co.uk", Some(&inside), &msg).await;
+    assert!(
+        crate::support::reply_text(&status).starts_with("550 5.7.1 DMARC policy of half.co.uk"),
+        "{inside}: {status:?}"
+    );
+    let (actions, status) =
+        deliver_on(d.client().await, "u@other.co.uk", Some(&outside), &msg).await;
+    assert_eq!(status, Status::Continue, "{outside}: {actions:?}");
+    assert!(
+        actions
+            .actions
+            .iter()
+            .any(|a| matches!(a, EomAction::Quarantine { reason }
+            if reason.to_str() == Ok("DMARC policy of half.co.uk: quarantine"))),
+        "{actions:?}"
+    );
+    let log = d.wait_for_log("reason=sampled_out");
+    let line = |id: &str| {
+        log.lines()
+            .find(|l| l.contains("dmarc-report:") && l.contains(id))
+            .unwrap_or_else(|| panic!("no report line for {id}: {log}"))
+            .to_string()
+    };
+    let refused = line(&inside);
+    assert!(
+        refused.contains("p=reject pct=50 disposition=reject") && refused.contains("reason=-"),
+        "{refused}"
+    );
+    let sampled_out = line(&outside);
+    assert!(
+        sampled_out.contains("p=reject pct=50 disposition=quarantine")
+            && sampled_out.contains("reason=sampled_out"),
+        "{sampled_out}"
+    );
+}
+
+/// The number in tag `tag=` of a DKIM-Signature value.
+fn tag_number(value: &str, tag: &str) -> u64 {
+    value
+        .split(';')
+        .find_map(|t| t.trim().strip_prefix(&format!("{tag}=")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {tag}= in {value}"))
+}
+
+/// RFC 6376 §3.5: a key with `expire_after` signs with `x=` that long after `t=`. dkimpy checks
+/// `x=` (allowing 10 hours of clock skew): it accepts the signature now and refuses it a day
+/// later; luamilter, verifying once `x=` is past, reports `policy` with the reason.
+// Multi-threaded: dkimpy blocks this thread while it queries the test DNS server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_past_their_expiry_fail_in_dkimpy_and_are_policy_in_luamilter() {
+    let s = setup().await;
+    let keys = format!(
+        "[dkim.keys.\"example.test\"]\nselector = \"rsa\"\nkey = {:?}\nexpire_after = \"1s\"\n",
+        s.rsa.path
+    );
+    let config = format!("{}{keys}", dns_config(&s.dns));
+    let d = TestDaemon::start(&[("sign", SIGN), ("report", REPORT)], &config).await;
+    let plain = message("ann@example.test", "today only", "Read me today.\r\n");
+    let (_, value) = inserted_signature(&deliver(&d, &plain).await);
+    let (t, x) = (tag_number(&value, "t"), tag_number(&value, "x"));
+    assert_eq!(x, t + 1, "{value}");
+    let signed = with_signature(&plain, &value);
+    let (ok, log) = dkimpy_verifies(&signed, &s.dns);
+    assert!(ok, "dkimpy, within its clock leeway: {log}");
+    let (ok, log) = dkimpy_verifies_later(&signed, &s.dns, 86_400);
+    assert!(
+        !ok && log.contains("x= value is past"),
+        "dkimpy a day later: {log}"
+    );
+
+    // Until x= is past, luamilter accepts it too.
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        <= x
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let got = added(&deliver(&d, &signed).await, "X-Dkim");
+    assert_eq!(
+        got.first().map(String::as_str),
+        Some("policy example.test rsa rsa-sha256 @example.test signature expired (x= is past)"),
+        "{got:?}"
+    );
     d.stop().await;
 }

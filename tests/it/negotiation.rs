@@ -118,6 +118,17 @@ return {
     }
 }
 
+/// A daemon on TCP loopback whose one policy is `policy`, with the Lua module `lib.NAME`
+/// (`module`) in its policy directory.
+async fn start_with_module(name: &str, module: &str, policy: &str) -> TestDaemon {
+    let dir = tempfile::TempDir::new().unwrap();
+    std::fs::create_dir(dir.path().join("lib")).unwrap();
+    std::fs::write(dir.path().join(format!("lib/{name}.lua")), module).unwrap();
+    TestDaemon::start_in(dir, &[("p", policy)], "", "inet:0@127.0.0.1")
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn headers_read_at_eom_are_sent_without_declaring_them() {
     // The policy reads headers only at eom: its source mentions them, so the MTA sends them.
@@ -129,12 +140,7 @@ async fn headers_read_at_eom_are_sent_without_declaring_them() {
 local lib = require "lib.subject"
 return { eom = function(ctx) ctx:add_header("X-Subject", lib.subject(ctx)) end }"#;
     for policy in [direct, indirect] {
-        let dir = tempfile::TempDir::new().unwrap();
-        std::fs::create_dir(dir.path().join("lib")).unwrap();
-        std::fs::write(dir.path().join("lib/subject.lua"), module).unwrap();
-        let d = TestDaemon::start_in(dir, &[("p", policy)], "", "inet:0@127.0.0.1")
-            .await
-            .unwrap();
+        let d = start_with_module("subject", module, policy).await;
         let mut c = d.client().await;
         assert!(!c.negotiated_opts().contains(ProtoOpts::NO_HEADER));
         c.mail(["<a@b.example>"]).await.unwrap();
@@ -321,5 +327,71 @@ return {
     let (actions, _) = c.eom().await.unwrap();
     assert!(actions.has_add_header("X-Bad", "1"));
     assert!(actions.has_add_header("X-Rcpts", "user@b.example"));
+    d.stop().await;
+}
+
+/// The body crosses the socket only for a policy that loads milter.dkim or milter.dmarc: the
+/// stock authres policy requires milter.dkim in `setup` only when `arc_seal` is set, and a
+/// module a policy requires counts as the policy.
+#[tokio::test]
+async fn the_body_is_sent_only_to_chains_that_load_the_dkim_module() {
+    let off = TestDaemon::try_start_stock(&["authres"], "").await.unwrap();
+    let opts = off.client().await.negotiated_opts();
+    assert!(opts.contains(ProtoOpts::NO_BODY), "arc_seal off: {opts:?}");
+    assert!(
+        !opts.contains(ProtoOpts::NO_HEADER),
+        "authres reads headers"
+    );
+    off.stop().await;
+
+    let keys = tempfile::TempDir::new().unwrap();
+    let key = crate::dkim::Key::rsa(keys.path(), "k", 2048);
+    let sealing = format!(
+        "[policy.authres]\narc_seal = \"example.test\"\n[dkim.keys.\"example.test\"]\n\
+         selector = \"k\"\nkey = {:?}\n",
+        key.path
+    );
+    let on = TestDaemon::try_start_stock(&["authres"], &sealing)
+        .await
+        .unwrap();
+    let opts = on.client().await.negotiated_opts();
+    assert!(!opts.contains(ProtoOpts::NO_BODY), "arc_seal on: {opts:?}");
+    on.stop().await;
+
+    // A module required at the top level loads milter.dkim: the policy gets the body. One
+    // that requires it only in a handler is too late: the MTA was not asked for the body, and
+    // the module says so.
+    let lib = r#"local dkim = require "milter.dkim"
+return { count = function(ctx) return #dkim.verify(ctx) end }"#;
+    let through_module = r#"
+local sigs = require "lib.sigs"
+return { eom = function(ctx) ctx:add_header("X-Sigs", tostring(sigs.count(ctx))) end }"#;
+    let d = start_with_module("sigs", lib, through_module).await;
+    let mut c = d.client().await;
+    assert!(!c.negotiated_opts().contains(ProtoOpts::NO_BODY));
+    c.mail(["<a@b.example>"]).await.unwrap();
+    c.rcpt(["<r@b.example>"]).await.unwrap();
+    c.header("Subject", "x").await.unwrap();
+    c.body("hi\r\n").await.unwrap();
+    let (actions, _) = c.eom().await.unwrap();
+    assert!(actions.has_add_header("X-Sigs", "0"), "{actions:?}");
+    d.stop().await;
+
+    let late = r#"
+return { eom = function(ctx)
+  local ok, err = pcall(function() return require("milter.dkim").verify(ctx) end)
+  ctx:add_header("X-Late", tostring(err))
+end }"#;
+    let d = TestDaemon::start(&[("p", late)], "").await;
+    let mut c = d.client().await;
+    assert!(c.negotiated_opts().contains(ProtoOpts::NO_BODY));
+    c.mail(["<a@b.example>"]).await.unwrap();
+    c.rcpt(["<r@b.example>"]).await.unwrap();
+    let (actions, _) = c.eom().await.unwrap();
+    let late = crate::support::added_header(&actions, "X-Late").unwrap_or_default();
+    assert!(
+        late.contains("the body was not kept") && late.contains("when the policy loads"),
+        "{late}"
+    );
     d.stop().await;
 }

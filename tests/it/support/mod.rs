@@ -263,10 +263,16 @@ impl Mta {
         self.0.data().await
     }
 
-    pub async fn header(&mut self, name: &str, value: &str) -> TestResult<indymilter_test::Status> {
+    /// Sends a header; its value may be any bytes but NUL (text, or bytes that are not UTF-8).
+    pub async fn header(
+        &mut self,
+        name: &str,
+        value: impl AsRef<[u8]>,
+    ) -> TestResult<indymilter_test::Status> {
         if self.skipped(indymilter::ProtoOpts::NO_HEADER) {
             return Ok(indymilter_test::Status::Skip);
         }
+        let value = std::ffi::CString::new(value.as_ref()).expect("a header value without NUL");
         self.0.header(name, value).await
     }
 
