@@ -396,11 +396,18 @@ async fn decide(
     }
     let (fields, session_key) = {
         let mut session = conn.session.lock();
+        // The MTA sends macros before the other stages, none before a header or body chunk
+        // (looking one up costs a hash per macro stage): there only a missing queue id is
+        // looked for.
+        let new_macros = !matches!(stage, Stage::Header | Stage::Body);
         // SMTP AUTH shows in the MAIL macros, which the MTA keeps sending for later stages.
-        if !session.client.authenticated && authenticated(macros) {
+        if new_macros && !session.client.authenticated && authenticated(macros) {
             session.note_auth();
         }
-        session.note_queue_id(macros.get(c"i").and_then(|i| i.to_str().ok()).unwrap_or(""));
+        if new_macros || session.queue_id().is_empty() {
+            let queue_id = macros.get(c"i").and_then(|i| i.to_str().ok());
+            session.note_queue_id(queue_id.unwrap_or(""));
+        }
         session.progress = progress;
         let fields = SessionFields {
             client: session.client.label(),

@@ -101,6 +101,8 @@ pub struct Message {
     pub body_truncated: bool,
     /// Edits queued for end of message.
     pub edits: Vec<Edit>,
+    /// The queue id (macro `i`) as the MTA sent it at the last stage a policy handled, or "".
+    queue_id: String,
     /// What the policies decided during the message.
     pub trace: Trace,
     /// A final verdict given at a message stage that could not answer (no reply), owed to the
@@ -121,8 +123,6 @@ pub struct Session {
     pub helo: Option<String>,
     /// What the MTA sends and grants.
     pub negotiated: Negotiated,
-    /// The queue id (macro `i`) as the MTA sent it at the last stage a policy handled, or "".
-    queue_id: String,
     /// Offences counted on this connection (`ctx:demerit`).
     pub demerits: u32,
     /// The configured receiver name (`[site] hostname`), if any.
@@ -253,8 +253,8 @@ impl Session {
 
     /// Notes the queue id the MTA sent for the stage being decided.
     pub fn note_queue_id(&mut self, queue_id: &str) {
-        if self.queue_id != queue_id {
-            queue_id.clone_into(&mut self.queue_id);
+        if self.message.queue_id != queue_id {
+            queue_id.clone_into(&mut self.message.queue_id);
         }
     }
 
@@ -333,9 +333,9 @@ impl Session {
         raw
     }
 
-    /// The queue id (macro `i`) at the last stage a policy handled, or "".
+    /// The queue id (macro `i`) at the last stage of the message a policy handled, or "".
     pub fn queue_id(&self) -> &str {
-        &self.queue_id
+        &self.message.queue_id
     }
 }
 
