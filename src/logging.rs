@@ -8,13 +8,12 @@
 //! found by its `queue_id` in either format. An event's field replaces a span or session field
 //! of the same name; an inner span's an outer one's.
 //!
-//! Lines are written by a background thread ([`crate::log_writer`]): a worker thread serving
-//! mail never waits on the log's write.
+//! Lines are written by a background thread: a worker thread serving mail never waits on the
+//! log's write (a full buffer does make it wait, so no line is dropped).
 
 use crate::{
     config::{LogConfig, LogFormat},
     log_fields,
-    log_writer::{self, FlushGuard},
 };
 use serde_json::Value;
 use std::fmt::{self, Write};
@@ -22,13 +21,13 @@ use tracing::{
     Event, Subscriber,
     field::{Field, Visit},
 };
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{
     EnvFilter,
     fmt::{
         FmtContext, FormatEvent, FormatFields, FormattedFields,
         format::{JsonFields, Writer},
         time::{FormatTime, SystemTime},
-        writer::BoxMakeWriter,
     },
     registry::LookupSpan,
 };
@@ -36,21 +35,15 @@ use tracing_subscriber::{
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides the configured level.
 /// indymilter's own logging is held at `warn` unless the filter names it. Keep the returned
 /// guard until exit: dropping it flushes the lines still queued.
-pub fn init(config: &LogConfig) -> Option<FlushGuard> {
+pub fn init(config: &LogConfig) -> WorkerGuard {
     let mut spec = std::env::var("RUST_LOG").unwrap_or_else(|_| config.level.clone());
     if !spec.contains("indymilter") {
         spec.push_str(",indymilter=warn");
     }
     let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) = match log_writer::start() {
-        Ok((writer, guard)) => (BoxMakeWriter::new(writer), Some(guard)),
-        Err(e) => {
-            eprintln!(
-                "cannot start the log writer thread ({e}); logging to standard error directly"
-            );
-            (BoxMakeWriter::new(std::io::stderr), None)
-        }
-    };
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     // Span fields are kept as JSON whatever the format, so both can read them back.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
