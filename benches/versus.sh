@@ -42,20 +42,23 @@ sock() { # role transport
 }
 
 start() { # role transport
-    local spec bin examples extra
+    local spec bin examples extra conf
     spec=$(sock "$1" "$2")
     if [[ $1 == native ]]; then
         "$AFTER/examples/native_baseline" "$spec" "${NATIVE_MODE[@]}" 2>>"$OUT/$1.log" &
     else
+        # A directory per daemon: each keeps its own store next to its config.
+        mkdir -p "$OUT/$1"
+        local conf=$OUT/$1/luamilter.toml
         if [[ $1 == before ]]; then bin=$BEFORE examples=$BEFORE_EXAMPLES extra=${BEFORE_EXTRA:-}; else bin=$AFTER examples=$ROOT/examples extra=${AFTER_EXTRA:-}; fi
         sed -e "s|^listen = .*|listen = \"$spec\"|" -e "s|^dirs = .*|dirs = [\"$examples\"]|" \
             -e "s|^chain = .*|chain = [\"$CHAIN\"]|" \
-            "$ROOT/benches/bench.toml" >"$OUT/$1.toml"
+            "$ROOT/benches/bench.toml" >"$conf"
         if [[ -n $extra ]]; then
-            sed -i '/^\[trace\]/,$d' "$OUT/$1.toml"
-            printf "%b" "$extra" >>"$OUT/$1.toml"
+            sed -i '/^\[trace\]/,$d' "$conf"
+            printf "%b" "$extra" >>"$conf"
         fi
-        "$bin/luamilter" run --config "$OUT/$1.toml" 2>>"$OUT/$1.log" &
+        "$bin/luamilter" run --config "$conf" 2>>"$OUT/$1.log" &
     fi
     PID[$1]=$!
     for _ in $(seq 100); do

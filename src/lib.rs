@@ -13,7 +13,8 @@
 //! | [`reload`] | file watching, rebuilding a generation, swapping it in |
 //! | [`pid_file`], [`privileges`] | `[milter] pid_file`, `user` and `group`, for supervisors other than systemd |
 //! | [`metrics`] | the Prometheus registry and endpoint (`[metrics] listen`), the series the other modules record |
-//! | [`config`], [`duration`], [`listen`], [`logging`], [`stock`] | the config file, durations, listening sockets, log output, the embedded stock pack |
+//! | [`config`], [`duration`], [`listen`], [`logging`], [`log_fields`], [`stock`] | the config file, durations, listening sockets, log output and the session fields of its lines, the embedded stock pack |
+//! | [`lent`] | values lent to a future for each of its polls (the stage's macros and log fields, read by the Lua handlers it runs) |
 //! | [`cli`], [`control`], [`db_cli`] | subcommands, the control socket (`ctl`), store administration (`db`) |
 //! | [`offline`] | `luamilter test`: a message or case files through the policies in-process, over the server's own callbacks |
 //!
@@ -44,7 +45,9 @@ pub mod daemon;
 pub mod db_cli;
 pub mod duration;
 pub mod engine;
+pub mod lent;
 pub mod listen;
+pub mod log_fields;
 pub mod logging;
 pub mod lua_api;
 pub mod manuals;

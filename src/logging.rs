@@ -2,15 +2,19 @@
 //! error.
 //!
 //! Both formats write the same flat fields, in this order: `timestamp`, `level`, `target`,
-//! then the fields of the spans the event happened in (the session's `client` and `queue_id`,
-//! the `policy` and `stage`), then the event's own (`message` first). So every line of a
-//! message can be found by its `queue_id` in either format. An event's field replaces a span
-//! field of the same name; an inner span's an outer one's.
+//! then the fields of the spans the event happened in, then the session fields of a policy
+//! handler running ([`crate::log_fields`]: the session's `client` and `queue_id`, the `policy`
+//! and `stage`), then the event's own (`message` first). So every line of a message can be
+//! found by its `queue_id` in either format. An event's field replaces a span or session field
+//! of the same name; an inner span's an outer one's.
 //!
 //! Lines are written by a background thread: a worker thread serving mail never waits on the
 //! log's write (a full buffer does make it wait, so no line is dropped).
 
-use crate::config::{LogConfig, LogFormat};
+use crate::{
+    config::{LogConfig, LogFormat},
+    log_fields,
+};
 use serde_json::Value;
 use std::fmt::{self, Write};
 use tracing::{
@@ -80,6 +84,7 @@ where
                 }
             }
         }
+        log_fields::visit(|name, value| fields.set(name, value.into()));
         event.record(&mut fields);
         match self.0 {
             LogFormat::Json => fields.write_json(&mut writer)?,

@@ -11,6 +11,7 @@ use super::{
 };
 use crate::{
     config::ExceptionPolicy,
+    log_fields,
     lua_api::{
         ctx::Ctx,
         verdict::{Reply, Verdict},
@@ -22,8 +23,10 @@ use crate::{
 };
 use bytes::Bytes;
 use mlua::{AnyUserData, Lua, MultiValue, Value};
-use std::time::{Duration, Instant};
-use tracing::Instrument;
+use std::{
+    pin::pin,
+    time::{Duration, Instant},
+};
 
 /// Arguments a stage passes to its handlers after `ctx`.
 pub enum StageArgs {
@@ -95,15 +98,11 @@ impl VmLease {
         let deadline = Instant::now() + generation.config.engine.time_limit;
         for &index in chain {
             let decl = &generation.policies[index];
-            let span = tracing::info_span!("policy", policy = %decl.name, stage = stage.name());
             // A shadow policy runs, but queues no edits: what it queues is dropped after it.
             let edits_before = decl.shadow.then(|| session.lock().message.edits.len());
             let started = Instant::now();
-            let (result, calls) = counted(
-                self.call_handler(index, stage, session, ctx, &args, deadline)
-                    .instrument(span),
-            )
-            .await;
+            let call = pin!(self.call_handler(index, stage, session, ctx, &args, deadline));
+            let (result, calls) = counted(log_fields::in_handler(&decl.name, &stage, call)).await;
             let step = |verdict: String| {
                 let mut step = Step::new(stage.name(), &decl.name, verdict, started.elapsed());
                 step.calls = calls;

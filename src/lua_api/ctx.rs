@@ -262,20 +262,16 @@ impl UserData for Ctx {
         field!("receiver", |_lua, s| {
             Ok(s.receiver
                 .clone()
-                .or_else(|| s.macro_value("j").map(str::to_string))
+                .or_else(|| s.macro_value("j"))
                 .unwrap_or_else(system_hostname))
         });
         field!("delayed", |_lua, s| Ok(s
             .delayed()
             .map(|d| d.verdict.clone())));
         field!("verdicts", |lua, s| verdicts_table(lua, &s.message.trace));
-        field!("queue_id", |_lua, s| Ok(s
-            .macro_value("i")
-            .map(str::to_string)));
+        field!("queue_id", |_lua, s| Ok(s.macro_value("i")));
         field!("auth", |_lua, s| {
-            Ok(s.macro_value("auth_authen")
-                .filter(|a| !a.is_empty())
-                .map(str::to_string))
+            Ok(s.macro_value("auth_authen").filter(|a| !a.is_empty()))
         });
         fields.add_field_method_get("headers", |lua, c| c.headers_table(lua));
         fields.add_field_function_get("client", |_, ud| ud.nth_user_value::<Value>(CLIENT_SLOT));
@@ -324,7 +320,7 @@ impl UserData for Ctx {
             },
         );
         methods.add_method("macro", |_, c, name: String| {
-            Ok(live(&c.session)?.macro_value(&name).map(str::to_string))
+            Ok(live(&c.session)?.macro_value(&name))
         });
         methods.add_method("header", |_, c, (name, n): (String, Option<usize>)| {
             c.require_headers_sent("ctx:header")?;

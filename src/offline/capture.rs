@@ -1,12 +1,13 @@
 //! What the milter logs while `luamilter test` drives it, caught in memory instead of written
 //! to standard error: the decision log (which policy answered what at which stage, and the
 //! message's decision trace), policy log lines (`milter.log`), faults, shadow verdicts and held
-//! rejects. Each event keeps its `stage` and `policy`, from its own fields or from the span it
-//! was logged in (the engine runs every handler in a `policy` span naming both).
+//! rejects. Each event keeps its `stage` and `policy`, from its own fields or from the handler
+//! it was logged in ([`crate::log_fields`]).
 //!
 //! The layer is installed for the current thread only ([`Capture::install`]) and the milter runs
 //! on a current-thread runtime there, so nothing else in the process is caught.
 
+use crate::log_fields;
 use serde::Serialize;
 use std::{
     collections::BTreeMap,
@@ -165,7 +166,13 @@ where
             message: &mut message,
             fields: &mut fields,
         });
-        // Fields of the enclosing spans fill in what the event itself does not say.
+        // The running handler's fields, and those of the enclosing spans, fill in what the event
+        // itself does not say.
+        log_fields::visit(|name, value| {
+            fields
+                .entry(name.to_string())
+                .or_insert_with(|| value.to_string());
+        });
         if let Some(scope) = ctx.event_scope(event) {
             for span in scope {
                 if let Some(SpanFields(outer)) = span.extensions().get::<SpanFields>() {
@@ -195,14 +202,19 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stage::Stage;
 
     #[test]
-    fn events_take_stage_and_policy_from_their_span() {
+    fn events_take_stage_and_policy_from_their_handler() {
         let capture = Capture::default();
         {
             let _guard = capture.install();
-            let span = tracing::info_span!("policy", policy = "greylist", stage = "rcpt");
-            span.in_scope(|| tracing::info!(target: "luamilter::policy", "hello {}", 1));
+            let log = std::pin::pin!(async {
+                tracing::info!(target: "luamilter::policy", "hello {}", 1);
+            });
+            let policy = "greylist".to_string();
+            let handler = log_fields::in_handler(&policy, &Stage::Rcpt, log);
+            futures_util::FutureExt::now_or_never(handler).unwrap();
             tracing::info!(target: "luamilter::server", stage = "mail", policy = "spf", verdict = "reject", "decision");
             tracing::debug!(target: "luamilter::engine::chain", "shadow: would reject");
             tracing::debug!(target: "luamilter::reload", "not wanted");

@@ -9,9 +9,10 @@ mod reply;
 use crate::{
     config::ExceptionPolicy,
     engine::{Engine, Outcome, StageArgs, VmLease},
+    log_fields::{self, SessionFields},
     lua_api::verdict::{Reply, Verdict},
     metrics::{self, MessageEnd, OpenConnection},
-    session::{ClientInfo, Line, Session, SharedSession, Step},
+    session::{ClientInfo, Line, Session, SharedSession, Step, macros},
     stage::Stage,
 };
 use indymilter::{
@@ -19,11 +20,11 @@ use indymilter::{
 };
 use std::{
     ffi::{CStr, CString},
+    pin::pin,
     sync::Arc,
     time::{Duration, Instant},
 };
 use tokio::sync::mpsc;
-use tracing::Instrument;
 
 /// Per-connection state kept in indymilter's connection data: the connection's claim on a Lua
 /// state of its generation, and its session.
@@ -392,23 +393,30 @@ async fn decide(
     if !generation.handles(stage) {
         return None;
     }
-    let (client, queue_id) = {
+    let (fields, session_key) = {
         let mut session = conn.session.lock();
+        // The MTA sends macros before the other stages, none before a header or body chunk
+        // (looking one up costs a hash per macro stage): there only a missing queue id is
+        // looked for.
+        let new_macros = !matches!(stage, Stage::Header | Stage::Body);
         // SMTP AUTH shows in the MAIL macros, which the MTA keeps sending for later stages.
-        if !session.client.authenticated && authenticated(macros) {
+        if new_macros && !session.client.authenticated && authenticated(macros) {
             session.note_auth();
         }
-        session.macros = macros.to_hash_map();
+        if new_macros || session.queue_id().is_empty() {
+            let queue_id = macros.get(c"i").and_then(|i| i.to_str().ok());
+            session.note_queue_id(queue_id.unwrap_or(""));
+        }
         session.progress = progress;
-        (session.client.label(), session.queue_id().to_string())
+        let fields = SessionFields {
+            client: session.client.label(),
+            queue_id: session.queue_id().to_string(),
+        };
+        (fields, macros::session_key(&session))
     };
-    let span = tracing::info_span!("session", %client, %queue_id);
     let started = Instant::now();
-    let outcome = conn
-        .lease
-        .run_stage(&conn.session, stage, args)
-        .instrument(span)
-        .await;
+    let run = pin!(conn.lease.run_stage(&conn.session, stage, args));
+    let outcome = log_fields::in_session(&fields, macros::lend(macros, &session_key, run)).await;
     metrics::stage_time(stage, started.elapsed());
     if outcome.verdict.is_final() {
         let policy = outcome

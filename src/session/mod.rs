@@ -9,6 +9,7 @@
 mod client;
 mod edit;
 pub mod history;
+pub mod macros;
 mod trace;
 
 pub use client::ClientInfo;
@@ -17,11 +18,7 @@ pub use trace::{Line, Step, Trace};
 
 use crate::{lua_api::verdict::Verdict, stage::Stage};
 use indymilter::{Actions, ProtoOpts};
-use std::{
-    collections::HashMap,
-    ffi::CString,
-    sync::{Arc, Mutex, MutexGuard},
-};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// A session shared by the server (which writes it) and the Lua `ctx` (which reads it and queues
@@ -108,6 +105,8 @@ pub struct Message {
     pub body_truncated: bool,
     /// Edits queued for end of message.
     pub edits: Vec<Edit>,
+    /// The queue id (macro `i`) as the MTA sent it at the last stage a policy handled, or "".
+    queue_id: String,
     /// What the policies decided during the message.
     pub trace: Trace,
     /// A final verdict given at a message stage that could not answer (no reply), owed to the
@@ -128,8 +127,6 @@ pub struct Session {
     pub helo: Option<String>,
     /// What the MTA sends and grants.
     pub negotiated: Negotiated,
-    /// Macros the MTA sent, as it named them; the snapshot of the stage being handled.
-    pub macros: HashMap<CString, CString>,
     /// Offences counted on this connection (`ctx:demerit`).
     pub demerits: u32,
     /// The configured receiver name (`[site] hostname`), if any.
@@ -253,22 +250,16 @@ impl Session {
     }
 
     /// A macro by name, with or without braces (the MTA sends one-letter names bare and longer
-    /// ones in braces).
-    pub fn macro_value(&self, name: &str) -> Option<&str> {
-        let bare = name
-            .strip_prefix('{')
-            .and_then(|n| n.strip_suffix('}'))
-            .unwrap_or(name);
-        let key = if bare.len() == 1 {
-            bare.to_string()
-        } else {
-            format!("{{{bare}}}")
-        };
-        let key = CString::new(key).ok()?;
-        self.macros
-            .get(&key)
-            .or_else(|| CString::new(bare).ok().and_then(|k| self.macros.get(&k)))
-            .and_then(|v| v.to_str().ok())
+    /// ones in braces), while a stage of this session is decided (see [`macros::lend`]).
+    pub fn macro_value(&self, name: &str) -> Option<String> {
+        macros::lent_value(macros::session_key(self), name)
+    }
+
+    /// Notes the queue id the MTA sent for the stage being decided.
+    pub fn note_queue_id(&mut self, queue_id: &str) {
+        if self.message.queue_id != queue_id {
+            queue_id.clone_into(&mut self.message.queue_id);
+        }
     }
 
     /// Records a step of the decision trace: in the message for message stages, else in the
@@ -368,9 +359,9 @@ impl Session {
         raw
     }
 
-    /// The queue id (macro `i`), or "".
+    /// The queue id (macro `i`) at the last stage of the message a policy handled, or "".
     pub fn queue_id(&self) -> &str {
-        self.macro_value("i").unwrap_or("")
+        &self.message.queue_id
     }
 }
 
@@ -440,20 +431,5 @@ mod tests {
         s.reset_message();
         s.begin_message("b@example.com".into(), vec![], false);
         assert!(s.delayed().is_none());
-    }
-
-    #[test]
-    fn macros_are_found_with_or_without_braces() {
-        let mut s = Session::default();
-        s.macros
-            .insert(CString::new("i").unwrap(), CString::new("Q1").unwrap());
-        s.macros.insert(
-            CString::new("{auth_authen}").unwrap(),
-            CString::new("bob").unwrap(),
-        );
-        assert_eq!(s.queue_id(), "Q1");
-        assert_eq!(s.macro_value("{i}"), Some("Q1"));
-        assert_eq!(s.macro_value("auth_authen"), Some("bob"));
-        assert_eq!(s.macro_value("{auth_authen}"), Some("bob"));
     }
 }

@@ -346,3 +346,44 @@ async fn a_message_through_the_stock_chain_logs_one_info_line() {
     assert!(chatter.is_empty(), "{chatter:#?}");
     assert!(!lines.iter().any(|l| l["level"] == "WARN"), "{log}");
 }
+
+/// The session fields of a policy line do not depend on the log level (they are no spans
+/// that a `warn` filter would drop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_lines_carry_the_session_fields_at_warn() {
+    const WARNING: &str = r#"
+local log = require "milter.log"
+return {
+  mail = function(ctx, sender) log.warn("odd sender " .. sender) end,
+}"#;
+    let extra = "[log]\nformat = \"json\"\nlevel = \"warn\"\n";
+    let daemon = DaemonProcess::start(&[("odd", WARNING)], "", extra).unwrap();
+    let mut mta = daemon.client().await;
+    mta.connect("client.test", Ipv4Addr::new(192, 0, 2, 9))
+        .await
+        .unwrap();
+    mta.helo("client.test").await.unwrap();
+    mta.0
+        .macros(indymilter::MacroStage::Mail, [("i", "Q3")])
+        .await
+        .unwrap();
+    mta.mail(["<x@example.org>"]).await.unwrap();
+    mta.close().await.unwrap();
+    let (_, log) = daemon.stop();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let warned = line_with(&lines, &[("message", "odd sender x@example.org")]);
+    assert_fields(
+        warned,
+        &[
+            ("level", "WARN"),
+            ("target", "luamilter::policy"),
+            ("client", "192.0.2.9"),
+            ("queue_id", "Q3"),
+            ("policy", "odd"),
+            ("stage", "mail"),
+        ],
+    );
+}
