@@ -88,14 +88,44 @@ async fn measure_message(
         // Past the greylisting delay: the warmed-up triplets pass.
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
+    let archive = std::sync::Arc::clone(&daemon.engine.current().services.archive);
     let report = loadgen::run(args).await.unwrap();
+    let at_count = (archive.archived(), archive.lost());
     daemon.stop(Duration::from_secs(5)).await;
     let p99 = report.latency_ms.as_ref().map_or(f64::NAN, |l| l.p99);
     println!(
         "{name:<28} c={concurrency:<3} {:>8.0} msg/s  p99 {:>7.2} ms  errors {}  verdicts {:?}",
         report.messages_per_sec, p99, report.errors, report.by_stage
     );
+    if at_count.0 + at_count.1 > 0 {
+        print_archive_backlog(&archive, at_count).await;
+    }
     (report.messages_per_sec, p99)
+}
+
+/// What the archive writer had done when the run's last answer came (warm-up included), and
+/// how long the rest of its queue took to drain.
+async fn print_archive_backlog(
+    archive: &luamilter::services::archive::Archive,
+    (archived, lost): (u64, u64),
+) {
+    let started = std::time::Instant::now();
+    let mut done = archive.archived() + archive.lost();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = archive.archived() + archive.lost();
+        if now == done || started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        done = now;
+    }
+    println!(
+        "  archive at the last answer: {archived} archived, {lost} lost; \
+         {:.1} s later, drained: {} archived, {} lost",
+        started.elapsed().as_secs_f64(),
+        archive.archived(),
+        archive.lost()
+    );
 }
 
 /// Packs I and II together, in a sensible order.
