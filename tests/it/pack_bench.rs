@@ -112,7 +112,7 @@ async fn print_archive_backlog(
     let started = std::time::Instant::now();
     let mut done = archive.archived() + archive.lost();
     loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let now = archive.archived() + archive.lost();
         if now == done || started.elapsed() > Duration::from_secs(60) {
             break;
