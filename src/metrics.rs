@@ -251,6 +251,13 @@ pub fn spf_result(identity: &'static str, result: &'static str) {
     }
 }
 
+/// The archive's series: messages written into the Maildir, and messages lost (queue full or
+/// a failed write). Registered when the archive starts, so both are scraped from the start.
+pub fn archive_messages() -> (Counter, Counter) {
+    let series = |result| counter!("luamilter_archive_messages_total", "result" => result);
+    (series("archived"), series("lost"))
+}
+
 /// Runs the store operation `op` (`call` gives the store's result, possibly wrapped in an outer
 /// `Result`) and records its count, outcome (`ok` or the error code) and duration.
 pub async fn store_call<O: StoreOutcome>(op: &'static str, call: impl Future<Output = O>) -> O {

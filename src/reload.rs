@@ -29,6 +29,9 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 /// Quiet time after the last file event before a reload starts.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+/// How long a reload that failed after a file change waits for the files to settle (an editor
+/// writing in place) before its one retry.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// What one reload did.
 #[derive(Debug, Clone)]
@@ -132,12 +135,48 @@ impl Reloader {
     pub async fn reload(&self, trigger: &str) -> ReloadReport {
         let _one_at_a_time = self.serial.lock().await;
         crate::systemd::reloading();
+        let built = self.build().await;
+        self.conclude(trigger, built)
+    }
+
+    /// [`Reloader::reload`] after a file change: a build that fails is tried once more after
+    /// `settle`, since an editor may still be writing the file in place; `before_retry` runs
+    /// just before that second build (the watcher drops the events the rest of the write
+    /// caused). Only the last build is reported, so a slow save is one successful reload.
+    pub async fn reload_settled(
+        &self,
+        trigger: &str,
+        settle: Duration,
+        before_retry: impl FnOnce(),
+    ) -> ReloadReport {
+        let _one_at_a_time = self.serial.lock().await;
+        crate::systemd::reloading();
+        let mut built = self.build().await;
+        if let Err(errors) = &built {
+            tracing::debug!(errors = %errors.join("; "), "reload failed, trying again once the files are quiet");
+            tokio::time::sleep(settle).await;
+            before_retry();
+            built = self.build().await;
+        }
+        self.conclude(trigger, built)
+    }
+
+    /// Builds a generation from the files on the blocking pool.
+    async fn build(&self) -> Result<(Generation, Vec<String>), Vec<String>> {
         let boot = Arc::clone(&self.boot);
         let services = Arc::clone(&self.services);
         let vms = self.default_vms;
-        let built = tokio::task::spawn_blocking(move || build(&boot, &services, vms))
+        tokio::task::spawn_blocking(move || build(&boot, &services, vms))
             .await
-            .unwrap_or_else(|e| Err(vec![format!("reload task failed: {e}")]));
+            .unwrap_or_else(|e| Err(vec![format!("reload task failed: {e}")]))
+    }
+
+    /// Installs what was built, or keeps the running generation; counts, notifies and logs.
+    fn conclude(
+        &self,
+        trigger: &str,
+        built: Result<(Generation, Vec<String>), Vec<String>>,
+    ) -> ReloadReport {
         let report = match built {
             Ok((generation, restart_needed)) => {
                 let id = generation.id;
@@ -360,7 +399,9 @@ pub fn watch(reloader: Arc<Reloader>) -> JoinHandle<()> {
                 continue;
             }
             while rx.try_recv().is_ok() {}
-            reloader.reload("file change").await;
+            reloader
+                .reload_settled("file change", SETTLE, || while rx.try_recv().is_ok() {})
+                .await;
             // Watch again: the config file may be a new inode after a rename-over, a
             // symlinked directory may point elsewhere, the config may name other directories.
             let next = WatchSet::of(&reloader.engine().current().config);

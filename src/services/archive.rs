@@ -1,8 +1,10 @@
 //! The mail archive: whole messages written to a Maildir by one writer thread behind a bounded
-//! queue. Each message is written to `tmp/`, fsync'd, renamed into `new/` and the directory
-//! fsync'd, so a reader never sees half a message and a crash loses none that was reported
-//! saved. Handing a message over never waits: when the queue is full, or the disk refuses a
-//! write, the message is counted as lost and a warning is logged at most once per interval.
+//! queue. The writer takes every message waiting (up to [`MAX_BATCH`]), writes each to `tmp/`,
+//! makes them durable with one `syncfs`, renames them into `new/` and fsyncs that directory
+//! once: a reader never sees half a message, and a message is counted archived only once it is
+//! durable in `new/`.
+//! Handing a message over never waits: when the queue is full, or the disk refuses a write,
+//! the message is counted as lost and a warning is logged at most once per interval.
 
 use serde::Deserialize;
 use std::{
@@ -16,6 +18,9 @@ use std::{
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
+
+/// Most messages the writer makes durable with one fsync of `new/`.
+pub const MAX_BATCH: usize = 64;
 
 /// `[archive]`: where accepted messages are kept.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -62,18 +67,40 @@ impl ArchiveError {
     }
 }
 
-/// Counters shared by the hand-over side and the writer.
+/// Counters shared by the hand-over side and the writer, also exported as metrics.
 #[derive(Debug)]
-struct Losses {
+struct Tally {
+    archived: AtomicU64,
     lost: AtomicU64,
+    archived_series: metrics::Counter,
+    lost_series: metrics::Counter,
     last_warning: Mutex<Option<Instant>>,
     interval: Duration,
 }
 
-impl Losses {
+impl Tally {
+    fn new(interval: Duration) -> Tally {
+        let (archived_series, lost_series) = crate::metrics::archive_messages();
+        Tally {
+            archived: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            archived_series,
+            lost_series,
+            last_warning: Mutex::new(None),
+            interval,
+        }
+    }
+
+    /// Counts `n` messages made durable in `new/`.
+    fn archived(&self, n: u64) {
+        self.archived.fetch_add(n, Ordering::Relaxed);
+        self.archived_series.increment(n);
+    }
+
     /// Counts one lost message and warns unless a warning was logged within the interval.
     fn lose(&self, why: &str) {
         let lost = self.lost.fetch_add(1, Ordering::Relaxed) + 1;
+        self.lost_series.increment(1);
         let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
         if last.is_none_or(|at| at.elapsed() >= self.interval) {
             *last = Some(Instant::now());
@@ -86,23 +113,16 @@ impl Losses {
 #[derive(Debug)]
 pub struct Archive {
     queue: Option<SyncSender<Vec<u8>>>,
-    losses: Arc<Losses>,
+    tally: Arc<Tally>,
 }
 
 impl Archive {
     /// Opens the archive of `config` (relative paths from `base_dir`): creates the Maildir and
     /// starts the writer. No maildir: an archive that takes nothing.
     pub fn start(config: &ArchiveConfig, base_dir: &Path) -> io::Result<Archive> {
-        let losses = Arc::new(Losses {
-            lost: AtomicU64::new(0),
-            last_warning: Mutex::new(None),
-            interval: config.warn_interval,
-        });
+        let tally = Arc::new(Tally::new(config.warn_interval));
         let Some(dir) = &config.maildir else {
-            return Ok(Archive {
-                queue: None,
-                losses,
-            });
+            return Ok(Archive { queue: None, tally });
         };
         let dir = base_dir.join(dir);
         for sub in ["tmp", "new", "cur"] {
@@ -111,7 +131,7 @@ impl Archive {
         let (queue, messages) = sync_channel(config.queue.max(1));
         let writer = Writer {
             dir,
-            losses: Arc::clone(&losses),
+            tally: Arc::clone(&tally),
             seq: 0,
             host: crate::services::site::system_hostname().replace(['/', ':'], "_"),
         };
@@ -120,7 +140,7 @@ impl Archive {
             .spawn(move || writer.run(messages))?;
         Ok(Archive {
             queue: Some(queue),
-            losses,
+            tally,
         })
     }
 
@@ -130,7 +150,7 @@ impl Archive {
         match queue.try_send(message) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.losses.lose("queue full");
+                self.tally.lose("queue full");
                 Err(ArchiveError::Full)
             }
         }
@@ -138,25 +158,30 @@ impl Archive {
 
     /// Messages lost so far (queue full or write failed).
     pub fn lost(&self) -> u64 {
-        self.losses.lost.load(Ordering::Relaxed)
+        self.tally.lost.load(Ordering::Relaxed)
+    }
+
+    /// Messages durable in the Maildir's `new/` so far.
+    pub fn archived(&self) -> u64 {
+        self.tally.archived.load(Ordering::Relaxed)
     }
 }
 
 /// The writer thread's state.
 struct Writer {
     dir: PathBuf,
-    losses: Arc<Losses>,
+    tally: Arc<Tally>,
     seq: u64,
     host: String,
 }
 
 impl Writer {
-    /// Writes messages until every sender is gone.
+    /// Writes messages, every one waiting at a time, until every sender is gone.
     fn run(mut self, messages: Receiver<Vec<u8>>) {
-        for message in messages {
-            if let Err(e) = self.write(&message) {
-                self.losses.lose(&e.to_string());
-            }
+        while let Ok(first) = messages.recv() {
+            let mut batch = vec![first];
+            batch.extend(messages.try_iter().take(MAX_BATCH - 1));
+            self.write_batch(&batch);
         }
     }
 
@@ -176,20 +201,71 @@ impl Writer {
         )
     }
 
-    fn write(&mut self, message: &[u8]) -> io::Result<()> {
-        let name = self.file_name();
-        let tmp = self.dir.join("tmp").join(&name);
-        let written = (|| {
-            let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            file.write_all(message)?;
-            file.sync_all()?;
-            fs::rename(&tmp, self.dir.join("new").join(&name))?;
-            File::open(self.dir.join("new"))?.sync_all()
-        })();
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
+    /// Writes each message to `tmp/`, makes them all durable with one `syncfs`, renames them
+    /// into `new/`, then fsyncs `new/` once; a message that failed on the way is lost and
+    /// leaves nothing in `tmp/`.
+    fn write_batch(&mut self, batch: &[Vec<u8>]) {
+        let tmp = self.dir.join("tmp");
+        let mut written = Vec::with_capacity(batch.len());
+        for message in batch {
+            let name = self.file_name();
+            match write_new(&tmp.join(&name), message) {
+                Ok(()) => written.push(name),
+                Err(e) => {
+                    let _ = fs::remove_file(tmp.join(&name));
+                    self.tally.lose(&e.to_string());
+                }
+            }
         }
-        written
+        if written.is_empty() {
+            return;
+        }
+        if let Err(e) = sync_filesystem(&tmp) {
+            for name in &written {
+                let _ = fs::remove_file(tmp.join(name));
+                self.tally.lose(&e.to_string());
+            }
+            return;
+        }
+        let mut renamed = 0;
+        for name in &written {
+            match fs::rename(tmp.join(name), self.dir.join("new").join(name)) {
+                Ok(()) => renamed += 1,
+                Err(e) => {
+                    let _ = fs::remove_file(tmp.join(name));
+                    self.tally.lose(&e.to_string());
+                }
+            }
+        }
+        if renamed == 0 {
+            return;
+        }
+        match File::open(self.dir.join("new")).and_then(|dir| dir.sync_all()) {
+            Ok(()) => self.tally.archived(renamed),
+            Err(e) => (0..renamed).for_each(|_| self.tally.lose(&e.to_string())),
+        }
+    }
+}
+
+/// Creates `path` with `content` (not yet durable).
+fn write_new(path: &Path, content: &[u8]) -> io::Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?
+        .write_all(content)
+}
+
+/// Flushes everything written to the filesystem holding `dir` to stable storage: one call for
+/// a whole batch instead of an fsync per file.
+fn sync_filesystem(dir: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let dir = File::open(dir)?;
+    // SAFETY: syncfs only reads the descriptor, which stays open for the call.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -197,18 +273,18 @@ impl Writer {
 mod tests {
     use super::*;
 
-    fn wait_for(dir: &Path, n: usize) -> Vec<PathBuf> {
+    /// The files of `new/` once the archive counts `n` messages archived.
+    fn wait_for(archive: &Archive, dir: &Path, n: u64) -> Vec<PathBuf> {
         for _ in 0..200 {
-            let files: Vec<PathBuf> = fs::read_dir(dir.join("new"))
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .collect();
-            if files.len() >= n {
-                return files;
+            if archive.archived() >= n {
+                return fs::read_dir(dir.join("new"))
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .collect();
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("no {n} messages in {}", dir.display());
+        panic!("no {n} messages archived in {}", dir.display());
     }
 
     #[test]
@@ -226,7 +302,7 @@ mod tests {
             .save(b"Subject: two\r\n\r\nbody 2\r\n".to_vec())
             .unwrap();
         let dir = base.path().join("Maildir");
-        let files = wait_for(&dir, 2);
+        let files = wait_for(&archive, &dir, 2);
         let mut bodies: Vec<String> = files
             .iter()
             .map(|f| fs::read_to_string(f).unwrap())
@@ -240,7 +316,7 @@ mod tests {
             ]
         );
         assert_eq!(fs::read_dir(dir.join("tmp")).unwrap().count(), 0);
-        assert_eq!(archive.lost(), 0);
+        assert_eq!((archive.archived(), archive.lost()), (2, 0));
     }
 
     #[test]
@@ -249,11 +325,7 @@ mod tests {
         let (queue, _messages) = sync_channel(1);
         let archive = Archive {
             queue: Some(queue),
-            losses: Arc::new(Losses {
-                lost: AtomicU64::new(0),
-                last_warning: Mutex::new(None),
-                interval: Duration::from_secs(3600),
-            }),
+            tally: Arc::new(Tally::new(Duration::from_secs(3600))),
         };
         assert_eq!(archive.save(b"one".to_vec()), Ok(()));
         assert_eq!(archive.save(b"two".to_vec()), Err(ArchiveError::Full));

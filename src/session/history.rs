@@ -60,28 +60,21 @@ pub struct MessageRecord {
 }
 
 impl MessageRecord {
-    /// Stores the record for `keep`, with its indexes (first, so that once the record can be
-    /// found, every way to it works). Blind writes only, which the store batches: the client
-    /// index is a counter per client and minute plus one key per message.
+    /// Stores the record for `keep` with its indexes, in one atomic store write (so once the
+    /// record can be found, every way to it works): the client index is a counter per client
+    /// and minute plus one key per message.
     pub async fn save(&self, store: &dyn Store, keep: Duration) -> Result<(), StoreError> {
-        let ttl = Some(keep);
+        let queue_id = string(self.queue_id.clone());
+        let text = serde_json::to_string(self).unwrap_or_default();
+        let mut values = vec![(format!("{PREFIX}{}", self.queue_id), string(text))];
         if let Some(id) = &self.message_id {
-            let key = format!("{PREFIX}msgid:{id}");
-            store.set(&key, &string(self.queue_id.clone()), ttl).await?;
+            values.push((format!("{PREFIX}msgid:{id}"), queue_id.clone()));
         }
         let bucket = client_bucket(&self.client, self.time.div_euclid(60));
-        let n = store.incr(&bucket, 1, ttl).await?;
         store
-            .set(
-                &format!("{bucket}:{n}"),
-                &string(self.queue_id.clone()),
-                ttl,
-            )
-            .await?;
-        let text = serde_json::to_string(self).unwrap_or_default();
-        store
-            .set(&format!("{PREFIX}{}", self.queue_id), &string(text), ttl)
+            .set_indexed(&bucket, &queue_id, &values, Some(keep))
             .await
+            .map(drop)
     }
 
     /// The record of a queue id or a Message-ID (with or without angle brackets).

@@ -76,6 +76,7 @@ local milter = require "milter"
 local dns = require "milter.dns"
 local spf = require "milter.spf"
 local store = require "milter.store"
+local archive = require "milter.archive"
 return {
   mail = function(ctx, sender)
     if sender == "spam@example.org" then return milter.reject() end
@@ -84,7 +85,10 @@ return {
     dns.a("example.test")
     store.incr("seen", 1)
   end,
-  eom = function(ctx) return milter.accept() end,
+  eom = function(ctx)
+    archive.save("Subject: hi\r\n\r\nkept\r\n")
+    return milter.accept()
+  end,
 }"#;
 
 /// In shadow mode: its rejects are counted as "would" decisions only.
@@ -134,7 +138,8 @@ async fn mail_through_the_daemon_is_counted_on_the_endpoint_and_in_ctl_stats() {
     let extra = format!(
         "[engine]\nexception_policy = \"continue\"\ntime_limit = \"300ms\"\nmemory_limit_mib = 16\n\
          [dns]\nnameservers = [\"{}\"]\ntimeout = \"2s\"\nattempts = 1\n\
-         [metrics]\nlisten = \"{addr}\"\n[policy.spy]\nmode = \"shadow\"\n",
+         [metrics]\nlisten = \"{addr}\"\n[policy.spy]\nmode = \"shadow\"\n\
+         [archive]\nmaildir = \"archive\"\n",
         dns.addr
     );
     let policies = [("gate", GATE), ("spy", SPY), ("broken", BROKEN)];
@@ -211,6 +216,27 @@ async fn mail_through_the_daemon_is_counted_on_the_endpoint_and_in_ctl_stats() {
         ),
         Some(1.0)
     );
+
+    // The accepted message was archived (durable in new/ before it is counted).
+    let body = scrape_until(
+        addr,
+        "luamilter_archive_messages_total",
+        &[("result", "archived")],
+        1.0,
+    );
+    let archive = |result| {
+        sample(
+            &body,
+            "luamilter_archive_messages_total",
+            &[("result", result)],
+        )
+    };
+    assert_eq!(
+        (archive("archived"), archive("lost")),
+        (Some(1.0), Some(0.0))
+    );
+    let kept = std::fs::read_dir(daemon.dir.path().join("archive/new")).unwrap();
+    assert_eq!(kept.count(), 1);
 
     // ctl stats renders the same registry, the shadow counts once: as its series, without the
     // `shadow_would` lines it prints when metrics are off.

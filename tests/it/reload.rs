@@ -141,6 +141,34 @@ async fn a_broken_save_keeps_the_old_policy_and_reports_file_and_line() {
     d.stop().await;
 }
 
+/// An editor writing the policy in place, slowly: the first half (not valid Lua on its own),
+/// a pause longer than the watcher's debounce, then the rest. One successful reload, no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_written_in_two_halves_reloads_once_without_error() {
+    use std::io::Write;
+    let d = TestDaemon::start(&[("gate", &refusing("a@example.org"))], "").await;
+    let stats = &d.daemon.as_ref().unwrap().reloader.stats;
+    let text = refusing("b@example.org");
+    let (first, rest) = text.split_at(text.len() / 2);
+    let mut file = std::fs::File::create(d.dir.path().join("gate.lua")).unwrap();
+    file.write_all(first.as_bytes()).unwrap();
+    file.sync_all().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    file.write_all(rest.as_bytes()).unwrap();
+    drop(file);
+    wait_until_refused(&d, "b@example.org", Duration::from_secs(5)).await;
+    // Anything still pending from the write would reload within the settle time.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let count = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        (count(&stats.succeeded), count(&stats.failed)),
+        (1, 0),
+        "reloads (succeeded, failed); last error: {:?}",
+        stats.last_error()
+    );
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_changes_apply_and_those_needing_a_restart_are_named() {
     let d = TestDaemon::start(&[("gate", &refusing("a@example.org"))], "").await;

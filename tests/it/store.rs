@@ -89,6 +89,7 @@ macro_rules! suite {
 suite!(
     values,
     ttl_expiry,
+    indexed_writes,
     concurrent_counters,
     sliding_count,
     decaying_amounts,
@@ -170,6 +171,61 @@ async fn ttl_expiry(b: Backend) {
     assert_eq!(st.get("forever").await.unwrap(), Some(s("v")));
     f.clock.advance(Duration::from_secs(601));
     assert_eq!(st.get("forever").await.unwrap(), None);
+}
+
+/// `set_indexed`: the counter, the numbered entry and the values land together, and expire
+/// together; the counter keeps its first expiry, as `incr` does.
+async fn indexed_writes(b: Backend) {
+    let f = fixture(b);
+    let st = &f.store;
+    let values = [("rec:a".to_string(), s("A")), ("id:a".to_string(), s("a"))];
+    assert_eq!(
+        st.set_indexed("ix", &s("a"), &values, Some(MIN))
+            .await
+            .unwrap(),
+        1
+    );
+    f.clock.advance(Duration::from_secs(30));
+    let later = [("rec:b".to_string(), s("B"))];
+    assert_eq!(
+        st.set_indexed("ix", &s("b"), &later, Some(MIN))
+            .await
+            .unwrap(),
+        2
+    );
+    let int = |n| Some(Value::Scalar(Scalar::Int(n)));
+    assert_eq!(st.get("ix").await.unwrap(), int(2));
+    for (key, value) in [
+        ("ix:1", "a"),
+        ("ix:2", "b"),
+        ("rec:a", "A"),
+        ("id:a", "a"),
+        ("rec:b", "B"),
+    ] {
+        assert_eq!(st.get(key).await.unwrap(), Some(s(value)), "{key}");
+    }
+    f.clock.advance(Duration::from_secs(31));
+    for gone in ["ix", "ix:1", "rec:a", "id:a"] {
+        assert_eq!(st.get(gone).await.unwrap(), None, "{gone} outlived its ttl");
+    }
+    assert_eq!(st.get("rec:b").await.unwrap(), Some(s("B")));
+    assert_eq!(
+        st.set_indexed("ix", &s("c"), &[], None).await.unwrap(),
+        1,
+        "an expired index starts again"
+    );
+    // A value that cannot be stored fails the whole write: nothing of it is kept.
+    let bad = [("rec:c".to_string(), Value::Scalar(Scalar::Num(f64::NAN)))];
+    assert!(matches!(
+        st.set_indexed("ix", &s("d"), &bad, None).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(st.get("ix").await.unwrap(), int(1));
+    assert_eq!(
+        st.get("ix:2").await.unwrap(),
+        Some(s("b")),
+        "not overwritten"
+    );
 }
 
 async fn concurrent_counters(b: Backend) {

@@ -451,6 +451,17 @@ pub trait Store: Send + Sync {
     /// Adds `by` to the integer at `key` (absent = 0) and returns the new value. `ttl` sets the
     /// expiry when the key is created; an existing key keeps its expiry.
     async fn incr(&self, key: &str, by: i64, ttl: Option<Duration>) -> Result<i64>;
+    /// One atomic write that files `entry` under a numbered index and stores `values`, all
+    /// kept for `ttl`: the counter at `index` goes up by one (as [`Store::incr`]) to `n`,
+    /// `entry` is stored at `"{index}:{n}"`, every `(key, value)` of `values` as [`Store::set`];
+    /// returns `n`. A message history is one such write.
+    async fn set_indexed(
+        &self,
+        index: &str,
+        entry: &Value,
+        values: &[(String, Value)],
+        ttl: Option<Duration>,
+    ) -> Result<i64>;
     /// Sets the expiry of an existing key; false if the key does not exist.
     async fn expire(&self, key: &str, ttl: Duration) -> Result<bool>;
     /// Records one event under `key` and returns the number of events in the last `window`,

@@ -86,6 +86,25 @@ return n",
     )
 });
 
+/// `Store::set_indexed`. KEYS: the index counter, then the keys of the values. ARGV: now, ttl
+/// ms (0 = none), the entry, then the values. The entry's key `<index>:<n>` is known only
+/// inside the script (no cluster support is needed: one master holds every key).
+static SET_INDEXED: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local ttl = tonumber(ARGV[2])
+local function put(k, v)
+  if ttl > 0 then redis.call('SET', k, v, 'PXAT', now + ttl) else redis.call('SET', k, v) end
+end
+local existed = live(KEYS[1], now)
+local n = redis.call('INCR', KEYS[1])
+if not existed and ttl > 0 then redis.call('PEXPIREAT', KEYS[1], now + ttl) end
+put(KEYS[1] .. ':' .. n, ARGV[3])
+for i = 2, #KEYS do put(KEYS[i], ARGV[i + 2]) end
+return n",
+    )
+});
+
 /// ARGV: now, ttl ms.
 static EXPIRE: LazyLock<Script> = LazyLock::new(|| {
     script(
@@ -322,6 +341,28 @@ impl Store for RedisStore {
         let ttl = ttl.map_or(0, ms);
         self.run(true, &INCR, &[self.key("kv", key)], &[by, ttl])
             .await
+    }
+
+    async fn set_indexed(
+        &self,
+        index: &str,
+        entry: &Value,
+        values: &[(String, Value)],
+        ttl: Option<Duration>,
+    ) -> Result<i64> {
+        let mut invocation = SET_INDEXED.prepare_invoke();
+        invocation.key(self.key("kv", index));
+        for (key, _) in values {
+            invocation.key(self.key("kv", key));
+        }
+        invocation
+            .arg(self.now())
+            .arg(ttl.map_or(0, ms))
+            .arg(entry.encode()?);
+        for (_, value) in values {
+            invocation.arg(value.encode()?);
+        }
+        self.invoke(true, &invocation).await
     }
 
     async fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {

@@ -273,6 +273,35 @@ fn live_int(conn: &Connection, key: &str, now: i64) -> Result<Option<i64>> {
     .transpose()
 }
 
+/// Stores the encoded value `text` at `key` until `expires` (unix ms; `None` for never).
+fn put(conn: &Connection, key: &str, text: &str, expires: Option<i64>) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO kv (key, value, expires) VALUES (?1, ?2, ?3)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires = excluded.expires",
+    )?
+    .execute(params![key, text, expires])?;
+    Ok(())
+}
+
+/// Adds `by` to the integer at `key` and returns the sum; a new key expires at `expires`, an
+/// existing one keeps its expiry.
+fn add(conn: &Connection, key: &str, by: i64, expires: Option<i64>, now: i64) -> Result<i64> {
+    match live_int(conn, key, now)? {
+        Some(old) => {
+            let new = old
+                .checked_add(by)
+                .ok_or_else(|| StoreError::Invalid("integer overflow".into()))?;
+            conn.prepare_cached("UPDATE kv SET value = ?2 WHERE key = ?1")?
+                .execute(params![key, new.to_string()])?;
+            Ok(new)
+        }
+        None => {
+            put(conn, key, &by.to_string(), expires)?;
+            Ok(by)
+        }
+    }
+}
+
 fn live_decay(conn: &Connection, key: &str, now: i64) -> Result<DecayRecord> {
     let text: Option<String> = conn
         .query_row(
@@ -319,15 +348,8 @@ impl super::Store for SqliteStore {
 
     async fn set(&self, key: &str, value: &Value, ttl: Option<Duration>) -> Result<()> {
         let (key, text) = (key.to_string(), value.encode()?);
-        self.write(move |c, now| {
-            c.execute(
-                "INSERT INTO kv (key, value, expires) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires = excluded.expires",
-                params![key, text, ttl.map(|t| now + ms(t))],
-            )?;
-            Ok(())
-        })
-        .await
+        self.write(move |c, now| put(c, &key, &text, ttl.map(|t| now + ms(t))))
+            .await
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
@@ -345,29 +367,30 @@ impl super::Store for SqliteStore {
 
     async fn incr(&self, key: &str, by: i64, ttl: Option<Duration>) -> Result<i64> {
         let key = key.to_string();
+        self.write(move |c, now| add(c, &key, by, ttl.map(|t| now + ms(t)), now))
+            .await
+    }
+
+    async fn set_indexed(
+        &self,
+        index: &str,
+        entry: &Value,
+        values: &[(String, Value)],
+        ttl: Option<Duration>,
+    ) -> Result<i64> {
+        let (index, entry) = (index.to_string(), entry.encode()?);
+        let values = values
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.encode()?)))
+            .collect::<Result<Vec<_>>>()?;
         self.write(move |c, now| {
-            let new = match live_int(c, &key, now)? {
-                Some(old) => {
-                    let new = old
-                        .checked_add(by)
-                        .ok_or_else(|| StoreError::Invalid("integer overflow".into()))?;
-                    c.execute(
-                        "UPDATE kv SET value = ?2 WHERE key = ?1",
-                        params![key, new.to_string()],
-                    )?;
-                    new
-                }
-                None => {
-                    c.execute(
-                        "INSERT INTO kv (key, value, expires) VALUES (?1, ?2, ?3)
-                         ON CONFLICT (key) DO UPDATE SET value = excluded.value,
-                         expires = excluded.expires",
-                        params![key, by.to_string(), ttl.map(|t| now + ms(t))],
-                    )?;
-                    by
-                }
-            };
-            Ok(new)
+            let expires = ttl.map(|t| now + ms(t));
+            let n = add(c, &index, 1, expires, now)?;
+            put(c, &format!("{index}:{n}"), &entry, expires)?;
+            for (key, text) in &values {
+                put(c, key, text, expires)?;
+            }
+            Ok(n)
         })
         .await
     }
