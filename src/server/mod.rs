@@ -204,7 +204,7 @@ fn end_message(conn: &Conn, outcome: Option<(&Verdict, Stage)>) {
                 .steps
                 .iter()
                 .rev()
-                .find(|s| !s.shadow && s.verdict != "continue")
+                .find(|s| !s.shadow && s.verdict != "continue" && s.stage != Stage::Abort.name())
                 .map_or_else(
                     || ("aborted".to_string(), MessageEnd::Aborted),
                     |s| {

@@ -265,7 +265,9 @@ impl Session {
     /// Records a step of the decision trace: in the message for message stages, else in the
     /// connection's.
     pub fn record(&mut self, step: Step) {
-        let in_message = Stage::from_name(&step.stage).is_some_and(Stage::in_message);
+        // The abort handlers run as a message ends: their steps are that message's.
+        let in_message = Stage::from_name(&step.stage)
+            .is_some_and(|stage| stage.in_message() || stage == Stage::Abort);
         if in_message {
             self.message.trace.push(step);
         } else {

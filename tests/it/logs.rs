@@ -10,6 +10,7 @@ use std::net::Ipv4Addr;
 const POLICY: &str = r#"
 local milter = require "milter"
 local log = require "milter.log"
+local store = require "milter.store"
 return {
   mail = function(ctx, sender)
     log.info("checking " .. sender)
@@ -18,6 +19,7 @@ return {
   header = function(ctx, name, value)
     if name == "X-Boom" then error("boom") end
   end,
+  abort = function(ctx) store.incr("aborted") end,
 }"#;
 
 /// Two messages on one connection: one refused at MAIL (queue id Q1), one accepted (Q2) whose
@@ -111,6 +113,11 @@ fn assert_message_fields(lines: &[Value], log: &str) {
         trace.starts_with("mail:gate=reject 550 no spam ("),
         "{refused}"
     );
+    // The abort handlers that a refusal runs belong to the refused message, after its MAIL,
+    // and never to the connection's next message.
+    assert!(trace.contains("; abort:gate=continue ("), "{refused}");
+    let accepted = line_with(lines, &[("message", "message"), ("queue_id", "Q2")]);
+    assert!(!field(accepted, "trace").contains("abort:"), "{accepted}");
     let accepted = line_with(lines, &[("message", "message"), ("queue_id", "Q2")]);
     assert_fields(
         accepted,
