@@ -182,7 +182,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    let _log_flush = logging::init(&config.log);
+    logging::init(&config.log);
     // The milter itself runs on the daemon's worker threads; this runtime carries signals,
     // reloads, the control socket and the services' background tasks.
     let runtime = match runtime(Runtime::Main) {

@@ -13,7 +13,7 @@ use crate::{
     control::ControlSocket,
     engine::{Engine, Generation},
     listen::{BoundSocket, ListenAddr, SocketFileGuard},
-    metrics,
+    log_output, metrics,
     pid_file::PidFile,
     privileges::Identity,
     reload::{self, Reloader},
@@ -183,7 +183,12 @@ impl Daemon {
             let thread = std::thread::Builder::new()
                 .name(format!("milter-{index}"))
                 .spawn(move || {
-                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    log_output::gather_on_this_thread();
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .on_thread_park(log_output::flush_thread)
+                        .build()
+                    {
                         Ok(r) => r,
                         Err(e) => {
                             tracing::error!(error = %e, "worker {index}: cannot start its runtime");

@@ -48,6 +48,7 @@ pub mod engine;
 pub mod lent;
 pub mod listen;
 pub mod log_fields;
+pub mod log_output;
 pub mod logging;
 pub mod lua_api;
 pub mod manuals;

@@ -8,12 +8,13 @@
 //! found by its `queue_id` in either format. An event's field replaces a span or session field
 //! of the same name; an inner span's an outer one's.
 //!
-//! Lines are written by a background thread: a worker thread serving mail never waits on the
-//! log's write (a full buffer does make it wait, so no line is dropped).
+//! Lines go to standard error through [`crate::log_output`]: the milter worker threads gather
+//! theirs and write them when they run out of work, so a line wakes no other thread.
 
 use crate::{
     config::{LogConfig, LogFormat},
     log_fields,
+    log_output::LogOutput,
 };
 use serde_json::Value;
 use std::fmt::{self, Write};
@@ -21,7 +22,6 @@ use tracing::{
     Event, Subscriber,
     field::{Field, Visit},
 };
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{
     EnvFilter,
     fmt::{
@@ -33,25 +33,20 @@ use tracing_subscriber::{
 };
 
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides the configured level.
-/// indymilter's own logging is held at `warn` unless the filter names it. Keep the returned
-/// guard until exit: dropping it flushes the lines still queued.
-pub fn init(config: &LogConfig) -> WorkerGuard {
+/// indymilter's own logging is held at `warn` unless the filter names it.
+pub fn init(config: &LogConfig) {
     let mut spec = std::env::var("RUST_LOG").unwrap_or_else(|_| config.level.clone());
     if !spec.contains("indymilter") {
         spec.push_str(",indymilter=warn");
     }
     let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
     // Span fields are kept as JSON whatever the format, so both can read them back.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
+        .with_writer(LogOutput)
         .fmt_fields(JsonFields::new())
         .event_format(FlatLine(config.format))
         .try_init();
-    guard
 }
 
 /// Writes each event as one line of flat fields in the configured format.
