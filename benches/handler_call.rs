@@ -1,6 +1,7 @@
 //! Micro-benchmark of the per-stage cost inside the engine: one Rust→Lua handler call with a
 //! `ctx`, through the same path the server uses (`VmLease::run_stage`), for the trivial policy
-//! of examples/bench.lua. Run with `cargo bench --bench handler_call`.
+//! of examples/bench.lua and the header stage of the every-stage one (examples/bench_full.lua).
+//! Run with `cargo bench --bench handler_call`.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use luamilter::{
@@ -23,22 +24,10 @@ fn handler_call(c: &mut Criterion) {
         .build()
         .unwrap();
     let dir = tempfile::TempDir::new().unwrap();
-    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
-    let text = format!(
-        "[policies]\ndirs = [{examples:?}]\nchain = [\"bench\"]\n[store]\npath = {:?}\n",
-        dir.path().join("store.db")
-    );
-    let config = Arc::new(Config::parse(&text, Some(dir.path().join("c.toml"))).unwrap());
     let _in_runtime = runtime.enter();
-    let services = Arc::new(Services::start(&config).unwrap());
-    let generation = Arc::new(Generation::build(config, services, 1).unwrap());
+    let generation = build_generation(&dir, "bench");
     let lease = generation.lease(0);
-    let session = SharedSession::default();
-    {
-        let client: &mut ClientInfo = &mut session.lock().client;
-        client.ip = Some("192.0.2.1".parse().unwrap());
-        client.family = "inet";
-    }
+    let session = client_session();
     c.bench_function("mail handler call (continue)", |b| {
         b.iter(|| {
             let args = StageArgs::Envelope("good@example.org".into(), vec!["SIZE=2048".into()]);
@@ -69,6 +58,42 @@ fn handler_call(c: &mut Criterion) {
             black_box(outcome.verdict);
         })
     });
+    let dir = tempfile::TempDir::new().unwrap();
+    let full = build_generation(&dir, "bench_full");
+    let lease = full.lease(0);
+    let session = client_session();
+    let args = StageArgs::Envelope("good@example.org".into(), vec![]);
+    runtime.block_on(lease.run_stage(&session, Stage::Mail, args));
+    c.bench_function("header handler call (every-stage policy)", |b| {
+        b.iter(|| {
+            let args = StageArgs::Header("Subject".into(), "A test message".into());
+            let outcome = runtime.block_on(lease.run_stage(&session, Stage::Header, args));
+            black_box(outcome.verdict);
+        })
+    });
+}
+
+/// A generation of `chain`, from examples/, with its store in `dir`.
+fn build_generation(dir: &tempfile::TempDir, chain: &str) -> Arc<Generation> {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let text = format!(
+        "[policies]\ndirs = [{examples:?}]\nchain = [{chain:?}]\n[store]\npath = {:?}\n",
+        dir.path().join("store.db")
+    );
+    let config = Arc::new(Config::parse(&text, Some(dir.path().join("c.toml"))).unwrap());
+    let services = Arc::new(Services::start(&config).unwrap());
+    Arc::new(Generation::build(config, services, 1).unwrap())
+}
+
+/// A session of a client at 192.0.2.1.
+fn client_session() -> SharedSession {
+    let session = SharedSession::default();
+    {
+        let client: &mut ClientInfo = &mut session.lock().client;
+        client.ip = Some("192.0.2.1".parse().unwrap());
+        client.family = "inet";
+    }
+    session
 }
 
 criterion_group!(benches, handler_call);
