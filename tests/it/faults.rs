@@ -499,6 +499,11 @@ impl Drop for TestDisk {
     }
 }
 
+/// The start of the stock greylist's answer to a new triplet.
+const GREYLISTED: &str = "451-4.7.1 Greylisted";
+/// The stock greylist's answer when the store fails and `fail_closed` is on.
+const UNAVAILABLE: &str = "451 4.3.0 Greylisting is unavailable, try again later";
+
 /// Config for the stock greylist policy on the database `db`, with a 2 s store timeout.
 fn greylist_config(db: &std::path::Path, fail_closed: bool) -> String {
     format!(
@@ -529,17 +534,15 @@ async fn sqlite_on_a_full_or_read_only_disk() {
     let Some(disk) = TestDisk::tmpfs() else {
         return;
     };
-    let greylisted = "451-4.7.1 Greylisted";
-    let unavailable = "451 4.3.0 Greylisting is unavailable, try again later";
     let d = greylist_daemon(&disk).await.unwrap();
     let first = greylist_rcpt(d.client().await, 0).await.0;
-    assert!(first.starts_with(greylisted), "{first}");
+    assert!(first.starts_with(GREYLISTED), "{first}");
 
     // Disk full: the store refuses the write, the policy answers as documented, at once.
     let filler = disk.fill();
     for n in 1..=3 {
         let (answer, took) = greylist_rcpt(d.client().await, n).await;
-        assert_eq!(answer, unavailable, "disk full");
+        assert_eq!(answer, UNAVAILABLE, "disk full");
         assert!(took < Duration::from_secs(3), "{took:?}");
     }
     // Space again: served normally without a restart.
@@ -548,7 +551,7 @@ async fn sqlite_on_a_full_or_read_only_disk() {
         greylist_rcpt(d.client().await, 4)
             .await
             .0
-            .starts_with(greylisted)
+            .starts_with(GREYLISTED)
     );
 
     d.stop().await;
@@ -621,15 +624,13 @@ async fn sqlite_disk_dies_under_traffic() {
     let Some(disk) = TestDisk::ext4() else {
         return;
     };
-    let greylisted = "451-4.7.1 Greylisted";
-    let unavailable = "451 4.3.0 Greylisting is unavailable, try again later";
     let closed = std::sync::Arc::new(greylist_process(&disk, "closed.db", true).unwrap());
     let open = greylist_process(&disk, "open.db", false).unwrap();
     assert!(
         greylist_rcpt(open.client().await, 0)
             .await
             .0
-            .starts_with(greylisted)
+            .starts_with(GREYLISTED)
     );
     let (closed_before, open_before) = (local_message(&closed).await, local_message(&open).await);
     assert!(
@@ -667,12 +668,12 @@ async fn sqlite_disk_dies_under_traffic() {
     }
     for (answer, took) in &answers {
         assert!(
-            answer.starts_with(greylisted) || answer == unavailable,
+            answer.starts_with(GREYLISTED) || answer == UNAVAILABLE,
             "{answer}"
         );
         assert!(*took < Duration::from_secs(3), "{took:?}");
     }
-    let refused = answers.iter().filter(|(a, _)| a == unavailable).count();
+    let refused = answers.iter().filter(|(a, _)| a == UNAVAILABLE).count();
     println!(
         "{} recipients under traffic, {refused} refused as unavailable, the slowest in {:?}, all done {:?} after the shutdown",
         answers.len(),
@@ -684,7 +685,7 @@ async fn sqlite_disk_dies_under_traffic() {
     // From now on: the documented verdicts, within the store timeout.
     for n in 1..=5 {
         let (answer, took) = greylist_rcpt(closed.client().await, 9000 + n).await;
-        assert_eq!(answer, unavailable, "fail_closed");
+        assert_eq!(answer, UNAVAILABLE, "fail_closed");
         assert!(took < Duration::from_secs(3), "{took:?}");
         let (answer, took) = greylist_rcpt(open.client().await, n).await;
         assert_eq!(answer, "Continue", "fail_closed = false");
@@ -714,6 +715,10 @@ async fn sqlite_disk_dies_under_traffic() {
     // SIGTERM stops both promptly, cleanly, on the dead disk.
     let closed = std::sync::Arc::into_inner(closed).unwrap();
     for d in [closed, open] {
+        let mut idle = d.client().await;
+        idle.connect("client.example", Ipv4Addr::new(192, 0, 2, 1))
+            .await
+            .unwrap();
         let started = Instant::now();
         let (status, log) = d.stop();
         println!("stopped in {:?} ({status})", started.elapsed());
@@ -738,7 +743,7 @@ async fn sqlite_disk_dies_under_traffic() {
         greylist_rcpt(again.client().await, 0)
             .await
             .0
-            .starts_with(greylisted)
+            .starts_with(GREYLISTED)
     );
     again.stop();
 }
@@ -824,14 +829,13 @@ async fn redis_killed_and_restarted_mid_traffic() {
     let d = TestDaemon::try_start_stock(&["greylist"], &extra)
         .await
         .unwrap();
-    let greylisted = "451-4.7.1 Greylisted";
     let mut senders = 0..;
     for _ in 0..5 {
         assert!(
             greylist_rcpt(d.client().await, senders.next().unwrap())
                 .await
                 .0
-                .starts_with(greylisted)
+                .starts_with(GREYLISTED)
         );
     }
     redis.stop();
@@ -844,7 +848,7 @@ async fn redis_killed_and_restarted_mid_traffic() {
     let back = Instant::now();
     loop {
         let (answer, _) = greylist_rcpt(d.client().await, senders.next().unwrap()).await;
-        if answer.starts_with(greylisted) {
+        if answer.starts_with(GREYLISTED) {
             break;
         }
         assert_eq!(answer, "Continue");
