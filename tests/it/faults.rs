@@ -894,3 +894,61 @@ return {
     }
     d.stop().await;
 }
+
+/// Looks each recipient up, and stores it when new.
+const LOOKUP: &str = r#"
+local milter = require "milter"
+local store = require "milter.store"
+return {
+  rcpt = function(ctx, rcpt)
+    local seen, err = store.get(rcpt)
+    if err then return milter.tempfail{ text = "lookup: " .. err } end
+    if seen then return end
+    local ok, err = store.set(rcpt, true)
+    if not ok then return milter.tempfail{ text = "record: " .. err } end
+  end,
+}
+"#;
+
+/// A lookup on the dead disk: SQLite answers a read that fails with EIO "database disk image
+/// is malformed" (on purpose: a read error may be a damaged file system); the log says the
+/// I/O error too, so that nobody takes the disk's death for a corrupt database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_reads_on_a_dead_disk_name_the_io_error() {
+    let Some(disk) = TestDisk::ext4() else {
+        return;
+    };
+    let db = disk.path("lookup.db");
+    let extra = format!(
+        "[store]\npath = {:?}\ntimeout = \"2s\"\n",
+        db.display().to_string()
+    );
+    let d = DaemonProcess::start(&[("lookup", LOOKUP)], "", &extra).unwrap();
+    let mut c = d.client().await;
+    c.connect("client.example", Ipv4Addr::new(192, 0, 2, 1))
+        .await
+        .unwrap();
+    c.mail(["<s@example.net>"]).await.unwrap();
+    for n in 0..20 {
+        let status = c.rcpt([format!("<r{n}@example.org>")]).await.unwrap();
+        assert_eq!(status, Status::Continue);
+    }
+    // The last write changed the database after the last lookup: the next lookup reads it.
+    disk.shut_down();
+    for n in 0..20 {
+        let started = Instant::now();
+        let status = c.rcpt([format!("<r{n}@example.org>")]).await.unwrap();
+        assert_eq!(reply_text(&status), "451 4.7.1 lookup: unavailable");
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+    let (status, log) = d.stop();
+    assert!(status.success(), "{status}\n{log}");
+    let warnings: Vec<_> = log.lines().filter(|l| !l.contains("level=INFO")).collect();
+    println!("{warnings:#?}");
+    assert_eq!(warnings.len(), 1, "{log}");
+    let error = format!("{}: Input/output error (os error 5)", db.display());
+    assert!(
+        warnings[0].contains("store.get failed") && warnings[0].contains(&error),
+        "{log}"
+    );
+}

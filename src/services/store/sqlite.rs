@@ -65,8 +65,9 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// `message` (a failure on `conn`) with the database file and, for an I/O or open error, the
-/// OS error behind it: SQLite's own "disk I/O error" says neither.
+/// `message` (a failure on `conn`) with the database file and the OS error behind it, where
+/// there is one: SQLite's own "disk I/O error" names neither, and it answers a read that failed
+/// with EIO "database disk image is malformed" (a failing disk can return garbage too).
 fn explain(conn: &Connection, message: &str) -> String {
     let path = conn.path().unwrap_or("the store database");
     let io_errors = [ffi::SQLITE_IOERR, ffi::SQLITE_CANTOPEN].map(ffi::code_to_str);
@@ -75,10 +76,21 @@ fn explain(conn: &Connection, message: &str) -> String {
     let errno = unsafe { ffi::sqlite3_system_errno(conn.handle()) };
     if errno != 0 && io_errors.contains(&message) {
         let os = std::io::Error::from_raw_os_error(errno);
-        format!("{path}: {message}: {os}")
-    } else {
-        format!("{path}: {message}")
+        return format!("{path}: {message}: {os}");
     }
+    if message == ffi::code_to_str(ffi::SQLITE_CORRUPT) {
+        return match read_header(Path::new(path)) {
+            Err(os) => format!("{path}: {os} (SQLite: {message})"),
+            Ok(()) => format!("{path}: {message} (or a read error: see the kernel log)"),
+        };
+    }
+    format!("{path}: {message}")
+}
+
+/// Reads the database header of `path` (from the page cache, most often).
+fn read_header(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open(path)?.read_exact_at(&mut [0; 100], 0)
 }
 
 /// [`explain`] for a store result.
