@@ -748,14 +748,17 @@ async fn sqlite_disk_dies_under_traffic() {
     again.stop();
 }
 
-/// Stores every accepted recipient, and accepts it only once stored.
+/// Looks each recipient up and stores it when new: accepts a new one only once stored.
 const RECORDER: &str = r#"
 local milter = require "milter"
 local store = require "milter.store"
 return {
   rcpt = function(ctx, rcpt)
+    local seen, err = store.get(rcpt)
+    if err then return milter.tempfail{ text = "lookup: " .. err } end
+    if seen then return end
     local ok, err = store.set(rcpt, rcpt)
-    if not ok then return milter.tempfail{ text = "store: " .. err } end
+    if not ok then return milter.tempfail{ text = "record: " .. err } end
   end,
 }
 "#;
@@ -895,21 +898,6 @@ return {
     d.stop().await;
 }
 
-/// Looks each recipient up, and stores it when new.
-const LOOKUP: &str = r#"
-local milter = require "milter"
-local store = require "milter.store"
-return {
-  rcpt = function(ctx, rcpt)
-    local seen, err = store.get(rcpt)
-    if err then return milter.tempfail{ text = "lookup: " .. err } end
-    if seen then return end
-    local ok, err = store.set(rcpt, true)
-    if not ok then return milter.tempfail{ text = "record: " .. err } end
-  end,
-}
-"#;
-
 /// A lookup on the dead disk: SQLite answers a read that fails with EIO "database disk image
 /// is malformed" (on purpose: a read error may be a damaged file system); the log says the
 /// I/O error too, so that nobody takes the disk's death for a corrupt database.
@@ -923,7 +911,7 @@ async fn sqlite_reads_on_a_dead_disk_name_the_io_error() {
         "[store]\npath = {:?}\ntimeout = \"2s\"\n",
         db.display().to_string()
     );
-    let d = DaemonProcess::start(&[("lookup", LOOKUP)], "", &extra).unwrap();
+    let d = DaemonProcess::start(&[("recorder", RECORDER)], "", &extra).unwrap();
     let mut c = d.client().await;
     c.connect("client.example", Ipv4Addr::new(192, 0, 2, 1))
         .await
