@@ -698,13 +698,14 @@ async fn sqlite_disk_dies_under_traffic() {
     assert!(greylist_calls(&closed, "unavailable") >= refused as f64 + 5.0);
     assert!(greylist_calls(&open, "unavailable") >= 5.0);
 
-    // The log names the file and the OS error in one warning (the next comes after 10 s at
-    // the earliest); each failed recipient has its message line, as any message has.
+    // The log names the file and the OS error in one warning, then one every 10 s at most;
+    // each failed recipient has its message line, as any message has.
+    let allowed = 1 + shut_down.elapsed().as_secs() / 10;
     for (d, db) in [(&*closed, "closed.db"), (&open, "open.db")] {
         let log = d.log();
         let warnings: Vec<_> = log.lines().filter(|l| !l.contains("level=INFO")).collect();
         println!("{db}: {warnings:#?}");
-        assert_eq!(warnings.len(), 1, "{log}");
+        assert!((1..=allowed).contains(&(warnings.len() as u64)), "{log}");
         let error = format!(
             "{}: disk I/O error: Input/output error",
             disk.path(db).display()
@@ -923,6 +924,7 @@ async fn sqlite_reads_on_a_dead_disk_name_the_io_error() {
     }
     // The last write changed the database after the last lookup: the next lookup reads it.
     disk.shut_down();
+    let died = Instant::now();
     for n in 0..20 {
         let started = Instant::now();
         let status = c.rcpt([format!("<r{n}@example.org>")]).await.unwrap();
@@ -933,7 +935,8 @@ async fn sqlite_reads_on_a_dead_disk_name_the_io_error() {
     assert!(status.success(), "{status}\n{log}");
     let warnings: Vec<_> = log.lines().filter(|l| !l.contains("level=INFO")).collect();
     println!("{warnings:#?}");
-    assert_eq!(warnings.len(), 1, "{log}");
+    let allowed = 1 + died.elapsed().as_secs() / 10;
+    assert!((1..=allowed).contains(&(warnings.len() as u64)), "{log}");
     let error = format!("{}: Input/output error (os error 5)", db.display());
     assert!(
         warnings[0].contains("store.get failed") && warnings[0].contains(&error),
