@@ -375,7 +375,8 @@ impl TestDisk {
         Self::mount(&["-t", "tmpfs", "-o", "size=256k", "tmpfs"], None)
     }
 
-    /// A 16 MiB ext4 file system in an image file on a loop device.
+    /// A 16 MiB ext4 file system in an image file on a loop device, mounted to turn read-only on
+    /// an error (as Debian mounts its root file system).
     fn ext4() -> Option<TestDisk> {
         let images = tempfile::TempDir::new().unwrap();
         let image = images.path().join("disk.img");
@@ -407,7 +408,8 @@ impl TestDisk {
         let _ = std::process::Command::new("blockdev")
             .args(["--setrw", &device])
             .status();
-        Self::mount(&[&device], Some((device.clone(), images)))
+        let options = ["-o", "errors=remount-ro", &device];
+        Self::mount(&options, Some((device.clone(), images)))
     }
 
     fn mount(args: &[&str], device: Option<(String, tempfile::TempDir)>) -> Option<TestDisk> {
@@ -459,28 +461,54 @@ impl TestDisk {
         path
     }
 
-    /// Shuts the file system down as a dying disk does (`FS_IOC_SHUTDOWN`, without flushing
-    /// the journal): from now on every write, and every read that misses the cache, fails with
-    /// EIO, while open files stay open.
-    fn shut_down(&self) {
+    /// Makes the ext4 disk fail `how`, while open files stay open. It is written back first,
+    /// as the kernel does within 30 s on an idle store: the failure finds the databases' pages
+    /// (the mapped WAL index too) clean, not only dirty in the cache.
+    fn fail(&self, how: DiskFailure) {
         use std::os::fd::AsRawFd;
-        /// `_IOR('X', 125, __u32)`.
-        const FS_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587D;
-        const GOING_FLAGS_NOLOGFLUSH: u32 = 2;
         let root = std::fs::File::open(self.dir.path()).unwrap();
-        // Written back first, as the kernel does within 30 s on an idle store: the death finds
-        // the databases' pages (the mapped WAL index too) clean, not only dirty in the cache.
         // SAFETY: syncfs on an fd we own.
         assert_eq!(unsafe { libc::syncfs(root.as_raw_fd()) }, 0);
-        let flags = GOING_FLAGS_NOLOGFLUSH;
-        // SAFETY: the ioctl reads one u32 through a pointer to a live local.
-        let rc = unsafe { libc::ioctl(root.as_raw_fd(), FS_IOC_SHUTDOWN as _, &flags) };
-        assert_eq!(
-            rc,
-            0,
-            "FS_IOC_SHUTDOWN: {}",
-            std::io::Error::last_os_error()
-        );
+        match how {
+            DiskFailure::Dies => {
+                /// `_IOR('X', 125, __u32)`.
+                const FS_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587D;
+                const GOING_FLAGS_NOLOGFLUSH: u32 = 2;
+                let flags = GOING_FLAGS_NOLOGFLUSH;
+                // SAFETY: the ioctl reads one u32 through a pointer to a live local.
+                let rc = unsafe { libc::ioctl(root.as_raw_fd(), FS_IOC_SHUTDOWN as _, &flags) };
+                let error = std::io::Error::last_os_error();
+                assert_eq!(rc, 0, "FS_IOC_SHUTDOWN: {error}");
+            }
+            DiskFailure::TurnsReadOnly => {
+                let (device, _) = self.device.as_ref().expect("an ext4 disk");
+                let name = device.trim_start_matches("/dev/");
+                let trigger = format!("/sys/fs/ext4/{name}/trigger_fs_error");
+                std::fs::write(&trigger, "luamilter test").expect(&trigger);
+            }
+        }
+    }
+}
+
+/// How [`TestDisk::fail`] fails the disk.
+#[derive(Clone, Copy, Debug)]
+enum DiskFailure {
+    /// Shut down (`FS_IOC_SHUTDOWN`, without flushing the journal) as a dying disk: every write,
+    /// and every read that misses the cache, fails with EIO.
+    Dies,
+    /// A file system error (`trigger_fs_error`) remounts it read-only: every write fails with
+    /// EROFS (one caught by the journal's abort with EIO); reads go on.
+    TurnsReadOnly,
+}
+
+impl DiskFailure {
+    /// The OS errors a write gets.
+    fn os_errors(self) -> &'static [&'static str] {
+        const EIO: &str = "Input/output error (os error 5)";
+        match self {
+            DiskFailure::Dies => &[EIO],
+            DiskFailure::TurnsReadOnly => &["Read-only file system (os error 30)", EIO],
+        }
     }
 }
 
@@ -613,14 +641,23 @@ fn greylist_calls(d: &DaemonProcess, result: &str) -> f64 {
     crate::metrics::sample(&stats, "luamilter_store_operations_total", &labels).unwrap_or(0.0)
 }
 
-/// The disk under the SQLite database dies (ext4 shut down: every write fails with EIO) while
-/// two daemons, failing closed and open, have their databases on it under traffic: no
-/// recipient is accepted silently by the one failing closed, both answer by the documented
-/// verdicts within the store timeout, the log names the error without flooding, sessions that
-/// do not use the store are served as before, the counters show the failures, SIGTERM stops
-/// both at once, and a daemon on a healthy disk works again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_disk_dies_under_traffic() {
+    store_disk_fails_under_traffic(DiskFailure::Dies).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_disk_turns_read_only_under_traffic() {
+    store_disk_fails_under_traffic(DiskFailure::TurnsReadOnly).await;
+}
+
+/// The disk under the SQLite database fails `how` while two daemons, failing closed and open,
+/// have their databases on it under traffic: no recipient is accepted silently by the one
+/// failing closed, both answer by the documented verdicts within the store timeout, the log
+/// names the file and the OS error without flooding, sessions that do not use the store are
+/// served as before, the counters show the failures, SIGTERM stops both at once, a daemon does
+/// not start on the failed disk, and one on a healthy disk works again.
+async fn store_disk_fails_under_traffic(how: DiskFailure) {
     let Some(disk) = TestDisk::ext4() else {
         return;
     };
@@ -638,16 +675,16 @@ async fn sqlite_disk_dies_under_traffic() {
         "{closed_before:?}"
     );
 
-    // Traffic on the daemon failing closed, while the disk dies under it.
-    let dead = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Traffic on the daemon failing closed, while the disk fails under it.
+    let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let senders: Vec<_> = (0..4)
         .map(|t| {
-            let (closed, dead) = (closed.clone(), dead.clone());
+            let (closed, failed) = (closed.clone(), failed.clone());
             tokio::spawn(async move {
                 let (mut answers, mut after) = (Vec::new(), 0);
                 for n in 0..1000 {
                     answers.push(greylist_rcpt(closed.client().await, t * 1000 + n).await);
-                    if dead.load(std::sync::atomic::Ordering::SeqCst) {
+                    if failed.load(std::sync::atomic::Ordering::SeqCst) {
                         after += 1;
                         if after == 20 {
                             break;
@@ -659,9 +696,9 @@ async fn sqlite_disk_dies_under_traffic() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    disk.shut_down();
-    let shut_down = Instant::now();
-    dead.store(true, std::sync::atomic::Ordering::SeqCst);
+    disk.fail(how);
+    let failed_at = Instant::now();
+    failed.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut answers = Vec::new();
     for s in senders {
         answers.extend(s.await.unwrap());
@@ -675,12 +712,12 @@ async fn sqlite_disk_dies_under_traffic() {
     }
     let refused = answers.iter().filter(|(a, _)| a == UNAVAILABLE).count();
     println!(
-        "{} recipients under traffic, {refused} refused as unavailable, the slowest in {:?}, all done {:?} after the shutdown",
+        "{} recipients under traffic, {refused} refused as unavailable, the slowest in {:?}, all done {:?} after the failure",
         answers.len(),
         answers.iter().map(|(_, took)| *took).max().unwrap(),
-        shut_down.elapsed()
+        failed_at.elapsed()
     );
-    assert!(refused > 0, "no answer came after the disk died");
+    assert!(refused > 0, "no answer came after the disk failed");
 
     // From now on: the documented verdicts, within the store timeout.
     for n in 1..=5 {
@@ -700,20 +737,19 @@ async fn sqlite_disk_dies_under_traffic() {
 
     // The log names the file and the OS error in one warning, then one every 10 s at most;
     // each failed recipient has its message line, as any message has.
-    let allowed = 1 + shut_down.elapsed().as_secs() / 10;
+    let allowed = 1 + failed_at.elapsed().as_secs() / 10;
     for (d, db) in [(&*closed, "closed.db"), (&open, "open.db")] {
         let log = d.log();
         let warnings: Vec<_> = log.lines().filter(|l| !l.contains("level=INFO")).collect();
         println!("{db}: {warnings:#?}");
         assert!((1..=allowed).contains(&(warnings.len() as u64)), "{log}");
-        let error = format!(
-            "{}: disk I/O error: Input/output error",
-            disk.path(db).display()
-        );
-        assert!(warnings[0].contains(&error), "{log}");
+        let file = format!("{}: ", disk.path(db).display());
+        assert!(warnings[0].contains(&file), "{log}");
+        let os_errors = how.os_errors();
+        assert!(os_errors.iter().any(|e| warnings[0].contains(e)), "{log}");
     }
 
-    // SIGTERM stops both promptly, cleanly, on the dead disk.
+    // SIGTERM stops both promptly, cleanly, on the failed disk.
     let closed = std::sync::Arc::into_inner(closed).unwrap();
     for d in [closed, open] {
         let mut idle = d.client().await;
@@ -728,11 +764,11 @@ async fn sqlite_disk_dies_under_traffic() {
         assert!(!log.contains("panicked"), "{log}");
     }
 
-    // A daemon does not start on the dead disk, and says why; on a fresh healthy disk it serves.
+    // A daemon does not start on the failed disk, and says why; on a fresh healthy disk it serves.
     let err = greylist_process(&disk, "closed.db", true)
         .err()
-        .expect("start on a dead disk");
-    println!("start on the dead disk: {err}");
+        .expect("start on a failed disk");
+    println!("start on the failed disk: {err}");
     assert!(
         err.contains("[store]") && err.contains("closed.db"),
         "{err}"
@@ -923,7 +959,7 @@ async fn sqlite_reads_on_a_dead_disk_name_the_io_error() {
         assert_eq!(status, Status::Continue);
     }
     // The last write changed the database after the last lookup: the next lookup reads it.
-    disk.shut_down();
+    disk.fail(DiskFailure::Dies);
     let died = Instant::now();
     for n in 0..20 {
         let started = Instant::now();
@@ -937,7 +973,7 @@ async fn sqlite_reads_on_a_dead_disk_name_the_io_error() {
     println!("{warnings:#?}");
     let allowed = 1 + died.elapsed().as_secs() / 10;
     assert!((1..=allowed).contains(&(warnings.len() as u64)), "{log}");
-    let error = format!("{}: Input/output error (os error 5)", db.display());
+    let error = format!("{}: {}", db.display(), DiskFailure::Dies.os_errors()[0]);
     assert!(
         warnings[0].contains("store.get failed") && warnings[0].contains(&error),
         "{log}"
