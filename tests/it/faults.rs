@@ -597,11 +597,13 @@ async fn sqlite_on_a_full_or_read_only_disk() {
     println!("start on a read-only database: {err}");
 }
 
-/// The stock greylist as a daemon process on the database `name` on `disk`, with metrics on
-/// (so `luamilter ctl stats` has the store's counters).
-fn greylist_process(
+/// A daemon process with the stock policies `chain` (greylist configured as in
+/// [`greylist_config`]) on the database `name` on `disk`, with metrics on (so `luamilter ctl
+/// stats` has the store's counters).
+fn stock_process(
     disk: &TestDisk,
     name: &str,
+    chain: &[&str],
     fail_closed: bool,
 ) -> Result<DaemonProcess, String> {
     let port = crate::support::postfix::free_port().unwrap();
@@ -609,8 +611,11 @@ fn greylist_process(
         "{}[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
         greylist_config(&disk.path(name), fail_closed)
     );
-    DaemonProcess::start_stock(&["greylist"], &extra)
+    DaemonProcess::start_stock(chain, &extra)
 }
+
+/// The stock policies that use the store on every message.
+const STORE_PACK: [&str; 4] = ["bans", "whitelist", "reputation", "greylist"];
 
 /// The answers to each stage of a whole message from localhost, which greylisting exempts: the
 /// store is never asked.
@@ -661,8 +666,10 @@ async fn store_disk_fails_under_traffic(how: DiskFailure) {
     let Some(disk) = TestDisk::ext4() else {
         return;
     };
-    let closed = std::sync::Arc::new(greylist_process(&disk, "closed.db", true).unwrap());
-    let open = greylist_process(&disk, "open.db", false).unwrap();
+    let closed =
+        std::sync::Arc::new(stock_process(&disk, "closed.db", &["greylist"], true).unwrap());
+    let open = stock_process(&disk, "open.db", &["greylist"], false).unwrap();
+    let pack = stock_process(&disk, "pack.db", &STORE_PACK, false).unwrap();
     assert!(
         greylist_rcpt(open.client().await, 0)
             .await
@@ -724,9 +731,11 @@ async fn store_disk_fails_under_traffic(how: DiskFailure) {
         let (answer, took) = greylist_rcpt(closed.client().await, 9000 + n).await;
         assert_eq!(answer, UNAVAILABLE, "fail_closed");
         assert!(took < Duration::from_secs(3), "{took:?}");
-        let (answer, took) = greylist_rcpt(open.client().await, n).await;
-        assert_eq!(answer, "Continue", "fail_closed = false");
-        assert!(took < Duration::from_secs(3), "{took:?}");
+        for d in [&open, &pack] {
+            let (answer, took) = greylist_rcpt(d.client().await, n).await;
+            assert_eq!(answer, "Continue", "fail_closed = false");
+            assert!(took < Duration::from_secs(3), "{took:?}");
+        }
     }
     // Sessions that do not use the store are served as before.
     for (d, before) in [(&*closed, &closed_before), (&open, &open_before)] {
@@ -735,10 +744,15 @@ async fn store_disk_fails_under_traffic(how: DiskFailure) {
     assert!(greylist_calls(&closed, "unavailable") >= refused as f64 + 5.0);
     assert!(greylist_calls(&open, "unavailable") >= 5.0);
 
-    // The log names the file and the OS error in one warning, then one every 10 s at most;
-    // each failed recipient has its message line, as any message has.
+    // The log names the file and the OS error in one warning, then one every 10 s at most,
+    // with every stock policy that uses the store on each message; each failed recipient has
+    // its message line, as any message has.
     let allowed = 1 + failed_at.elapsed().as_secs() / 10;
-    for (d, db) in [(&*closed, "closed.db"), (&open, "open.db")] {
+    for (d, db) in [
+        (&*closed, "closed.db"),
+        (&open, "open.db"),
+        (&pack, "pack.db"),
+    ] {
         let log = d.log();
         let warnings: Vec<_> = log.lines().filter(|l| !l.contains("level=INFO")).collect();
         println!("{db}: {warnings:#?}");
@@ -749,9 +763,9 @@ async fn store_disk_fails_under_traffic(how: DiskFailure) {
         assert!(os_errors.iter().any(|e| warnings[0].contains(e)), "{log}");
     }
 
-    // SIGTERM stops both promptly, cleanly, on the failed disk.
+    // SIGTERM stops them promptly, cleanly, on the failed disk.
     let closed = std::sync::Arc::into_inner(closed).unwrap();
-    for d in [closed, open] {
+    for d in [closed, open, pack] {
         let mut idle = d.client().await;
         idle.connect("client.example", Ipv4Addr::new(192, 0, 2, 1))
             .await
@@ -765,7 +779,7 @@ async fn store_disk_fails_under_traffic(how: DiskFailure) {
     }
 
     // A daemon does not start on the failed disk, and says why; on a fresh healthy disk it serves.
-    let err = greylist_process(&disk, "closed.db", true)
+    let err = stock_process(&disk, "closed.db", &["greylist"], true)
         .err()
         .expect("start on a failed disk");
     println!("start on the failed disk: {err}");
@@ -775,7 +789,7 @@ async fn store_disk_fails_under_traffic(how: DiskFailure) {
     );
     drop(disk);
     let healthy = TestDisk::ext4().unwrap();
-    let again = greylist_process(&healthy, "closed.db", true).unwrap();
+    let again = stock_process(&healthy, "closed.db", &["greylist"], true).unwrap();
     assert!(
         greylist_rcpt(again.client().await, 0)
             .await

@@ -87,6 +87,15 @@ fn explain(conn: &Connection, message: &str) -> String {
     format!("{path}: {message}")
 }
 
+/// Why a connection to `path` did not open: the OS error when the file itself does not open,
+/// else SQLite's reason ("unable to open database file: PATH").
+fn open_failure(path: &Path, error: rusqlite::Error) -> StoreError {
+    match std::fs::File::open(path) {
+        Err(os) => StoreError::Unavailable(format!("{}: {os}", path.display())),
+        Ok(_) => error.into(),
+    }
+}
+
 /// Reads the database header of `path` (from the page cache, most often).
 fn read_header(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
@@ -277,7 +286,7 @@ impl SqliteStore {
                 None => {
                     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
                     let c = Connection::open_with_flags(&path, flags)
-                        .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
+                        .map_err(|e| open_failure(&path, e))?;
                     c.busy_timeout(timeout)?;
                     c
                 }
