@@ -110,7 +110,7 @@ return {
     if ban then
       return refuse(opts.ip_reply)
     elseif err then
-      milter.log.warn("cannot check the IP ban list", ip, err)
+      milter.log.debug("cannot check the IP ban list", ip, err)
     end
   end,
 
@@ -121,7 +121,7 @@ return {
     local entry = file_ban(domain, opts.domain_files)
     if not entry then
       local ban, err = store.banned("domain", domain)
-      if err then milter.log.warn("cannot check the domain ban list", domain, err) end
+      if err then milter.log.debug("cannot check the domain ban list", domain, err) end
       entry = ban and ban.entry
     end
     if entry then

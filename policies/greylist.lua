@@ -61,7 +61,8 @@ return {
     elseif verdict == "pass" then
       milter.log.debug("greylist passed", client, ctx.sender, rcpt, n)
     else
-      milter.log.warn("greylist store unavailable:", n)
+      -- The store logs its failure as a warning, at most one every 10 s: no line per message.
+      milter.log.debug("greylist: store", n)
       if opts.fail_closed then
         return milter.tempfail{ code = 451, xcode = "4.3.0", text = opts.unavailable_reply }
       end

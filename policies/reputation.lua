@@ -101,7 +101,7 @@ local function learn(rep, what, why, opts)
   if ok then
     milter.log.debug("reputation: " .. rep.identity .. " learned " .. what .. " (" .. why .. ")")
   else
-    milter.log.warn("reputation: cannot learn", rep.identity, err)
+    milter.log.debug("reputation: cannot learn", rep.identity, err)
   end
 end
 
@@ -150,7 +150,7 @@ return {
     if not rep then return end
     local amounts, err = store.decay(key(rep.identity), opts.half_life)
     if not amounts then
-      milter.log.warn("reputation: cannot look up", rep.identity, err)
+      milter.log.debug("reputation: cannot look up", rep.identity, err)
       amounts = {}
     end
     rep.score, rep.confidence, rep.ham, rep.spam = rate(amounts, opts)

@@ -78,7 +78,7 @@ local function remember(rcpt, reason, ttl)
     if ok then return end
     err = add_err
   end
-  milter.log.warn("cannot auto-whitelist", rcpt, err)
+  milter.log.debug("cannot auto-whitelist", rcpt, err)
 end
 
 return {
@@ -98,7 +98,7 @@ return {
   mail = function(ctx, sender, args, opts)
     if sender == "" then return end
     local entry, err = store.listed("whitelist", sender)
-    if err then milter.log.warn("cannot look up the whitelist", sender, err) end
+    if err then milter.log.debug("cannot look up the whitelist", sender, err) end
     if entry then
       -- Proven by SPF pass, a trusted relay, or an earlier policy (spf's access-map WHITELIST).
       if domain_ban.identified(ctx) or ctx.client.trusted or ctx.msg.listed == "WHITELIST" then
@@ -115,7 +115,7 @@ return {
     if ctx.client.internal then return end
     local black
     black, err = store.listed("blacklist", sender)
-    if err then milter.log.warn("cannot look up the blacklist", sender, err) end
+    if err then milter.log.debug("cannot look up the blacklist", sender, err) end
     if black then
       ctx.msg.listed = "BLACKLIST"
       ctx:demerit(opts.blacklist_demerits, "blacklisted sender " .. sender)

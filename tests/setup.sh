@@ -5,8 +5,8 @@
 # shell completions, completing), lintian (the Debian package, .ci/deb), dkimpy with PyNaCl,
 # dnspython and authres (DKIM and ARC tests: the second implementation, signing and sealing for
 # luamilter to verify, and verifying what luamilter signs), and python3-flufl.bounce for its
-# corpus of real-world bounces (the srs policy's delayed-failure tests). Idempotent; needs root
-# (as do the Postfix tests).
+# corpus of real-world bounces (the srs policy's delayed-failure tests), and e2fsprogs (an ext4
+# loop disk that dies under the store). Idempotent; needs root (as do the Postfix tests).
 set -euo pipefail
 missing=()
 command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || missing+=(postfix)
@@ -23,6 +23,7 @@ command -v dkimverify >/dev/null 2>&1 || missing+=(python3-dkim)
 /usr/bin/python3 -c 'import dns.resolver' >/dev/null 2>&1 || missing+=(python3-dnspython)
 /usr/bin/python3 -c 'import authres' >/dev/null 2>&1 || missing+=(python3-authres)
 [ -d /usr/lib/python3/dist-packages/flufl/bounce/tests/data ] || missing+=(python3-flufl.bounce)
+command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -4,7 +4,7 @@
 
 use crate::{
     dns_server::TestDns,
-    support::{TestDaemon, reply_text},
+    support::{DaemonProcess, Mta, TestDaemon, reply_text},
 };
 use indymilter_test::Status;
 use std::{
@@ -360,26 +360,78 @@ async fn a_second_daemon_on_the_same_socket_or_database_is_refused() {
         .await;
 }
 
-/// A tmpfs of 256 KiB mounted on a temp dir, unmounted on drop; `None` (after saying why)
-/// where mounting is not permitted.
-struct TinyDisk {
+/// A small file system for the store, mounted on a temp dir and unmounted (lazily) on drop:
+/// a tmpfs, or ext4 on a loop device that can die like a disk. `None` (after saying why) where
+/// mounting is not permitted.
+struct TestDisk {
     dir: tempfile::TempDir,
+    /// The loop device and the dir holding its image file, for ext4.
+    device: Option<(String, tempfile::TempDir)>,
 }
 
-impl TinyDisk {
-    fn mount() -> Option<TinyDisk> {
+impl TestDisk {
+    /// A tmpfs of 256 KiB.
+    fn tmpfs() -> Option<TestDisk> {
+        Self::mount(&["-t", "tmpfs", "-o", "size=256k", "tmpfs"], None)
+    }
+
+    /// A 16 MiB ext4 file system in an image file on a loop device, mounted to turn read-only on
+    /// an error (as Debian mounts its root file system).
+    fn ext4() -> Option<TestDisk> {
+        let images = tempfile::TempDir::new().unwrap();
+        let image = images.path().join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        let made = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&image)
+            .status();
+        if !matches!(made, Ok(s) if s.success()) {
+            println!("SKIPPED: mkfs.ext4 failed ({made:?}); tests/setup.sh installs e2fsprogs");
+            return None;
+        }
+        let attached = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&image)
+            .output();
+        let device = match attached {
+            Ok(out) if out.status.success() => String::from_utf8(out.stdout).unwrap(),
+            other => {
+                println!("SKIPPED: cannot attach a loop device ({other:?}); run the tests as root");
+                return None;
+            }
+        };
+        let device = device.trim().to_string();
+        // A loop device keeps a read-only flag an earlier user set (`blockdev --setro`).
+        let _ = std::process::Command::new("blockdev")
+            .args(["--setrw", &device])
+            .status();
+        let options = ["-o", "errors=remount-ro", &device];
+        Self::mount(&options, Some((device.clone(), images)))
+    }
+
+    fn mount(args: &[&str], device: Option<(String, tempfile::TempDir)>) -> Option<TestDisk> {
         let dir = tempfile::TempDir::new().unwrap();
         let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .args(args)
             .arg(dir.path())
             .status();
+        // Built before the check so that its drop detaches the loop device either way.
+        let disk = TestDisk { dir, device };
         match status {
-            Ok(s) if s.success() => Some(TinyDisk { dir }),
+            Ok(s) if s.success() => Some(disk),
             other => {
-                println!("SKIPPED: cannot mount a tmpfs ({other:?}); run the tests as root");
+                println!("SKIPPED: cannot mount {args:?} ({other:?}); run the tests as root");
                 None
             }
         }
+    }
+
+    /// A file on the disk.
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
     }
 
     /// Remounts with `mode`, retrying for a few seconds while the file system is busy (a
@@ -403,34 +455,99 @@ impl TinyDisk {
     /// Fills the disk with a file; returns its path.
     fn fill(&self) -> std::path::PathBuf {
         use std::io::Write;
-        let path = self.dir.path().join("filler");
+        let path = self.path("filler");
         let mut file = std::fs::File::create(&path).unwrap();
         while file.write_all(&[0u8; 4096]).is_ok() {}
         path
     }
+
+    /// Makes the ext4 disk fail `how`, while open files stay open. It is written back first,
+    /// as the kernel does within 30 s on an idle store: the failure finds the databases' pages
+    /// (the mapped WAL index too) clean, not only dirty in the cache.
+    fn fail(&self, how: DiskFailure) {
+        use std::os::fd::AsRawFd;
+        let root = std::fs::File::open(self.dir.path()).unwrap();
+        // SAFETY: syncfs on an fd we own.
+        assert_eq!(unsafe { libc::syncfs(root.as_raw_fd()) }, 0);
+        match how {
+            DiskFailure::Dies => {
+                /// `_IOR('X', 125, __u32)`.
+                const FS_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587D;
+                const GOING_FLAGS_NOLOGFLUSH: u32 = 2;
+                let flags = GOING_FLAGS_NOLOGFLUSH;
+                // SAFETY: the ioctl reads one u32 through a pointer to a live local.
+                let rc = unsafe { libc::ioctl(root.as_raw_fd(), FS_IOC_SHUTDOWN as _, &flags) };
+                let error = std::io::Error::last_os_error();
+                assert_eq!(rc, 0, "FS_IOC_SHUTDOWN: {error}");
+            }
+            DiskFailure::TurnsReadOnly => {
+                let (device, _) = self.device.as_ref().expect("an ext4 disk");
+                let name = device.trim_start_matches("/dev/");
+                let trigger = format!("/sys/fs/ext4/{name}/trigger_fs_error");
+                std::fs::write(&trigger, "luamilter test").expect(&trigger);
+            }
+        }
+    }
 }
 
-impl Drop for TinyDisk {
+/// How [`TestDisk::fail`] fails the disk.
+#[derive(Clone, Copy, Debug)]
+enum DiskFailure {
+    /// Shut down (`FS_IOC_SHUTDOWN`, without flushing the journal) as a dying disk: every write,
+    /// and every read that misses the cache, fails with EIO.
+    Dies,
+    /// A file system error (`trigger_fs_error`) remounts it read-only: every write fails with
+    /// EROFS (one caught by the journal's abort with EIO); reads go on.
+    TurnsReadOnly,
+}
+
+impl DiskFailure {
+    /// The OS errors a write gets.
+    fn os_errors(self) -> &'static [&'static str] {
+        const EIO: &str = "Input/output error (os error 5)";
+        match self {
+            DiskFailure::Dies => &[EIO],
+            DiskFailure::TurnsReadOnly => &["Read-only file system (os error 30)", EIO],
+        }
+    }
+}
+
+impl Drop for TestDisk {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount")
             .arg("-l")
             .arg(self.dir.path())
             .status();
+        if let Some((device, _)) = &self.device {
+            // Detaches now, or (still busy after a lazy unmount) once the last user is gone.
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", device])
+                .status();
+        }
     }
 }
 
+/// The start of the stock greylist's answer to a new triplet.
+const GREYLISTED: &str = "451-4.7.1 Greylisted";
+/// The stock greylist's answer when the store fails and `fail_closed` is on.
+const UNAVAILABLE: &str = "451 4.3.0 Greylisting is unavailable, try again later";
+
+/// Config for the stock greylist policy on the database `db`, with a 2 s store timeout.
+fn greylist_config(db: &std::path::Path, fail_closed: bool) -> String {
+    format!(
+        "[store]\npath = {:?}\ntimeout = \"2s\"\n[policy.greylist]\nfail_closed = {fail_closed}\n",
+        db.display().to_string()
+    )
+}
+
 /// The stock greylist policy, failing closed, on a database on `disk`.
-async fn greylist_daemon(disk: &TinyDisk) -> Result<TestDaemon, String> {
-    let extra = format!(
-        "[store]\npath = {:?}\ntimeout = \"2s\"\n[policy.greylist]\nfail_closed = true\n",
-        disk.dir.path().join("luamilter.db").display().to_string()
-    );
+async fn greylist_daemon(disk: &TestDisk) -> Result<TestDaemon, String> {
+    let extra = greylist_config(&disk.path("luamilter.db"), true);
     TestDaemon::try_start_stock(&["greylist"], &extra).await
 }
 
-/// The RCPT answer for a new triplet (sender `n`), and how long it took.
-async fn greylist_rcpt(d: &TestDaemon, n: u32) -> (String, Duration) {
-    let mut c = d.client().await;
+/// The RCPT answer of the connection `c` for a new triplet (sender `n`), and how long it took.
+async fn greylist_rcpt(mut c: Mta, n: u32) -> (String, Duration) {
     c.connect("client.example", Ipv4Addr::new(192, 0, 2, 1))
         .await
         .unwrap();
@@ -442,25 +559,28 @@ async fn greylist_rcpt(d: &TestDaemon, n: u32) -> (String, Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_on_a_full_or_read_only_disk() {
-    let Some(disk) = TinyDisk::mount() else {
+    let Some(disk) = TestDisk::tmpfs() else {
         return;
     };
-    let greylisted = "451-4.7.1 Greylisted";
-    let unavailable = "451 4.3.0 Greylisting is unavailable, try again later";
     let d = greylist_daemon(&disk).await.unwrap();
-    let first = greylist_rcpt(&d, 0).await.0;
-    assert!(first.starts_with(greylisted), "{first}");
+    let first = greylist_rcpt(d.client().await, 0).await.0;
+    assert!(first.starts_with(GREYLISTED), "{first}");
 
     // Disk full: the store refuses the write, the policy answers as documented, at once.
     let filler = disk.fill();
     for n in 1..=3 {
-        let (answer, took) = greylist_rcpt(&d, n).await;
-        assert_eq!(answer, unavailable, "disk full");
+        let (answer, took) = greylist_rcpt(d.client().await, n).await;
+        assert_eq!(answer, UNAVAILABLE, "disk full");
         assert!(took < Duration::from_secs(3), "{took:?}");
     }
     // Space again: served normally without a restart.
     std::fs::remove_file(filler).unwrap();
-    assert!(greylist_rcpt(&d, 4).await.0.starts_with(greylisted));
+    assert!(
+        greylist_rcpt(d.client().await, 4)
+            .await
+            .0
+            .starts_with(GREYLISTED)
+    );
 
     d.stop().await;
 
@@ -477,14 +597,219 @@ async fn sqlite_on_a_full_or_read_only_disk() {
     println!("start on a read-only database: {err}");
 }
 
-/// Stores every accepted recipient, and accepts it only once stored.
+/// A daemon process with the stock policies `chain` (greylist configured as in
+/// [`greylist_config`]) on the database `name` on `disk`, with metrics on (so `luamilter ctl
+/// stats` has the store's counters).
+fn stock_process(
+    disk: &TestDisk,
+    name: &str,
+    chain: &[&str],
+    fail_closed: bool,
+) -> Result<DaemonProcess, String> {
+    let port = crate::support::postfix::free_port().unwrap();
+    let extra = format!(
+        "{}[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+        greylist_config(&disk.path(name), fail_closed)
+    );
+    DaemonProcess::start_stock(chain, &extra)
+}
+
+/// The stock policies that use the store on every message.
+const STORE_PACK: [&str; 4] = ["bans", "whitelist", "reputation", "greylist"];
+
+/// The answers to each stage of a whole message from localhost, which greylisting exempts: the
+/// store is never asked.
+async fn local_message(d: &DaemonProcess) -> Vec<Status> {
+    let mut c = d.client().await;
+    let mut statuses = vec![c.connect("localhost", Ipv4Addr::LOCALHOST).await.unwrap()];
+    statuses.push(c.helo("localhost").await.unwrap());
+    statuses.push(c.mail(["<a@example.net>"]).await.unwrap());
+    statuses.push(c.rcpt(["<b@example.org>"]).await.unwrap());
+    statuses.push(c.data().await.unwrap());
+    statuses.push(c.header("Subject", "hi").await.unwrap());
+    statuses.push(c.eoh().await.unwrap());
+    statuses.push(c.body("hello\r\n").await.unwrap());
+    statuses.push(c.0.eom().await.unwrap().1);
+    statuses
+}
+
+/// The value of the store's `greylist` counter with `result` in `luamilter ctl stats`.
+fn greylist_calls(d: &DaemonProcess, result: &str) -> f64 {
+    let out = crate::support::luamilter_cli("ctl", &d.config, &["stats"]);
+    let stats = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stats}");
+    let labels = [
+        ("backend", "sqlite"),
+        ("op", "greylist"),
+        ("result", result),
+    ];
+    crate::metrics::sample(&stats, "luamilter_store_operations_total", &labels).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_disk_dies_under_traffic() {
+    store_disk_fails_under_traffic(DiskFailure::Dies).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_disk_turns_read_only_under_traffic() {
+    store_disk_fails_under_traffic(DiskFailure::TurnsReadOnly).await;
+}
+
+/// The disk under the SQLite database fails `how` while two daemons, failing closed and open,
+/// have their databases on it under traffic: no recipient is accepted silently by the one
+/// failing closed, both answer by the documented verdicts within the store timeout, the log
+/// names the file and the OS error without flooding, sessions that do not use the store are
+/// served as before, the counters show the failures, SIGTERM stops both at once, a daemon does
+/// not start on the failed disk, and one on a healthy disk works again.
+async fn store_disk_fails_under_traffic(how: DiskFailure) {
+    let Some(disk) = TestDisk::ext4() else {
+        return;
+    };
+    let closed =
+        std::sync::Arc::new(stock_process(&disk, "closed.db", &["greylist"], true).unwrap());
+    let open = stock_process(&disk, "open.db", &["greylist"], false).unwrap();
+    let pack = stock_process(&disk, "pack.db", &STORE_PACK, false).unwrap();
+    assert!(
+        greylist_rcpt(open.client().await, 0)
+            .await
+            .0
+            .starts_with(GREYLISTED)
+    );
+    let (closed_before, open_before) = (local_message(&closed).await, local_message(&open).await);
+    assert!(
+        closed_before.contains(&Status::Continue),
+        "{closed_before:?}"
+    );
+
+    // Traffic on the daemon failing closed, while the disk fails under it.
+    let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            let (closed, failed) = (closed.clone(), failed.clone());
+            tokio::spawn(async move {
+                let (mut answers, mut after) = (Vec::new(), 0);
+                for n in 0..1000 {
+                    answers.push(greylist_rcpt(closed.client().await, t * 1000 + n).await);
+                    if failed.load(std::sync::atomic::Ordering::SeqCst) {
+                        after += 1;
+                        if after == 20 {
+                            break;
+                        }
+                    }
+                }
+                answers
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    disk.fail(how);
+    let failed_at = Instant::now();
+    failed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut answers = Vec::new();
+    for s in senders {
+        answers.extend(s.await.unwrap());
+    }
+    for (answer, took) in &answers {
+        assert!(
+            answer.starts_with(GREYLISTED) || answer == UNAVAILABLE,
+            "{answer}"
+        );
+        assert!(*took < Duration::from_secs(3), "{took:?}");
+    }
+    let refused = answers.iter().filter(|(a, _)| a == UNAVAILABLE).count();
+    println!(
+        "{} recipients under traffic, {refused} refused as unavailable, the slowest in {:?}, all done {:?} after the failure",
+        answers.len(),
+        answers.iter().map(|(_, took)| *took).max().unwrap(),
+        failed_at.elapsed()
+    );
+    assert!(refused > 0, "no answer came after the disk failed");
+
+    // From now on: the documented verdicts, within the store timeout.
+    for n in 1..=5 {
+        let (answer, took) = greylist_rcpt(closed.client().await, 9000 + n).await;
+        assert_eq!(answer, UNAVAILABLE, "fail_closed");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        for d in [&open, &pack] {
+            let (answer, took) = greylist_rcpt(d.client().await, n).await;
+            assert_eq!(answer, "Continue", "fail_closed = false");
+            assert!(took < Duration::from_secs(3), "{took:?}");
+        }
+    }
+    // Sessions that do not use the store are served as before.
+    for (d, before) in [(&*closed, &closed_before), (&open, &open_before)] {
+        assert_eq!(&local_message(d).await, before);
+    }
+    assert!(greylist_calls(&closed, "unavailable") >= refused as f64 + 5.0);
+    assert!(greylist_calls(&open, "unavailable") >= 5.0);
+
+    // The log names the file and the OS error in one warning, then one every 10 s at most,
+    // with every stock policy that uses the store on each message; each failed recipient has
+    // its message line, as any message has.
+    let allowed = 1 + failed_at.elapsed().as_secs() / 10;
+    for (d, db) in [
+        (&*closed, "closed.db"),
+        (&open, "open.db"),
+        (&pack, "pack.db"),
+    ] {
+        let log = d.log();
+        let warnings: Vec<_> = log.lines().filter(|l| !l.contains("level=INFO")).collect();
+        println!("{db}: {warnings:#?}");
+        assert!((1..=allowed).contains(&(warnings.len() as u64)), "{log}");
+        let file = format!("{}: ", disk.path(db).display());
+        assert!(warnings[0].contains(&file), "{log}");
+        let os_errors = how.os_errors();
+        assert!(os_errors.iter().any(|e| warnings[0].contains(e)), "{log}");
+    }
+
+    // SIGTERM stops them promptly, cleanly, on the failed disk.
+    let closed = std::sync::Arc::into_inner(closed).unwrap();
+    for d in [closed, open, pack] {
+        let mut idle = d.client().await;
+        idle.connect("client.example", Ipv4Addr::new(192, 0, 2, 1))
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let (status, log) = d.stop();
+        println!("stopped in {:?} ({status})", started.elapsed());
+        assert!(status.success(), "{status}\n{log}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(!log.contains("panicked"), "{log}");
+    }
+
+    // A daemon does not start on the failed disk, and says why; on a fresh healthy disk it serves.
+    let err = stock_process(&disk, "closed.db", &["greylist"], true)
+        .err()
+        .expect("start on a failed disk");
+    println!("start on the failed disk: {err}");
+    assert!(
+        err.contains("[store]") && err.contains("closed.db"),
+        "{err}"
+    );
+    drop(disk);
+    let healthy = TestDisk::ext4().unwrap();
+    let again = stock_process(&healthy, "closed.db", &["greylist"], true).unwrap();
+    assert!(
+        greylist_rcpt(again.client().await, 0)
+            .await
+            .0
+            .starts_with(GREYLISTED)
+    );
+    again.stop();
+}
+
+/// Looks each recipient up and stores it when new: accepts a new one only once stored.
 const RECORDER: &str = r#"
 local milter = require "milter"
 local store = require "milter.store"
 return {
   rcpt = function(ctx, rcpt)
+    local seen, err = store.get(rcpt)
+    if err then return milter.tempfail{ text = "lookup: " .. err } end
+    if seen then return end
     local ok, err = store.set(rcpt, rcpt)
-    if not ok then return milter.tempfail{ text = "store: " .. err } end
+    if not ok then return milter.tempfail{ text = "record: " .. err } end
   end,
 }
 "#;
@@ -558,27 +883,26 @@ async fn redis_killed_and_restarted_mid_traffic() {
     let d = TestDaemon::try_start_stock(&["greylist"], &extra)
         .await
         .unwrap();
-    let greylisted = "451-4.7.1 Greylisted";
     let mut senders = 0..;
     for _ in 0..5 {
         assert!(
-            greylist_rcpt(&d, senders.next().unwrap())
+            greylist_rcpt(d.client().await, senders.next().unwrap())
                 .await
                 .0
-                .starts_with(greylisted)
+                .starts_with(GREYLISTED)
         );
     }
     redis.stop();
     for _ in 0..5 {
-        let (answer, took) = greylist_rcpt(&d, senders.next().unwrap()).await;
+        let (answer, took) = greylist_rcpt(d.client().await, senders.next().unwrap()).await;
         assert_eq!(answer, "Continue", "redis down");
         assert!(took < Duration::from_secs(2), "{took:?}");
     }
     redis.restart();
     let back = Instant::now();
     loop {
-        let (answer, _) = greylist_rcpt(&d, senders.next().unwrap()).await;
-        if answer.starts_with(greylisted) {
+        let (answer, _) = greylist_rcpt(d.client().await, senders.next().unwrap()).await;
+        if answer.starts_with(GREYLISTED) {
             break;
         }
         assert_eq!(answer, "Continue");
@@ -623,4 +947,49 @@ return {
         );
     }
     d.stop().await;
+}
+
+/// A lookup on the dead disk: SQLite answers a read that fails with EIO "database disk image
+/// is malformed" (on purpose: a read error may be a damaged file system); the log says the
+/// I/O error too, so that nobody takes the disk's death for a corrupt database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_reads_on_a_dead_disk_name_the_io_error() {
+    let Some(disk) = TestDisk::ext4() else {
+        return;
+    };
+    let db = disk.path("lookup.db");
+    let extra = format!(
+        "[store]\npath = {:?}\ntimeout = \"2s\"\n",
+        db.display().to_string()
+    );
+    let d = DaemonProcess::start(&[("recorder", RECORDER)], "", &extra).unwrap();
+    let mut c = d.client().await;
+    c.connect("client.example", Ipv4Addr::new(192, 0, 2, 1))
+        .await
+        .unwrap();
+    c.mail(["<s@example.net>"]).await.unwrap();
+    for n in 0..20 {
+        let status = c.rcpt([format!("<r{n}@example.org>")]).await.unwrap();
+        assert_eq!(status, Status::Continue);
+    }
+    // The last write changed the database after the last lookup: the next lookup reads it.
+    disk.fail(DiskFailure::Dies);
+    let died = Instant::now();
+    for n in 0..20 {
+        let started = Instant::now();
+        let status = c.rcpt([format!("<r{n}@example.org>")]).await.unwrap();
+        assert_eq!(reply_text(&status), "451 4.7.1 lookup: unavailable");
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+    let (status, log) = d.stop();
+    assert!(status.success(), "{status}\n{log}");
+    let warnings: Vec<_> = log.lines().filter(|l| !l.contains("level=INFO")).collect();
+    println!("{warnings:#?}");
+    let allowed = 1 + died.elapsed().as_secs() / 10;
+    assert!((1..=allowed).contains(&(warnings.len() as u64)), "{log}");
+    let error = format!("{}: {}", db.display(), DiskFailure::Dies.os_errors()[0]);
+    assert!(
+        warnings[0].contains("store.get failed") && warnings[0].contains(&error),
+        "{log}"
+    );
 }

@@ -911,6 +911,54 @@ async fn sqlite_unwritable_file_is_an_error() {
     assert_eq!(err.code(), "unavailable");
 }
 
+/// A database whose pages are damaged (not a read error): the error names the file, says what
+/// SQLite says, and that a failing disk reads as the same.
+#[tokio::test]
+async fn sqlite_damaged_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let open = || {
+        SqliteStore::open(
+            &path,
+            Synchronous::Full,
+            Duration::from_secs(1),
+            store::system_clock(),
+        )
+        .unwrap()
+    };
+    let st = open();
+    for n in 0..500 {
+        st.set(
+            &format!("key{n}"),
+            &s("a value long enough to fill some pages"),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    drop(st);
+    // The writer thread checkpoints the WAL into the file and removes it as it closes.
+    let wal = dir.path().join("store.db-wal");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while wal.exists() {
+        assert!(Instant::now() < deadline, "the WAL stayed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() > 4 * 4096);
+    bytes[2 * 4096..].fill(0x5a);
+    std::fs::write(&path, bytes).unwrap();
+    let st = open();
+    let Err(StoreError::Unavailable(message)) = st.get("key250").await else {
+        panic!("a damaged page read as data");
+    };
+    let expected = format!(
+        "{}: database disk image is malformed (or a read error: see the kernel log)",
+        path.display()
+    );
+    assert_eq!(message, expected);
+}
+
 const CHILD_ENV: &str = "LUAMILTER_STORE_WRITER";
 
 /// kill -9 durability: a child process writes and prints each acknowledged key; the parent

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, ffi, params};
 use tokio::sync::oneshot;
 
 use super::{
@@ -65,6 +65,51 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+/// `message` (a failure on `conn`) with the database file and the OS error behind it, where
+/// there is one: SQLite's own "disk I/O error" names neither, and it answers a read that failed
+/// with EIO "database disk image is malformed" (a failing disk can return garbage too).
+fn explain(conn: &Connection, message: &str) -> String {
+    let path = conn.path().unwrap_or("the store database");
+    let io_errors = [ffi::SQLITE_IOERR, ffi::SQLITE_CANTOPEN].map(ffi::code_to_str);
+    // SAFETY: `conn` holds the handle open; this reads the errno SQLite saved at its last I/O
+    // or open error on it (0 if none), which is this failure's when `message` is of that kind.
+    let errno = unsafe { ffi::sqlite3_system_errno(conn.handle()) };
+    if errno != 0 && io_errors.contains(&message) {
+        let os = std::io::Error::from_raw_os_error(errno);
+        return format!("{path}: {message}: {os}");
+    }
+    if message == ffi::code_to_str(ffi::SQLITE_CORRUPT) {
+        return match read_header(Path::new(path)) {
+            Err(os) => format!("{path}: {os} (SQLite: {message})"),
+            Ok(()) => format!("{path}: {message} (or a read error: see the kernel log)"),
+        };
+    }
+    format!("{path}: {message}")
+}
+
+/// Why a connection to `path` did not open: the OS error when the file itself does not open,
+/// else SQLite's reason ("unable to open database file: PATH").
+fn open_failure(path: &Path, error: rusqlite::Error) -> StoreError {
+    match std::fs::File::open(path) {
+        Err(os) => StoreError::Unavailable(format!("{}: {os}", path.display())),
+        Ok(_) => error.into(),
+    }
+}
+
+/// Reads the database header of `path` (from the page cache, most often).
+fn read_header(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open(path)?.read_exact_at(&mut [0; 100], 0)
+}
+
+/// [`explain`] for a store result.
+fn explained<T>(conn: &Connection, result: Result<T>) -> Result<T> {
+    result.map_err(|e| match e {
+        StoreError::Unavailable(message) => StoreError::Unavailable(explain(conn, &message)),
+        other => other,
+    })
+}
+
 /// A write whose result waits for the batch's COMMIT.
 trait Pending: Send {
     fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
@@ -105,6 +150,7 @@ where
                 conn.execute_batch(end)?;
                 result
             });
+        let result = explained(conn, result);
         Box::new(Done { result, reply })
     }
 
@@ -136,7 +182,8 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Box<dyn WriteJob>>, clock:
         }
         let now = clock();
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            batch.into_iter().for_each(|job| job.fail(e.to_string()));
+            let e = explain(&conn, &e.to_string());
+            batch.into_iter().for_each(|job| job.fail(e.clone()));
             continue;
         }
         if now.saturating_sub(last_sweep) >= SWEEP_EVERY_MS {
@@ -146,13 +193,14 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Box<dyn WriteJob>>, clock:
             });
             match swept {
                 Ok(()) => last_sweep = now,
-                Err(e) => tracing::warn!("store sweep failed: {e}"),
+                Err(e) => tracing::warn!("store sweep failed: {}", explain(&conn, &e.to_string())),
             }
         }
         let pending: Vec<_> = batch.into_iter().map(|job| job.run(&conn, now)).collect();
         let commit = conn.execute_batch("COMMIT").map_err(|e| {
+            let e = explain(&conn, &e.to_string());
             let _ = conn.execute_batch("ROLLBACK");
-            e.to_string()
+            e
         });
         for p in pending {
             p.finish(commit.clone());
@@ -237,12 +285,13 @@ impl SqliteStore {
                 Some(c) => c,
                 None => {
                     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-                    let c = Connection::open_with_flags(&path, flags)?;
+                    let c = Connection::open_with_flags(&path, flags)
+                        .map_err(|e| open_failure(&path, e))?;
                     c.busy_timeout(timeout)?;
                     c
                 }
             };
-            let result = f(&conn, now);
+            let result = explained(&conn, f(&conn, now));
             if let Ok(mut p) = pool.lock()
                 && p.len() < READ_POOL
             {
