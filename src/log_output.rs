@@ -1,8 +1,8 @@
 //! Where log lines go: standard error, written by the thread that logs them, with no thread in
 //! between. A milter worker thread gathers its lines and writes them with one `write` when it
 //! runs out of work (its runtime calls [`flush_thread`] before it parks), when they pass 64 KiB
-//! or when the oldest is 100 ms old, and when the thread ends; any other thread writes each line
-//! at once. So a line costs no thread wake-up, and a busy worker writes many lines in one
+//! or when the oldest is 100 ms old, when a `warn` or `error` line comes, and when the thread
+//! ends; any other thread writes each line at once. So a line costs no thread wake-up, and a busy worker writes many lines in one
 //! system call. Lines are never dropped: when the reader of standard error is slow, the writing
 //! thread waits for it.
 
@@ -11,6 +11,7 @@ use std::{
     io::{self, Write},
     time::{Duration, Instant},
 };
+use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
 /// Gathered lines are written once they reach this size...
@@ -25,10 +26,10 @@ struct Gathered {
 }
 
 impl Gathered {
-    fn push(&mut self, line: &[u8]) {
+    fn push(&mut self, line: &[u8], urgent: bool) {
         self.lines.extend_from_slice(line);
         let since = *self.since.get_or_insert_with(Instant::now);
-        if self.lines.len() >= FLUSH_BYTES || since.elapsed() >= FLUSH_AGE {
+        if urgent || self.lines.len() >= FLUSH_BYTES || since.elapsed() >= FLUSH_AGE {
             self.flush();
         }
     }
@@ -83,14 +84,23 @@ fn write_out(bytes: &[u8]) {
 #[derive(Clone, Copy, Default)]
 pub struct LogOutput;
 
-/// One line being written through [`LogOutput`].
-pub struct Line;
+/// One line being written through [`LogOutput`]; an urgent one (a problem: `warn` or `error`)
+/// is written at once, after the lines gathered before it.
+pub struct Line {
+    urgent: bool,
+}
 
 impl<'a> MakeWriter<'a> for LogOutput {
     type Writer = Line;
 
     fn make_writer(&'a self) -> Line {
-        Line
+        Line { urgent: false }
+    }
+
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Line {
+        Line {
+            urgent: *meta.level() <= Level::WARN,
+        }
     }
 }
 
@@ -104,7 +114,7 @@ impl Write for Line {
         let gathered = GATHERED
             .try_with(|g| match g.try_borrow_mut().as_deref_mut() {
                 Ok(Some(gathered)) => {
-                    gathered.push(buf);
+                    gathered.push(buf, self.urgent);
                     true
                 }
                 _ => false,

@@ -394,3 +394,38 @@ return {
         ],
     );
 }
+
+/// A worker thread gathers its log lines and writes them when it runs out of work; a `warn`
+/// line, and the lines gathered before it, are written at once, while the thread is still busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warning_is_written_while_its_thread_is_still_busy() {
+    const BUSY: &str = r#"
+local log = require "milter.log"
+return {
+  mail = function(ctx, sender)
+    log.info("gathered before the warning")
+    log.warn("warned while busy")
+    local done = os.clock() + 4
+    while os.clock() < done do end
+  end,
+}"#;
+    let daemon = DaemonProcess::start(&[("busy", BUSY)], "", "").unwrap();
+    let mut mta = daemon.client().await;
+    mta.connect("client.test", Ipv4Addr::new(192, 0, 2, 9))
+        .await
+        .unwrap();
+    let busy = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        mta.mail(["<x@example.org>"]).await.unwrap();
+        started.elapsed()
+    });
+    // Blocks this test thread; the client runs on the other one.
+    let log = daemon.wait_for_log("warned while busy");
+    assert!(
+        !busy.is_finished(),
+        "the handler ended before the warning was seen"
+    );
+    assert!(log.contains("gathered before the warning"), "{log}");
+    let took = busy.await.unwrap();
+    assert!(took >= std::time::Duration::from_secs(3), "{took:?}");
+}
