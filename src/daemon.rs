@@ -102,6 +102,7 @@ impl Daemon {
             .map(|user| Identity::lookup(user, config.milter.group.as_deref()))
             .transpose()
             .map_err(StartError::Privileges)?;
+        raise_open_files_limit(config.milter.max_connections);
         if let Some(path) = &config.milter.pid_file {
             // Before binding: a second instance must not touch the first one's sockets.
             PidFile::refuse_if_running(path).map_err(StartError::Privileges)?;
@@ -264,6 +265,42 @@ impl Daemon {
         if tokio::time::timeout(grace, joined).await.is_err() {
             tracing::warn!("sessions still open after {grace:?}; exiting anyway");
         }
+    }
+}
+
+/// Open files the daemon needs beside its milter connections: the store, the log, sockets to
+/// DNS, Redis and the control socket, policy files being reloaded.
+const OTHER_OPEN_FILES: u64 = 64;
+
+/// Raises the soft limit on open files to the hard one: the usual soft limit (1024) is below the
+/// default `max_connections`. Warns when even the hard limit is short of what `max_connections`
+/// connections need (beyond it, connections wait in the socket's backlog).
+fn raise_open_files_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `limit`, which we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads `raised`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    if limit.rlim_cur < max_connections as u64 + OTHER_OPEN_FILES {
+        tracing::warn!(
+            open_files = limit.rlim_cur,
+            max_connections,
+            "the open files limit is below what [milter] max_connections needs: connections \
+             beyond it wait until others close (raise LimitNOFILE, or lower max_connections)"
+        );
     }
 }
 

@@ -5,13 +5,18 @@ pub use luamilter_vocab::listen::ListenAddr;
 
 use indymilter::{EitherListener, Listener};
 use std::{
+    future::Future,
     io,
     os::unix::fs::{FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
     pin::Pin,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
+    time::{Duration, Instant},
 };
-use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::{
+    net::{TcpListener, TcpStream, UnixListener},
+    time::Sleep,
+};
 
 /// A TCP listener that turns Nagle's algorithm off on every accepted socket: without
 /// `TCP_NODELAY` Nagle plus delayed ACK stall each milter reply by about 40 ms.
@@ -30,7 +35,74 @@ impl Listener for NoDelayListener {
 }
 
 /// The listener type the server runs on.
-pub type MilterListener = EitherListener<NoDelayListener, UnixListener>;
+pub type MilterListener = SteadyListener<EitherListener<NoDelayListener, UnixListener>>;
+
+/// How long a listener waits after a failed accept before it tries again.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// At most one warning about failed accepts per listener in this interval.
+const ACCEPT_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A listener that outlives failed accepts. indymilter ends its server at the first accept
+/// error, so one moment out of file descriptors (`EMFILE`) would leave the daemon running but
+/// serving nothing. Here a failed accept is logged (at most once per 10 s, with the count) and
+/// retried after 100 ms, while the waiting connections stay in the socket's backlog; a
+/// connection the client aborted before it was accepted is skipped at once.
+pub struct SteadyListener<L> {
+    inner: L,
+    /// Set after a failed accept: no accept until it fires.
+    pause: Option<Pin<Box<Sleep>>>,
+    /// When the last warning was logged, and the failures since.
+    warned: Option<Instant>,
+    failures: u64,
+}
+
+impl<L> SteadyListener<L> {
+    fn new(inner: L) -> Self {
+        SteadyListener {
+            inner,
+            pause: None,
+            warned: None,
+            failures: 0,
+        }
+    }
+
+    fn failed(&mut self, error: &io::Error) {
+        self.failures += 1;
+        if self
+            .warned
+            .is_none_or(|at| at.elapsed() >= ACCEPT_WARNING_INTERVAL)
+        {
+            tracing::warn!(
+                %error,
+                failures = self.failures,
+                "cannot accept milter connections; retrying every 100 ms (they wait in the \
+                 socket's backlog; for `Too many open files`, raise LimitNOFILE or lower \
+                 [milter] max_connections)"
+            );
+            self.warned = Some(Instant::now());
+            self.failures = 0;
+        }
+        self.pause = Some(Box::pin(tokio::time::sleep(ACCEPT_PAUSE)));
+    }
+}
+
+impl<L: Listener> Listener for SteadyListener<L> {
+    type Io = L::Io;
+
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<L::Io>> {
+        loop {
+            if let Some(pause) = &mut self.pause {
+                ready!(pause.as_mut().poll(cx));
+                self.pause = None;
+            }
+            match ready!(self.inner.poll_accept(cx)) {
+                Ok(stream) => return Poll::Ready(Ok(stream)),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                Err(e) => self.failed(&e),
+            }
+        }
+    }
+}
 
 /// A bound milter socket, not yet tied to a runtime: every worker thread adopts a clone of it
 /// in its own runtime. A unix socket file is removed again when the guard from
@@ -109,14 +181,14 @@ impl BoundSocket {
     /// that will accept on it). Several runtimes may each adopt one: the kernel hands every
     /// new connection to one of them.
     pub fn adopt(&self) -> io::Result<MilterListener> {
-        Ok(match &self.socket {
+        Ok(SteadyListener::new(match &self.socket {
             StdSocket::Tcp(tcp) => {
                 EitherListener::Tcp(NoDelayListener(TcpListener::from_std(tcp.try_clone()?)?))
             }
             StdSocket::Unix(unix) => {
                 EitherListener::Unix(UnixListener::from_std(unix.try_clone()?)?)
             }
-        })
+        }))
     }
 
     /// The guard that removes the socket file when dropped.

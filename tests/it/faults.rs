@@ -993,3 +993,101 @@ async fn sqlite_reads_on_a_dead_disk_name_the_io_error() {
         "{log}"
     );
 }
+
+/// The number of files process `pid` has open.
+fn open_files(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64
+}
+
+/// Sets the open files limit (soft and hard) of process `pid`.
+fn limit_open_files(pid: u32, limit: u64) {
+    let new = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: prlimit reads `new` and, with a null old limit, writes nothing.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// Out of file descriptors (`EMFILE`) under a flood of connections: the daemon says so once,
+/// keeps the sessions it has, and serves new connections again once descriptors are free.
+/// (indymilter alone ends its server at the first failed accept.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_daemon_keeps_serving() {
+    let daemon = DaemonProcess::start(&[("gate", GATE)], "", "").unwrap();
+    let mut session = daemon.client().await;
+    session
+        .connect("client.test", Ipv4Addr::new(192, 0, 2, 1))
+        .await
+        .unwrap();
+    limit_open_files(daemon.pid(), open_files(daemon.pid()) + 10);
+    let flood: Vec<_> = (0..40)
+        .map(|_| std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap())
+        .collect();
+    let log = daemon.wait_for_log("cannot accept milter connections");
+    assert!(log.contains("Too many open files"), "{log}");
+    // The session open before the flood goes on.
+    let status = session.mail(["<a@example.org>"]).await.unwrap();
+    assert_eq!(status, Status::Continue);
+    drop(flood);
+    // Descriptors free again: a new connection is served.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut mta = daemon.client().await;
+        let served = mta
+            .connect("client.test", Ipv4Addr::new(192, 0, 2, 2))
+            .await
+            .is_ok()
+            && mta.mail(["<b@example.org>"]).await.is_ok();
+        if served {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not served again:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = daemon.log();
+    assert!(!log.contains("ended with an error"), "{log}");
+    let warnings = log.matches("cannot accept milter connections").count();
+    assert!(warnings <= 2, "one warning per 10 s and listener:\n{log}");
+}
+
+/// The soft open files limit of process `pid`, from /proc.
+fn soft_open_files_limit(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+/// The daemon raises its soft open files limit to the hard one, and says when even that is
+/// short of `[milter] max_connections` (4096 by default).
+#[test]
+fn the_daemon_raises_its_open_files_limit_and_warns_when_short() {
+    let daemon = DaemonProcess::start_with_open_files(&[("gate", GATE)], 256, 3000).unwrap();
+    assert_eq!(soft_open_files_limit(daemon.pid()), 3000);
+    let log = daemon.wait_for_log("open files limit is below");
+    assert!(log.contains("open_files=3000"), "{log}");
+    let daemon = DaemonProcess::start_with_open_files(&[("gate", GATE)], 256, 8192).unwrap();
+    assert_eq!(soft_open_files_limit(daemon.pid()), 8192);
+    assert!(
+        !daemon.log().contains("open files limit"),
+        "{}",
+        daemon.log()
+    );
+}

@@ -75,9 +75,36 @@ impl DaemonProcess {
         config: PathBuf,
         socket: PathBuf,
     ) -> Result<DaemonProcess, String> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_luamilter"))
-            .args(["run", "--config"])
-            .arg(&config)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_luamilter"));
+        command.args(["run", "--config"]).arg(&config);
+        Self::spawn(dir, config, socket, command)
+    }
+
+    /// [`DaemonProcess::start`], run by `prlimit` with an open files limit of `soft` (and
+    /// `hard`).
+    pub fn start_with_open_files(
+        policies: &[(&str, &str)],
+        soft: u64,
+        hard: u64,
+    ) -> Result<DaemonProcess, String> {
+        let (dir, socket) = Self::new_dir();
+        let config = write_config(&dir, &format!("unix:{}", socket.display()), policies, "");
+        let mut command = Command::new("prlimit");
+        command
+            .arg(format!("--nofile={soft}:{hard}"))
+            .args(["--", env!("CARGO_BIN_EXE_luamilter"), "run", "--config"])
+            .arg(&config);
+        Self::spawn(dir, config, socket, command)
+    }
+
+    /// Runs `command` (the daemon on `config`) as [`DaemonProcess::start_config`] does.
+    fn spawn(
+        dir: TempDir,
+        config: PathBuf,
+        socket: PathBuf,
+        mut command: Command,
+    ) -> Result<DaemonProcess, String> {
+        let mut child = command
             .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("LISTEN_FDS")
