@@ -3,23 +3,10 @@
 //! that the greylist handler made two store calls and the spf one three DNS queries.
 
 use serde::{Deserialize, Serialize};
-use std::{
-    future::Future,
-    sync::{
-        Arc,
-        atomic::{AtomicU32, Ordering},
-    },
-};
+use std::{cell::Cell, future::Future, pin::pin};
 
 tokio::task_local! {
-    static CALLS: Arc<Counters>;
-}
-
-#[derive(Default)]
-struct Counters {
-    dns: AtomicU32,
-    store: AtomicU32,
-    smtp: AtomicU32,
+    static CALLS: Cell<CallCount>;
 }
 
 /// A service whose calls are counted.
@@ -58,25 +45,22 @@ impl CallCount {
 
 /// Counts one call of `service` for the work running in [`counted`] (nothing outside it).
 pub fn note(service: Service) {
-    let _ = CALLS.try_with(|c| {
-        let counter = match service {
-            Service::Dns => &c.dns,
-            Service::Store => &c.store,
-            Service::Smtp => &c.smtp,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+    let _ = CALLS.try_with(|calls| {
+        let mut count = calls.get();
+        match service {
+            Service::Dns => count.dns += 1,
+            Service::Store => count.store += 1,
+            Service::Smtp => count.smtp += 1,
+        }
+        calls.set(count);
     });
 }
 
 /// Runs `work` and counts the service calls it makes.
 pub async fn counted<F: Future>(work: F) -> (F::Output, CallCount) {
-    let counters = Arc::new(Counters::default());
-    let output = CALLS.scope(Arc::clone(&counters), work).await;
-    let count = CallCount {
-        dns: counters.dns.load(Ordering::Relaxed),
-        store: counters.store.load(Ordering::Relaxed),
-        smtp: counters.smtp.load(Ordering::Relaxed),
-    };
+    let mut scoped = pin!(CALLS.scope(Cell::default(), work));
+    let output = scoped.as_mut().await;
+    let count = scoped.take_value().unwrap_or_default().get();
     (output, count)
 }
 
