@@ -208,7 +208,8 @@ impl Daemon {
                                 return;
                             }
                         };
-                        let callbacks = server::callbacks(engine, index);
+                        let worker = server::Worker::new(index, milter_config.max_connections);
+                        let callbacks = server::callbacks(engine, worker);
                         let stopped = async move {
                             let _ = stop.wait_for(|s| *s).await;
                         };

@@ -74,7 +74,8 @@ impl Milter {
             connection_timeout: config.milter.connection_timeout,
             ..Default::default()
         };
-        let callbacks = server::callbacks(Arc::clone(&engine), 0);
+        let worker = server::Worker::new(0, milter_config.max_connections);
+        let callbacks = server::callbacks(Arc::clone(&engine), worker);
         let server = tokio::spawn(indymilter::run(
             Pipes(incoming),
             callbacks,

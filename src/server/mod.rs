@@ -5,6 +5,9 @@
 
 mod negotiate;
 mod reply;
+mod share;
+
+pub use share::Worker;
 
 use crate::{
     config::ExceptionPolicy,
@@ -33,6 +36,8 @@ pub struct Conn {
     session: SharedSession,
     /// Counted in `luamilter_connections_open` until the connection closes.
     _open: OpenConnection,
+    /// Counted against its worker thread's share of `max_connections`.
+    _on_worker: share::OpenOnWorker,
 }
 
 impl Conn {
@@ -48,12 +53,12 @@ impl Conn {
 
 /// Builds the indymilter callbacks over `engine` for worker thread `worker` (its connections
 /// run on that worker's Lua state).
-pub fn callbacks(engine: Arc<Engine>, worker: usize) -> Callbacks<Conn> {
+pub fn callbacks(engine: Arc<Engine>, worker: Arc<Worker>) -> Callbacks<Conn> {
     Callbacks::new()
         .on_negotiate(move |cx, actions, opts| {
             Box::pin(negotiate::negotiate(
                 Arc::clone(&engine),
-                worker,
+                Arc::clone(&worker),
                 cx,
                 actions,
                 opts,

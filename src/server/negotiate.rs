@@ -1,7 +1,7 @@
 //! The start of every MTA connection: pin the current generation, ask the MTA for what its
 //! plan says, and open the connection's session.
 
-use super::Conn;
+use super::{Conn, Worker};
 use crate::{
     engine::{Engine, SUPPORTED_ACTIONS},
     metrics::OpenConnection,
@@ -13,7 +13,7 @@ use std::sync::Arc;
 /// Negotiates for a connection of worker thread `worker`.
 pub async fn negotiate(
     engine: Arc<Engine>,
-    worker: usize,
+    worker: Arc<Worker>,
     cx: &mut NegotiateContext<Conn>,
     offered_actions: Actions,
     offered_opts: ProtoOpts,
@@ -33,9 +33,10 @@ pub async fn negotiate(
         session.body_limit = Some(generation.services.dkim.max_body());
     }
     cx.data = Some(Conn {
-        lease: generation.lease(worker),
+        lease: generation.lease(worker.index),
         session: SharedSession::new(session),
         _open: OpenConnection::opened(),
+        _on_worker: worker.opened(generation.config.milter.max_connections),
     });
     Status::Continue
 }

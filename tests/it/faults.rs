@@ -1091,3 +1091,46 @@ fn the_daemon_raises_its_open_files_limit_and_warns_when_short() {
         daemon.log()
     );
 }
+
+/// At `[milter] max_connections` a further connection waits in the socket's backlog, and is
+/// served once an open one closes; the daemon says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_max_connections_a_new_one_waits_and_the_daemon_says_why() {
+    let daemon = DaemonProcess::start(
+        &[("gate", GATE)],
+        "max_connections = 2",
+        "[engine]\nworker_threads = 1\n",
+    )
+    .unwrap();
+    let mut open = Vec::new();
+    for n in 1..=2 {
+        let mut mta = daemon.client().await;
+        mta.connect("client.test", Ipv4Addr::new(192, 0, 2, n))
+            .await
+            .unwrap();
+        open.push(mta);
+    }
+    let log = daemon.wait_for_log("max_connections allows");
+    assert!(log.contains("max_connections=2"), "{log}");
+    let waiting = indymilter_test::TestConnection::configure()
+        .read_timeout(Duration::from_millis(500))
+        .open_unix(&daemon.socket)
+        .await;
+    assert!(
+        waiting.is_err(),
+        "a third connection was served at the limit"
+    );
+    open.pop().unwrap().close().await.unwrap();
+    let mut mta = daemon.client().await;
+    mta.connect("client.test", Ipv4Addr::new(192, 0, 2, 3))
+        .await
+        .unwrap();
+    let status = mta.mail(["<a@example.org>"]).await.unwrap();
+    assert_eq!(status, Status::Continue);
+    assert_eq!(
+        daemon.log().matches("max_connections allows").count(),
+        1,
+        "at most one warning a minute:\n{}",
+        daemon.log()
+    );
+}
