@@ -315,3 +315,53 @@ fn the_migration_guide_maps_every_classic_key() {
         "classic keys the migration guide does not map: {missing:?}"
     );
 }
+
+/// Every test the docs name (`` `module::test_name` `` in README.md, BENCHMARKS.md and docs/),
+/// for a module of this test binary, exists there: a renamed test cannot leave the docs
+/// pointing at nothing.
+#[test]
+fn every_test_the_docs_name_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut docs = vec![root.join("README.md"), root.join("BENCHMARKS.md")];
+    let mut dirs = vec![root.join("docs")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "md") {
+                docs.push(path);
+            }
+        }
+    }
+    let mut named = 0;
+    let mut missing = Vec::new();
+    for doc in docs {
+        let text = std::fs::read_to_string(&doc).unwrap();
+        for token in text.split('`').skip(1).step_by(2) {
+            let Some((module, test)) = token.split_once("::") else {
+                continue;
+            };
+            let is_name = |s: &str| {
+                !s.is_empty()
+                    && s.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            };
+            let source = root.join("tests/it").join(format!("{module}.rs"));
+            if !is_name(module) || !is_name(test) || !source.exists() {
+                continue;
+            }
+            named += 1;
+            let code = std::fs::read_to_string(&source).unwrap();
+            if !code.contains(&format!("fn {test}(")) {
+                missing.push(format!("{}: {module}::{test}", doc.display()));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "tests named in the docs but not found:\n{}",
+        missing.join("\n")
+    );
+    assert!(named > 20, "only {named} test names found in the docs");
+}
