@@ -4,27 +4,39 @@
 //! well-formed session (so the fuzzed frames reach deep states), then frames with fuzzed command
 //! bytes and payloads, and now and then raw bytes.
 //!
-//! Findings: a panic or abort in the daemon; a connection the daemon neither answers nor closes
-//! within [`HANG`] after the client has closed; an end of message that reaches the policy
-//! without an accepted MAIL in the same message (the policy marks it with `X-Skipped`); and,
+//! The frames are built and the replies parsed with indymilter's own message types. Findings: a
+//! panic or abort in the daemon; a reply that does not parse; a connection the daemon neither
+//! answers nor closes for [`HANG`] after the client has sent everything and closed its side; an
+//! end of message that reaches the policy without an accepted MAIL in the same message (the
+//! policy marks it with `X-Skipped`); an accept the policy's end of message did not give; and,
 //! every [`PROBE_EVERY`] inputs, a well-formed session that does not get its exact answers.
 #![no_main]
+use bytes::Bytes;
+use indymilter::{
+    Actions, MacroStage, ProtoOpts, SocketInfo,
+    message::{
+        self, Message, PROTOCOL_VERSION,
+        command::{
+            Command, ConnInfoPayload, EnvAddrPayload, HeaderPayload, HeloPayload, MacroPayload,
+            OptNegPayload,
+        },
+        reply::Reply,
+    },
+};
 use libfuzzer_sys::fuzz_target;
 use luamilter::{config::Config, daemon::Daemon};
 use std::{
+    ffi::CString,
+    io::ErrorKind,
     path::PathBuf,
     sync::{
         OnceLock,
         atomic::{AtomicU64, Ordering},
         mpsc,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::UnixStream,
-    runtime::Runtime,
-};
+use tokio::{io::AsyncWriteExt, net::UnixStream, runtime::Runtime};
 
 /// Leak checks off, per input and at exit: the daemon's Lua states and their idle coroutines
 /// live on its own threads for the life of the process, and LeakSanitizer reports a fixed handful
@@ -95,11 +107,9 @@ return {
 }
 "#;
 
-/// How long a reply may be awaited before the connection counts as done (the daemon answers a
-/// stage of this policy in well under a millisecond).
-const IDLE: Duration = Duration::from_millis(100);
-/// How long the daemon may take to close a connection the client has closed before that counts
-/// as a hang.
+/// How long the daemon may go quiet without closing, once the client has sent everything and
+/// closed its side, before that counts as a hang (it answers a stage of this policy in well under
+/// a millisecond, and closes as soon as it has read the client's end).
 const HANG: Duration = Duration::from_secs(5);
 /// A well-formed session is checked after this many inputs.
 const PROBE_EVERY: u64 = 200;
@@ -154,71 +164,66 @@ fn harness() -> &'static Harness {
     })
 }
 
-/// A milter frame: length (command byte included), command, payload.
-fn frame(cmd: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
-    f.push(cmd);
-    f.extend_from_slice(payload);
-    f
-}
-
-/// NUL-terminated strings, concatenated.
-fn cstrs(parts: &[&[u8]]) -> Vec<u8> {
-    parts
-        .iter()
-        .flat_map(|p| p.iter().copied().chain([0]))
-        .collect()
-}
-
-/// A whole well-formed message from `sender`, as a list of frames, as Postfix sends it.
-fn transcript(sender: &str) -> Vec<Vec<u8>> {
-    let mut optneg = 6u32.to_be_bytes().to_vec();
-    optneg.extend(0x1ffu32.to_be_bytes()); // every action
-    optneg.extend(0x1fffffu32.to_be_bytes()); // every protocol option
-    let mut connect = cstrs(&[b"client.example"]);
-    connect.push(b'4');
-    connect.extend(25u16.to_be_bytes());
-    connect.extend(cstrs(&[b"192.0.2.7"]));
+/// A whole well-formed message from `sender`, as Postfix sends it (macros included), ending
+/// with QUIT.
+fn transcript(sender: &str) -> Vec<Command> {
+    let c = |s: &str| CString::new(s).unwrap();
+    let macros = |stage, pairs: &[&str]| {
+        Command::DefMacros(MacroPayload {
+            stage,
+            macros: pairs.iter().map(|s| c(s)).collect(),
+        })
+    };
     vec![
-        frame(b'O', &optneg),
-        frame(
-            b'D',
-            &[
-                &b"C"[..],
-                &cstrs(&[b"j", b"mx.example", b"{daemon_name}", b"smtpd"]),
-            ]
-            .concat(),
+        Command::OptNeg(OptNegPayload {
+            version: PROTOCOL_VERSION,
+            actions: Actions::all(),
+            opts: ProtoOpts::all(),
+        }),
+        macros(
+            MacroStage::Connect,
+            &["j", "mx.example", "{daemon_name}", "smtpd"],
         ),
-        frame(b'C', &connect),
-        frame(b'H', &cstrs(&[b"helo.example"])),
-        frame(
-            b'D',
-            &[
-                &b"M"[..],
-                &cstrs(&[b"i", b"QID1", b"{auth_authen}", b"user"]),
-            ]
-            .concat(),
-        ),
-        frame(
-            b'M',
-            &cstrs(&[format!("<{sender}>").as_bytes(), b"SIZE=10"]),
-        ),
-        frame(
-            b'D',
-            &[&b"R"[..], &cstrs(&[b"{rcpt_mailer}", b"local"])].concat(),
-        ),
-        frame(b'R', &cstrs(&[b"<rcpt@example.org>", b"NOTIFY=NEVER"])),
-        frame(b'T', b""),
-        frame(b'L', &cstrs(&[b"Subject", b"=?utf-8?q?hello?="])),
-        frame(
-            b'L',
-            &cstrs(&[b"From", b"A <a@example.org>, b@example.org"]),
-        ),
-        frame(b'N', b""),
-        frame(b'B', b"body\r\n"),
-        frame(b'E', b""),
-        frame(b'Q', b""),
+        Command::ConnInfo(ConnInfoPayload {
+            hostname: c("client.example"),
+            socket_info: SocketInfo::Inet("192.0.2.7:25".parse().unwrap()),
+        }),
+        Command::Helo(HeloPayload {
+            hostname: c("helo.example"),
+        }),
+        macros(MacroStage::Mail, &["i", "QID1", "{auth_authen}", "user"]),
+        Command::Mail(EnvAddrPayload {
+            args: vec![c(&format!("<{sender}>")), c("SIZE=10")],
+        }),
+        macros(MacroStage::Rcpt, &["{rcpt_mailer}", "local"]),
+        Command::Rcpt(EnvAddrPayload {
+            args: vec![c("<rcpt@example.org>"), c("NOTIFY=NEVER")],
+        }),
+        Command::Data,
+        Command::Header(HeaderPayload {
+            name: c("Subject"),
+            value: c("=?utf-8?q?hello?="),
+        }),
+        Command::Header(HeaderPayload {
+            name: c("From"),
+            value: c("A <a@example.org>, b@example.org"),
+        }),
+        Command::Eoh,
+        Command::BodyChunk(Bytes::from_static(b"body\r\n")),
+        Command::BodyEnd(Bytes::new()),
+        Command::Quit,
     ]
+}
+
+/// `messages` as the bytes on the wire.
+async fn encode(messages: impl IntoIterator<Item = Message>) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for msg in messages {
+        message::write(&mut bytes, msg)
+            .await
+            .expect("a message within the frame limit");
+    }
+    bytes
 }
 
 /// Takes the next byte off `rest`.
@@ -234,7 +239,7 @@ const COMMANDS: &[u8] = b"ADBCEHLMNORTQKU";
 /// The bytes one input sends: the first byte chooses how many frames of a well-formed session
 /// come first (and its sender), the rest is read as frames: a control byte (command, or raw
 /// bytes when its top two bits are set), a length byte and that many payload bytes.
-fn session_bytes(input: &[u8]) -> Vec<u8> {
+async fn session_bytes(input: &[u8]) -> Vec<u8> {
     let Some((&first, mut rest)) = input.split_first() else {
         return Vec::new();
     };
@@ -246,7 +251,7 @@ fn session_bytes(input: &[u8]) -> Vec<u8> {
     let prefix = transcript(sender);
     // Never the final QUIT: the fuzzed frames follow.
     let take = usize::from(first & 0x7f) % prefix.len();
-    let mut bytes = prefix[..take].concat();
+    let mut bytes = encode(prefix.into_iter().take(take).map(Command::into_message)).await;
     while let Some(control) = next(&mut rest) {
         let Some(len) = next(&mut rest) else { break };
         let len = usize::from(len).min(rest.len());
@@ -257,26 +262,21 @@ fn session_bytes(input: &[u8]) -> Vec<u8> {
             continue;
         }
         let index = usize::from(control & 0x1f);
-        let cmd = match COMMANDS.get(index) {
-            Some(&cmd) => cmd,
+        let kind = match COMMANDS.get(index) {
+            Some(&kind) => kind,
             None => match next(&mut rest) {
-                Some(cmd) => cmd,
+                Some(kind) => kind,
                 None => break,
             },
         };
-        bytes.extend(frame(cmd, payload));
+        bytes.extend(encode([Message::new(kind, payload.to_vec())]).await);
     }
     bytes
 }
 
-/// One reply frame: its command letter and payload.
-struct Reply {
-    cmd: u8,
-    payload: Vec<u8>,
-}
-
 /// Sends `bytes` on a new connection, closes the sending side, and reads the replies until the
-/// daemon closes. Panics when it does not close within [`HANG`] of going quiet.
+/// daemon closes. Panics on a reply that does not parse, and when the daemon goes quiet for
+/// [`HANG`] without closing.
 async fn exchange(socket: &PathBuf, bytes: Vec<u8>) -> Vec<Reply> {
     let stream = UnixStream::connect(socket).await.expect("the daemon is up");
     let (mut read, mut write) = stream.into_split();
@@ -287,31 +287,21 @@ async fn exchange(socket: &PathBuf, bytes: Vec<u8>) -> Vec<Reply> {
         write
     });
     let mut replies = Vec::new();
-    let mut quiet_since: Option<Instant> = None;
     loop {
-        let mut len = [0u8; 4];
-        match tokio::time::timeout(IDLE, read.read_exact(&mut len)).await {
-            Err(_) => {
-                let since = *quiet_since.get_or_insert_with(Instant::now);
-                assert!(
-                    since.elapsed() < HANG,
-                    "the daemon neither answered nor closed for {HANG:?} after the client closed"
-                );
-                continue;
+        let msg = match tokio::time::timeout(HANG, message::read(&mut read)).await {
+            Err(_) => panic!(
+                "the daemon neither answered nor closed for {HANG:?}: replies so far {:?}",
+                letters(&replies)
+            ),
+            Ok(Err(e)) if e.kind() == ErrorKind::InvalidData => {
+                panic!("a reply frame over the frame limit")
             }
             Ok(Err(_)) => break,
-            Ok(Ok(_)) => quiet_since = None,
-        }
-        let len = u32::from_be_bytes(len) as usize;
-        assert!(len > 0 && len <= 1 << 20, "a reply frame of {len} bytes");
-        let mut body = vec![0u8; len];
-        match tokio::time::timeout(HANG, read.read_exact(&mut body)).await {
-            Ok(Ok(_)) => replies.push(Reply {
-                cmd: body[0],
-                payload: body[1..].to_vec(),
-            }),
-            Ok(Err(_)) => break,
-            Err(_) => panic!("a reply frame cut short for {HANG:?}"),
+            Ok(Ok(msg)) => msg,
+        };
+        match Reply::parse_reply(msg.clone()) {
+            Ok(reply) => replies.push(reply),
+            Err(e) => panic!("a reply that does not parse ({e}): {msg:?}"),
         }
     }
     drop(writer.await);
@@ -320,17 +310,28 @@ async fn exchange(socket: &PathBuf, bytes: Vec<u8>) -> Vec<Reply> {
 
 /// The command letters of `replies`.
 fn letters(replies: &[Reply]) -> String {
-    replies.iter().map(|r| r.cmd as char).collect()
+    replies
+        .iter()
+        .map(|r| r.clone().into_message().kind as char)
+        .collect()
+}
+
+/// Whether `reply` adds a header named `name`.
+fn adds(reply: &Reply, name: &str) -> bool {
+    matches!(reply, Reply::AddHeader { name: n, .. } if n.as_bytes() == name.as_bytes())
 }
 
 /// A well-formed session must get its exact answers: a refused sender at MAIL, an accepted
 /// one through to end of message with its header.
 async fn probe(socket: &PathBuf) {
-    let good = exchange(socket, transcript("good@example.org").concat()).await;
+    let wire = |commands: Vec<Command>| encode(commands.into_iter().map(Command::into_message));
+    let good = exchange(socket, wire(transcript("good@example.org")).await).await;
     assert_eq!(letters(&good), "Occcccccccha", "a well-formed session");
     check(&good);
-    let bad = transcript("bad@example.org");
-    let refused = exchange(socket, [&bad[..6], &bad[14..]].concat().concat()).await;
+    let mut refused = transcript("bad@example.org");
+    // Up to MAIL, then QUIT.
+    refused.drain(6..refused.len() - 1);
+    let refused = exchange(socket, wire(refused).await).await;
     assert_eq!(letters(&refused), "Occy", "a refused sender");
 }
 
@@ -338,15 +339,14 @@ async fn probe(socket: &PathBuf) {
 /// MAIL in its message, and every accept is the policy's end of message (which adds `X-Checked`
 /// just before it): nothing else in the policy accepts.
 fn check(replies: &[Reply]) {
-    let added = |r: &Reply, name: &[u8]| r.cmd == b'h' && r.payload.starts_with(name);
     for (i, r) in replies.iter().enumerate() {
         assert!(
-            !added(r, b"X-Skipped\0"),
+            !adds(r, "X-Skipped"),
             "an end of message reached the policy without an accepted MAIL: replies {:?}",
             letters(replies)
         );
         assert!(
-            r.cmd != b'a' || i > 0 && added(&replies[i - 1], b"X-Checked\0"),
+            *r != Reply::Accept || i > 0 && adds(&replies[i - 1], "X-Checked"),
             "an accept the policy's end of message did not give: replies {:?}",
             letters(replies)
         );
@@ -360,7 +360,7 @@ fuzz_target!(|input: &[u8]| {
         if n % PROBE_EVERY == 0 {
             probe(&h.socket).await;
         }
-        let replies = exchange(&h.socket, session_bytes(input)).await;
+        let replies = exchange(&h.socket, session_bytes(input).await).await;
         check(&replies);
     });
 });
