@@ -2,7 +2,7 @@
 //! in-process on a unix socket, once per fuzzing process, with a policy that handles every stage
 //! and reads the session's facts and macros. Each input becomes one connection: a prefix of a
 //! well-formed session (so the fuzzed frames reach deep states), then frames with fuzzed command
-//! bytes and payloads, and now and then raw bytes.
+//! bytes and payloads, well-formed frames of the session, and raw bytes ([`session_bytes`]).
 //!
 //! The frames are built and the replies parsed with indymilter's own message types. Findings: a
 //! panic or abort in the daemon; a reply that does not parse; a connection the daemon neither
@@ -233,12 +233,17 @@ fn next(rest: &mut &[u8]) -> Option<u8> {
     Some(b)
 }
 
-/// The commands a fuzzed frame picks from (the input can also give any byte).
+/// The commands a fuzzed frame picks from by the low nibble of its control byte (15: the next
+/// byte is the command, any byte).
 const COMMANDS: &[u8] = b"ADBCEHLMNORTQKU";
 
-/// The bytes one input sends: the first byte chooses how many frames of a well-formed session
-/// come first (and its sender), the rest is read as frames: a control byte (command, or raw
-/// bytes when its top two bits are set), a length byte and that many payload bytes.
+/// The bytes one input sends. The first byte chooses how many frames of a well-formed session
+/// come first (and its sender: its top bit); the rest is a list of pieces, each led by a control
+/// byte whose high nibble says what follows:
+/// - 0 to 11: a frame of command [`COMMANDS`]`[low nibble]`, a length byte and that many payload
+///   bytes, NUL-terminated from 6 on (most payloads are C strings);
+/// - 12 and 13: the well-formed frame number `low nibble` of the session (nothing follows);
+/// - 14 and 15: raw bytes: a length byte and that many bytes, as they are.
 async fn session_bytes(input: &[u8]) -> Vec<u8> {
     let Some((&first, mut rest)) = input.split_first() else {
         return Vec::new();
@@ -248,28 +253,40 @@ async fn session_bytes(input: &[u8]) -> Vec<u8> {
     } else {
         "bad@example.org"
     };
-    let prefix = transcript(sender);
+    let session: Vec<Message> = transcript(sender)
+        .into_iter()
+        .map(Command::into_message)
+        .collect();
     // Never the final QUIT: the fuzzed frames follow.
-    let take = usize::from(first & 0x7f) % prefix.len();
-    let mut bytes = encode(prefix.into_iter().take(take).map(Command::into_message)).await;
+    let take = usize::from(first & 0x7f) % session.len();
+    let mut bytes = encode(session[..take].iter().cloned()).await;
     while let Some(control) = next(&mut rest) {
+        let (high, low) = (control >> 4, usize::from(control & 0x0f));
+        if high == 12 || high == 13 {
+            bytes.extend(encode([session[low % session.len()].clone()]).await);
+            continue;
+        }
+        let kind = match (high, COMMANDS.get(low)) {
+            (14.., _) => None,
+            (_, Some(&kind)) => Some(kind),
+            (_, None) => match next(&mut rest) {
+                Some(kind) => Some(kind),
+                None => break,
+            },
+        };
         let Some(len) = next(&mut rest) else { break };
         let len = usize::from(len).min(rest.len());
         let (payload, tail) = rest.split_at(len);
         rest = tail;
-        if control & 0xc0 == 0xc0 {
+        let Some(kind) = kind else {
             bytes.extend_from_slice(payload);
             continue;
-        }
-        let index = usize::from(control & 0x1f);
-        let kind = match COMMANDS.get(index) {
-            Some(&kind) => kind,
-            None => match next(&mut rest) {
-                Some(kind) => kind,
-                None => break,
-            },
         };
-        bytes.extend(encode([Message::new(kind, payload.to_vec())]).await);
+        let mut payload = payload.to_vec();
+        if high >= 6 {
+            payload.push(0);
+        }
+        bytes.extend(encode([Message::new(kind, payload)]).await);
     }
     bytes
 }
