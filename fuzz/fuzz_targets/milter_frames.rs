@@ -28,7 +28,7 @@ use luamilter::{config::Config, daemon::Daemon};
 use std::{
     ffi::CString,
     io::ErrorKind,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         OnceLock,
         atomic::{AtomicU64, Ordering},
@@ -121,6 +121,7 @@ struct Harness {
     inputs: AtomicU64,
 }
 
+/// The harness, started on the first input.
 fn harness() -> &'static Harness {
     static HARNESS: OnceLock<Harness> = OnceLock::new();
     HARNESS.get_or_init(|| {
@@ -294,7 +295,7 @@ async fn session_bytes(input: &[u8]) -> Vec<u8> {
 /// Sends `bytes` on a new connection, closes the sending side, and reads the replies until the
 /// daemon closes. Panics on a reply that does not parse, and when the daemon goes quiet for
 /// [`HANG`] without closing.
-async fn exchange(socket: &PathBuf, bytes: Vec<u8>) -> Vec<Reply> {
+async fn exchange(socket: &Path, bytes: Vec<u8>) -> Vec<Reply> {
     let stream = UnixStream::connect(socket).await.expect("the daemon is up");
     let (mut read, mut write) = stream.into_split();
     let writer = tokio::spawn(async move {
@@ -340,7 +341,7 @@ fn adds(reply: &Reply, name: &str) -> bool {
 
 /// A well-formed session must get its exact answers: a refused sender at MAIL, an accepted
 /// one through to end of message with its header.
-async fn probe(socket: &PathBuf) {
+async fn probe(socket: &Path) {
     let wire = |commands: Vec<Command>| encode(commands.into_iter().map(Command::into_message));
     let good = exchange(socket, wire(transcript("good@example.org")).await).await;
     assert_eq!(letters(&good), "Occcccccccha", "a well-formed session");
