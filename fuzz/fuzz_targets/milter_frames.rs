@@ -375,7 +375,7 @@ fuzz_target!(|input: &[u8]| {
     let h = harness();
     h.client.block_on(async {
         let n = h.inputs.fetch_add(1, Ordering::Relaxed);
-        if n % PROBE_EVERY == 0 {
+        if n.is_multiple_of(PROBE_EVERY) {
             probe(&h.socket).await;
         }
         let replies = exchange(&h.socket, session_bytes(input).await).await;
