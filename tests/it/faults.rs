@@ -1134,3 +1134,39 @@ async fn at_max_connections_a_new_one_waits_and_the_daemon_says_why() {
         daemon.log()
     );
 }
+
+/// A connection that stays silent for `[milter] connection_timeout` is closed, and frees its
+/// place under `max_connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_closed_after_the_connection_timeout() {
+    use tokio::io::AsyncReadExt;
+    let daemon = DaemonProcess::start(
+        &[("gate", GATE)],
+        "connection_timeout = \"1s\"\nmax_connections = 1",
+        "[engine]\nworker_threads = 1\n",
+    )
+    .unwrap();
+    let mut silent = tokio::net::UnixStream::connect(&daemon.socket)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+        .await
+        .expect("still open after 10 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // Its place is free again: a session is served.
+    let mut mta = daemon.client().await;
+    mta.connect("client.test", Ipv4Addr::new(192, 0, 2, 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        mta.mail(["<a@example.org>"]).await.unwrap(),
+        Status::Continue
+    );
+}
