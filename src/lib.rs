@@ -62,6 +62,7 @@ pub mod services;
 pub mod session;
 pub mod stock;
 pub mod systemd;
+pub mod throttle;
 
 // The vocabulary shared with the load generator (crates/vocab), at its old paths.
 pub use luamilter_vocab::stage;

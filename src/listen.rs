@@ -3,6 +3,7 @@
 
 pub use luamilter_vocab::listen::ListenAddr;
 
+use crate::throttle::Throttle;
 use indymilter::{EitherListener, Listener};
 use std::{
     future::Future,
@@ -11,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
     pin::Pin,
     task::{Context, Poll, ready},
-    time::{Duration, Instant},
+    time::Duration,
 };
 use tokio::{
     net::{TcpListener, TcpStream, UnixListener},
@@ -51,8 +52,8 @@ pub struct SteadyListener<L> {
     inner: L,
     /// Set after a failed accept: no accept until it fires.
     pause: Option<Pin<Box<Sleep>>>,
-    /// When the last warning was logged, and the failures since.
-    warned: Option<Instant>,
+    warnings: Throttle,
+    /// Failed accepts since the last warning.
     failures: u64,
 }
 
@@ -61,17 +62,14 @@ impl<L> SteadyListener<L> {
         SteadyListener {
             inner,
             pause: None,
-            warned: None,
+            warnings: Throttle::new(ACCEPT_WARNING_INTERVAL),
             failures: 0,
         }
     }
 
     fn failed(&mut self, error: &io::Error) {
         self.failures += 1;
-        if self
-            .warned
-            .is_none_or(|at| at.elapsed() >= ACCEPT_WARNING_INTERVAL)
-        {
+        if self.warnings.due() {
             tracing::warn!(
                 %error,
                 failures = self.failures,
@@ -79,7 +77,6 @@ impl<L> SteadyListener<L> {
                  socket's backlog; for `Too many open files`, raise LimitNOFILE or lower \
                  [milter] max_connections)"
             );
-            self.warned = Some(Instant::now());
             self.failures = 0;
         }
         self.pause = Some(Box::pin(tokio::time::sleep(ACCEPT_PAUSE)));

@@ -8,8 +8,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use mlua::{FromLuaMulti, IntoLuaMulti, Lua, Table, Value as LuaValue};
 
@@ -19,6 +18,7 @@ use crate::services::store::{
     Decayed, GreylistOptions, GreylistVerdict, List, ListEntry, Result, Scalar, Store, StoreError,
     Value,
 };
+use crate::throttle::Throttle;
 
 /// Builds the `milter.store` module over `store`.
 pub fn module(lua: &Lua, store: Arc<dyn Store>) -> mlua::Result<Table> {
@@ -243,16 +243,8 @@ where
 /// Logs a failed call: a warning at most every [`WARN_EVERY_SECS`] (a Redis outage would
 /// otherwise log once per message), the rest at debug level.
 fn log_failure(name: &str, e: &StoreError) {
-    static LAST_WARN: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let last = LAST_WARN.load(Ordering::Relaxed);
-    if now >= last + WARN_EVERY_SECS
-        && LAST_WARN
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
+    static WARNINGS: Throttle = Throttle::new(Duration::from_secs(WARN_EVERY_SECS));
+    if WARNINGS.due() {
         tracing::warn!(
             "store.{name} failed: {e} (further failures for {WARN_EVERY_SECS}s at debug level)"
         );

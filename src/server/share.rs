@@ -3,18 +3,17 @@
 //! (and the MTA, after its own timeout, applies its default action). The daemon says so, at
 //! most once a minute, so that an admin sees why.
 
+use crate::throttle::Throttle;
 use std::{
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-/// At most one warning about the limit in this interval, whatever the thread.
-const WARNING_INTERVAL: Duration = Duration::from_secs(60);
-
-static LAST_WARNING: Mutex<Option<Instant>> = Mutex::new(None);
+/// At most one warning about the limit a minute, whatever the thread.
+static WARNINGS: Throttle = Throttle::new(Duration::from_secs(60));
 
 /// One worker thread: its index (and so its Lua state) and its open connections.
 pub struct Worker {
@@ -39,7 +38,7 @@ impl Worker {
     /// when it is the last one the thread's share allows.
     pub fn opened(self: &Arc<Self>, max_connections: usize) -> OpenOnWorker {
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
-        if open >= self.limit && due() {
+        if open >= self.limit && WARNINGS.due() {
             tracing::warn!(
                 worker = self.index,
                 open,
@@ -51,16 +50,6 @@ impl Worker {
         }
         OpenOnWorker(Arc::clone(self))
     }
-}
-
-/// Whether a warning may be logged now (and then not again for a while).
-fn due() -> bool {
-    let mut last = LAST_WARNING.lock().unwrap_or_else(|e| e.into_inner());
-    let due = last.is_none_or(|at| at.elapsed() >= WARNING_INTERVAL);
-    if due {
-        *last = Some(Instant::now());
-    }
-    due
 }
 
 /// An open connection of a worker; counted until dropped.

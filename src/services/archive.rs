@@ -6,17 +6,18 @@
 //! Handing a message over never waits: when the queue is full, or the disk refuses a write,
 //! the message is counted as lost and a warning is logged at most once per interval.
 
+use crate::throttle::Throttle;
 use serde::Deserialize;
 use std::{
     fs::{self, File, OpenOptions},
     io::{self, Write},
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
         mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 /// Most messages the writer makes durable with one fsync of `new/`.
@@ -74,8 +75,7 @@ struct Tally {
     lost: AtomicU64,
     archived_series: metrics::Counter,
     lost_series: metrics::Counter,
-    last_warning: Mutex<Option<Instant>>,
-    interval: Duration,
+    warnings: Throttle,
 }
 
 impl Tally {
@@ -86,8 +86,7 @@ impl Tally {
             lost: AtomicU64::new(0),
             archived_series,
             lost_series,
-            last_warning: Mutex::new(None),
-            interval,
+            warnings: Throttle::new(interval),
         }
     }
 
@@ -101,9 +100,7 @@ impl Tally {
     fn lose(&self, why: &str) {
         let lost = self.lost.fetch_add(1, Ordering::Relaxed) + 1;
         self.lost_series.increment(1);
-        let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_none_or(|at| at.elapsed() >= self.interval) {
-            *last = Some(Instant::now());
+        if self.warnings.due() {
             tracing::warn!(lost, reason = why, "archive: message not archived");
         }
     }
