@@ -175,6 +175,7 @@ impl Daemon {
         let watchdog_interval = systemd::watchdog_interval();
         let heartbeats = systemd::Heartbeats::new(workers);
         let mut threads = Vec::with_capacity(workers);
+        let max_connections = config.milter.max_connections;
         for index in 0..workers {
             let engine = Arc::clone(&engine);
             let bound = Arc::clone(&bound);
@@ -208,7 +209,11 @@ impl Daemon {
                                 return;
                             }
                         };
-                        let worker = server::Worker::new(index, milter_config.max_connections);
+                        let worker = server::Worker::new(
+                            index,
+                            milter_config.max_connections,
+                            max_connections,
+                        );
                         let callbacks = server::callbacks(engine, worker);
                         let stopped = async move {
                             let _ = stop.wait_for(|s| *s).await;

@@ -2,9 +2,9 @@
 //! between. A milter worker thread gathers its lines and writes them with one `write` when it
 //! runs out of work (its runtime calls [`flush_thread`] before it parks), when they pass 64 KiB
 //! or when the oldest is 100 ms old, when a `warn` or `error` line comes, and when the thread
-//! ends; any other thread writes each line at once. So a line costs no thread wake-up, and a busy worker writes many lines in one
-//! system call. Lines are never dropped: when the reader of standard error is slow, the writing
-//! thread waits for it.
+//! ends; any other thread writes each line at once. So a line costs no thread wake-up, and a
+//! busy worker writes many lines in one system call. Lines are never dropped: when the reader
+//! of standard error is slow, the writing thread waits for it.
 
 use std::{
     cell::RefCell,

@@ -276,18 +276,17 @@ impl UserData for Ctx {
         fields.add_field_method_get("headers", |lua, c| c.headers_table(lua));
         fields.add_field_function_get("client", |_, ud| ud.nth_user_value::<Value>(CLIENT_SLOT));
         fields.add_field_function_get("msg", |lua, ud| {
-            let current = {
+            let (seq, current) = {
                 let ctx = ud.borrow::<Ctx>()?;
-                ctx.msg_seq == Some(live(&ctx.session)?.message.seq)
+                let seq = live(&ctx.session)?.message.seq;
+                (seq, ctx.msg_seq == Some(seq))
             };
             if current && let Some(t) = ud.nth_user_value::<Option<Table>>(MSG_SLOT)? {
                 return Ok(t);
             }
             let t = lua.create_table()?;
             ud.set_nth_user_value(MSG_SLOT, &t)?;
-            let mut ctx = ud.borrow_mut::<Ctx>()?;
-            let seq = live(&ctx.session)?.message.seq;
-            ctx.msg_seq = Some(seq);
+            ud.borrow_mut::<Ctx>()?.msg_seq = Some(seq);
             Ok(t)
         });
         fields.add_field_function_get("vars", |lua, ud| {

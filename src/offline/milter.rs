@@ -74,7 +74,8 @@ impl Milter {
             connection_timeout: config.milter.connection_timeout,
             ..Default::default()
         };
-        let worker = server::Worker::new(0, milter_config.max_connections);
+        let limit = milter_config.max_connections;
+        let worker = server::Worker::new(0, limit, limit);
         let callbacks = server::callbacks(Arc::clone(&engine), worker);
         let server = tokio::spawn(indymilter::run(
             Pipes(incoming),

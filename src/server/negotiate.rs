@@ -36,7 +36,7 @@ pub async fn negotiate(
         lease: generation.lease(worker.index),
         session: SharedSession::new(session),
         _open: OpenConnection::opened(),
-        _on_worker: worker.opened(generation.config.milter.max_connections),
+        _on_worker: worker.opened(),
     });
     Status::Continue
 }

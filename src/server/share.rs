@@ -22,27 +22,30 @@ pub struct Worker {
     open: AtomicUsize,
     /// Its share of `max_connections` (what indymilter enforces on it).
     limit: usize,
+    /// `[milter] max_connections`, for the warning.
+    max_connections: usize,
 }
 
 impl Worker {
-    /// Worker `index`, allowed `limit` open connections.
-    pub fn new(index: usize, limit: usize) -> Arc<Worker> {
+    /// Worker `index`, allowed `limit` open connections of the daemon's `max_connections`.
+    pub fn new(index: usize, limit: usize, max_connections: usize) -> Arc<Worker> {
         Arc::new(Worker {
             index,
             open: AtomicUsize::new(0),
             limit,
+            max_connections,
         })
     }
 
     /// A connection of this worker opened; it counts until the returned guard drops. Warns
     /// when it is the last one the thread's share allows.
-    pub fn opened(self: &Arc<Self>, max_connections: usize) -> OpenOnWorker {
+    pub fn opened(self: &Arc<Self>) -> OpenOnWorker {
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         if open >= self.limit && WARNINGS.due() {
             tracing::warn!(
                 worker = self.index,
                 open,
-                max_connections,
+                max_connections = self.max_connections,
                 "a worker thread has as many connections open as its share of [milter] \
                  max_connections allows: new connections wait in the socket's backlog until one \
                  closes (raise max_connections, or look for MTA connections left idle)"
