@@ -1019,6 +1019,16 @@ fn limit_open_files(pid: u32, limit: u64) {
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 }
 
+/// Whether a new session of `daemon`, from 192.0.2.`client`, gets its MAIL answered
+/// `continue`.
+async fn served(daemon: &DaemonProcess, client: u8) -> bool {
+    let mut mta = daemon.client().await;
+    mta.connect("client.test", Ipv4Addr::new(192, 0, 2, client))
+        .await
+        .is_ok()
+        && matches!(mta.mail(["<a@example.org>"]).await, Ok(Status::Continue))
+}
+
 /// Out of file descriptors (`EMFILE`) under a flood of connections: the daemon says so once,
 /// keeps the sessions it has, and serves new connections again once descriptors are free.
 /// (indymilter alone ends its server at the first failed accept.)
@@ -1043,13 +1053,7 @@ async fn out_of_file_descriptors_the_daemon_keeps_serving() {
     // Descriptors free again: a new connection is served.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut mta = daemon.client().await;
-        let served = mta
-            .connect("client.test", Ipv4Addr::new(192, 0, 2, 2))
-            .await
-            .is_ok()
-            && mta.mail(["<b@example.org>"]).await.is_ok();
-        if served {
+        if served(&daemon, 2).await {
             break;
         }
         assert!(
@@ -1121,12 +1125,10 @@ async fn at_max_connections_a_new_one_waits_and_the_daemon_says_why() {
         "a third connection was served at the limit"
     );
     open.pop().unwrap().close().await.unwrap();
-    let mut mta = daemon.client().await;
-    mta.connect("client.test", Ipv4Addr::new(192, 0, 2, 3))
-        .await
-        .unwrap();
-    let status = mta.mail(["<a@example.org>"]).await.unwrap();
-    assert_eq!(status, Status::Continue);
+    assert!(
+        served(&daemon, 3).await,
+        "not served once a connection closed"
+    );
     assert_eq!(
         daemon.log().matches("max_connections allows").count(),
         1,
@@ -1161,12 +1163,8 @@ async fn a_silent_connection_is_closed_after_the_connection_timeout() {
         "{took:?}"
     );
     // Its place is free again: a session is served.
-    let mut mta = daemon.client().await;
-    mta.connect("client.test", Ipv4Addr::new(192, 0, 2, 1))
-        .await
-        .unwrap();
-    assert_eq!(
-        mta.mail(["<a@example.org>"]).await.unwrap(),
-        Status::Continue
+    assert!(
+        served(&daemon, 1).await,
+        "not served after the silent one was closed"
     );
 }
